@@ -1,0 +1,353 @@
+// The paged, factorized KV cache shared by every attention kind, and the read-only view of one
+// sequence that the kernels stream.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "tpa/cache/layout.hpp"
+#include "tpa/core/error.hpp"
+#include "tpa/core/tensor.hpp"
+
+namespace tpa {
+
+/// Handle of a sequence in a KVCache.
+using SeqId = std::int32_t;
+
+/// \brief Read-only view of the cached tokens of one sequence in one layer, as the kernels read
+/// them: tokens live in blocks of `block_tokens`; inside a block, each factor is stored
+/// contiguously, token-major. Holds only pointers into the cache (no allocation); valid until
+/// the cache is next modified.
+template <class Scalar>
+struct SeqView {
+  const Scalar* const* block_base = nullptr;  ///< start of each block's region for this layer
+  const std::int32_t* table = nullptr;        ///< block ids of the sequence, in token order
+  const Index* factor_offset = nullptr;       ///< per factor: element offset inside a block
+  const Index* factor_elements = nullptr;     ///< per factor: elements per token
+  Index n_tokens = 0;
+  Index block_tokens = 0;
+
+  Index num_blocks() const { return (n_tokens + block_tokens - 1) / block_tokens; }
+  /// Tokens held by the i-th block of the sequence.
+  Index block_len(Index i) const { return std::min(block_tokens, n_tokens - i * block_tokens); }
+  /// Factor f of the first token of the i-th block: block_len(i) rows of
+  /// factor_elements[f] elements each, contiguous.
+  const Scalar* factor(std::size_t f, Index i) const {
+    return block_base[table[i]] + factor_offset[f];
+  }
+  /// Factor f of token t (0 ≤ t < n_tokens).
+  const Scalar* token(std::size_t f, Index t) const {
+    return factor(f, t / block_tokens) + (t % block_tokens) * factor_elements[f];
+  }
+};
+
+/// Source rows of one factor for an append: token i's factor starts at data + i·stride.
+struct FactorRows {
+  const float* data = nullptr;
+  Index stride = 0;
+};
+
+/// \brief Paged KV cache for all layers of a model (DESIGN.md, "Factorized KV cache").
+///
+/// A pool of blocks of `block_tokens` tokens; each block holds every layer's factors for those
+/// tokens. Each sequence owns a block table shared by all layers and one length per layer, so a
+/// model's layers append to the same sequence one after another. Blocks are allocated on first
+/// use (or up front with reserve_blocks), returned to a free list when a sequence is freed, and
+/// never moved. Values are stored as `Scalar` (float, bfloat16 or half), rounded once on append.
+///
+/// Every throwing member leaves the cache exactly as it was.
+///
+/// \tparam Scalar storage type of the cached factors.
+template <class Scalar = float>
+class KVCache {
+  static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, bfloat16>::value ||
+                    std::is_same<Scalar, half>::value,
+                "KVCache: Scalar must be float, tpa::bfloat16 or tpa::half");
+
+ public:
+  using scalar_type = Scalar;
+
+  /// \param layers one layout per layer (a layer's `cache_layout()`).
+  /// \param block_tokens tokens per block (≥ 1).
+  /// \param max_blocks blocks the pool may hold at most (≥ 1); bounds the cache's memory.
+  /// \throws Error if `layers` is empty or a size is < 1.
+  KVCache(std::vector<CacheLayout> layers, Index block_tokens, Index max_blocks)
+      : layouts_(std::move(layers)), block_tokens_(block_tokens), max_blocks_(max_blocks) {
+    TPA_CHECK(!layouts_.empty(), "KVCache: needs at least one layer layout");
+    TPA_CHECK(block_tokens_ >= 1, "KVCache: block_tokens (", block_tokens_, ") must be >= 1");
+    TPA_CHECK(max_blocks_ >= 1 && max_blocks_ <= INT32_MAX, "KVCache: max_blocks (", max_blocks_,
+              ") must be in [1, 2^31)");
+    Index offset = 0;
+    for (const auto& l : layouts_) {
+      TPA_CHECK(l.num_factors() >= 1, "KVCache: a layer layout has no factors");
+      LayerInfo info;
+      info.block_offset = offset;
+      for (std::size_t f = 0; f < l.num_factors(); ++f) {
+        info.factor_offset.push_back(block_tokens_ * l.factor_offset(f));
+        info.factor_elements.push_back(l.factor(f).elements());
+      }
+      offset += block_tokens_ * l.elements_per_token();
+      layers_.push_back(std::move(info));
+    }
+    block_elements_ = offset;
+    blocks_.reserve(static_cast<std::size_t>(max_blocks_));
+    free_.reserve(static_cast<std::size_t>(max_blocks_));
+    layer_base_.resize(layers_.size());
+    for (auto& v : layer_base_) v.reserve(static_cast<std::size_t>(max_blocks_));
+  }
+
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+  KVCache(KVCache&&) noexcept = default;
+  KVCache& operator=(KVCache&&) noexcept = default;
+
+  int num_layers() const { return static_cast<int>(layouts_.size()); }
+  const CacheLayout& layout(int layer) const {
+    check_layer("KVCache::layout", layer);
+    return layouts_[static_cast<std::size_t>(layer)];
+  }
+  Index block_tokens() const { return block_tokens_; }
+  Index max_blocks() const { return max_blocks_; }
+  /// Blocks that hold storage (in use or free for reuse).
+  Index allocated_blocks() const { return static_cast<Index>(blocks_.size()); }
+  /// Blocks an append could still take: free ones plus ones not yet allocated.
+  Index available_blocks() const {
+    return static_cast<Index>(free_.size()) + max_blocks_ - allocated_blocks();
+  }
+
+  /// Exact bytes one token occupies in all layers together.
+  std::size_t bytes_per_token() const {
+    return static_cast<std::size_t>(block_elements_ / block_tokens_) * sizeof(Scalar);
+  }
+  /// Exact bytes one token occupies in `layer`.
+  std::size_t bytes_per_token(int layer) const {
+    return static_cast<std::size_t>(layout(layer).elements_per_token()) * sizeof(Scalar);
+  }
+  /// Bytes holding cached tokens: Σ over sequences and layers of length × bytes per token.
+  std::size_t bytes_used() const {
+    std::size_t n = 0;
+    for (const auto& s : seqs_) {
+      if (!s.active) continue;
+      for (std::size_t l = 0; l < layers_.size(); ++l)
+        n += static_cast<std::size_t>(s.len[l]) * bytes_per_token(static_cast<int>(l));
+    }
+    return n;
+  }
+  /// Bytes of block storage allocated (in use or on the free list).
+  std::size_t bytes_reserved() const {
+    return blocks_.size() * static_cast<std::size_t>(block_elements_) * sizeof(Scalar);
+  }
+
+  /// Allocates storage for blocks until at least `n` are allocated, so later appends that fit
+  /// in them allocate nothing. \throws Error if n > max_blocks.
+  void reserve_blocks(Index n) {
+    TPA_CHECK(n <= max_blocks_, "KVCache::reserve_blocks: n (", n, ") exceeds max_blocks (",
+              max_blocks_, ")");
+    while (allocated_blocks() < n) free_.push_back(allocate_block());
+  }
+
+  /// Starts an empty sequence and returns its handle. Handles of freed sequences are reused.
+  SeqId add_sequence() {
+    if (!free_seqs_.empty()) {
+      const SeqId id = free_seqs_.back();
+      Sequence& s = seqs_[static_cast<std::size_t>(id)];
+      s.active = true;
+      free_seqs_.pop_back();
+      return id;
+    }
+    TPA_CHECK(seqs_.size() < static_cast<std::size_t>(INT32_MAX), "KVCache: too many sequences");
+    Sequence s;
+    s.active = true;
+    s.len.assign(layers_.size(), 0);
+    s.blocks.reserve(static_cast<std::size_t>(std::min<Index>(max_blocks_, 1024)));
+    seqs_.push_back(std::move(s));
+    free_seqs_.reserve(seqs_.size());
+    return static_cast<SeqId>(seqs_.size() - 1);
+  }
+
+  /// Ends a sequence: its blocks return to the free list and its handle becomes invalid.
+  /// \throws Error if `seq` is not a live sequence.
+  void free_sequence(SeqId seq) {
+    check_seq("KVCache::free_sequence", seq);
+    Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    for (auto b : s.blocks) free_.push_back(b);
+    s.blocks.clear();
+    std::fill(s.len.begin(), s.len.end(), 0);
+    s.active = false;
+    free_seqs_.push_back(seq);
+  }
+
+  bool contains(SeqId seq) const {
+    return seq >= 0 && static_cast<std::size_t>(seq) < seqs_.size() &&
+           seqs_[static_cast<std::size_t>(seq)].active;
+  }
+  /// Live sequences.
+  Index num_sequences() const {
+    return static_cast<Index>(seqs_.size() - free_seqs_.size());
+  }
+
+  /// Tokens of `seq` cached in `layer`. \throws Error on an unknown sequence or layer.
+  Index length(SeqId seq, int layer = 0) const {
+    check_seq("KVCache::length", seq);
+    check_layer("KVCache::length", layer);
+    return seqs_[static_cast<std::size_t>(seq)].len[static_cast<std::size_t>(layer)];
+  }
+
+  /// New blocks that appending n tokens to `seq` in `layer` would take.
+  Index blocks_needed(SeqId seq, int layer, Index n) const {
+    const Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    const Index want = (s.len[static_cast<std::size_t>(layer)] + n + block_tokens_ - 1) /
+                       block_tokens_;
+    return std::max<Index>(0, want - static_cast<Index>(s.blocks.size()));
+  }
+
+  /// \throws Error unless `seq` is live, `layer` exists, `layout` is that layer's layout, and
+  /// n tokens fit in the pool. `who` prefixes the message.
+  void check_append(const char* who, SeqId seq, int layer, const CacheLayout& layout,
+                    Index n) const {
+    check_layer(who, layer);
+    check_seq(who, seq);
+    check_layout(who, layer, layout);
+    const Index need = blocks_needed(seq, layer, n);
+    TPA_CHECK(need <= available_blocks(), who, ": the cache is full: appending ", n,
+              " tokens to sequence ", seq, " needs ", need, " new blocks but only ",
+              available_blocks(), " of max_blocks (", max_blocks_, ") are available");
+  }
+
+  /// \throws Error unless `layout` is the layout of `layer`.
+  void check_layout(const char* who, int layer, const CacheLayout& layout) const {
+    check_layer(who, layer);
+    TPA_CHECK(layouts_[static_cast<std::size_t>(layer)] == layout, who, ": cache layer ", layer,
+              " holds layout '", layouts_[static_cast<std::size_t>(layer)].kind(),
+              "', not this layer's '", layout.kind(), "'");
+  }
+
+  /// Appends n tokens to `seq` in `layer`: factor f of token i is read from
+  /// rows[f].data + i·rows[f].stride (elements of the factor, row-major) and rounded to Scalar.
+  /// `rows` has one entry per factor of the layer's layout.
+  /// \throws Error as check_append; std::bad_alloc if block storage cannot be allocated. Either
+  /// way the cache is unchanged.
+  void append(SeqId seq, int layer, Index n, const FactorRows* rows) {
+    check_append("KVCache::append", seq, layer, layouts_[static_cast<std::size_t>(layer)], n);
+    Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    const auto l = static_cast<std::size_t>(layer);
+    // Take blocks first (all or nothing), then copy: nothing below can throw.
+    const Index need = blocks_needed(seq, layer, n);
+    const std::size_t table_before = s.blocks.size();
+    try {
+      s.blocks.reserve(table_before + static_cast<std::size_t>(need));
+      for (Index i = 0; i < need; ++i) {
+        if (free_.empty()) {
+          free_.push_back(allocate_block());
+        }
+        s.blocks.push_back(free_.back());
+        free_.pop_back();
+      }
+    } catch (...) {
+      while (s.blocks.size() > table_before) {
+        free_.push_back(s.blocks.back());
+        s.blocks.pop_back();
+      }
+      throw;
+    }
+    const LayerInfo& info = layers_[l];
+    const Index start = s.len[l];
+    for (Index i = 0; i < n; ++i) {
+      const Index t = start + i;
+      Scalar* block = blocks_[static_cast<std::size_t>(
+                          s.blocks[static_cast<std::size_t>(t / block_tokens_)])].get() +
+                      info.block_offset;
+      for (std::size_t f = 0; f < info.factor_offset.size(); ++f) {
+        const Index e = info.factor_elements[f];
+        Scalar* dst = block + info.factor_offset[f] + (t % block_tokens_) * e;
+        const float* src = rows[f].data + i * rows[f].stride;
+        if constexpr (std::is_same<Scalar, float>::value) {
+          std::memcpy(dst, src, static_cast<std::size_t>(e) * sizeof(float));
+        } else {
+          for (Index j = 0; j < e; ++j) dst[j] = Scalar(src[j]);
+        }
+      }
+    }
+    s.len[l] = start + n;
+  }
+
+  /// Read-only view of `seq` in `layer` for the kernels (see SeqView).
+  /// \throws Error on an unknown sequence or layer.
+  SeqView<Scalar> view(SeqId seq, int layer) const {
+    check_layer("KVCache::view", layer);
+    check_seq("KVCache::view", seq);
+    const Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    const auto l = static_cast<std::size_t>(layer);
+    SeqView<Scalar> v;
+    v.block_base = layer_base_[l].data();
+    v.table = s.blocks.data();
+    v.factor_offset = layers_[l].factor_offset.data();
+    v.factor_elements = layers_[l].factor_elements.data();
+    v.n_tokens = s.len[l];
+    v.block_tokens = block_tokens_;
+    return v;
+  }
+
+  /// Block ids of `seq`, in token order (for tests and diagnostics).
+  const std::vector<std::int32_t>& block_table(SeqId seq) const {
+    check_seq("KVCache::block_table", seq);
+    return seqs_[static_cast<std::size_t>(seq)].blocks;
+  }
+
+ private:
+  struct LayerInfo {
+    Index block_offset = 0;              // elements from a block's start to this layer's region
+    std::vector<Index> factor_offset;    // elements from the region's start to each factor
+    std::vector<Index> factor_elements;  // elements per token of each factor
+  };
+  struct Sequence {
+    bool active = false;
+    std::vector<std::int32_t> blocks;
+    std::vector<Index> len;  // per layer
+  };
+  struct FreeDeleter {
+    void operator()(Scalar* p) const { std::free(p); }
+  };
+
+  void check_layer(const char* who, int layer) const {
+    TPA_CHECK(layer >= 0 && layer < num_layers(), who, ": layer (", layer,
+              ") is not in [0, ", num_layers(), ")");
+  }
+  void check_seq(const char* who, SeqId seq) const {
+    TPA_CHECK(contains(seq), who, ": sequence ", seq, " is not a live sequence of this cache");
+  }
+
+  // Allocates one block's storage and returns its id. Strong guarantee.
+  std::int32_t allocate_block() {
+    const std::size_t bytes = static_cast<std::size_t>(block_elements_) * sizeof(Scalar);
+    const std::size_t rounded = (bytes + 63) / 64 * 64;
+    Scalar* p = static_cast<Scalar*>(std::aligned_alloc(64, rounded));
+    if (p == nullptr) throw std::bad_alloc();
+    std::unique_ptr<Scalar, FreeDeleter> owner(p);
+    // Capacities were reserved for max_blocks in the constructor, so these cannot throw.
+    const auto id = static_cast<std::int32_t>(blocks_.size());
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      layer_base_[l].push_back(p + layers_[l].block_offset);
+    blocks_.push_back(std::move(owner));
+    return id;
+  }
+
+  std::vector<CacheLayout> layouts_;
+  std::vector<LayerInfo> layers_;
+  Index block_tokens_ = 0;
+  Index max_blocks_ = 0;
+  Index block_elements_ = 0;  // elements of one block, all layers
+  std::vector<std::unique_ptr<Scalar, FreeDeleter>> blocks_;
+  std::vector<std::vector<const Scalar*>> layer_base_;  // [layer][block id]
+  std::vector<std::int32_t> free_;
+  std::vector<Sequence> seqs_;
+  std::vector<SeqId> free_seqs_;
+};
+
+}  // namespace tpa

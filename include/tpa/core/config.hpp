@@ -1,0 +1,83 @@
+// Configuration structs of the attention kinds, with validation.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "tpa/core/error.hpp"
+#include "tpa/core/tensor.hpp"
+
+namespace tpa {
+
+/// How the rotary part of a vector is split into pairs and which way it turns (SPEC.md, RoPE).
+enum class RopeStyle {
+  kHalfSplit,          ///< pairs (x_i, x_{i+r/2}), angle +p·θ_i (HF LLaMA / GPT-NeoX)
+  kHalfSplitReversed,  ///< pairs (x_i, x_{i+r/2}), angle −p·θ_i (model/T6.py, llama-gqa.py)
+  kInterleaved,        ///< pairs (x_{2i}, x_{2i+1}), angle +p·θ_i (model/T6_infer.py, Meta LLaMA)
+};
+
+inline const char* rope_style_name(RopeStyle s) {
+  switch (s) {
+    case RopeStyle::kHalfSplit: return "half-split";
+    case RopeStyle::kHalfSplitReversed: return "half-split-reversed";
+    case RopeStyle::kInterleaved: return "interleaved";
+  }
+  return "unknown";
+}
+
+/// Rotary position embedding settings. θ_i = base^(−2i/r), i = 0 … r/2−1.
+struct RopeConfig {
+  RopeStyle style = RopeStyle::kHalfSplitReversed;
+  double base = 10000.0;
+  Index rotary_dim = 0;        ///< r: number of leading dims that rotate (even); 0 = all of them
+  Index max_positions = 4096;  ///< table length: positions 0 … max_positions−1 are valid
+
+  /// Rotary dim for vectors of size `dim`: rotary_dim, or dim when rotary_dim is 0.
+  Index resolved_dim(Index dim) const { return rotary_dim == 0 ? dim : rotary_dim; }
+
+  /// \throws Error if base ≤ 0, max_positions < 1, or the resolved rotary dim is odd, negative
+  /// or larger than `dim` (the size of the vectors it rotates). `who` prefixes the message.
+  void validate(const char* who, Index dim) const {
+    TPA_CHECK(std::isfinite(base) && base > 0, who, ": rope.base (", base, ") must be > 0");
+    TPA_CHECK(max_positions >= 1, who, ": rope.max_positions (", max_positions, ") must be >= 1");
+    TPA_CHECK(rotary_dim >= 0, who, ": rope.rotary_dim (", rotary_dim, ") must be >= 0");
+    const Index r = resolved_dim(dim);
+    TPA_CHECK(r % 2 == 0, who, ": rotary dim (", r, ") must be even");
+    TPA_CHECK(r <= dim, who, ": rope.rotary_dim (", r, ") is larger than the rotated head dim (",
+              dim, ")");
+  }
+};
+
+/// Configuration of MultiHeadAttention, MultiQueryAttention and GroupedQueryAttention.
+struct GqaConfig {
+  Index d_model = 0;     ///< D: hidden size of the tokens
+  Index n_heads = 0;     ///< H: query heads
+  Index n_kv_heads = 0;  ///< G: key/value heads; H % G == 0. 0 means H (MHA)
+  Index head_dim = 0;    ///< d: size of each query, key and value head
+  RopeConfig rope;
+  float softmax_scale = 0.f;  ///< 0 means 1/sqrt(head_dim)
+  bool head_norm = false;     ///< per-head RMSNorm of the outputs (weight `subln.weight` [d])
+  float norm_eps = 1e-5f;
+
+  Index kv_heads() const { return n_kv_heads == 0 ? n_heads : n_kv_heads; }
+  Index group_size() const { return n_heads / kv_heads(); }
+  float scale() const {
+    return softmax_scale != 0.f ? softmax_scale : 1.f / std::sqrt(static_cast<float>(head_dim));
+  }
+
+  /// \throws Error naming the field and the rule it breaks.
+  void validate(const char* who = "GroupedQueryAttention") const {
+    TPA_CHECK(d_model >= 1, who, ": d_model (", d_model, ") must be >= 1");
+    TPA_CHECK(n_heads >= 1, who, ": n_heads (", n_heads, ") must be >= 1");
+    TPA_CHECK(head_dim >= 1, who, ": head_dim (", head_dim, ") must be >= 1");
+    TPA_CHECK(n_kv_heads >= 0, who, ": n_kv_heads (", n_kv_heads, ") must be >= 1");
+    TPA_CHECK(n_heads % kv_heads() == 0, who, ": n_heads (", n_heads,
+              ") is not a multiple of n_kv_heads (", kv_heads(), ")");
+    TPA_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0.f, who, ": softmax_scale (",
+              softmax_scale, ") must be finite and >= 0 (0 = 1/sqrt(head_dim))");
+    TPA_CHECK(norm_eps > 0.f, who, ": norm_eps (", norm_eps, ") must be > 0");
+    rope.validate(who, head_dim);
+  }
+};
+
+}  // namespace tpa

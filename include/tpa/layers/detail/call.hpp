@@ -1,0 +1,101 @@
+// Plumbing shared by every layer call: input checks, the plan of which tokens go to which
+// sequence at which positions, projections and per-head RMSNorm.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+#include "tpa/cache/kv_cache.hpp"
+#include "tpa/core/error.hpp"
+#include "tpa/core/rope.hpp"
+#include "tpa/core/tensor.hpp"
+#include "tpa/runtime/context.hpp"
+
+namespace tpa {
+namespace detail {
+
+/// Rows [row0, row0 + n) of a call's input belong to sequence `seq`, at positions pos0 … .
+struct Segment {
+  SeqId seq = -1;
+  Index row0 = 0;
+  Index n = 0;
+  Index pos0 = 0;
+};
+
+/// \throws Error unless x is [N ≥ 1, d_model] and y has the same shape.
+inline void check_io(const char* who, const ConstTensorView<float, 2>& x,
+                     const TensorView<float, 2>& y, Index d_model) {
+  TPA_CHECK(x.dimension(0) >= 1, who, ": x has ", x.dimension(0), " tokens, needs at least 1");
+  TPA_CHECK(x.dimension(1) == d_model, who, ": x is [", x.dimension(0), ", ", x.dimension(1),
+            "], its last dim must be d_model (", d_model, ")");
+  TPA_CHECK(y.dimension(0) == x.dimension(0) && y.dimension(1) == x.dimension(1), who,
+            ": y is [", y.dimension(0), ", ", y.dimension(1), "], must be x's shape [",
+            x.dimension(0), ", ", x.dimension(1), "]");
+  TPA_CHECK(x.data() != nullptr && y.data() != nullptr, who, ": x and y must not be null");
+}
+
+/// Checks that every segment can be appended to `cache` (live, distinct sequences; layout; room
+/// in the pool for all of them together; positions inside the RoPE table) and fills each
+/// segment's pos0 with the sequence's current length. Changes nothing.
+template <class S>
+void plan_cache_call(const char* who, const KVCache<S>& cache, int layer,
+                     const CacheLayout& layout, const RopeTable& rope, Segment* segs,
+                     Index n_segs) {
+  Index blocks = 0;
+  for (Index i = 0; i < n_segs; ++i) {
+    Segment& s = segs[i];
+    cache.check_append(who, s.seq, layer, layout, s.n);
+    for (Index j = 0; j < i; ++j)
+      TPA_CHECK(segs[j].seq != s.seq, who, ": sequence ", s.seq,
+                " appears more than once in one call");
+    s.pos0 = cache.length(s.seq, layer);
+    rope.check_positions(who, s.pos0, s.n);
+    blocks += cache.blocks_needed(s.seq, layer, s.n);
+  }
+  TPA_CHECK(blocks <= cache.available_blocks(), who, ": the cache is full: this call needs ",
+            blocks, " new blocks but only ", cache.available_blocks(), " of max_blocks (",
+            cache.max_blocks(), ") are available");
+}
+
+/// y[n, W.rows()] = x[n, W.cols()] · Wᵀ, all row-major and contiguous.
+inline void project(const float* x, Index n, const Matrix<float>& w, float* y) {
+  ConstMatrixMap<float> xm(x, n, w.cols());
+  MatrixMap<float> ym(y, n, w.rows());
+  if (n == 1) {
+    ym.row(0).noalias() = (w * xm.row(0).transpose()).transpose();
+  } else {
+    ym.noalias() = xm * w.transpose();
+  }
+}
+
+/// RMSNorm of each of `rows` vectors of size dim (contiguous): v / sqrt(mean(v²) + eps) · w.
+inline void rms_norm_rows(float* v, Index rows, Index dim, const float* weight, float eps) {
+  for (Index r = 0; r < rows; ++r) {
+    float* x = v + r * dim;
+    double ss = 0;
+    for (Index i = 0; i < dim; ++i) ss += static_cast<double>(x[i]) * x[i];
+    const float inv =
+        static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(dim) + static_cast<double>(eps)));
+    for (Index i = 0; i < dim; ++i) x[i] = x[i] * inv * weight[i];
+  }
+}
+
+/// A SeqView over `n` tokens stored contiguously in one block (the no-cache forward):
+/// factor f of token t at base + offsets[f] + t·elements[f].
+template <class S>
+SeqView<S> contiguous_view(const S* const* base, const Index* offsets, const Index* elements,
+                           Index n) {
+  static const std::int32_t kTable[1] = {0};
+  SeqView<S> v;
+  v.block_base = base;
+  v.table = kTable;
+  v.factor_offset = offsets;
+  v.factor_elements = elements;
+  v.n_tokens = n;
+  v.block_tokens = n;
+  return v;
+}
+
+}  // namespace detail
+}  // namespace tpa

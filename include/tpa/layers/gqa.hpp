@@ -1,0 +1,225 @@
+// GroupedQueryAttention and its special cases MultiHeadAttention (G = H) and
+// MultiQueryAttention (G = 1).
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tpa/backend/backends.hpp"
+#include "tpa/cache/kv_cache.hpp"
+#include "tpa/core/config.hpp"
+#include "tpa/core/rope.hpp"
+#include "tpa/kernels/params.hpp"
+#include "tpa/layers/detail/call.hpp"
+#include "tpa/layers/gqa_weights.hpp"
+#include "tpa/runtime/context.hpp"
+
+namespace tpa {
+
+/// \brief Grouped-query attention (SPEC.md, "MHA, GQA, MQA"): H query heads, G key/value heads,
+/// query head h reads KV head h / (H/G). The cache stores, per token, the rotated keys
+/// K [G, d] and the values V [G, d].
+///
+/// All calls take x [tokens, d_model] and write y [tokens, d_model]. A call that throws
+/// tpa::Error leaves the layer and the cache unchanged. A layer is immutable after construction
+/// and may be shared between threads, each with its own Context.
+///
+/// \tparam Backend kernel set (Reference, Portable, Avx2, Avx512; default Native).
+/// \tparam CacheScalar storage type of the KV cache it reads and writes.
+template <class Backend = Native, class CacheScalar = float>
+class GroupedQueryAttention {
+ public:
+  using Config = GqaConfig;
+  using Weights = GqaWeights;
+  using Cache = KVCache<CacheScalar>;
+
+  /// \throws Error if the config is invalid or a weight has the wrong shape.
+  GroupedQueryAttention(const GqaConfig& cfg, GqaWeights weights)
+      : GroupedQueryAttention("GroupedQueryAttention", "GQA", cfg, std::move(weights)) {}
+
+  const GqaConfig& config() const { return cfg_; }
+  const GqaWeights& weights() const { return w_; }
+  const RopeTable& rope() const { return rope_; }
+  /// Name of the kind: "MHA", "GQA" or "MQA".
+  const std::string& kind() const { return kind_; }
+
+  /// What one token stores in this layer's cache: K [G, d] (rotated) and V [G, d].
+  CacheLayout cache_layout() const {
+    const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
+    return CacheLayout(kind_, {{"K", G, d, true}, {"V", G, d, false}});
+  }
+
+  /// Causal attention over the given tokens alone (positions 0 … tokens−1), no cache.
+  /// \throws Error on wrong shapes or positions past the RoPE table.
+  void forward(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y) const {
+    detail::check_io(who_.c_str(), x, y, cfg_.d_model);
+    const Index n = x.dimension(0);
+    rope_.check_positions(who_.c_str(), 0, n);
+    ScratchGuard guard(ctx.scratch());
+    detail::Segment seg{-1, 0, n, 0};
+    Buffers b = project(ctx, x, &seg, 1);
+    const float* base[1] = {b.kv};
+    const Index offsets[2] = {0, n * kv_width()};
+    const Index elements[2] = {kv_width(), kv_width()};
+    attend<float>(b, seg, detail::contiguous_view<float>(base, offsets, elements, n));
+    finish(ctx, b, n, y);
+  }
+
+  /// Appends the tokens x to sequence `seq` of `cache` (layer `layer`) at the positions that
+  /// follow its cached ones, and attends over everything cached: prefill, chunked prefill
+  /// (several calls) and single-token decode alike.
+  /// \throws Error on wrong shapes, an unknown sequence or layer, a cache whose layer layout is
+  /// not cache_layout(), positions past the RoPE table, or a full cache.
+  void forward(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
+               int layer, SeqId seq) const {
+    detail::Segment seg{seq, 0, x.dimension(0), 0};
+    run_cached(ctx, x, y, cache, layer, &seg, 1);
+  }
+
+  /// One token for each of several sequences: row b of x [B, d_model] is the next token of
+  /// seqs[b]. Sequences may have different lengths; each must appear once.
+  /// \throws Error as forward(), or if seqs.size() != B or a sequence repeats.
+  void decode(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
+              int layer, const std::vector<SeqId>& seqs) const {
+    TPA_CHECK(static_cast<Index>(seqs.size()) == x.dimension(0), who_, ": decode got ",
+              seqs.size(), " sequences for ", x.dimension(0), " rows of x");
+    ScratchGuard guard(ctx.scratch());
+    auto* segs = static_cast<detail::Segment*>(
+        ctx.scratch().bytes(sizeof(detail::Segment) * seqs.size()));
+    for (std::size_t b = 0; b < seqs.size(); ++b)
+      segs[b] = detail::Segment{seqs[b], static_cast<Index>(b), 1, 0};
+    run_cached(ctx, x, y, cache, layer, segs, static_cast<Index>(seqs.size()));
+  }
+
+ protected:
+  GroupedQueryAttention(const char* who, const char* kind, const GqaConfig& cfg,
+                        GqaWeights weights)
+      : who_(who), kind_(kind), cfg_(cfg), w_(std::move(weights)) {
+    cfg_.validate(who);
+    w_.check(cfg_, who);
+    rope_ = RopeTable(cfg_.rope, cfg_.head_dim);
+  }
+
+ private:
+  struct Buffers {
+    float* q;   // [N, H·d]
+    float* kv;  // [N, G·d] keys, then [N, G·d] values
+    float* o;   // [N, H·d]
+    Index n;
+  };
+
+  Index kv_width() const { return cfg_.kv_heads() * cfg_.head_dim; }
+  Index q_width() const { return cfg_.n_heads * cfg_.head_dim; }
+
+  void run_cached(Context& ctx, const ConstTensorView<float, 2>& x, TensorView<float, 2>& y,
+                  Cache& cache, int layer, detail::Segment* segs, Index n_segs) const {
+    detail::check_io(who_.c_str(), x, y, cfg_.d_model);
+    const CacheLayout layout = cache_layout();
+    detail::plan_cache_call(who_.c_str(), cache, layer, layout, rope_, segs, n_segs);
+    // Nothing below throws tpa::Error: the checks above cover every precondition.
+    ScratchGuard guard(ctx.scratch());
+    Buffers b = project(ctx, x, segs, n_segs);
+    const Index N = x.dimension(0);
+    for (Index s = 0; s < n_segs; ++s) {
+      const FactorRows rows[2] = {{b.kv + segs[s].row0 * kv_width(), kv_width()},
+                                  {b.kv + (N + segs[s].row0) * kv_width(), kv_width()}};
+      cache.append(segs[s].seq, layer, segs[s].n, rows);
+    }
+    for (Index s = 0; s < n_segs; ++s) attend<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer));
+    finish(ctx, b, N, y);
+  }
+
+  // Projections of all tokens at once, then RoPE on q and k at each token's position.
+  Buffers project(Context& ctx, const ConstTensorView<float, 2>& x, const detail::Segment* segs,
+                  Index n_segs) const {
+    const Index N = x.dimension(0), d = cfg_.head_dim;
+    Buffers b{ctx.scratch().floats(N * q_width()), ctx.scratch().floats(2 * N * kv_width()),
+              ctx.scratch().floats(N * q_width()), N};
+    detail::project(x.data(), N, w_.c_q, b.q);
+    detail::project(x.data(), N, w_.c_k, b.kv);
+    detail::project(x.data(), N, w_.c_v, b.kv + N * kv_width());
+    for (Index s = 0; s < n_segs; ++s) {
+      for (Index i = 0; i < segs[s].n; ++i) {
+        const Index row = segs[s].row0 + i, pos = segs[s].pos0 + i;
+        rope_.rotate(b.q + row * q_width(), pos, cfg_.n_heads, d);
+        rope_.rotate(b.kv + row * kv_width(), pos, cfg_.kv_heads(), d);
+      }
+    }
+    return b;
+  }
+
+  template <class S>
+  void attend(const Buffers& b, const detail::Segment& seg, const SeqView<S>& kv) const {
+    GroupedAttentionParams<S> p;
+    p.q = b.q + seg.row0 * q_width();
+    p.q_stride = q_width();
+    p.o = b.o + seg.row0 * q_width();
+    p.o_stride = q_width();
+    p.n_q = seg.n;
+    p.q_pos0 = seg.pos0;
+    p.n_heads = cfg_.n_heads;
+    p.n_kv_heads = cfg_.kv_heads();
+    p.k_factor[0] = 0;
+    p.k_dims[0] = cfg_.head_dim;
+    p.v_factor = 1;
+    p.d_v = cfg_.head_dim;
+    p.scale = cfg_.scale();
+    p.kv = kv;
+    Kernels<Backend>::grouped_attention(p);
+  }
+
+  // Optional per-head RMSNorm, then the output projection.
+  void finish(Context&, const Buffers& b, Index N, TensorView<float, 2>& y) const {
+    if (cfg_.head_norm)
+      detail::rms_norm_rows(b.o, N * cfg_.n_heads, cfg_.head_dim, w_.subln.data(), cfg_.norm_eps);
+    detail::project(b.o, N, w_.c_proj, y.data());
+  }
+
+  std::string who_;
+  std::string kind_;
+  GqaConfig cfg_;
+  GqaWeights w_;
+  RopeTable rope_;
+};
+
+/// \brief Multi-head attention: GroupedQueryAttention with one KV head per query head.
+/// cfg.n_kv_heads must be 0 or n_heads.
+template <class Backend = Native, class CacheScalar = float>
+class MultiHeadAttention : public GroupedQueryAttention<Backend, CacheScalar> {
+ public:
+  /// \throws Error if n_kv_heads is neither 0 nor n_heads, or as GroupedQueryAttention.
+  MultiHeadAttention(const GqaConfig& cfg, GqaWeights weights)
+      : GroupedQueryAttention<Backend, CacheScalar>("MultiHeadAttention", "MHA", with_kv(cfg),
+                                                    std::move(weights)) {}
+
+ private:
+  static GqaConfig with_kv(GqaConfig cfg) {
+    TPA_CHECK(cfg.n_kv_heads == 0 || cfg.n_kv_heads == cfg.n_heads,
+              "MultiHeadAttention: n_kv_heads (", cfg.n_kv_heads, ") must be 0 or n_heads (",
+              cfg.n_heads, ")");
+    cfg.n_kv_heads = cfg.n_heads;
+    return cfg;
+  }
+};
+
+/// \brief Multi-query attention: GroupedQueryAttention with one KV head shared by all query
+/// heads. cfg.n_kv_heads must be 0 or 1.
+template <class Backend = Native, class CacheScalar = float>
+class MultiQueryAttention : public GroupedQueryAttention<Backend, CacheScalar> {
+ public:
+  /// \throws Error if n_kv_heads is neither 0 nor 1, or as GroupedQueryAttention.
+  MultiQueryAttention(const GqaConfig& cfg, GqaWeights weights)
+      : GroupedQueryAttention<Backend, CacheScalar>("MultiQueryAttention", "MQA", with_kv(cfg),
+                                                    std::move(weights)) {}
+
+ private:
+  static GqaConfig with_kv(GqaConfig cfg) {
+    TPA_CHECK(cfg.n_kv_heads == 0 || cfg.n_kv_heads == 1, "MultiQueryAttention: n_kv_heads (",
+              cfg.n_kv_heads, ") must be 0 or 1");
+    cfg.n_kv_heads = 1;
+    return cfg;
+  }
+};
+
+}  // namespace tpa

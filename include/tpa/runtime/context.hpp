@@ -1,0 +1,156 @@
+// Execution context: the thread pool and the scratch arena a layer call runs with.
+#pragma once
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <new>
+#include <vector>
+
+#define EIGEN_USE_THREADS
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
+#include "tpa/core/error.hpp"
+#include "tpa/core/tensor.hpp"
+
+namespace tpa {
+
+/// \brief Bump allocator for per-call temporaries. Memory handed out stays valid until released
+/// back to an earlier mark; chunks are never moved. After warm-up (once the largest call has
+/// run) it allocates nothing.
+class Scratch {
+ public:
+  struct Mark {
+    std::size_t chunk = 0;
+    std::size_t offset = 0;
+  };
+
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  /// 64-byte aligned uninitialised storage for n floats.
+  float* floats(Index n) { return static_cast<float*>(bytes(static_cast<std::size_t>(n) * 4)); }
+
+  /// 64-byte aligned uninitialised storage of `n` bytes.
+  void* bytes(std::size_t n) {
+    n = (n + 63) / 64 * 64;
+    if (chunks_.empty() || cur_.offset + n > chunks_[cur_.chunk].size) {
+      // Move to the next chunk that fits, or add one.
+      std::size_t c = chunks_.empty() ? 0 : cur_.chunk + 1;
+      while (c < chunks_.size() && chunks_[c].size < n) ++c;
+      if (c >= chunks_.size()) {
+        std::size_t size = std::max<std::size_t>(n, capacity() + (1u << 16));
+        chunks_.push_back(Chunk{allocate(size), size});
+        c = chunks_.size() - 1;
+      }
+      cur_ = Mark{c, 0};
+    }
+    void* p = chunks_[cur_.chunk].data.get() + cur_.offset;
+    cur_.offset += n;
+    return p;
+  }
+
+  /// Position to release back to.
+  Mark mark() const { return cur_; }
+
+  /// Releases everything handed out since `m`. Releasing to an empty arena that grew to several
+  /// chunks merges them into one, so the next use is served from a single chunk.
+  void release(Mark m) {
+    cur_ = m;
+    if (m.chunk == 0 && m.offset == 0 && chunks_.size() > 1) {
+      const std::size_t total = capacity();
+      chunks_.clear();
+      chunks_.push_back(Chunk{allocate(total), total});
+    }
+  }
+
+  /// Bytes held in all chunks.
+  std::size_t capacity() const {
+    std::size_t n = 0;
+    for (const auto& c : chunks_) n += c.size;
+    return n;
+  }
+
+ private:
+  struct FreeDeleter {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  struct Chunk {
+    std::unique_ptr<unsigned char[], FreeDeleter> data;
+    std::size_t size = 0;
+  };
+  static std::unique_ptr<unsigned char[], FreeDeleter> allocate(std::size_t n) {
+    auto* p = static_cast<unsigned char*>(std::aligned_alloc(64, n));
+    if (p == nullptr) throw std::bad_alloc();
+    return std::unique_ptr<unsigned char[], FreeDeleter>(p);
+  }
+
+  std::vector<Chunk> chunks_;
+  Mark cur_;
+};
+
+/// Releases a Scratch back to where it was when the guard was made.
+class ScratchGuard {
+ public:
+  explicit ScratchGuard(Scratch& s) : s_(s), m_(s.mark()) {}
+  ~ScratchGuard() { s_.release(m_); }
+  ScratchGuard(const ScratchGuard&) = delete;
+  ScratchGuard& operator=(const ScratchGuard&) = delete;
+
+ private:
+  Scratch& s_;
+  Scratch::Mark m_;
+};
+
+/// \brief What a layer call runs with: a thread pool and a scratch arena. Owned by the caller
+/// and passed to every call. Not thread-safe: one Context per calling thread.
+class Context {
+ public:
+  /// \param threads worker threads a call may use, including the calling thread (≥ 1).
+  /// \throws Error if threads < 1.
+  explicit Context(int threads = 1) : threads_(threads) {
+    TPA_CHECK(threads >= 1, "Context: threads (", threads, ") must be >= 1");
+    if (threads_ > 1) pool_ = std::make_unique<Eigen::ThreadPool>(threads_ - 1);
+  }
+
+  int threads() const { return threads_; }
+  Scratch& scratch() { return scratch_; }
+
+  /// Runs f(i) for i in [0, n), spread over the threads; returns when all are done.
+  /// f must not throw.
+  template <class F>
+  void parallel_for(Index n, const F& f) {
+    if (n <= 0) return;
+    const Index parts = std::min<Index>(n, threads_);
+    if (parts <= 1) {
+      for (Index i = 0; i < n; ++i) f(i);
+      return;
+    }
+    Eigen::Barrier barrier(static_cast<unsigned>(parts - 1));
+    struct Job {
+      const F* f;
+      Index n, parts;
+      Eigen::Barrier* barrier;
+      void run(Index part) const {
+        for (Index i = part * n / parts; i < (part + 1) * n / parts; ++i) (*f)(i);
+      }
+    } job{&f, n, parts, &barrier};
+    const Job* jp = &job;
+    for (Index p = 1; p < parts; ++p) {
+      pool_->Schedule([jp, p] {
+        jp->run(p);
+        jp->barrier->Notify();
+      });
+    }
+    job.run(0);
+    barrier.Wait();
+  }
+
+ private:
+  int threads_;
+  std::unique_ptr<Eigen::ThreadPool> pool_;
+  Scratch scratch_;
+};
+
+}  // namespace tpa
