@@ -1,0 +1,147 @@
+// RoPE tables and rotation: hand-computed values for every convention, partial rotary, and the
+// relative-position property.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "test_util.hpp"
+
+using tpa::RopeConfig;
+using tpa::RopeStyle;
+using tpa::RopeTable;
+
+namespace {
+
+RopeTable table(RopeStyle style, tpa::Index dim, tpa::Index rotary = 0, double base = 10000.0) {
+  RopeConfig c;
+  c.style = style;
+  c.rotary_dim = rotary;
+  c.base = base;
+  c.max_positions = 64;
+  return RopeTable(c, dim);
+}
+
+// x = [1, 2, 3, 4] at position 1, base 10000: θ_0 = 1, θ_1 = 10000^(-1/2) = 0.01.
+TEST(Rope, HalfSplitHandComputed) {
+  std::vector<float> x = {1, 2, 3, 4};
+  table(RopeStyle::kHalfSplit, 4).rotate(x.data(), 1);
+  // pairs (x0, x2) at angle 1 and (x1, x3) at angle 0.01
+  EXPECT_NEAR(x[0], std::cos(1.0) - 3 * std::sin(1.0), 1e-6);
+  EXPECT_NEAR(x[2], std::sin(1.0) + 3 * std::cos(1.0), 1e-6);
+  EXPECT_NEAR(x[1], 2 * std::cos(0.01) - 4 * std::sin(0.01), 1e-6);
+  EXPECT_NEAR(x[3], 2 * std::sin(0.01) + 4 * std::cos(0.01), 1e-6);
+}
+
+TEST(Rope, HalfSplitReversedHandComputed) {
+  // model/T6.py: y1 = x1 cos + x2 sin, y2 = −x1 sin + x2 cos
+  std::vector<float> x = {1, 2, 3, 4};
+  table(RopeStyle::kHalfSplitReversed, 4).rotate(x.data(), 1);
+  EXPECT_NEAR(x[0], std::cos(1.0) + 3 * std::sin(1.0), 1e-6);
+  EXPECT_NEAR(x[2], -std::sin(1.0) + 3 * std::cos(1.0), 1e-6);
+  EXPECT_NEAR(x[1], 2 * std::cos(0.01) + 4 * std::sin(0.01), 1e-6);
+  EXPECT_NEAR(x[3], -2 * std::sin(0.01) + 4 * std::cos(0.01), 1e-6);
+}
+
+TEST(Rope, InterleavedHandComputed) {
+  // model/T6_infer.py: complex multiply of (x0 + i x1) by e^{i p θ_0}, (x2 + i x3) by e^{i p θ_1}
+  std::vector<float> x = {1, 2, 3, 4};
+  table(RopeStyle::kInterleaved, 4).rotate(x.data(), 1);
+  EXPECT_NEAR(x[0], std::cos(1.0) - 2 * std::sin(1.0), 1e-6);
+  EXPECT_NEAR(x[1], std::sin(1.0) + 2 * std::cos(1.0), 1e-6);
+  EXPECT_NEAR(x[2], 3 * std::cos(0.01) - 4 * std::sin(0.01), 1e-6);
+  EXPECT_NEAR(x[3], 3 * std::sin(0.01) + 4 * std::cos(0.01), 1e-6);
+}
+
+TEST(Rope, PartialRotaryLeavesTheRestAlone) {
+  // d = 6, r = 4: θ_0 = 1, θ_1 = 0.01; dims 4 and 5 pass through.
+  for (auto style : {RopeStyle::kHalfSplit, RopeStyle::kHalfSplitReversed, RopeStyle::kInterleaved}) {
+    std::vector<float> x = {1, 2, 3, 4, 5, 6};
+    table(style, 6, 4).rotate(x.data(), 2);
+    EXPECT_EQ(x[4], 5.f);
+    EXPECT_EQ(x[5], 6.f);
+    std::vector<double> ref = {1, 2, 3, 4};
+    tpa_test::rope_ref(ref.data(), 4, 2, style, 10000.0);
+    for (int i = 0; i < 4; ++i) EXPECT_NEAR(x[i], ref[i], 1e-6) << tpa::rope_style_name(style);
+  }
+  // Half-split with r = 4 pairs (x0, x2) and (x1, x3): hand-computed at p = 1.
+  std::vector<float> x = {1, 2, 3, 4, 5, 6};
+  table(RopeStyle::kHalfSplit, 6, 4).rotate(x.data(), 1);
+  EXPECT_NEAR(x[0], std::cos(1.0) - 3 * std::sin(1.0), 1e-6);
+  EXPECT_NEAR(x[3], 2 * std::sin(0.01) + 4 * std::cos(0.01), 1e-6);
+}
+
+TEST(Rope, TablesAreDoublePrecisionRounded) {
+  auto t = table(RopeStyle::kInterleaved, 16, 0, 500000.0);
+  for (tpa::Index p : {0, 1, 17, 63}) {
+    for (int i = 0; i < 8; ++i) {
+      const double phi = p * std::pow(500000.0, -2.0 * i / 16.0);
+      EXPECT_EQ(t.cos_row(p)[i], static_cast<float>(std::cos(phi)));
+      EXPECT_EQ(t.sin_row(p)[i], static_cast<float>(std::sin(phi)));
+    }
+  }
+}
+
+TEST(Rope, ScoresDependOnlyOnRelativePosition) {
+  for (auto style : {RopeStyle::kHalfSplit, RopeStyle::kHalfSplitReversed, RopeStyle::kInterleaved}) {
+    auto t = table(style, 8);
+    const auto q0 = tpa_test::random_tensor(1, 8, 1), k0 = tpa_test::random_tensor(1, 8, 2);
+    auto score = [&](tpa::Index pq, tpa::Index pk) {
+      tpa::Tensor<float, 2> q = q0, k = k0;
+      t.rotate(q.data(), pq);
+      t.rotate(k.data(), pk);
+      double s = 0;
+      for (int i = 0; i < 8; ++i) s += static_cast<double>(q.data()[i]) * k.data()[i];
+      return s;
+    };
+    EXPECT_NEAR(score(10, 3), score(27, 20), 1e-5) << tpa::rope_style_name(style);
+    EXPECT_NEAR(score(5, 5), score(0, 0), 1e-5);
+  }
+}
+
+TEST(Rope, RotatesSeveralRowsWithAStride) {
+  auto t = table(RopeStyle::kHalfSplitReversed, 4);
+  std::vector<float> two = {1, 2, 3, 4, 9, 1, 2, 3, 4, 9};  // two rows of 4, stride 5
+  t.rotate(two.data(), 3, 2, 5);
+  std::vector<float> one = {1, 2, 3, 4};
+  t.rotate(one.data(), 3);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(two[i], one[i]);
+    EXPECT_EQ(two[5 + i], one[i]);
+  }
+  EXPECT_EQ(two[4], 9.f);
+  EXPECT_EQ(two[9], 9.f);
+}
+
+TEST(Rope, InvalidConfigsThrow) {
+  RopeConfig c;
+  c.rotary_dim = 5;
+  EXPECT_THROW(RopeTable(c, 8), tpa::Error);  // odd
+  c.rotary_dim = 10;
+  EXPECT_THROW(RopeTable(c, 8), tpa::Error);  // larger than the head dim
+  c.rotary_dim = 0;
+  EXPECT_THROW(RopeTable(c, 7), tpa::Error);  // full rotary of an odd dim
+  c.base = 0;
+  EXPECT_THROW(RopeTable(c, 8), tpa::Error);
+  c.base = 10000;
+  c.max_positions = 0;
+  EXPECT_THROW(RopeTable(c, 8), tpa::Error);
+  try {
+    c.max_positions = 16;
+    c.rotary_dim = 5;
+    RopeTable t(c, 8);
+    FAIL();
+  } catch (const tpa::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("(5)"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("even"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Rope, PositionsPastTheTableThrow) {
+  auto t = table(RopeStyle::kHalfSplit, 4);
+  EXPECT_NO_THROW(t.check_positions("test", 60, 4));
+  EXPECT_THROW(t.check_positions("test", 60, 5), tpa::Error);
+  EXPECT_THROW(t.check_positions("test", 64, 1), tpa::Error);
+}
+
+}  // namespace

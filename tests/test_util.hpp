@@ -1,0 +1,101 @@
+// Helpers shared by the tests: random inputs, error measures, and snapshots of a cache's state
+// for checking that a throwing call changed nothing.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <tpa/tpa.hpp>
+
+namespace tpa_test {
+
+using tpa::Index;
+
+/// [rows, cols] tensor of U(-1, 1) values from a seeded generator.
+inline tpa::Tensor<float, 2> random_tensor(Index rows, Index cols, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  tpa::Tensor<float, 2> t(rows, cols);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = u(rng);
+  return t;
+}
+
+/// Rows [r0, r0 + n) of a [rows, cols] tensor.
+inline tpa::Tensor<float, 2> rows(const tpa::Tensor<float, 2>& t, Index r0, Index n) {
+  tpa::Tensor<float, 2> out(n, t.dimension(1));
+  std::copy(t.data() + r0 * t.dimension(1), t.data() + (r0 + n) * t.dimension(1), out.data());
+  return out;
+}
+
+/// max |a − b| / max(1e-30, max |b|): error relative to the reference's scale.
+template <class A, class B>
+double rel_err(const A& a, const B& b, Index n) {
+  double num = 0, den = 0;
+  for (Index i = 0; i < n; ++i) {
+    num = std::max(num, std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
+    den = std::max(den, std::abs(static_cast<double>(b[i])));
+  }
+  return num / std::max(den, 1e-30);
+}
+
+/// Everything observable about a cache: per sequence its lengths, block table and contents.
+template <class S>
+struct CacheSnapshot {
+  std::vector<std::vector<Index>> lengths;
+  std::vector<std::vector<std::int32_t>> tables;
+  std::vector<std::vector<float>> contents;
+  std::size_t used = 0, reserved = 0;
+  Index sequences = 0;
+
+  bool operator==(const CacheSnapshot& o) const {
+    return lengths == o.lengths && tables == o.tables && contents == o.contents &&
+           used == o.used && reserved == o.reserved && sequences == o.sequences;
+  }
+};
+
+/// Snapshot of the listed sequences of `cache`.
+template <class S>
+CacheSnapshot<S> snapshot(const tpa::KVCache<S>& cache, const std::vector<tpa::SeqId>& seqs) {
+  CacheSnapshot<S> s;
+  s.used = cache.bytes_used();
+  s.reserved = cache.bytes_reserved();
+  s.sequences = cache.num_sequences();
+  for (auto id : seqs) {
+    std::vector<Index> len;
+    std::vector<float> data;
+    for (int l = 0; l < cache.num_layers(); ++l) {
+      len.push_back(cache.length(id, l));
+      const auto view = cache.view(id, l);
+      for (std::size_t f = 0; f < cache.layout(l).num_factors(); ++f)
+        for (Index t = 0; t < view.n_tokens; ++t)
+          for (Index e = 0; e < view.factor_elements[f]; ++e)
+            data.push_back(static_cast<float>(view.token(f, t)[e]));
+    }
+    s.lengths.push_back(len);
+    s.tables.push_back(cache.block_table(id));
+    s.contents.push_back(data);
+  }
+  return s;
+}
+
+/// Hand-written double-precision RoPE of SPEC.md (independent of tpa::RopeTable): rotates the
+/// first r dims of v (size dim) to position p.
+inline void rope_ref(double* v, Index r, Index p, tpa::RopeStyle style, double base) {
+  const Index half = r / 2;
+  const double s = style == tpa::RopeStyle::kHalfSplitReversed ? -1.0 : 1.0;
+  for (Index i = 0; i < half; ++i) {
+    const double phi = s * static_cast<double>(p) * std::pow(base, -2.0 * i / static_cast<double>(r));
+    const Index ia = style == tpa::RopeStyle::kInterleaved ? 2 * i : i;
+    const Index ib = style == tpa::RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
+    const double a = v[ia], b = v[ib];
+    v[ia] = a * std::cos(phi) - b * std::sin(phi);
+    v[ib] = a * std::sin(phi) + b * std::cos(phi);
+  }
+}
+
+}  // namespace tpa_test
