@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -424,6 +425,18 @@ TEST(SafetensorsFile, OpenMissingFileNamesThePath) {
     EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
   }
   EXPECT_THROW((void)SafetensorsFile::open(TPA_TEST_DATA_DIR), tpa::Error);  // a directory
+}
+
+TEST(SafetensorsFile, OpenFifoThrowsWithoutBlocking) {
+  const std::string path = "/tmp/tpa_safetensors_fifo_" + std::to_string(::getpid());
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  try {
+    (void)SafetensorsFile::open(path);
+    ADD_FAILURE() << "a FIFO was accepted";
+  } catch (const tpa::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not a regular file"), std::string::npos) << e.what();
+  }
+  std::remove(path.c_str());
 }
 
 TEST(SafetensorsFile, OpenShortFileThrows) {

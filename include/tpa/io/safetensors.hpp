@@ -211,7 +211,8 @@ class SafetensorsFile {
   /// as with any mapping).
   static SafetensorsFile open(const std::string& path) {
     const std::string where = "safetensors file '" + path + "'";
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; it is rejected below.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) tpa::detail::fail(where, ": cannot open: ", std::strerror(errno));
     struct FdCloser {
       int fd;
@@ -227,7 +228,14 @@ class SafetensorsFile {
     if (size > std::numeric_limits<std::size_t>::max()) tpa::detail::fail(where, ": file too large to map");
     void* map = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_PRIVATE, fd, 0);
     if (map == MAP_FAILED) tpa::detail::fail(where, ": cannot mmap: ", std::strerror(errno));
-    return SafetensorsFile(where, std::make_unique<detail::Bytes>(map, static_cast<std::size_t>(size)));
+    std::unique_ptr<detail::Bytes> bytes;
+    try {
+      bytes = std::make_unique<detail::Bytes>(map, static_cast<std::size_t>(size));
+    } catch (...) {
+      ::munmap(map, static_cast<std::size_t>(size));
+      throw;
+    }
+    return SafetensorsFile(where, std::move(bytes));
   }
 
   /// Validates an in-memory file. Throws tpa::Error if malformed.
