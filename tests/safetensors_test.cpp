@@ -1,9 +1,6 @@
 // tpa::io safetensors reader/writer: round trips, the reference fixtures, and rejection of every
 // kind of malformed file with a tpa::Error (never a crash or an out-of-bounds read).
-#include <tpa/io/safetensors.hpp>
-
 #include <gtest/gtest.h>
-
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -17,6 +14,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tpa/io/safetensors.hpp>
 #include <vector>
 
 #ifndef TPA_TEST_DATA_DIR
@@ -31,7 +29,8 @@ using tpa::io::SafetensorsFile;
 using tpa::io::SafetensorsWriter;
 using Bytes = std::vector<std::uint8_t>;
 
-const char* const kFixtures[] = {"gqa_kv2", "mla_c1", "t6_c1_sharp", "t6_infer_decode", "t6_kvonly_c1"};
+const char* const kFixtures[] = {"gqa_kv2", "mla_c1", "t6_c1_sharp", "t6_infer_decode",
+                                 "t6_kvonly_c1"};
 
 std::string fixture_path(const std::string& stem) {
   return std::string(TPA_TEST_DATA_DIR) + "/" + stem + ".safetensors";
@@ -65,10 +64,13 @@ std::string header_of(const Bytes& b) {
   return std::string(b.begin() + 8, b.begin() + 8 + static_cast<std::ptrdiff_t>(header_len(b)));
 }
 
-Bytes data_of(const Bytes& b) { return Bytes(b.begin() + 8 + static_cast<std::ptrdiff_t>(header_len(b)), b.end()); }
+Bytes data_of(const Bytes& b) {
+  return Bytes(b.begin() + 8 + static_cast<std::ptrdiff_t>(header_len(b)), b.end());
+}
 
 void set_len(Bytes& b, std::uint64_t n) {
-  for (int i = 0; i < 8; ++i) b[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(n >> (8 * i));
+  for (int i = 0; i < 8; ++i)
+    b[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(n >> (8 * i));
 }
 
 // A file with the given header text and data section; the length prefix matches the header.
@@ -125,7 +127,8 @@ std::string error_of(const Bytes& b) {
 void expect_rejected(const Bytes& b, std::initializer_list<std::string> parts) {
   const std::string msg = error_of(b);
   ASSERT_FALSE(msg.empty()) << "accepted: " << std::string(b.begin(), b.end());
-  for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+  for (const std::string& p : parts)
+    EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,7 +138,10 @@ void expect_rejected(const Bytes& b, std::initializer_list<std::string> parts) {
 TEST(SafetensorsWriter, HeaderIsPaddedWithSpacesToAMultipleOf8) {
   for (int extra = 0; extra < 9; ++extra) {
     const float x = 1.0f;
-    const Bytes b = SafetensorsWriter().add(std::string(static_cast<std::size_t>(extra) + 1, 'n'), DType::kF32, {1}, &x).bytes();
+    const Bytes b =
+        SafetensorsWriter()
+            .add(std::string(static_cast<std::size_t>(extra) + 1, 'n'), DType::kF32, {1}, &x)
+            .bytes();
     const std::uint64_t n = header_len(b);
     EXPECT_EQ(n % 8, 0u);
     EXPECT_EQ(b.size(), 8 + n + 4);
@@ -147,9 +153,18 @@ TEST(SafetensorsWriter, HeaderIsPaddedWithSpacesToAMultipleOf8) {
 }
 
 TEST(SafetensorsRoundTrip, F32IsBitExact) {
-  std::vector<float> v = {0.0f, -0.0f, 1.0f, -3.5f, 1e-45f, 3.4028235e38f,
-                          std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
-                          std::numeric_limits<float>::quiet_NaN(), 1.17549435e-38f, 123.456f, -7e-20f};
+  std::vector<float> v = {0.0f,
+                          -0.0f,
+                          1.0f,
+                          -3.5f,
+                          1e-45f,
+                          3.4028235e38f,
+                          std::numeric_limits<float>::infinity(),
+                          -std::numeric_limits<float>::infinity(),
+                          std::numeric_limits<float>::quiet_NaN(),
+                          1.17549435e-38f,
+                          123.456f,
+                          -7e-20f};
   const Bytes b = SafetensorsWriter().add("w", DType::kF32, {3, 4}, v.data()).bytes();
   const SafetensorsFile f = SafetensorsFile::from_bytes(b);
   const tpa::io::TensorInfo& ti = f.info("w");
@@ -174,13 +189,20 @@ TEST(SafetensorsRoundTrip, F32IsBitExact) {
 
 TEST(SafetensorsRoundTrip, F16IsExactWhenRepresentableAndRoundsToNearestEven) {
   // Exactly representable: normals, the largest finite, the smallest subnormal, signed zero, inf.
-  const std::vector<float> exact = {0.5f, -2.0f, 1024.0f, 65504.0f, std::ldexp(1.0f, -24), -0.0f,
-                                    std::numeric_limits<float>::infinity(), 1.0f + std::ldexp(1.0f, -10)};
+  const std::vector<float> exact = {0.5f,
+                                    -2.0f,
+                                    1024.0f,
+                                    65504.0f,
+                                    std::ldexp(1.0f, -24),
+                                    -0.0f,
+                                    std::numeric_limits<float>::infinity(),
+                                    1.0f + std::ldexp(1.0f, -10)};
   {
-    const SafetensorsFile f =
-        SafetensorsFile::from_bytes(SafetensorsWriter().add("e", DType::kF16, {8}, exact.data()).bytes());
+    const SafetensorsFile f = SafetensorsFile::from_bytes(
+        SafetensorsWriter().add("e", DType::kF16, {8}, exact.data()).bytes());
     const std::vector<float> r = f.read_f32("e");
-    for (std::size_t i = 0; i < exact.size(); ++i) EXPECT_EQ(bits_of(r[i]), bits_of(exact[i])) << exact[i];
+    for (std::size_t i = 0; i < exact.size(); ++i)
+      EXPECT_EQ(bits_of(r[i]), bits_of(exact[i])) << exact[i];
   }
   // Ties go to the even mantissa; 1e6 overflows to inf; NaN stays NaN.
   const float ties[] = {1.0f + std::ldexp(1.0f, -11), 1.0f + 3 * std::ldexp(1.0f, -11), 1e6f,
@@ -200,7 +222,9 @@ TEST(SafetensorsRoundTrip, F16IsExactWhenRepresentableAndRoundsToNearestEven) {
   std::vector<float> v(1000);
   for (float& x : v) x = dist(gen);
   const std::vector<float> rr =
-      SafetensorsFile::from_bytes(SafetensorsWriter().add("r", DType::kF16, {10, 100}, v.data()).bytes()).read_f32("r");
+      SafetensorsFile::from_bytes(
+          SafetensorsWriter().add("r", DType::kF16, {10, 100}, v.data()).bytes())
+          .read_f32("r");
   for (std::size_t i = 0; i < v.size(); ++i) {
     if (std::abs(v[i]) < 1e-4f) continue;
     EXPECT_LE(std::abs(rr[i] - v[i]), std::ldexp(std::abs(v[i]), -11)) << v[i];
@@ -208,13 +232,21 @@ TEST(SafetensorsRoundTrip, F16IsExactWhenRepresentableAndRoundsToNearestEven) {
 }
 
 TEST(SafetensorsRoundTrip, BF16IsExactWhenRepresentableAndRoundsToNearestEven) {
-  const std::vector<float> exact = {0.5f, -2.0f, 1.0f + std::ldexp(1.0f, -7), 3.3895314e38f, float_of(0x00010000u),
-                                    -0.0f, -std::numeric_limits<float>::infinity()};
+  const std::vector<float> exact = {0.5f,
+                                    -2.0f,
+                                    1.0f + std::ldexp(1.0f, -7),
+                                    3.3895314e38f,
+                                    float_of(0x00010000u),
+                                    -0.0f,
+                                    -std::numeric_limits<float>::infinity()};
   {
     const SafetensorsFile f = SafetensorsFile::from_bytes(
-        SafetensorsWriter().add("e", DType::kBF16, {static_cast<Index>(exact.size())}, exact.data()).bytes());
+        SafetensorsWriter()
+            .add("e", DType::kBF16, {static_cast<Index>(exact.size())}, exact.data())
+            .bytes());
     const std::vector<float> r = f.read_f32("e");
-    for (std::size_t i = 0; i < exact.size(); ++i) EXPECT_EQ(bits_of(r[i]), bits_of(exact[i])) << exact[i];
+    for (std::size_t i = 0; i < exact.size(); ++i)
+      EXPECT_EQ(bits_of(r[i]), bits_of(exact[i])) << exact[i];
   }
   const float ties[] = {float_of(0x3f808000u), float_of(0x3f818000u), float_of(0x3f80c000u),
                         std::numeric_limits<float>::quiet_NaN()};
@@ -231,7 +263,9 @@ TEST(SafetensorsRoundTrip, BF16IsExactWhenRepresentableAndRoundsToNearestEven) {
   std::vector<float> v(1000);
   for (float& x : v) x = dist(gen);
   const std::vector<float> rr =
-      SafetensorsFile::from_bytes(SafetensorsWriter().add("r", DType::kBF16, {1000}, v.data()).bytes()).read_f32("r");
+      SafetensorsFile::from_bytes(
+          SafetensorsWriter().add("r", DType::kBF16, {1000}, v.data()).bytes())
+          .read_f32("r");
   for (std::size_t i = 0; i < v.size(); ++i) {
     // Unit roundoff of bf16 (8 significant bits) is 2^-8; exact bits by integer round-half-even.
     EXPECT_LE(std::abs(rr[i] - v[i]), std::ldexp(std::abs(v[i]), -8)) << v[i];
@@ -287,7 +321,8 @@ TEST(SafetensorsRoundTrip, NoTensorsNoMetadata) {
 TEST(SafetensorsRoundTrip, UnalignedDataIsReadCorrectly) {
   // An unpadded 1-byte-longer header puts the data section at an odd offset.
   const float v[] = {1.5f, -2.25f, 3.0f};
-  const Bytes good = SafetensorsWriter().add("u", DType::kF32, {3}, v).add("h", DType::kBF16, {3}, v).bytes();
+  const Bytes good =
+      SafetensorsWriter().add("u", DType::kF32, {3}, v).add("h", DType::kBF16, {3}, v).bytes();
   std::string h = header_of(good);
   h.erase(h.find_last_not_of(' ') + 1);
   h += ' ';
@@ -298,7 +333,8 @@ TEST(SafetensorsRoundTrip, UnalignedDataIsReadCorrectly) {
 }
 
 TEST(SafetensorsRoundTrip, WriteThenOpenMapsTheSameBytes) {
-  const std::string path = "/tmp/tpa_safetensors_test_" + std::to_string(::getpid()) + ".safetensors";
+  const std::string path =
+      "/tmp/tpa_safetensors_test_" + std::to_string(::getpid()) + ".safetensors";
   SafetensorsWriter w;
   const float v[] = {1, 2, 3, 4, 5, 6};
   w.add("m", DType::kF32, {2, 3}, v).set_metadata("k", "v");
@@ -469,7 +505,8 @@ TEST(SafetensorsWriter, RejectsBadInput) {
     w.write("/nonexistent-dir/x.safetensors");
     FAIL();
   } catch (const tpa::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("/nonexistent-dir/x.safetensors"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("/nonexistent-dir/x.safetensors"), std::string::npos)
+        << e.what();
   }
 }
 
@@ -490,7 +527,8 @@ TEST(SafetensorsMalformed, BaselinesAreValid) {
 TEST(SafetensorsMalformed, ShortFile) {
   const Bytes good = two_tensors();
   for (std::size_t len = 0; len < 8; ++len) {
-    expect_rejected(Bytes(good.begin(), good.begin() + static_cast<std::ptrdiff_t>(len)), {"shorter than the 8-byte"});
+    expect_rejected(Bytes(good.begin(), good.begin() + static_cast<std::ptrdiff_t>(len)),
+                    {"shorter than the 8-byte"});
   }
 }
 
@@ -517,27 +555,35 @@ TEST(SafetensorsMalformed, HeaderNotJsonOrNotAnObject) {
   expect_rejected(make_file("\"str\"", data), {"not a JSON object", "string"});
   expect_rejected(make_file("42", data), {"not a JSON object"});
   expect_rejected(make_file("null", data), {"not a JSON object"});
-  expect_rejected(make_file(std::string(200, '[') + std::string(200, ']'), data), {"nested deeper"});
+  expect_rejected(make_file(std::string(200, '[') + std::string(200, ']'), data),
+                  {"nested deeper"});
 }
 
 TEST(SafetensorsMalformed, EntryStructure) {
   const Bytes b = two_tensors();
   const std::string entry_b = "{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}";
-  expect_rejected(edit_header(b, entry_b, "[8, 16]"), {"tensor 'b'", "entry must be an object", "array"});
+  expect_rejected(edit_header(b, entry_b, "[8, 16]"),
+                  {"tensor 'b'", "entry must be an object", "array"});
   expect_rejected(edit_header(b, entry_b, "\"F32\""), {"tensor 'b'", "entry must be an object"});
-  expect_rejected(edit_header(b, "\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8", "\"shape\":[2],\"data_offsets\":[8"),
+  expect_rejected(edit_header(b, "\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8",
+                              "\"shape\":[2],\"data_offsets\":[8"),
                   {"tensor 'b'", "missing \"dtype\""});
   expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[8", "\"data_offsets\":[8"),
                   {"tensor 'b'", "missing \"shape\""});
-  expect_rejected(edit_header(b, ",\"data_offsets\":[8,16]", ""), {"tensor 'b'", "missing \"data_offsets\""});
+  expect_rejected(edit_header(b, ",\"data_offsets\":[8,16]", ""),
+                  {"tensor 'b'", "missing \"data_offsets\""});
 }
 
 TEST(SafetensorsMalformed, Dtype) {
   const Bytes b = two_tensors();
-  expect_rejected(edit_header(b, "\"F32\"", "\"F64\""), {"tensor 'a': dtype 'F64' is not supported (F32, F16, BF16)"});
-  expect_rejected(edit_header(b, "\"F32\"", "\"f32\""), {"tensor 'a'", "dtype 'f32' is not supported"});
-  expect_rejected(edit_header(b, "\"F32\"", "\"I8\""), {"tensor 'a'", "dtype 'I8' is not supported"});
-  expect_rejected(edit_header(b, "\"F32\"", "32"), {"tensor 'a'", "\"dtype\" must be a string", "number"});
+  expect_rejected(edit_header(b, "\"F32\"", "\"F64\""),
+                  {"tensor 'a': dtype 'F64' is not supported (F32, F16, BF16)"});
+  expect_rejected(edit_header(b, "\"F32\"", "\"f32\""),
+                  {"tensor 'a'", "dtype 'f32' is not supported"});
+  expect_rejected(edit_header(b, "\"F32\"", "\"I8\""),
+                  {"tensor 'a'", "dtype 'I8' is not supported"});
+  expect_rejected(edit_header(b, "\"F32\"", "32"),
+                  {"tensor 'a'", "\"dtype\" must be a string", "number"});
   expect_rejected(edit_header(b, "\"F32\"", "null"), {"tensor 'a'", "\"dtype\" must be a string"});
 }
 
@@ -552,33 +598,44 @@ TEST(SafetensorsMalformed, Shape) {
   expect_rejected(edit_header(b, "[2]", "[-2]"), {"tensor 'a'", "shape[0] = -2 is negative"});
   expect_rejected(edit_header(b, "[2]", "[-1,-2]"), {"tensor 'a'", "negative"});
   expect_rejected(edit_header(b, "[2]", "[9223372036854775808]"), {"tensor 'a'", "too large"});
-  expect_rejected(edit_header(b, "[2]", "[99999999999999999999999]"), {"tensor 'a'", "must be an integer"});
+  expect_rejected(edit_header(b, "[2]", "[99999999999999999999999]"),
+                  {"tensor 'a'", "must be an integer"});
   // Element count overflow (2^64), and byte size overflow (2^62 elements of 4 bytes).
-  expect_rejected(edit_header(b, "[2]", "[4294967296,4294967296]"), {"tensor 'a'", "number of elements", "overflows"});
+  expect_rejected(edit_header(b, "[2]", "[4294967296,4294967296]"),
+                  {"tensor 'a'", "number of elements", "overflows"});
   expect_rejected(edit_header(b, "[2]", "[4294967296,4294967296,0]"), {"tensor 'a'", "overflows"});
-  expect_rejected(edit_header(b, "[2]", "[4611686018427387904]"), {"tensor 'a'", "byte size", "overflows"});
+  expect_rejected(edit_header(b, "[2]", "[4611686018427387904]"),
+                  {"tensor 'a'", "byte size", "overflows"});
 }
 
 TEST(SafetensorsMalformed, DataOffsets) {
   const Bytes b = two_tensors();
   const std::string off_b = "[8,16]";
-  expect_rejected(edit_header(b, off_b, "8"), {"tensor 'b'", "\"data_offsets\" must be an array [begin, end]"});
-  expect_rejected(edit_header(b, off_b, "[8]"), {"tensor 'b'", "\"data_offsets\" must be an array [begin, end]"});
-  expect_rejected(edit_header(b, off_b, "[8,16,16]"), {"tensor 'b'", "must be an array [begin, end]"});
+  expect_rejected(edit_header(b, off_b, "8"),
+                  {"tensor 'b'", "\"data_offsets\" must be an array [begin, end]"});
+  expect_rejected(edit_header(b, off_b, "[8]"),
+                  {"tensor 'b'", "\"data_offsets\" must be an array [begin, end]"});
+  expect_rejected(edit_header(b, off_b, "[8,16,16]"),
+                  {"tensor 'b'", "must be an array [begin, end]"});
   expect_rejected(edit_header(b, off_b, "[8.0,16]"), {"tensor 'b'", "two non-negative integers"});
   expect_rejected(edit_header(b, off_b, "[-8,16]"), {"tensor 'b'", "two non-negative integers"});
   expect_rejected(edit_header(b, off_b, "[8,\"16\"]"), {"tensor 'b'", "two non-negative integers"});
   expect_rejected(edit_header(b, off_b, "[16,8]"), {"tensor 'b'", "begin > end"});
   // Size does not match the shape.
-  expect_rejected(edit_header(b, off_b, "[8,12]"), {"tensor 'b'", "span 4 bytes", "[2] of F32 needs 8"});
-  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[8", "\"shape\":[3],\"data_offsets\":[8"),
-                  {"tensor 'b'", "needs 12"});
-  expect_rejected(edit_header(b, "\"F32\",\"shape\":[2],\"data_offsets\":[8", "\"BF16\",\"shape\":[2],\"data_offsets\":[8"),
+  expect_rejected(edit_header(b, off_b, "[8,12]"),
+                  {"tensor 'b'", "span 4 bytes", "[2] of F32 needs 8"});
+  expect_rejected(
+      edit_header(b, "\"shape\":[2],\"data_offsets\":[8", "\"shape\":[3],\"data_offsets\":[8"),
+      {"tensor 'b'", "needs 12"});
+  expect_rejected(edit_header(b, "\"F32\",\"shape\":[2],\"data_offsets\":[8",
+                              "\"BF16\",\"shape\":[2],\"data_offsets\":[8"),
                   {"tensor 'b'", "of BF16 needs 4"});
   // Past the end of the data section.
-  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[8,16]", "\"shape\":[3],\"data_offsets\":[8,20]"),
+  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[8,16]",
+                              "\"shape\":[3],\"data_offsets\":[8,20]"),
                   {"tensor 'b'", "end 20 is beyond the data section (16 bytes)"});
-  expect_rejected(edit_header(b, off_b, "[18446744073709551615,18446744073709551615]"), {"tensor 'b'", "beyond"});
+  expect_rejected(edit_header(b, off_b, "[18446744073709551615,18446744073709551615]"),
+                  {"tensor 'b'", "beyond"});
   Bytes cut = two_tensors();
   cut.pop_back();
   expect_rejected(cut, {"tensor 'b'", "beyond the data section"});
@@ -591,19 +648,23 @@ TEST(SafetensorsMalformed, CoverageOverlapGapsTrailingGarbage) {
   expect_rejected(edit_header(b, "[8,16]", "[0,8]"), {"overlap"});
   // A zero-size tensor strictly inside another one overlaps it.
   const float v[] = {1, 2};
-  const Bytes z = SafetensorsWriter().add("a", DType::kF32, {2}, v).add("z", DType::kF32, {0}, nullptr).bytes();
+  const Bytes z =
+      SafetensorsWriter().add("a", DType::kF32, {2}, v).add("z", DType::kF32, {0}, nullptr).bytes();
   expect_rejected(edit_header(z, "[8,8]", "[4,4]"), {"'a'", "'z'", "overlap"});
   // Gap in the middle: b shrunk to one element placed at the end.
-  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[8,16]", "\"shape\":[1],\"data_offsets\":[12,16]"),
+  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[8,16]",
+                              "\"shape\":[1],\"data_offsets\":[12,16]"),
                   {"bytes [8, 12)", "not covered", "fully covered"});
   // Gap at the start.
-  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[0,8]", "\"shape\":[1],\"data_offsets\":[4,8]"),
+  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[0,8]",
+                              "\"shape\":[1],\"data_offsets\":[4,8]"),
                   {"bytes [0, 4)", "not covered"});
   // Trailing garbage after the last tensor.
   Bytes t = two_tensors();
   t.push_back(0);
   expect_rejected(t, {"trailing garbage", "bytes [16, 17)"});
-  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[8,16]", "\"shape\":[1],\"data_offsets\":[8,12]"),
+  expect_rejected(edit_header(b, "\"shape\":[2],\"data_offsets\":[8,16]",
+                              "\"shape\":[1],\"data_offsets\":[8,12]"),
                   {"trailing garbage", "bytes [12, 16)"});
   // No tensors at all but a data section.
   expect_rejected(make_file("{}", {1, 2, 3}), {"trailing garbage", "bytes [0, 3)"});
@@ -615,21 +676,27 @@ TEST(SafetensorsMalformed, DuplicateKeysAreRejected) {
   expect_rejected(edit_header(b, "\"dtype\":\"F32\"", "\"dtype\":\"F16\",\"dtype\":\"F32\""),
                   {"duplicate key 'dtype'", "inside an entry"});
   const Bytes m = mixed_file();
-  expect_rejected(edit_header(m, "\"n_head\":\"4\"", "\"n_head\":\"4\",\"n_head\":\"5\""), {"duplicate key 'n_head'"});
-  expect_rejected(edit_header(b, "{", "{\"__metadata__\":{},\"__metadata__\":{},"), {"duplicate key '__metadata__'"});
+  expect_rejected(edit_header(m, "\"n_head\":\"4\"", "\"n_head\":\"4\",\"n_head\":\"5\""),
+                  {"duplicate key 'n_head'"});
+  expect_rejected(edit_header(b, "{", "{\"__metadata__\":{},\"__metadata__\":{},"),
+                  {"duplicate key '__metadata__'"});
   // Keys equal only after unescaping are duplicates too.
   expect_rejected(edit_header(b, "\"b\":", "\"\\u0061\":"), {"duplicate key 'a'"});
 }
 
 TEST(SafetensorsMalformed, Metadata) {
   const Bytes m = mixed_file();
-  expect_rejected(edit_header(m, "\"4\"", "4"), {"__metadata__ value of key 'n_head' must be a string", "number"});
+  expect_rejected(edit_header(m, "\"4\"", "4"),
+                  {"__metadata__ value of key 'n_head' must be a string", "number"});
   expect_rejected(edit_header(m, "\"4\"", "null"), {"'n_head' must be a string"});
   expect_rejected(edit_header(m, "\"4\"", "[\"4\"]"), {"'n_head' must be a string", "array"});
-  expect_rejected(edit_header(m, "\"4\"", "{\"x\":\"4\"}"), {"'n_head' must be a string", "object"});
+  expect_rejected(edit_header(m, "\"4\"", "{\"x\":\"4\"}"),
+                  {"'n_head' must be a string", "object"});
   const Bytes b = two_tensors();
-  expect_rejected(edit_header(b, "{", "{\"__metadata__\":[],"), {"__metadata__ must be an object", "array"});
-  expect_rejected(edit_header(b, "{", "{\"__metadata__\":\"x\","), {"__metadata__ must be an object", "string"});
+  expect_rejected(edit_header(b, "{", "{\"__metadata__\":[],"),
+                  {"__metadata__ must be an object", "array"});
+  expect_rejected(edit_header(b, "{", "{\"__metadata__\":\"x\","),
+                  {"__metadata__ must be an object", "string"});
   // An empty metadata object and extra keys in an entry are accepted.
   EXPECT_EQ(error_of(edit_header(b, "{", "{\"__metadata__\":{},")), "");
   EXPECT_EQ(error_of(edit_header(b, "\"dtype\"", "\"extra\":[1,{\"x\":null}],\"dtype\"")), "");
@@ -637,18 +704,34 @@ TEST(SafetensorsMalformed, Metadata) {
 
 TEST(SafetensorsMalformed, ErrorsNameTheSource) {
   const std::string msg = error_of(edit_header(two_tensors(), "\"F32\"", "\"F64\""));
-  EXPECT_EQ(msg, "safetensors buffer '<memory>': tensor 'a': dtype 'F64' is not supported (F32, F16, BF16)");
-  const std::string path = "/tmp/tpa_safetensors_bad_" + std::to_string(::getpid()) + ".safetensors";
+  EXPECT_EQ(
+      msg,
+      "safetensors buffer '<memory>': tensor 'a': dtype 'F64' is not supported (F32, F16, BF16)");
+  const std::string path =
+      "/tmp/tpa_safetensors_bad_" + std::to_string(::getpid()) + ".safetensors";
   const Bytes bad = edit_header(two_tensors(), "[8,16]", "[4,12]");
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bad.data()),
-                                               static_cast<std::streamsize>(bad.size()));
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bad.data()), static_cast<std::streamsize>(bad.size()));
   try {
     (void)SafetensorsFile::open(path);
     FAIL();
   } catch (const tpa::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("safetensors file '" + path + "'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("safetensors file '" + path + "'"), std::string::npos)
+        << e.what();
   }
   std::remove(path.c_str());
+}
+
+TEST(SafetensorsMalformed, MessagesQuoteAtMostAFewHundredBytesOfTheFile) {
+  const std::string name(100000, 'n');
+  const float v[] = {1, 2};
+  const Bytes b = SafetensorsWriter().add(name, DType::kF32, {2}, v).bytes();
+  const std::string msg =
+      error_of(edit_header(b, "\"F32\"", "\"" + std::string(100000, 'D') + "\""));
+  EXPECT_NE(msg.find("tensor 'nnnn"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("...' is not supported"), std::string::npos) << msg;
+  EXPECT_LT(msg.size(), 600u);
+  EXPECT_LT(error_of(edit_header(b, "[2]", "[" + std::string(100000, '7') + "]")).size(), 600u);
 }
 
 TEST(SafetensorsMalformed, TruncationAtEveryLengthThrows) {
@@ -666,7 +749,8 @@ TEST(SafetensorsMalformed, SingleByteCorruptionNeverCrashes) {
   const Bytes good = mixed_file();
   const std::size_t header_end = 8 + header_len(good);
   for (std::size_t i = 0; i < header_end; ++i) {
-    for (std::uint8_t v : {std::uint8_t{0}, std::uint8_t{'"'}, std::uint8_t{'9'}, std::uint8_t{'}'}, std::uint8_t{0xff}}) {
+    for (std::uint8_t v : {std::uint8_t{0}, std::uint8_t{'"'}, std::uint8_t{'9'}, std::uint8_t{'}'},
+                           std::uint8_t{0xff}}) {
       Bytes b = good;
       b[i] = v;
       (void)error_of(b);

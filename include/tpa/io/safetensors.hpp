@@ -19,13 +19,12 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "tpa/core/error.hpp"
 #include "tpa/core/tensor.hpp"
@@ -38,9 +37,12 @@ enum class DType { kF32, kF16, kBF16 };
 /// The safetensors spelling of a dtype: "F32", "F16", "BF16".
 inline const char* dtype_name(DType d) {
   switch (d) {
-    case DType::kF32: return "F32";
-    case DType::kF16: return "F16";
-    case DType::kBF16: return "BF16";
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
   }
   return "?";
 }
@@ -80,6 +82,16 @@ inline std::string shape_string(const std::vector<Index>& shape) {
   return s + "]";
 }
 
+/// Bounds text taken from a file before it goes into an error message (cut at a UTF-8 boundary).
+inline std::string clip(const std::string& s, std::size_t max = 200) {
+  if (s.size() <= max) return s;
+  std::size_t n = max;
+  while (n > 0 && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
+  return s.substr(0, n) + "...";
+}
+
+inline std::string clip(const nlohmann::json& j) { return clip(j.dump()); }
+
 inline std::uint16_t load_u16(const std::uint8_t* p) {
   return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
 }
@@ -90,7 +102,8 @@ inline std::uint32_t load_u32(const std::uint8_t* p) {
 }
 
 inline std::uint64_t load_u64(const std::uint8_t* p) {
-  return static_cast<std::uint64_t>(load_u32(p)) | (static_cast<std::uint64_t>(load_u32(p + 4)) << 32);
+  return static_cast<std::uint64_t>(load_u32(p)) |
+         (static_cast<std::uint64_t>(load_u32(p + 4)) << 32);
 }
 
 inline void store_u16(std::uint8_t* p, std::uint16_t v) {
@@ -109,8 +122,10 @@ inline void store_u64(std::uint8_t* p, std::uint64_t v) {
 /// Owns the bytes of a SafetensorsFile: either a vector or a read-only private mapping.
 class Bytes {
  public:
-  explicit Bytes(std::vector<std::uint8_t> v) : vec_(std::move(v)), data_(vec_.data()), size_(vec_.size()) {}
-  Bytes(void* map, std::size_t len) : map_(map), data_(static_cast<const std::uint8_t*>(map)), size_(len) {}
+  explicit Bytes(std::vector<std::uint8_t> v)
+      : vec_(std::move(v)), data_(vec_.data()), size_(vec_.size()) {}
+  Bytes(void* map, std::size_t len)
+      : map_(map), data_(static_cast<const std::uint8_t*>(map)), size_(len) {}
   Bytes(const Bytes&) = delete;
   Bytes& operator=(const Bytes&) = delete;
   ~Bytes() {
@@ -148,7 +163,8 @@ class HeaderChecker : public nlohmann::json::json_sax_t {
   }
   bool key(string_t& k) override {
     if (!keys_.back().insert(k).second) {
-      tpa::detail::fail(where_, ": header JSON has duplicate key '", k, "'", context(), " (duplicate keys are rejected)");
+      tpa::detail::fail(where_, ": header JSON has duplicate key '", clip(k), "'", context(),
+                        " (duplicate keys are rejected)");
     }
     return true;
   }
@@ -166,12 +182,13 @@ class HeaderChecker : public nlohmann::json::json_sax_t {
     return true;
   }
   bool parse_error(std::size_t, const std::string&, const nlohmann::json::exception& ex) override {
-    tpa::detail::fail(where_, ": header is not valid JSON: ", ex.what());
+    tpa::detail::fail(where_, ": header is not valid JSON: ", clip(ex.what(), 300));
   }
 
  private:
   void enter() {
-    if (++depth_ > kMaxJsonDepth) tpa::detail::fail(where_, ": header JSON is nested deeper than ", kMaxJsonDepth, " levels");
+    if (++depth_ > kMaxJsonDepth)
+      tpa::detail::fail(where_, ": header JSON is nested deeper than ", kMaxJsonDepth, " levels");
   }
   std::string context() const {
     // Depth 1 is the top-level object; deeper keys belong to an entry (or __metadata__).
@@ -225,7 +242,8 @@ class SafetensorsFile {
     if (size < 8) {
       tpa::detail::fail(where, ": file is ", size, " bytes, shorter than the 8-byte header length");
     }
-    if (size > std::numeric_limits<std::size_t>::max()) tpa::detail::fail(where, ": file too large to map");
+    if (size > std::numeric_limits<std::size_t>::max())
+      tpa::detail::fail(where, ": file too large to map");
     void* map = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_PRIVATE, fd, 0);
     if (map == MAP_FAILED) tpa::detail::fail(where, ": cannot mmap: ", std::strerror(errno));
     std::unique_ptr<detail::Bytes> bytes;
@@ -240,7 +258,8 @@ class SafetensorsFile {
 
   /// Validates an in-memory file. Throws tpa::Error if malformed.
   static SafetensorsFile from_bytes(std::vector<std::uint8_t> bytes) {
-    return SafetensorsFile("safetensors buffer '<memory>'", std::make_unique<detail::Bytes>(std::move(bytes)));
+    return SafetensorsFile("safetensors buffer '<memory>'",
+                           std::make_unique<detail::Bytes>(std::move(bytes)));
   }
 
   SafetensorsFile(SafetensorsFile&&) noexcept = default;
@@ -262,7 +281,8 @@ class SafetensorsFile {
   const TensorInfo& info(const std::string& name) const {
     auto it = tensors_.find(name);
     if (it == tensors_.end()) {
-      tpa::detail::fail(where_, ": no tensor named '", name, "' (", tensors_.size(), " tensors in file)");
+      tpa::detail::fail(where_, ": no tensor named '", name, "' (", tensors_.size(),
+                        " tensors in file)");
     }
     return it->second;
   }
@@ -290,10 +310,12 @@ class SafetensorsFile {
   Tensor<float, N> tensor(const std::string& name) const {
     static_assert(N >= 0, "rank must be non-negative");
     const TensorInfo& ti = info(name);
-    TPA_CHECK(ti.shape.size() == static_cast<std::size_t>(N), where_, ": tensor '", name, "' has shape ",
-              detail::shape_string(ti.shape), " (rank ", ti.shape.size(), "), requested rank ", N);
+    TPA_CHECK(ti.shape.size() == static_cast<std::size_t>(N), where_, ": tensor '", name,
+              "' has shape ", detail::shape_string(ti.shape), " (rank ", ti.shape.size(),
+              "), requested rank ", N);
     Eigen::array<Index, N> dims;
-    for (int i = 0; i < N; ++i) dims[static_cast<std::size_t>(i)] = ti.shape[static_cast<std::size_t>(i)];
+    for (int i = 0; i < N; ++i)
+      dims[static_cast<std::size_t>(i)] = ti.shape[static_cast<std::size_t>(i)];
     Tensor<float, N> t(dims);
     decode(ti, t.data());
     return t;
@@ -302,8 +324,9 @@ class SafetensorsFile {
   /// Reads a rank-2 tensor as a row-major matrix [shape[0], shape[1]]. Throws if rank != 2.
   Matrix<float> matrix(const std::string& name) const {
     const TensorInfo& ti = info(name);
-    TPA_CHECK(ti.shape.size() == 2, where_, ": tensor '", name, "' has shape ", detail::shape_string(ti.shape),
-              " (rank ", ti.shape.size(), "), a matrix needs rank 2");
+    TPA_CHECK(ti.shape.size() == 2, where_, ": tensor '", name, "' has shape ",
+              detail::shape_string(ti.shape), " (rank ", ti.shape.size(),
+              "), a matrix needs rank 2");
     Matrix<float> m(ti.shape[0], ti.shape[1]);
     decode(ti, m.data());
     return m;
@@ -312,8 +335,9 @@ class SafetensorsFile {
   /// Converts `name` to float into dst[0, count). Throws unless count == numel.
   void read_into(const std::string& name, float* dst, Index count) const {
     const TensorInfo& ti = info(name);
-    TPA_CHECK(count == ti.numel(), where_, ": tensor '", name, "' has shape ", detail::shape_string(ti.shape),
-              " (", ti.numel(), " elements) but the destination holds ", count);
+    TPA_CHECK(count == ti.numel(), where_, ": tensor '", name, "' has shape ",
+              detail::shape_string(ti.shape), " (", ti.numel(),
+              " elements) but the destination holds ", count);
     TPA_CHECK(dst != nullptr || count == 0, where_, ": tensor '", name, "': null destination");
     decode(ti, dst);
   }
@@ -347,7 +371,8 @@ class SafetensorsFile {
         break;
       case DType::kBF16:
         for (std::size_t i = 0; i < n; ++i) {
-          dst[i] = static_cast<float>(Eigen::numext::bit_cast<bfloat16>(detail::load_u16(src + 2 * i)));
+          dst[i] =
+              static_cast<float>(Eigen::numext::bit_cast<bfloat16>(detail::load_u16(src + 2 * i)));
         }
         break;
     }
@@ -367,7 +392,8 @@ class SafetensorsFile {
       fail("header length ", n, " exceeds the limit of ", detail::kMaxHeaderBytes, " bytes");
     }
     if (n > size - 8) {
-      fail("header length ", n, " is larger than the ", size - 8, " bytes that follow the length prefix");
+      fail("header length ", n, " is larger than the ", size - 8,
+           " bytes that follow the length prefix");
     }
     const char* hbegin = reinterpret_cast<const char*>(base + 8);
     const char* hend = hbegin + n;
@@ -380,7 +406,7 @@ class SafetensorsFile {
       nlohmann::json::sax_parse(hbegin, hend, &checker);
       header = nlohmann::json::parse(hbegin, hend);
     } catch (const nlohmann::json::exception& e) {
-      fail("header is not valid JSON: ", e.what());
+      fail("header is not valid JSON: ", detail::clip(e.what(), 300));
     }
     if (!header.is_object()) fail("header is not a JSON object (got ", header.type_name(), ")");
 
@@ -396,17 +422,19 @@ class SafetensorsFile {
   }
 
   void parse_metadata(const nlohmann::json& m) {
-    if (!m.is_object()) fail("__metadata__ must be an object of string values (got ", m.type_name(), ")");
+    if (!m.is_object())
+      fail("__metadata__ must be an object of string values (got ", m.type_name(), ")");
     for (const auto& kv : m.items()) {
       if (!kv.value().is_string()) {
-        fail("__metadata__ value of key '", kv.key(), "' must be a string (got ", kv.value().type_name(), ")");
+        fail("__metadata__ value of key '", detail::clip(kv.key()), "' must be a string (got ",
+             kv.value().type_name(), ")");
       }
       metadata_.emplace(kv.key(), kv.value().get<std::string>());
     }
   }
 
   TensorInfo parse_entry(const std::string& name, const nlohmann::json& e) const {
-    auto bad = [&](auto&&... args) { fail("tensor '", name, "': ", args...); };
+    auto bad = [&](auto&&... args) { fail("tensor '", detail::clip(name), "': ", args...); };
     if (!e.is_object()) bad("entry must be an object (got ", e.type_name(), ")");
     TensorInfo ti;
     ti.name = name;
@@ -422,7 +450,7 @@ class SafetensorsFile {
     } else if (ds == "BF16") {
       ti.dtype = DType::kBF16;
     } else {
-      bad("dtype '", ds, "' is not supported (F32, F16, BF16)");
+      bad("dtype '", detail::clip(ds), "' is not supported (F32, F16, BF16)");
     }
 
     auto s = e.find("shape");
@@ -437,7 +465,8 @@ class SafetensorsFile {
       if (v.is_number_integer() && !v.is_number_unsigned() && v.get<std::int64_t>() < 0) {
         bad("shape[", i, "] = ", v.get<std::int64_t>(), " is negative");
       }
-      if (!detail::get_size(v, dim)) bad("shape[", i, "] must be an integer (got ", v.dump(), ")");
+      if (!detail::get_size(v, dim))
+        bad("shape[", i, "] must be an integer (got ", detail::clip(v), ")");
       if (dim > kMaxIndex) bad("shape[", i, "] = ", dim, " is too large");
       ti.shape.push_back(static_cast<Index>(dim));
       if (dim != 0 && numel > kMaxIndex / dim) overflow = true;
@@ -450,17 +479,19 @@ class SafetensorsFile {
 
     auto o = e.find("data_offsets");
     if (o == e.end()) bad("missing \"data_offsets\"");
-    if (!o->is_array() || o->size() != 2) bad("\"data_offsets\" must be an array [begin, end] (got ", o->dump(), ")");
+    if (!o->is_array() || o->size() != 2)
+      bad("\"data_offsets\" must be an array [begin, end] (got ", detail::clip(*o), ")");
     std::uint64_t b = 0, en = 0;
     if (!detail::get_size((*o)[0], b) || !detail::get_size((*o)[1], en)) {
-      bad("\"data_offsets\" must be two non-negative integers (got ", o->dump(), ")");
+      bad("\"data_offsets\" must be two non-negative integers (got ", detail::clip(*o), ")");
     }
     if (b > en) bad("data_offsets [", b, ", ", en, "] have begin > end");
-    if (en > data_size_) bad("data_offsets end ", en, " is beyond the data section (", data_size_, " bytes)");
+    if (en > data_size_)
+      bad("data_offsets end ", en, " is beyond the data section (", data_size_, " bytes)");
     const std::uint64_t need = numel * dtype_size(ti.dtype);
     if (en - b != need) {
-      bad("data_offsets [", b, ", ", en, "] span ", en - b, " bytes but shape ", detail::shape_string(ti.shape),
-          " of ", dtype_name(ti.dtype), " needs ", need);
+      bad("data_offsets [", b, ", ", en, "] span ", en - b, " bytes but shape ",
+          detail::shape_string(ti.shape), " of ", dtype_name(ti.dtype), " needs ", need);
     }
     ti.begin = static_cast<std::size_t>(b);
     ti.end = static_cast<std::size_t>(en);
@@ -479,19 +510,21 @@ class SafetensorsFile {
     const TensorInfo* prev = nullptr;
     for (const TensorInfo* t : order) {
       if (t->begin < cursor) {
-        fail("tensors '", prev->name, "' [", prev->begin, ", ", prev->end, ") and '", t->name, "' [", t->begin, ", ",
-             t->end, ") overlap");
+        fail("tensors '", detail::clip(prev->name), "' [", prev->begin, ", ", prev->end, ") and '",
+             detail::clip(t->name), "' [", t->begin, ", ", t->end, ") overlap");
       }
       if (t->begin > cursor) {
-        fail("bytes [", cursor, ", ", t->begin, ") of the data section are not covered by any tensor (gap before '",
-             t->name, "'; the data section must be fully covered)");
+        fail("bytes [", cursor, ", ", t->begin,
+             ") of the data section are not covered by any tensor (gap before '",
+             detail::clip(t->name), "'; the data section must be fully covered)");
       }
       cursor = t->end;
       if (t->end > t->begin || prev == nullptr) prev = t;
     }
     if (cursor != data_size_) {
       fail("trailing garbage: bytes [", cursor, ", ", data_size_,
-           ") of the data section are not covered by any tensor (the data section must be fully covered)");
+           ") of the data section are not covered by any tensor (the data section must be fully "
+           "covered)");
     }
   }
 
@@ -510,7 +543,8 @@ class SafetensorsWriter {
   /// Adds `name` with `shape` (row-major), converting numel(shape) floats from `data` to `dtype`
   /// (round to nearest even for F16/BF16). Throws tpa::Error on a duplicate or reserved name,
   /// a negative or overflowing shape, a null `data` with elements, or a name that is not UTF-8.
-  SafetensorsWriter& add(const std::string& name, DType dtype, const std::vector<Index>& shape, const float* data) {
+  SafetensorsWriter& add(const std::string& name, DType dtype, const std::vector<Index>& shape,
+                         const float* data) {
     const std::string where = "safetensors writer: tensor '" + name + "'";
     TPA_CHECK(name != "__metadata__", where, ": the name is reserved for metadata");
     TPA_CHECK(names_.count(name) == 0, where, ": duplicate name");
@@ -518,12 +552,14 @@ class SafetensorsWriter {
     std::size_t numel = 1;
     const auto kMax = static_cast<std::size_t>(std::numeric_limits<Index>::max()) / 4;
     for (Index d : shape) {
-      TPA_CHECK(d >= 0, where, ": shape ", detail::shape_string(shape), " has a negative dimension");
+      TPA_CHECK(d >= 0, where, ": shape ", detail::shape_string(shape),
+                " has a negative dimension");
       TPA_CHECK(d == 0 || numel <= kMax / static_cast<std::size_t>(d), where, ": shape ",
                 detail::shape_string(shape), " is too large");
       numel *= static_cast<std::size_t>(d);
     }
-    TPA_CHECK(data != nullptr || numel == 0, where, ": null data for shape ", detail::shape_string(shape));
+    TPA_CHECK(data != nullptr || numel == 0, where, ": null data for shape ",
+              detail::shape_string(shape));
 
     Entry e{name, dtype, shape, std::vector<std::uint8_t>(numel * dtype_size(dtype))};
     std::uint8_t* out = e.bytes.data();
@@ -591,11 +627,13 @@ class SafetensorsWriter {
   void write(const std::string& path) const {
     const std::vector<std::uint8_t> b = bytes();
     std::FILE* f = std::fopen(path.c_str(), "wb");
-    if (f == nullptr) tpa::detail::fail("safetensors writer: cannot open '", path, "': ", std::strerror(errno));
+    if (f == nullptr)
+      tpa::detail::fail("safetensors writer: cannot open '", path, "': ", std::strerror(errno));
     const bool ok = std::fwrite(b.data(), 1, b.size(), f) == b.size() && std::fflush(f) == 0;
     const int err = errno;
     if (std::fclose(f) != 0 || !ok) {
-      tpa::detail::fail("safetensors writer: cannot write '", path, "': ", std::strerror(ok ? errno : err));
+      tpa::detail::fail("safetensors writer: cannot write '", path,
+                        "': ", std::strerror(ok ? errno : err));
     }
   }
 
