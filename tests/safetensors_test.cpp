@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -75,10 +76,10 @@ void set_len(Bytes& b, std::uint64_t n) {
 
 // A file with the given header text and data section; the length prefix matches the header.
 Bytes make_file(const std::string& header, const Bytes& data) {
-  Bytes b(8);
+  Bytes b(8 + header.size() + data.size());
   set_len(b, header.size());
-  b.insert(b.end(), header.begin(), header.end());
-  b.insert(b.end(), data.begin(), data.end());
+  std::copy(header.begin(), header.end(), b.begin() + 8);
+  std::copy(data.begin(), data.end(), b.begin() + 8 + static_cast<std::ptrdiff_t>(header.size()));
   return b;
 }
 
