@@ -9,4 +9,5 @@
 #include "tpa/core/rope.hpp"
 #include "tpa/core/tensor.hpp"
 #include "tpa/layers/gqa.hpp"
+#include "tpa/layers/mla.hpp"
 #include "tpa/runtime/context.hpp"

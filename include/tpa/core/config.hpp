@@ -80,4 +80,57 @@ struct GqaConfig {
   }
 };
 
+/// Which of MLA's two equivalent forms a layer call computes (SPEC.md, MLA).
+enum class MlaForm {
+  kAuto,      ///< per call, the one with fewer multiply-adds: absorbed for decode, explicit for
+              ///< long prefill chunks
+  kAbsorbed,  ///< W_UK folded into the query, W_UV into the output; attends over the cached
+              ///< latent c_kv' and k_pe directly (MQA-like, value = c_kv')
+  kExplicit,  ///< up-projects every visible token's c_kv' to per-head k_nope and v (MHA-like)
+};
+
+/// \brief Configuration of MultiHeadLatentAttention (SPEC.md, "MLA"; DeepSeek-V2 style, reference
+/// `model/llama-mla.py`). Per token the cache holds the normalised latent c_kv' [d_c] and the
+/// rotated k_pe [d_R] shared by all heads.
+struct MlaConfig {
+  Index d_model = 0;           ///< D: hidden size of the tokens
+  Index n_heads = 0;           ///< H: query heads
+  Index q_lora_rank = 0;       ///< d_cq: query latent size; 0 = plain q_proj.weight [H·(d_n+d_R), D]
+  Index kv_lora_rank = 0;      ///< d_c: key/value latent size (cached)
+  Index qk_nope_head_dim = 0;  ///< d_n: per-head query/key dims without RoPE
+  Index qk_rope_head_dim = 0;  ///< d_R: per-head query dims and shared key dims with RoPE (cached)
+  Index v_head_dim = 0;        ///< d_v: per-head value size
+  RopeConfig rope;             ///< rotates the first rope.resolved_dim(d_R) dims of q_pe and k_pe
+  float softmax_scale = 0.f;   ///< 0 means 1/sqrt(d_n + d_R)
+  float norm_eps = 1e-6f;      ///< eps of q_a_layernorm and kv_a_layernorm
+  MlaForm form = MlaForm::kAuto;  ///< both forms give the same outputs (up to rounding)
+
+  Index qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  float scale() const {
+    return softmax_scale != 0.f ? softmax_scale
+                                : 1.f / std::sqrt(static_cast<float>(qk_head_dim()));
+  }
+
+  /// \throws Error naming the field and the rule it breaks.
+  void validate(const char* who = "MultiHeadLatentAttention") const {
+    TPA_CHECK(d_model >= 1, who, ": d_model (", d_model, ") must be >= 1");
+    TPA_CHECK(n_heads >= 1, who, ": n_heads (", n_heads, ") must be >= 1");
+    TPA_CHECK(q_lora_rank >= 0, who, ": q_lora_rank (", q_lora_rank,
+              ") must be >= 0 (0 = plain query projection q_proj)");
+    TPA_CHECK(kv_lora_rank >= 1, who, ": kv_lora_rank (", kv_lora_rank, ") must be >= 1");
+    TPA_CHECK(qk_nope_head_dim >= 1, who, ": qk_nope_head_dim (", qk_nope_head_dim,
+              ") must be >= 1");
+    TPA_CHECK(qk_rope_head_dim >= 1, who, ": qk_rope_head_dim (", qk_rope_head_dim,
+              ") must be >= 1");
+    TPA_CHECK(v_head_dim >= 1, who, ": v_head_dim (", v_head_dim, ") must be >= 1");
+    TPA_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0.f, who, ": softmax_scale (",
+              softmax_scale, ") must be finite and >= 0 (0 = 1/sqrt(d_n + d_R))");
+    TPA_CHECK(std::isfinite(norm_eps) && norm_eps > 0.f, who, ": norm_eps (", norm_eps,
+              ") must be > 0");
+    TPA_CHECK(form == MlaForm::kAuto || form == MlaForm::kAbsorbed || form == MlaForm::kExplicit,
+              who, ": form (", static_cast<int>(form), ") is not an MlaForm value");
+    rope.validate(who, qk_rope_head_dim);
+  }
+};
+
 }  // namespace tpa
