@@ -10,4 +10,5 @@
 #include "tpa/core/tensor.hpp"
 #include "tpa/layers/gqa.hpp"
 #include "tpa/layers/mla.hpp"
+#include "tpa/layers/tpa.hpp"
 #include "tpa/runtime/context.hpp"

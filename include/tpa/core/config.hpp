@@ -133,4 +133,50 @@ struct MlaConfig {
   }
 };
 
+/// \brief Configuration of TensorProductAttention (SPEC.md, "TPA"): the T6 layer and its
+/// K/V-only variant.
+///
+/// Per token, the keys and values of all H heads are rank-R_K / rank-R_V tensor products of a
+/// head factor A [H, R] and a token factor B [R, d]; the query is factorized the same way with
+/// rank R_Q, or (kv_only) a plain full-rank projection.
+struct TpaConfig {
+  Index d_model = 0;          ///< D: hidden size of the tokens
+  Index n_heads = 0;          ///< H: query (and key/value) heads
+  Index head_dim = 0;         ///< d: size of each query, key and value head
+  Index q_rank = 0;           ///< R_Q: rank of the query factors; ignored (may be 0) when kv_only
+  Index k_rank = 0;           ///< R_K: rank of the key factors
+  Index v_rank = 0;           ///< R_V: rank of the value factors
+  bool kv_only = false;       ///< query is a plain projection c_q [H·d, D] (model/T6_kvonly.py)
+  RopeConfig rope;            ///< applied to the rows of B_Q and B_K (kv_only: to q heads and B_K)
+  float softmax_scale = 0.f;  ///< 0 means 1/sqrt(head_dim)
+  bool head_norm = false;     ///< per-head RMSNorm of the outputs (weight `subln.weight` [d])
+  float norm_eps = 1e-5f;
+
+  float scale() const {
+    return softmax_scale != 0.f ? softmax_scale : 1.f / std::sqrt(static_cast<float>(head_dim));
+  }
+
+  /// Elements one token stores per layer: A_K, B_K, A_V, B_V = (R_K + R_V)(H + d).
+  Index cache_elements_per_token() const { return (k_rank + v_rank) * (n_heads + head_dim); }
+
+  /// \throws Error naming the field and the rule it breaks.
+  void validate(const char* who = "TensorProductAttention") const {
+    TPA_CHECK(d_model >= 1, who, ": d_model (", d_model, ") must be >= 1");
+    TPA_CHECK(n_heads >= 1, who, ": n_heads (", n_heads, ") must be >= 1");
+    TPA_CHECK(head_dim >= 1, who, ": head_dim (", head_dim, ") must be >= 1");
+    if (kv_only) {
+      TPA_CHECK(q_rank >= 0, who, ": q_rank (", q_rank,
+                ") must be >= 0 (it is unused when kv_only)");
+    } else {
+      TPA_CHECK(q_rank >= 1, who, ": q_rank (", q_rank, ") must be >= 1");
+    }
+    TPA_CHECK(k_rank >= 1, who, ": k_rank (", k_rank, ") must be >= 1");
+    TPA_CHECK(v_rank >= 1, who, ": v_rank (", v_rank, ") must be >= 1");
+    TPA_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0.f, who, ": softmax_scale (",
+              softmax_scale, ") must be finite and >= 0 (0 = 1/sqrt(head_dim))");
+    TPA_CHECK(norm_eps > 0.f, who, ": norm_eps (", norm_eps, ") must be > 0");
+    rope.validate(who, head_dim);
+  }
+};
+
 }  // namespace tpa

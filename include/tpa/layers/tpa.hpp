@@ -1,0 +1,241 @@
+// TensorProductAttention: the attention of the T6 model (SPEC.md, "TPA"), and its K/V-only
+// variant.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tpa/backend/backends.hpp"
+#include "tpa/cache/kv_cache.hpp"
+#include "tpa/core/config.hpp"
+#include "tpa/core/rope.hpp"
+#include "tpa/kernels/params.hpp"
+#include "tpa/layers/detail/call.hpp"
+#include "tpa/layers/tpa_weights.hpp"
+#include "tpa/runtime/context.hpp"
+
+namespace tpa {
+
+/// \brief Tensor Product Attention (SPEC.md, "TPA"; `model/T6.py`, or `model/T6_kvonly.py` when
+/// cfg.kv_only).
+///
+/// Each token's queries, keys and values of all H heads are low-rank tensor products of
+/// contextual factors: q_h = (1/R_Q) Σ_r A_Q[h,r] B_Q[r] (or a plain projection when kv_only),
+/// k_h = (1/R_K) Σ_r A_K[h,r] B_K[r], v_h = (1/R_V) Σ_r A_V[h,r] B_V[r]. RoPE rotates the rows of
+/// B_Q and B_K (kv_only: the query heads and the rows of B_K). The cache stores, per token, the
+/// factors A_K [H, R_K], B_K [R_K, d] (rotated), A_V [H, R_V], B_V [R_V, d] — never per-head
+/// keys or values: (R_K + R_V)(H + d) elements per token and layer.
+///
+/// All calls take x [tokens, d_model] and write y [tokens, d_model]. A call that throws
+/// tpa::Error leaves the layer and the cache unchanged. A layer is immutable after construction
+/// and may be shared between threads, each with its own Context.
+///
+/// \tparam Backend kernel set (Reference, Portable, Avx2, Avx512; default Native).
+/// \tparam CacheScalar storage type of the KV cache it reads and writes.
+template <class Backend = Native, class CacheScalar = float>
+class TensorProductAttention {
+ public:
+  using Config = TpaConfig;
+  using Weights = TpaWeights;
+  using Cache = KVCache<CacheScalar>;
+
+  /// Index of each factor in cache_layout() (and in the SeqView the kernels read).
+  static constexpr std::size_t kFactorAK = 0;
+  static constexpr std::size_t kFactorBK = 1;
+  static constexpr std::size_t kFactorAV = 2;
+  static constexpr std::size_t kFactorBV = 3;
+
+  /// \throws Error if the config is invalid or a weight it uses has the wrong shape.
+  TensorProductAttention(const TpaConfig& cfg, TpaWeights weights)
+      : cfg_(cfg), w_(std::move(weights)) {
+    cfg_.validate(kWho);
+    w_.check(cfg_, kWho);
+    rope_ = RopeTable(cfg_.rope, cfg_.head_dim);
+    kind_ = cfg_.kv_only ? "TPA-KV" : "TPA";
+    const Index H = cfg_.n_heads, d = cfg_.head_dim;
+    elements_[kFactorAK] = H * cfg_.k_rank;
+    elements_[kFactorBK] = cfg_.k_rank * d;
+    elements_[kFactorAV] = H * cfg_.v_rank;
+    elements_[kFactorBV] = cfg_.v_rank * d;
+  }
+
+  const TpaConfig& config() const { return cfg_; }
+  const TpaWeights& weights() const { return w_; }
+  const RopeTable& rope() const { return rope_; }
+  /// Name of the kind: "TPA", or "TPA-KV" for the K/V-only variant.
+  const std::string& kind() const { return kind_; }
+
+  /// What one token stores in this layer's cache: A_K [H, R_K], B_K [R_K, d] (rotated),
+  /// A_V [H, R_V], B_V [R_V, d], in that order.
+  CacheLayout cache_layout() const {
+    const Index H = cfg_.n_heads, d = cfg_.head_dim, RK = cfg_.k_rank, RV = cfg_.v_rank;
+    return CacheLayout(kind_, {{"A_K", H, RK, false},
+                               {"B_K", RK, d, true},
+                               {"A_V", H, RV, false},
+                               {"B_V", RV, d, false}});
+  }
+
+  /// Causal attention over the given tokens alone (positions 0 … tokens−1), no cache.
+  /// \throws Error on wrong shapes or positions past the RoPE table.
+  void forward(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y) const {
+    detail::check_io(kWho, x, y, cfg_.d_model);
+    const Index n = x.dimension(0);
+    rope_.check_positions(kWho, 0, n);
+    ScratchGuard guard(ctx.scratch());
+    detail::Segment seg{-1, 0, n, 0};
+    Buffers b = project(ctx, x, &seg, 1);
+    const float* base[1] = {b.kv};
+    attend<float>(b, seg, detail::contiguous_view<float>(base, b.kv_offset, elements_, n));
+    finish(b, n, y);
+  }
+
+  /// Appends the tokens x to sequence `seq` of `cache` (layer `layer`) at the positions that
+  /// follow its cached ones, and attends over everything cached: prefill, chunked prefill
+  /// (several calls) and single-token decode alike.
+  /// \throws Error on wrong shapes, an unknown sequence or layer, a cache whose layer layout is
+  /// not cache_layout(), positions past the RoPE table, or a full cache.
+  void forward(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
+               int layer, SeqId seq) const {
+    detail::Segment seg{seq, 0, x.dimension(0), 0};
+    run_cached(ctx, x, y, cache, layer, &seg, 1);
+  }
+
+  /// One token for each of several sequences: row b of x [B, d_model] is the next token of
+  /// seqs[b]. Sequences may have different lengths; each must appear once.
+  /// \throws Error as forward(), or if seqs.size() != B or a sequence repeats.
+  void decode(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
+              int layer, const std::vector<SeqId>& seqs) const {
+    TPA_CHECK(static_cast<Index>(seqs.size()) == x.dimension(0), kWho, ": decode got ", seqs.size(),
+              " sequences for ", x.dimension(0), " rows of x");
+    ScratchGuard guard(ctx.scratch());
+    auto* segs =
+        static_cast<detail::Segment*>(ctx.scratch().bytes(sizeof(detail::Segment) * seqs.size()));
+    for (std::size_t b = 0; b < seqs.size(); ++b)
+      segs[b] = detail::Segment{seqs[b], static_cast<Index>(b), 1, 0};
+    run_cached(ctx, x, y, cache, layer, segs, static_cast<Index>(seqs.size()));
+  }
+
+ private:
+  static constexpr const char* kWho = "TensorProductAttention";
+
+  // Per-call buffers in the context's scratch. All token-major over the call's N rows.
+  struct Buffers {
+    float* a_q;          // [N, H·R_Q] (factored query)
+    float* b_q;          // [N, R_Q·d] rotated (factored query)
+    float* q;            // [N, H·d] rotated (kv_only)
+    float* kv;           // A_K [N, H·R_K], then B_K [N, R_K·d], A_V [N, H·R_V], B_V [N, R_V·d]
+    float* o;            // [N, H·d]
+    Index kv_offset[4];  // elements from kv to each factor's first row
+  };
+
+  Index q_width() const { return cfg_.n_heads * cfg_.head_dim; }
+
+  void run_cached(Context& ctx, const ConstTensorView<float, 2>& x, TensorView<float, 2>& y,
+                  Cache& cache, int layer, detail::Segment* segs, Index n_segs) const {
+    detail::check_io(kWho, x, y, cfg_.d_model);
+    const CacheLayout layout = cache_layout();
+    detail::plan_cache_call(kWho, cache, layer, layout, rope_, segs, n_segs);
+    // Nothing below throws tpa::Error: the checks above cover every precondition.
+    ScratchGuard guard(ctx.scratch());
+    Buffers b = project(ctx, x, segs, n_segs);
+    for (Index s = 0; s < n_segs; ++s) {
+      FactorRows rows[4];
+      for (std::size_t f = 0; f < 4; ++f)
+        rows[f] = {b.kv + b.kv_offset[f] + segs[s].row0 * elements_[f], elements_[f]};
+      cache.append(segs[s].seq, layer, segs[s].n, rows);
+    }
+    for (Index s = 0; s < n_segs; ++s)
+      attend<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer));
+    finish(b, x.dimension(0), y);
+  }
+
+  // Projections of all tokens at once (one GEMM per weight), then RoPE at each token's position
+  // on the rows of B_Q (kv_only: the query heads) and of B_K.
+  Buffers project(Context& ctx, const ConstTensorView<float, 2>& x, const detail::Segment* segs,
+                  Index n_segs) const {
+    const Index N = x.dimension(0), H = cfg_.n_heads, d = cfg_.head_dim, RQ = cfg_.q_rank;
+    Scratch& scratch = ctx.scratch();
+    Buffers b{};
+    Index kv_elements = 0;
+    for (std::size_t f = 0; f < 4; ++f) {
+      b.kv_offset[f] = kv_elements;
+      kv_elements += N * elements_[f];
+    }
+    b.kv = scratch.floats(kv_elements);
+    b.o = scratch.floats(N * q_width());
+    if (cfg_.kv_only) {
+      b.q = scratch.floats(N * q_width());
+      detail::project(x.data(), N, w_.c_q, b.q);
+    } else {
+      b.a_q = scratch.floats(N * H * RQ);
+      b.b_q = scratch.floats(N * RQ * d);
+      detail::project(x.data(), N, w_.W_A_q, b.a_q);
+      detail::project(x.data(), N, w_.W_B_q, b.b_q);
+    }
+    detail::project(x.data(), N, w_.W_A_k, b.kv + b.kv_offset[kFactorAK]);
+    detail::project(x.data(), N, w_.W_B_k, b.kv + b.kv_offset[kFactorBK]);
+    detail::project(x.data(), N, w_.W_A_v, b.kv + b.kv_offset[kFactorAV]);
+    detail::project(x.data(), N, w_.W_B_v, b.kv + b.kv_offset[kFactorBV]);
+    float* b_k = b.kv + b.kv_offset[kFactorBK];
+    for (Index s = 0; s < n_segs; ++s) {
+      for (Index i = 0; i < segs[s].n; ++i) {
+        const Index row = segs[s].row0 + i, pos = segs[s].pos0 + i;
+        if (cfg_.kv_only) {
+          rope_.rotate(b.q + row * q_width(), pos, H, d);
+        } else {
+          rope_.rotate(b.b_q + row * RQ * d, pos, RQ, d);
+        }
+        rope_.rotate(b_k + row * elements_[kFactorBK], pos, cfg_.k_rank, d);
+      }
+    }
+    return b;
+  }
+
+  template <class S>
+  void attend(const Buffers& b, const detail::Segment& seg, const SeqView<S>& kv) const {
+    const Index H = cfg_.n_heads, d = cfg_.head_dim, RQ = cfg_.q_rank;
+    TpaAttentionParams<S> p;
+    if (cfg_.kv_only) {
+      p.q_rank = 0;
+      p.q = b.q + seg.row0 * q_width();
+      p.q_stride = q_width();
+    } else {
+      p.q_rank = RQ;
+      p.a_q = b.a_q + seg.row0 * H * RQ;
+      p.a_q_stride = H * RQ;
+      p.b_q = b.b_q + seg.row0 * RQ * d;
+      p.b_q_stride = RQ * d;
+    }
+    p.o = b.o + seg.row0 * q_width();
+    p.o_stride = q_width();
+    p.n_q = seg.n;
+    p.q_pos0 = seg.pos0;
+    p.n_heads = H;
+    p.head_dim = d;
+    p.k_rank = cfg_.k_rank;
+    p.v_rank = cfg_.v_rank;
+    p.a_k_factor = kFactorAK;
+    p.b_k_factor = kFactorBK;
+    p.a_v_factor = kFactorAV;
+    p.b_v_factor = kFactorBV;
+    p.scale = cfg_.scale();
+    p.kv = kv;
+    Kernels<Backend>::tpa_attention(p);
+  }
+
+  // Optional per-head RMSNorm, then the output projection.
+  void finish(const Buffers& b, Index N, TensorView<float, 2>& y) const {
+    if (cfg_.head_norm)
+      detail::rms_norm_rows(b.o, N * cfg_.n_heads, cfg_.head_dim, w_.subln.data(), cfg_.norm_eps);
+    detail::project(b.o, N, w_.c_proj, y.data());
+  }
+
+  TpaConfig cfg_;
+  TpaWeights w_;
+  RopeTable rope_;
+  std::string kind_;
+  Index elements_[4] = {0, 0, 0, 0};  // elements per token of each cached factor
+};
+
+}  // namespace tpa
