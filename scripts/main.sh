@@ -1,12 +1,38 @@
 #!/usr/bin/env bash
-# Builds the release preset's example program kinds_table and runs it.
+# The README's main job: compares the cache size and decode speed of all attention kinds.
+#
+# Builds benchmarks/bench_attention (release preset) and runs its default set: the machine probes
+# (read bandwidth, FMA peak; 2 threads), cache sizes of every kind at the LLaMA-like shape, one
+# layer's decode step at contexts 1K, 4K, 16K and 64K (batch 1, 2 threads) and the plain-Eigen
+# baseline at 16K. Then scripts/bench_report.sh prints the table and draws the plot.
+#
+# Outputs: build/release/bench_results.json  Google Benchmark JSON of the run
+#          build/release/bench_table.md       the table (also printed)
+#          build/release/bench_plot.png       cache bytes and decode latency vs context
+# Environment: TPA_JOBS (build jobs, default 2), TPA_BENCH_MIN_TIME (seconds per benchmark,
+# default 0.1). The full set (both shapes, batch 8, 1 thread, prefill) is
+# ./build/release/benchmarks/bench_attention without a filter.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 jobs="${TPA_JOBS:-2}"
+min_time="${TPA_BENCH_MIN_TIME:-0.1}"
+out=build/release
 
 bash scripts/install-deps.sh
 
-cmake --preset release -DTPA_BUILD_EXAMPLES=ON
-cmake --build --preset release --parallel "$jobs" --target kinds_table
-./build/release/examples/kinds_table
+cmake --preset release >/dev/null
+cmake --build --preset release --parallel "$jobs" --target bench_attention
+
+filter='^(probe/(read_bw|fma_peak)/threads:2/|cache_size/llama/'
+filter+='|decode/llama/[^/]+/ctx:[0-9]+/batch:1/threads:2/'
+filter+='|decode_eigen/llama/[^/]+/ctx:16384/batch:1/threads:2/)'
+
+"$out/benchmarks/bench_attention" \
+  --benchmark_filter="$filter" \
+  --benchmark_min_time="$min_time" \
+  --benchmark_out="$out/bench_results.json" \
+  --benchmark_out_format=json
+
+echo
+bash scripts/bench_report.sh "$out/bench_results.json" "$out" llama 1 2 16384

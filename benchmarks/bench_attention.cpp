@@ -1,0 +1,529 @@
+// Cache sizes and decode / prefill speeds of all attention kinds, side by side, against the
+// machine's own roofline and against attention written plainly with Eigen.
+//
+// Benchmarks, in the order they run (each name is a filterable path):
+//   probe/read_bw/threads:T         streaming read of a 1 GiB buffer        -> read_GBps_best
+//   probe/fma_peak/threads:T        register-blocked FP32 FMA loop          -> GFLOPS_best
+//   cache_size/SHAPE/KIND/STORAGE   elements and bytes per token per layer, whole-model cache
+//                                   bytes at contexts 1K … 128K and 1M (from cache_layout() and
+//                                   KVCache::bytes_per_token())
+//   decode_eigen/SHAPE/KIND/ctx:L/batch:B/threads:T
+//                                   baseline: plain Eigen products over materialised K and V
+//   decode/SHAPE/KIND/ctx:L/batch:B/threads:T
+//                                   one layer's decode call (projections, append, attention,
+//                                   output projection) for B sequences holding L tokens
+//   prefill/SHAPE/KIND/tokens:N/threads:T
+//                                   one layer's call on an N-token prompt (empty sequence)
+//
+// Counters (the byte and FLOP model of each kind is in bench_common.hpp):
+//   bytes_per_token   cache bytes one token occupies in one layer
+//   cache_bytes       decode: mean cache bytes read per step (all sequences)
+//   weight_bytes      weight bytes one call reads
+//   us_per_step       decode: wall time of one step, µs
+//   tokens_per_s      tokens produced (decode: B per step) or consumed (prefill) per second
+//   pct_roofline      100 · roofline time / measured time, roofline time = max(bytes / read
+//                     bandwidth, FLOPs / FMA peak) from this run's probes at the same thread count
+//                     (above 100 when the data stayed in the CPU caches between calls)
+//   speedup_vs_mha    MHA time / this kind's time, same shape, context, batch and threads
+//   speedup_vs_eigen  Eigen baseline time / library time, same kind and case
+//
+// Decode caches are filled by appending random factor rows straight into the KVCache (no
+// prefill compute); each step then appends one token per sequence, and once a sequence has
+// grown by ctx/32 tokens (at least 16) it is refilled outside the timed region, so the measured
+// context is L … L + L/32. Cases whose cache would exceed TPA_BENCH_MAX_GIB (default 6) GiB are
+// not registered (listed on stderr).
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+
+namespace tpa_bench {
+namespace {
+
+constexpr Index kBlockTokens = 64;
+const std::vector<Index> kDecodeContexts = {1024, 4096, 16384, 65536};
+const std::vector<Index> kDecodeBatches = {1, 8};
+const std::vector<Index> kPrefillTokens = {512, 1024, 2048, 4096, 8192};
+const std::vector<int> kThreads = {2, 1};
+
+double max_cache_bytes() {
+  const char* env = std::getenv("TPA_BENCH_MAX_GIB");
+  const double gib = env != nullptr ? std::atof(env) : 6.0;
+  return gib * static_cast<double>(1ull << 30);
+}
+
+Index decode_slack(Index ctx) { return std::max<Index>(16, ctx / 32); }
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures, kept between benchmarks that share them (thread counts of one case, and the runs
+// Google Benchmark makes of one benchmark); one alive at a time to bound memory.
+// ---------------------------------------------------------------------------------------------
+
+class Fixture {
+ public:
+  virtual ~Fixture() = default;
+};
+
+template <class F, class Make>
+F& fixture(const std::string& key, const Make& make) {
+  static std::string current;
+  static std::unique_ptr<Fixture> slot;
+  if (!slot || current != key) {
+    slot.reset();  // free the old one before building the new one
+    slot = make();
+    current = key;
+  }
+  return static_cast<F&>(*slot);
+}
+
+/// B sequences of `ctx` tokens in a one-layer KVCache<float>, and the decode inputs.
+class LibDecode final : public Fixture {
+ public:
+  LibDecode(const AnyLayer& layer, Index ctx, Index batch)
+      : layer_(layer),
+        ctx_(ctx),
+        slack_(decode_slack(ctx)),
+        cache_({layer.cache_layout()}, kBlockTokens,
+               batch * ((ctx + slack_ + 1 + kBlockTokens - 1) / kBlockTokens)),
+        src_(layer.cache_layout(), 256, 7),
+        x_(batch, layer.d_model()),
+        y_(batch, layer.d_model()) {
+    cache_.reserve_blocks(cache_.max_blocks());
+    for (Index b = 0; b < batch; ++b) seqs_.push_back(cache_.add_sequence());
+    refill();
+    randomize(x_.data(), x_.size(), 11);
+  }
+
+  /// True once the sequences have grown by the slack: refill before the next step.
+  bool full() const { return cache_.length(seqs_[0]) >= ctx_ + slack_; }
+  void refill() {
+    for (auto s : seqs_) cache_.free_sequence(s);
+    for (auto& s : seqs_) {
+      s = cache_.add_sequence();
+      fill_sequence(cache_, s, ctx_, src_);
+    }
+  }
+  void step(tpa::Context& ctx) { layer_.decode(ctx, x_, y_, cache_, seqs_); }
+
+  std::size_t bytes_per_token() const { return cache_.bytes_per_token(); }
+  /// Mean keys a step's query sees (lengths run from ctx to ctx + slack − 1, plus the new token).
+  double mean_keys() const { return static_cast<double>(ctx_) + (slack_ - 1) / 2.0 + 1; }
+  Index batch() const { return static_cast<Index>(seqs_.size()); }
+
+ private:
+  const AnyLayer& layer_;
+  Index ctx_, slack_;
+  tpa::KVCache<float> cache_;
+  RandomFactors src_;
+  std::vector<tpa::SeqId> seqs_;
+  tpa::Tensor<float, 2> x_, y_;
+};
+
+/// The Eigen baseline's state: per sequence, materialised K [rows, kv_heads·d_qk] and
+/// V [rows, kv_heads·d_v] (contiguous, as a hand-written layer keeps them), and the step inputs.
+class EigenDecode final : public Fixture {
+ public:
+  EigenDecode(const AnyLayer& layer, Index ctx, Index batch)
+      : layer_(layer), dims_(layer.baseline_dims()), ctx_(ctx), slack_(decode_slack(ctx)) {
+    const Index rows = ctx + slack_ + 1, H = layer.n_heads();
+    tpa::Matrix<float> src_k(256, dims_.kv_heads * dims_.d_qk),
+        src_v(256, dims_.kv_heads * dims_.d_v);
+    randomize(src_k.data(), src_k.size(), 7);
+    randomize(src_v.data(), src_v.size(), 8);
+    for (Index b = 0; b < batch; ++b) {
+      k_.emplace_back(rows, src_k.cols());
+      v_.emplace_back(rows, src_v.cols());
+      for (Index r = 0; r < rows; r += 256) {
+        const Index n = std::min<Index>(256, rows - r);
+        k_.back().middleRows(r, n) = src_k.topRows(n);
+        v_.back().middleRows(r, n) = src_v.topRows(n);
+      }
+      len_.push_back(ctx);
+    }
+    x_.resize(batch, layer.d_model());
+    randomize(x_.data(), x_.size(), 11);
+    y_.resize(batch, layer.d_model());
+    q_.resize(batch, H * dims_.d_qk);
+    kn_.resize(batch, src_k.cols());
+    vn_.resize(batch, src_v.cols());
+    o_.resize(batch, H * dims_.d_v);
+    scores_.resize(batch * H, rows);
+  }
+
+  /// One decode step, written as a user would: Eigen projections, append, then per sequence
+  /// and head scores = K·q, softmax, o = Vᵀ·p (spread over ctx's threads), output projection.
+  void step(tpa::Context& ctx) {
+    const Index B = x_.rows(), H = layer_.n_heads(), group = H / dims_.kv_heads;
+    const Index d_qk = dims_.d_qk, d_v = dims_.d_v;
+    layer_.baseline_project(x_, len_.data(), q_, kn_, vn_);
+    for (Index b = 0; b < B; ++b) {
+      k_[static_cast<std::size_t>(b)].row(len_[static_cast<std::size_t>(b)]) = kn_.row(b);
+      v_[static_cast<std::size_t>(b)].row(len_[static_cast<std::size_t>(b)]) = vn_.row(b);
+    }
+    const float scale = layer_.softmax_scale();
+    ctx.parallel_for(B * H, [&](Index i) {
+      const Index b = i / H, h = i % H, g = h / group;
+      const auto sb = static_cast<std::size_t>(b);
+      const Index n = len_[sb] + 1;
+      Eigen::Map<Eigen::VectorXf> s(scores_.row(i).data(), n);
+      const Eigen::Map<const Eigen::VectorXf> q(q_.row(b).data() + h * d_qk, d_qk);
+      s.noalias() = k_[sb].block(0, g * d_qk, n, d_qk) * q;
+      s *= scale;
+      const float m = s.maxCoeff();
+      s = (s.array() - m).exp().matrix();
+      s /= s.sum();
+      Eigen::Map<Eigen::VectorXf> o(o_.row(b).data() + h * d_v, d_v);
+      o.noalias() = v_[sb].block(0, g * d_v, n, d_v).transpose() * s;
+    });
+    y_.noalias() = o_ * layer_.out_weight().transpose();
+    for (auto& l : len_)
+      if (++l >= ctx_ + slack_) l = ctx_;  // the rows past ctx stay filled: no refill needed
+  }
+
+  double mean_keys() const { return static_cast<double>(ctx_) + (slack_ - 1) / 2.0 + 1; }
+  /// Materialised cache bytes per token.
+  double bytes_per_token() const {
+    return 4.0 * static_cast<double>(dims_.kv_heads * (dims_.d_qk + dims_.d_v));
+  }
+  Index batch() const { return x_.rows(); }
+
+ private:
+  const AnyLayer& layer_;
+  BaselineDims dims_;
+  Index ctx_, slack_;
+  std::vector<tpa::Matrix<float>> k_, v_;
+  std::vector<Index> len_;
+  tpa::Matrix<float> x_, y_, q_, kn_, vn_, o_, scores_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Benchmarks
+// ---------------------------------------------------------------------------------------------
+
+void probe_read_bw(benchmark::State& state, int threads) {
+  tpa::Context ctx(threads);
+  const float* buf = probe_buffer(ctx);
+  float sink = 0;
+  double best = 1e30, total = 0;
+  for (auto _ : state) {
+    const double s = read_probe_pass(ctx, buf, &sink);
+    best = std::min(best, s);
+    total += s;
+  }
+  benchmark::DoNotOptimize(sink);
+  const double bytes = static_cast<double>(kProbeBytes);
+  Machine& m = machines()[threads];
+  m.read_bytes_per_s = std::max(m.read_bytes_per_s, bytes / best);
+  state.SetBytesProcessed(static_cast<std::int64_t>(kProbeBytes) * state.iterations());
+  state.counters["read_GBps_best"] = bytes / best / 1e9;
+  state.counters["read_GBps_mean"] = bytes * static_cast<double>(state.iterations()) / total / 1e9;
+}
+
+void probe_fma_peak(benchmark::State& state, int threads) {
+  tpa::Context ctx(threads);
+  float sink = 0;
+  double best = 0, flops = 0, total = 0;
+  for (auto _ : state) {
+    const auto [f, s] = fma_probe_pass(ctx, &sink);
+    best = std::max(best, f / s);
+    flops += f;
+    total += s;
+  }
+  benchmark::DoNotOptimize(sink);
+  Machine& m = machines()[threads];
+  m.flops_per_s = std::max(m.flops_per_s, best);
+  state.counters["GFLOPS_best"] = best / 1e9;
+  state.counters["GFLOPS_mean"] = flops / total / 1e9;
+}
+
+template <class S>
+void cache_size(benchmark::State& state, std::size_t shape, Kind kind) {
+  const tpa::CacheLayout layout = layer(shape, kind).cache_layout();
+  const int n_layers = shapes()[shape].n_layers;
+  const tpa::KVCache<S> one({layout}, kBlockTokens, 1);
+  const tpa::KVCache<S> model(
+      std::vector<tpa::CacheLayout>(static_cast<std::size_t>(n_layers), layout), kBlockTokens, 1);
+  std::size_t model_bpt = 0;
+  for (auto _ : state) {
+    model_bpt = model.bytes_per_token();
+    benchmark::DoNotOptimize(model_bpt);
+  }
+  auto& c = state.counters;
+  c["elements_per_token"] = static_cast<double>(layout.elements_per_token());
+  c["bytes_per_token"] = bytes_counter(static_cast<double>(one.bytes_per_token()));
+  c["layers"] = n_layers;
+  c["model_bytes_per_token"] = bytes_counter(static_cast<double>(model_bpt));
+  const std::pair<const char*, double> contexts[] = {
+      {"1K", 1024},   {"2K", 2048},   {"4K", 4096},     {"8K", 8192},   {"16K", 16384},
+      {"32K", 32768}, {"64K", 65536}, {"128K", 131072}, {"1M", 1048576}};
+  for (const auto& [name, tokens] : contexts)
+    c[std::string("model_bytes_") + name] = bytes_counter(tokens * static_cast<double>(model_bpt));
+}
+
+struct DecodeCase {
+  std::size_t shape;
+  Kind kind;
+  Index ctx;
+  Index batch;
+  int threads;
+};
+
+std::string case_key(const DecodeCase& c, const char* what, Kind kind) {
+  return std::string(what) + "/" + shapes()[c.shape].name + "/" + kind_name(kind) +
+         "/ctx:" + std::to_string(c.ctx) + "/batch:" + std::to_string(c.batch) +
+         "/threads:" + std::to_string(c.threads);
+}
+
+void decode_eigen(benchmark::State& state, DecodeCase c) {
+  const Machine& m = machine(c.threads);
+  release_probe_buffer();
+  const AnyLayer& l = layer(c.shape, c.kind);
+  const std::string fkey = case_key({c.shape, c.kind, c.ctx, c.batch, 0}, "decode_eigen", c.kind);
+  auto& f =
+      fixture<EigenDecode>(fkey, [&] { return std::make_unique<EigenDecode>(l, c.ctx, c.batch); });
+  tpa::Context ctx(c.threads);
+  f.step(ctx);  // warm-up
+  StepTimer timer;
+  for (auto _ : state) {
+    timer.start();
+    f.step(ctx);
+    timer.stop();
+  }
+  const double sec = timer.total() / static_cast<double>(state.iterations());
+  results()[case_key(c, "decode_eigen", c.kind)] = sec;
+  const double B = static_cast<double>(f.batch()), keys = f.mean_keys();
+  const double weights = l.decode_weights();  // same projections (TPA: + head expansion, small)
+  const BaselineDims dims = l.baseline_dims();
+  const double H = static_cast<double>(l.n_heads());
+  const double cache_bytes = B * keys * f.bytes_per_token();
+  const double flops = B * (2 * weights + keys * 2 * H * static_cast<double>(dims.d_qk + dims.d_v));
+  auto& cnt = state.counters;
+  cnt["bytes_per_token"] = bytes_counter(f.bytes_per_token());
+  cnt["cache_bytes"] = bytes_counter(cache_bytes);
+  cnt["us_per_step"] = sec * 1e6;
+  cnt["tokens_per_s"] = B / sec;
+  cnt["pct_roofline"] = 100 * m.roofline_seconds(4 * weights + cache_bytes, flops) / sec;
+}
+
+void decode(benchmark::State& state, DecodeCase c) {
+  const Machine& m = machine(c.threads);
+  release_probe_buffer();
+  const AnyLayer& l = layer(c.shape, c.kind);
+  const std::string fkey = case_key({c.shape, c.kind, c.ctx, c.batch, 0}, "decode", c.kind);
+  auto& f =
+      fixture<LibDecode>(fkey, [&] { return std::make_unique<LibDecode>(l, c.ctx, c.batch); });
+  tpa::Context ctx(c.threads);
+  if (f.full()) f.refill();
+  f.step(ctx);  // warm-up (scratch arena, thread pool)
+  StepTimer timer;
+  for (auto _ : state) {
+    if (f.full()) {
+      state.PauseTiming();
+      f.refill();
+      state.ResumeTiming();
+    }
+    timer.start();
+    f.step(ctx);
+    timer.stop();
+  }
+  const double sec = timer.total() / static_cast<double>(state.iterations());
+  results()[case_key(c, "decode", c.kind)] = sec;
+  const double B = static_cast<double>(f.batch()), keys = f.mean_keys();
+  const double bpt = static_cast<double>(f.bytes_per_token());
+  const double cache_bytes = B * keys * bpt;
+  const double weight_bytes = 4 * l.decode_weights();
+  const double flops = B * (2 * l.decode_weights() + keys * l.decode_flops_per_key());
+  auto& cnt = state.counters;
+  cnt["bytes_per_token"] = bytes_counter(bpt);
+  cnt["cache_bytes"] = bytes_counter(cache_bytes);
+  cnt["weight_bytes"] = bytes_counter(weight_bytes);
+  cnt["us_per_step"] = sec * 1e6;
+  cnt["tokens_per_s"] = B / sec;
+  cnt["pct_roofline"] = 100 * m.roofline_seconds(weight_bytes + cache_bytes, flops) / sec;
+  const auto mha = results().find(case_key(c, "decode", Kind::kMHA));
+  if (mha != results().end()) cnt["speedup_vs_mha"] = mha->second / sec;
+  const auto eig = results().find(case_key(c, "decode_eigen", c.kind));
+  if (eig != results().end()) cnt["speedup_vs_eigen"] = eig->second / sec;
+}
+
+/// An empty one-layer cache with room for `tokens`, and a random prompt.
+class Prefill final : public Fixture {
+ public:
+  Prefill(const AnyLayer& layer, Index tokens)
+      : layer_(layer),
+        cache_({layer.cache_layout()}, kBlockTokens, (tokens + kBlockTokens - 1) / kBlockTokens),
+        x_(tokens, layer.d_model()),
+        y_(tokens, layer.d_model()) {
+    cache_.reserve_blocks(cache_.max_blocks());
+    randomize(x_.data(), x_.size(), 13);
+  }
+  void run(tpa::Context& ctx) {
+    const tpa::SeqId s = cache_.add_sequence();
+    layer_.forward(ctx, x_, y_, cache_, s);
+    cache_.free_sequence(s);
+  }
+  std::size_t bytes_per_token() const { return cache_.bytes_per_token(); }
+
+ private:
+  const AnyLayer& layer_;
+  tpa::KVCache<float> cache_;
+  tpa::Tensor<float, 2> x_, y_;
+};
+
+void prefill(benchmark::State& state, std::size_t shape, Kind kind, Index tokens, int threads) {
+  const Machine& m = machine(threads);
+  release_probe_buffer();
+  const AnyLayer& l = layer(shape, kind);
+  const std::string key = "prefill/" + shapes()[shape].name + "/" + kind_name(kind) +
+                          "/tokens:" + std::to_string(tokens);
+  auto& f = fixture<Prefill>(key, [&] { return std::make_unique<Prefill>(l, tokens); });
+  tpa::Context ctx(threads);
+  f.run(ctx);  // warm-up
+  StepTimer timer;
+  for (auto _ : state) {
+    timer.start();
+    f.run(ctx);
+    timer.stop();
+  }
+  const double sec = timer.total() / static_cast<double>(state.iterations());
+  const auto rkey = [&](Kind k) {
+    return "prefill/" + shapes()[shape].name + "/" + kind_name(k) +
+           "/tokens:" + std::to_string(tokens) + "/threads:" + std::to_string(threads);
+  };
+  results()[rkey(kind)] = sec;
+  const double n = static_cast<double>(tokens);
+  const double bytes = 4 * l.prefill_weights(n) + 2 * n * static_cast<double>(f.bytes_per_token());
+  const double flops = l.prefill_flops(n);
+  auto& cnt = state.counters;
+  cnt["bytes_per_token"] = bytes_counter(static_cast<double>(f.bytes_per_token()));
+  cnt["tokens_per_s"] = n / sec;
+  cnt["GFLOPS"] = flops / sec / 1e9;
+  cnt["pct_roofline"] = 100 * m.roofline_seconds(bytes, flops) / sec;
+  const auto mha = results().find(rkey(Kind::kMHA));
+  if (mha != results().end()) cnt["speedup_vs_mha"] = mha->second / sec;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registration
+// ---------------------------------------------------------------------------------------------
+
+const std::vector<Kind> kKinds = {Kind::kMHA, Kind::kGQA, Kind::kMQA,
+                                  Kind::kMLA, Kind::kTPA, Kind::kTPAKV};
+
+void register_all() {
+  for (int t : kThreads) {
+    benchmark::RegisterBenchmark(("probe/read_bw/threads:" + std::to_string(t)).c_str(),
+                                 probe_read_bw, t)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(0.3);
+    benchmark::RegisterBenchmark(("probe/fma_peak/threads:" + std::to_string(t)).c_str(),
+                                 probe_fma_peak, t)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(0.1);
+  }
+
+  for (std::size_t s = 0; s < shapes().size(); ++s) {
+    for (Kind k : kKinds) {
+      const std::string base = "cache_size/" + shapes()[s].name + "/" + kind_name(k);
+      benchmark::RegisterBenchmark((base + "/f32").c_str(), cache_size<float>, s, k)->Iterations(1);
+      benchmark::RegisterBenchmark((base + "/bf16").c_str(), cache_size<tpa::bfloat16>, s, k)
+          ->Iterations(1);
+      benchmark::RegisterBenchmark((base + "/f16").c_str(), cache_size<tpa::half>, s, k)
+          ->Iterations(1);
+    }
+  }
+
+  // Cache bytes per token per layer, computed from the layouts (the registration needs them to
+  // skip cases over the memory budget; no layer is built for it).
+  const auto lib_bytes = [](const KindSpec& k) -> double {
+    switch (k.kind) {
+      case Kind::kMHA:
+      case Kind::kGQA:
+      case Kind::kMQA:
+        return 8.0 * static_cast<double>(k.gqa.kv_heads() * k.gqa.head_dim);
+      case Kind::kMLA:
+        return 4.0 * static_cast<double>(k.mla.kv_lora_rank + k.mla.qk_rope_head_dim);
+      case Kind::kTPA:
+      case Kind::kTPAKV:
+        return 4.0 * static_cast<double>(k.tpa.cache_elements_per_token());
+    }
+    return 0;
+  };
+  const auto eigen_bytes = [](const KindSpec& k) -> double {
+    switch (k.kind) {
+      case Kind::kMHA:
+      case Kind::kGQA:
+      case Kind::kMQA:
+        return 8.0 * static_cast<double>(k.gqa.kv_heads() * k.gqa.head_dim);
+      case Kind::kMLA:
+        return 4.0 * static_cast<double>(k.mla.n_heads * (k.mla.qk_head_dim() + k.mla.v_head_dim));
+      case Kind::kTPA:
+      case Kind::kTPAKV:
+        return 8.0 * static_cast<double>(k.tpa.n_heads * k.tpa.head_dim);
+    }
+    return 0;
+  };
+
+  const double budget = max_cache_bytes();
+  std::vector<std::string> skipped;
+  for (std::size_t s = 0; s < shapes().size(); ++s) {
+    for (Index ctx : kDecodeContexts) {
+      for (Index batch : kDecodeBatches) {
+        for (Kind k : kKinds) {
+          const KindSpec& spec = shapes()[s].kinds[static_cast<std::size_t>(k)];
+          const double tokens = static_cast<double>(batch * (ctx + decode_slack(ctx) + 1));
+          for (const bool eigen : {true, false}) {
+            const double bytes = tokens * (eigen ? eigen_bytes(spec) : lib_bytes(spec));
+            for (int t : kThreads) {
+              const DecodeCase c{s, k, ctx, batch, t};
+              const std::string name = case_key(c, eigen ? "decode_eigen" : "decode", k);
+              if (bytes > budget) {
+                skipped.push_back(name);
+                continue;
+              }
+              benchmark::RegisterBenchmark(name.c_str(), eigen ? decode_eigen : decode, c)
+                  ->UseRealTime()
+                  ->Unit(benchmark::kMicrosecond);
+            }
+          }
+        }
+      }
+    }
+  }
+  for (std::size_t s = 0; s < shapes().size(); ++s) {
+    for (Index n : kPrefillTokens) {
+      for (Kind k : kKinds) {
+        for (int t : kThreads) {
+          const std::string name = "prefill/" + shapes()[s].name + "/" + kind_name(k) +
+                                   "/tokens:" + std::to_string(n) + "/threads:" + std::to_string(t);
+          benchmark::RegisterBenchmark(name.c_str(), prefill, s, k, n, t)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond);
+        }
+      }
+    }
+  }
+  if (!skipped.empty()) {
+    std::fprintf(stderr,
+                 "bench_attention: %zu cases need more than TPA_BENCH_MAX_GIB = %.1f GiB "
+                 "of cache and are not registered, e.g. %s\n",
+                 skipped.size(), budget / static_cast<double>(1ull << 30), skipped.front().c_str());
+  }
+}
+
+}  // namespace
+}  // namespace tpa_bench
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("tpa_backend", tpa::Native::name);
+  tpa_bench::register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
