@@ -223,9 +223,10 @@ class KVCache {
   /// \throws Error unless `layout` is the layout of `layer`.
   void check_layout(const char* who, int layer, const CacheLayout& layout) const {
     check_layer(who, layer);
-    TPA_CHECK(layouts_[static_cast<std::size_t>(layer)] == layout, who, ": cache layer ", layer,
-              " holds layout '", layouts_[static_cast<std::size_t>(layer)].kind(),
-              "', not this layer's '", layout.kind(), "'");
+    const CacheLayout& have = layouts_[static_cast<std::size_t>(layer)];
+    TPA_CHECK(have == layout, who, ": cache layer ", layer, " holds layout ", have.kind(), " {",
+              have.describe(), "}, not this layer's ", layout.kind(), " {", layout.describe(),
+              "}");
   }
 
   /// Appends n tokens to `seq` in `layer`: factor f of token i is read from

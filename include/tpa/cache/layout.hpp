@@ -59,6 +59,16 @@ class CacheLayout {
     return n;
   }
 
+  /// Human-readable factor list, e.g. "K[2x64] V[2x64]".
+  std::string describe() const {
+    std::string s;
+    for (const auto& f : factors_) {
+      if (!s.empty()) s += " ";
+      s += f.name + "[" + std::to_string(f.rows) + "x" + std::to_string(f.cols) + "]";
+    }
+    return s;
+  }
+
   bool operator==(const CacheLayout& o) const {
     return kind_ == o.kind_ && factors_ == o.factors_;
   }
