@@ -26,12 +26,19 @@
 //                     (above 100 when the data stayed in the CPU caches between calls)
 //   speedup_vs_mha    MHA time / this kind's time, same shape, context, batch and threads
 //   speedup_vs_eigen  Eigen baseline time / library time, same kind and case
+//   fixed_us          decode: the same call with one visible key per sequence (projections,
+//                     append, overhead), measured once per kind, batch and threads
+//   attn_us, attn_pct_roofline
+//                     decode: us_per_step − fixed_us, and the roofline of the cache read alone
+//                     (cache bytes, attention FLOPs) over it — how close the attention kernel is
 //
 // Decode caches are filled by appending random factor rows straight into the KVCache (no
 // prefill compute); each step then appends one token per sequence, and once a sequence has
 // grown by ctx/32 tokens (at least 16) it is refilled outside the timed region, so the measured
 // context is L … L + L/32. Cases whose cache would exceed TPA_BENCH_MAX_GIB (default 6) GiB are
 // not registered (listed on stderr).
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -307,6 +314,32 @@ void decode_eigen(benchmark::State& state, DecodeCase c) {
   cnt["pct_roofline"] = 100 * m.roofline_seconds(4 * weights + cache_bytes, flops) / sec;
 }
 
+/// Seconds of a decode step whose sequences hold no earlier token (one visible key): the fixed
+/// part of a step (projections, RoPE, append, call overhead). Measured once per (shape, kind,
+/// batch, threads) on its own small cache, outside any timed region, median of 15 steps.
+double fixed_step_seconds(const AnyLayer& l, const DecodeCase& c, tpa::Context& ctx) {
+  const std::string key = "decode_fixed/" + shapes()[c.shape].name + "/" + kind_name(c.kind) +
+                          "/batch:" + std::to_string(c.batch) +
+                          "/threads:" + std::to_string(c.threads);
+  const auto it = results().find(key);
+  if (it != results().end()) return it->second;
+  tpa::KVCache<float> cache({l.cache_layout()}, kBlockTokens, c.batch);
+  std::vector<tpa::SeqId> seqs(static_cast<std::size_t>(c.batch));
+  tpa::Tensor<float, 2> x(c.batch, l.d_model()), y(c.batch, l.d_model());
+  randomize(x.data(), x.size(), 17);
+  std::vector<double> times;
+  for (int i = 0; i < 18; ++i) {
+    for (auto& s : seqs) s = cache.add_sequence();
+    const auto t0 = std::chrono::steady_clock::now();
+    l.decode(ctx, x, y, cache, seqs);
+    const auto t1 = std::chrono::steady_clock::now();
+    for (auto s : seqs) cache.free_sequence(s);
+    if (i >= 3) times.push_back(std::chrono::duration<double>(t1 - t0).count());
+  }
+  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+  return results()[key] = times[times.size() / 2];
+}
+
 void decode(benchmark::State& state, DecodeCase c) {
   const Machine& m = machine(c.threads);
   release_probe_buffer();
@@ -342,6 +375,14 @@ void decode(benchmark::State& state, DecodeCase c) {
   cnt["us_per_step"] = sec * 1e6;
   cnt["tokens_per_s"] = B / sec;
   cnt["pct_roofline"] = 100 * m.roofline_seconds(weight_bytes + cache_bytes, flops) / sec;
+  // The attention part alone: the step minus its fixed part, against the cache-only roofline.
+  const double fixed = fixed_step_seconds(l, c, ctx), attn = sec - fixed;
+  cnt["fixed_us"] = fixed * 1e6;
+  if (attn > 0.02 * sec) {
+    cnt["attn_us"] = attn * 1e6;
+    cnt["attn_pct_roofline"] =
+        100 * m.roofline_seconds(cache_bytes, B * keys * l.decode_flops_per_key()) / attn;
+  }
   const auto mha = results().find(case_key(c, "decode", Kind::kMHA));
   if (mha != results().end()) cnt["speedup_vs_mha"] = mha->second / sec;
   const auto eig = results().find(case_key(c, "decode_eigen", c.kind));
