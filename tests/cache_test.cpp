@@ -169,6 +169,19 @@ TEST(KVCache, ReserveBlocksAllocatesUpFront) {
   EXPECT_EQ(c.allocated_blocks(), 3);
 }
 
+TEST(KVCache, EnsureFreeBlocksMakesTheNextAppendsAllocationFree) {
+  KVCache<float> c({kv_layout(1, 4)}, 4, 4);
+  const auto a = c.add_sequence();
+  append(c, a, 0, 2);
+  c.ensure_free_blocks(2);
+  EXPECT_EQ(c.allocated_blocks(), 3);
+  EXPECT_EQ(c.length(a), 2);
+  EXPECT_THROW(c.ensure_free_blocks(4), tpa::Error);  // only 3 more can exist
+  append(c, a, 0, 10);  // takes the two prepared blocks
+  EXPECT_EQ(c.allocated_blocks(), 3);
+  expect_contents(c, a, 0);
+}
+
 TEST(KVCache, HalfWidthStorageRoundsOnAppend) {
   KVCache<tpa::bfloat16> c({kv_layout(1, 2)}, 4, 2);
   const auto a = c.add_sequence();

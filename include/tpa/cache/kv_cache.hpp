@@ -152,6 +152,15 @@ class KVCache {
     while (allocated_blocks() < n) free_.push_back(allocate_block());
   }
 
+  /// Allocates storage until at least `n` blocks are free, so appends that need at most n new
+  /// blocks cannot fail. \throws Error if n > available_blocks(); std::bad_alloc (the contents
+  /// and tables are unchanged either way; only storage may have been added to the free list).
+  void ensure_free_blocks(Index n) {
+    TPA_CHECK(n <= available_blocks(), "KVCache::ensure_free_blocks: n (", n,
+              ") exceeds the available blocks (", available_blocks(), ")");
+    while (static_cast<Index>(free_.size()) < n) free_.push_back(allocate_block());
+  }
+
   /// Starts an empty sequence and returns its handle. Handles of freed sequences are reused.
   SeqId add_sequence() {
     if (!free_seqs_.empty()) {

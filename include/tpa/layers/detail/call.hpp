@@ -36,10 +36,11 @@ inline void check_io(const char* who, const ConstTensorView<float, 2>& x,
 }
 
 /// Checks that every segment can be appended to `cache` (live, distinct sequences; layout; room
-/// in the pool for all of them together; positions inside the RoPE table) and fills each
-/// segment's pos0 with the sequence's current length. Changes nothing.
+/// in the pool for all of them together; positions inside the RoPE table), fills each segment's
+/// pos0 with the sequence's current length, and allocates the block storage the appends will
+/// take, so that the appends that follow cannot fail. Changes no contents, tables or lengths.
 template <class S>
-void plan_cache_call(const char* who, const KVCache<S>& cache, int layer,
+void plan_cache_call(const char* who, KVCache<S>& cache, int layer,
                      const CacheLayout& layout, const RopeTable& rope, Segment* segs,
                      Index n_segs) {
   Index blocks = 0;
@@ -56,6 +57,7 @@ void plan_cache_call(const char* who, const KVCache<S>& cache, int layer,
   TPA_CHECK(blocks <= cache.available_blocks(), who, ": the cache is full: this call needs ",
             blocks, " new blocks but only ", cache.available_blocks(), " of max_blocks (",
             cache.max_blocks(), ") are available");
+  cache.ensure_free_blocks(blocks);
 }
 
 /// y[n, W.rows()] = x[n, W.cols()] · Wᵀ, all row-major and contiguous.
