@@ -233,9 +233,9 @@ class KVCache {
   void check_layout(const char* who, int layer, const CacheLayout& layout) const {
     check_layer(who, layer);
     const CacheLayout& have = layouts_[static_cast<std::size_t>(layer)];
-    TPA_CHECK(have == layout, who, ": cache layer ", layer, " holds layout ", have.kind(), " {",
-              have.describe(), "}, not this layer's ", layout.kind(), " {", layout.describe(),
-              "}");
+    TPA_CHECK(have == layout, who, ": cache layer ", layer, " holds layout '", have.kind(),
+              "' {", have.describe(), "}, not this layer's '", layout.kind(), "' {",
+              layout.describe(), "}");
   }
 
   /// Appends n tokens to `seq` in `layer`: factor f of token i is read from
