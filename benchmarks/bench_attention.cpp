@@ -2,7 +2,9 @@
 // machine's own roofline and against attention written plainly with Eigen.
 //
 // Benchmarks, in the order they run (each name is a filterable path):
-//   probe/read_bw/threads:T         streaming read of a 1 GiB buffer        -> read_GBps_best
+//   probe/read_bw/threads:T         streaming read of a 1 GiB buffer (2 MiB pages), the
+//                                   roofline's bandwidth                    -> read_GBps_best
+//   probe/read_bw_4k_pages/threads:T  the same over 4 KiB pages (reported only)
 //   probe/fma_peak/threads:T        register-blocked FP32 FMA loop          -> GFLOPS_best
 //   cache_size/SHAPE/KIND/STORAGE   elements and bytes per token per layer, whole-model cache
 //                                   bytes at contexts 1K … 128K and 1M (from cache_layout() and
@@ -209,9 +211,9 @@ class EigenDecode final : public Fixture {
 // Benchmarks
 // ---------------------------------------------------------------------------------------------
 
-void probe_read_bw(benchmark::State& state, int threads) {
+void probe_read_bw(benchmark::State& state, int threads, Pages pages) {
   tpa::Context ctx(threads);
-  const float* buf = probe_buffer(ctx);
+  const float* buf = probe_buffer(ctx, pages);
   float sink = 0;
   double best = 1e30, total = 0;
   for (auto _ : state) {
@@ -221,8 +223,10 @@ void probe_read_bw(benchmark::State& state, int threads) {
   }
   benchmark::DoNotOptimize(sink);
   const double bytes = static_cast<double>(kProbeBytes);
-  Machine& m = machines()[threads];
-  m.read_bytes_per_s = std::max(m.read_bytes_per_s, bytes / best);
+  if (pages == Pages::kHuge) {
+    Machine& m = machines()[threads];
+    m.read_bytes_per_s = std::max(m.read_bytes_per_s, bytes / best);
+  }
   state.SetBytesProcessed(static_cast<std::int64_t>(kProbeBytes) * state.iterations());
   state.counters["read_GBps_best"] = bytes / best / 1e9;
   state.counters["read_GBps_mean"] = bytes * static_cast<double>(state.iterations()) / total / 1e9;
@@ -455,8 +459,15 @@ const std::vector<Kind> kKinds = {Kind::kMHA, Kind::kGQA, Kind::kMQA,
 
 void register_all() {
   for (int t : kThreads) {
+    // The roofline's bandwidth (2 MiB pages), then the same read over 4 KiB pages (reported
+    // only: what an allocation without huge-page advice gets on this machine).
     benchmark::RegisterBenchmark(("probe/read_bw/threads:" + std::to_string(t)).c_str(),
-                                 probe_read_bw, t)
+                                 probe_read_bw, t, Pages::kHuge)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(0.3);
+    benchmark::RegisterBenchmark(("probe/read_bw_4k_pages/threads:" + std::to_string(t)).c_str(),
+                                 probe_read_bw, t, Pages::kDefault)
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond)
         ->MinTime(0.3);

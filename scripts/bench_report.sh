@@ -59,10 +59,15 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
     table = out "/bench_table.md"
     bw = "probe/read_bw/threads:" threads
     fma = "probe/fma_peak/threads:" threads
-    if (has[bw, "read_GBps_best"])
-      printf("Roofline inputs (%d threads, measured in this run): read bandwidth %.1f GB/s, " \
-             "FP32 FMA peak %.0f GFLOP/s\n\n", threads, val[bw, "read_GBps_best"],
+    bw4k = "probe/read_bw_4k_pages/threads:" threads
+    if (has[bw, "read_GBps_best"]) {
+      printf("Roofline inputs (%d threads, measured in this run): read bandwidth %.1f GB/s " \
+             "(2 MiB pages%s), FP32 FMA peak %.0f GFLOP/s\n\n", threads,
+             val[bw, "read_GBps_best"],
+             has[bw4k, "read_GBps_best"] ? sprintf("; %.1f GB/s over 4 KiB pages",
+                                                   val[bw4k, "read_GBps_best"]) : "",
              val[fma, "GFLOPS_best"]) > table
+    }
     layers = ""
     for (i = 1; i <= nk; ++i)
       if (has["cache_size/" shape "/" kinds[i] "/f32", "layers"])
