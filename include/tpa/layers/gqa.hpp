@@ -2,6 +2,7 @@
 // MultiQueryAttention (G = 1).
 #pragma once
 
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "tpa/cache/kv_cache.hpp"
 #include "tpa/core/config.hpp"
 #include "tpa/core/rope.hpp"
+#include "tpa/kernels/grouped_decode.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/layers/detail/call.hpp"
 #include "tpa/layers/gqa_weights.hpp"
@@ -45,10 +47,7 @@ class GroupedQueryAttention {
   const std::string& kind() const { return kind_; }
 
   /// What one token stores in this layer's cache: K [G, d] (rotated) and V [G, d].
-  CacheLayout cache_layout() const {
-    const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
-    return CacheLayout(kind_, {{"K", G, d, true}, {"V", G, d, false}});
-  }
+  CacheLayout cache_layout() const { return layout_; }
 
   /// Causal attention over the given tokens alone (positions 0 … tokens−1), no cache.
   /// \throws Error on wrong shapes or positions past the RoPE table.
@@ -62,7 +61,9 @@ class GroupedQueryAttention {
     const float* base[1] = {b.kv};
     const Index offsets[2] = {0, n * kv_width()};
     const Index elements[2] = {kv_width(), kv_width()};
-    attend<float>(b, seg, detail::contiguous_view<float>(base, offsets, elements, n));
+    const auto p =
+        params<float>(b, seg, detail::contiguous_view<float>(base, offsets, elements, n));
+    grouped_attention<Backend>(ctx, &p, 1);
     finish(ctx, b, n, y);
   }
 
@@ -99,6 +100,8 @@ class GroupedQueryAttention {
     cfg_.validate(who);
     w_.check(cfg_, who);
     rope_ = RopeTable(cfg_.rope, cfg_.head_dim);
+    const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
+    layout_ = CacheLayout(kind_, {{"K", G, d, true}, {"V", G, d, false}});
   }
 
  private:
@@ -115,8 +118,7 @@ class GroupedQueryAttention {
   void run_cached(Context& ctx, const ConstTensorView<float, 2>& x, TensorView<float, 2>& y,
                   Cache& cache, int layer, detail::Segment* segs, Index n_segs) const {
     detail::check_io(who_.c_str(), x, y, cfg_.d_model);
-    const CacheLayout layout = cache_layout();
-    detail::plan_cache_call(who_.c_str(), cache, layer, layout, rope_, segs, n_segs);
+    detail::plan_cache_call(who_.c_str(), cache, layer, layout_, rope_, segs, n_segs);
     // Nothing below throws tpa::Error: the checks above cover every precondition.
     ScratchGuard guard(ctx.scratch());
     Buffers b = project(ctx, x, segs, n_segs);
@@ -126,7 +128,12 @@ class GroupedQueryAttention {
                                   {b.kv + (N + segs[s].row0) * kv_width(), kv_width()}};
       cache.append(segs[s].seq, layer, segs[s].n, rows);
     }
-    for (Index s = 0; s < n_segs; ++s) attend<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer));
+    // One kernel call per sequence, all of them split over ctx's threads.
+    using Params = GroupedAttentionParams<CacheScalar>;
+    auto* calls = static_cast<Params*>(ctx.scratch().bytes(sizeof(Params) * n_segs));
+    for (Index s = 0; s < n_segs; ++s)
+      new (&calls[s]) Params(params<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer)));
+    grouped_attention<Backend>(ctx, calls, n_segs);
     finish(ctx, b, N, y);
   }
 
@@ -149,8 +156,10 @@ class GroupedQueryAttention {
     return b;
   }
 
+  // The kernel call of one segment's queries over the view kv.
   template <class S>
-  void attend(const Buffers& b, const detail::Segment& seg, const SeqView<S>& kv) const {
+  GroupedAttentionParams<S> params(const Buffers& b, const detail::Segment& seg,
+                                   const SeqView<S>& kv) const {
     GroupedAttentionParams<S> p;
     p.q = b.q + seg.row0 * q_width();
     p.q_stride = q_width();
@@ -166,7 +175,7 @@ class GroupedQueryAttention {
     p.d_v = cfg_.head_dim;
     p.scale = cfg_.scale();
     p.kv = kv;
-    Kernels<Backend>::grouped_attention(p);
+    return p;
   }
 
   // Optional per-head RMSNorm, then the output projection.
@@ -181,6 +190,7 @@ class GroupedQueryAttention {
   GqaConfig cfg_;
   GqaWeights w_;
   RopeTable rope_;
+  CacheLayout layout_;  // built once: a decode step allocates nothing
 };
 
 /// \brief Multi-head attention: GroupedQueryAttention with one KV head per query head.

@@ -2,6 +2,7 @@
 // sequence at which positions, projections and per-head RMSNorm.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <vector>
@@ -60,12 +61,34 @@ void plan_cache_call(const char* who, KVCache<S>& cache, int layer,
   cache.ensure_free_blocks(blocks);
 }
 
-/// y[n, W.rows()] = x[n, W.cols()] · Wᵀ, all row-major and contiguous.
+/// Output features per GEMM of project() for n ≤ 32 rows: the widest slice (≤ 256) for which
+/// both blocks Eigen's GEMM packs (sizes from its own blocking heuristic, kc × slice and
+/// kc × n) fit under EIGEN_STACK_ALLOCATION_LIMIT, so that it puts them on the stack.
+inline Index stack_gemm_cols(Index depth, Index n, Index out) {
+  Index cols = std::min<Index>(out, 256);
+  for (; cols > 8; cols /= 2) {
+    Index kc = depth, mc = cols, nc = n;
+    Eigen::internal::computeProductBlockingSizes<float, float, 1>(kc, mc, nc, Index(1));
+    if (kc * std::max(mc, nc) * Index(sizeof(float)) <= EIGEN_STACK_ALLOCATION_LIMIT) break;
+  }
+  return cols;
+}
+
+/// y[n, W.rows()] = x[n, W.cols()] · Wᵀ, all row-major and contiguous. Allocates nothing for
+/// n ≤ 32 (decode and decode batches); larger n (prefill) may let Eigen's GEMM allocate.
 inline void project(const float* x, Index n, const Matrix<float>& w, float* y) {
   ConstMatrixMap<float> xm(x, n, w.cols());
   MatrixMap<float> ym(y, n, w.rows());
-  if (n == 1) {
-    ym.row(0).noalias() = (w * xm.row(0).transpose()).transpose();
+  if (n == 1) {  // GEMV straight into y (no temporary)
+    ym.row(0).transpose().noalias() = w * xm.row(0).transpose();
+  } else if (n <= 32) {
+    // One GEMM per slice of output features (W is still read once): one GEMM over all of W
+    // would heap-allocate its packed blocks.
+    const Index cols = stack_gemm_cols(w.cols(), n, w.rows());
+    for (Index c = 0; c < w.rows(); c += cols) {
+      const Index cw = std::min(cols, w.rows() - c);
+      ym.middleCols(c, cw).noalias() = xm * w.middleRows(c, cw).transpose();
+    }
   } else {
     ym.noalias() = xm * w.transpose();
   }

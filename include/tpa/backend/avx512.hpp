@@ -1,0 +1,161 @@
+// The Avx512 backend: AVX-512F/BW/VL intrinsics. Compiled only when the compiler flags enable
+// them (TPA_HAVE_AVX512); kernels it does not specialise fall back to Avx2's.
+#pragma once
+
+#include "tpa/backend/avx2.hpp"
+#include "tpa/backend/kernels.hpp"
+#include "tpa/backend/tags.hpp"
+
+#if defined(TPA_HAVE_AVX512)
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "tpa/kernels/grouped_tiled.hpp"
+#include "tpa/kernels/params.hpp"
+
+namespace tpa {
+namespace detail {
+
+/// Vector primitives of the Avx512 backend for GroupedTiled (16 f32 lanes, 32-token tiles).
+struct Avx512Ops {
+  using V = __m512;
+  static constexpr Index kWidth = 16;
+  static constexpr Index kTile = 32;
+  static constexpr Index kQkRows = 8;      // 8 rows × 2 token vectors = 16 accumulators
+  static constexpr Index kLaneTokens = 8;  // 8 tokens × 2 row vectors = 16 accumulators
+  static constexpr Index kLaneVecs = 2;
+  static constexpr Index kLaneRowsMin = 8;
+  static constexpr Index kPvRows = 4;  // 4 rows × 4 vectors = 16 accumulators
+  static constexpr Index kPvCols = 4;
+
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_load_ps(p); }
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_store_ps(p, v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
+  static float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
+
+  /// e^x: Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, Cephes' degree-7 polynomial for
+  /// e^r, then scalef by 2^n. ≤ 2 ulp for x ≤ 88; exactly 0 for x < −87.3 (no denormals reach
+  /// the accumulators); NaN stays NaN.
+  static V exp(V x) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
+    x = _mm512_min_ps(_mm512_set1_ps(88.3f), x);
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    V p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, _mm512_set1_ps(1.f));
+    return _mm512_maskz_scalef_ps(keep, p, n);
+  }
+
+  static __mmask16 first(Index n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+  template <class S>
+  static V load_widen(const S* p, Index n) {
+    if constexpr (std::is_same<S, float>::value) {
+      return n == kWidth ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(n), p);
+    } else {
+      static_assert(sizeof(S) == 2, "Avx512Ops: 16-bit storage scalar expected");
+      const __m256i h = n == kWidth ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                    : _mm256_maskz_loadu_epi16(first(n), p);
+      if constexpr (std::is_same<S, half>::value) {
+        return _mm512_cvtph_ps(h);
+      } else {  // bfloat16: the upper 16 bits of an f32
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+    }
+  }
+
+  template <class S>
+  static void transpose_block(const S* src, Index ld, Index rows, Index cols, float* dst,
+                              Index dst_ld) {
+    V r[16];
+    TPA_UNROLL
+    for (int i = 0; i < 16; ++i) r[i] = i < rows ? load_widen<S>(src + i * ld, cols) : zero();
+    transpose16(r);
+    if (cols == kWidth) {
+      TPA_UNROLL
+      for (int c = 0; c < 16; ++c) _mm512_store_ps(dst + c * dst_ld, r[c]);
+    } else {
+      for (int c = 0; c < cols; ++c) _mm512_store_ps(dst + c * dst_ld, r[c]);
+    }
+  }
+
+  /// In-register transpose of a 16×16 f32 block: r[i] lane j ↔ r[j] lane i.
+  static void transpose16(V* r) {
+    V t[16];
+    TPA_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // r[4i + k], 128-bit lane L: column 4L + k of rows 4i … 4i+3.
+    TPA_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    TPA_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      const V a = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+      const V b = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+      const V c = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+      const V d = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+      t[k] = _mm512_shuffle_f32x4(a, c, 0x88);       // column k
+      t[8 + k] = _mm512_shuffle_f32x4(a, c, 0xDD);   // column 8 + k
+      t[4 + k] = _mm512_shuffle_f32x4(b, d, 0x88);   // column 4 + k
+      t[12 + k] = _mm512_shuffle_f32x4(b, d, 0xDD);  // column 12 + k
+    }
+    TPA_UNROLL
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+  }
+};
+
+}  // namespace detail
+
+/// Avx512 kernels: the grouped attention kernel on AVX-512 intrinsics (detail::GroupedTiled).
+template <>
+struct Kernels<Avx512> : Kernels<Avx2> {
+  /// Causal grouped attention of one call on the calling thread (allocates its workspace; the
+  /// layers use tpa::grouped_attention with a Context instead).
+  template <class S>
+  static void grouped_attention(const GroupedAttentionParams<S>& p) {
+    detail::GroupedTiled<detail::Avx512Ops, S>::run_whole(p);
+  }
+  /// Workspace floats grouped_attention_part needs for `part`.
+  template <class S>
+  static Index grouped_workspace_floats(const GroupedAttentionParams<S>& p,
+                                        const GroupedPart& part) {
+    return detail::GroupedTiled<detail::Avx512Ops, S>::workspace_floats(p, part);
+  }
+  /// One part of a call (see detail::GroupedTiled::run).
+  template <class S>
+  static void grouped_attention_part(const GroupedAttentionParams<S>& p, const GroupedPart& part,
+                                     float* workspace, const GroupedStates* states) {
+    detail::GroupedTiled<detail::Avx512Ops, S>::run(p, part, workspace, states);
+  }
+};
+
+}  // namespace tpa
+
+#endif  // TPA_HAVE_AVX512

@@ -1,0 +1,267 @@
+// Work split of the grouped attention kernel over a Context's threads: (sequence × KV head)
+// units, and split-K along the sequence, merged exactly, when there are fewer units than threads.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+#include "tpa/backend/backends.hpp"
+#include "tpa/core/error.hpp"
+#include "tpa/core/tensor.hpp"
+#include "tpa/kernels/grouped_tiled.hpp"
+#include "tpa/kernels/params.hpp"
+#include "tpa/kernels/softmax.hpp"
+#include "tpa/runtime/context.hpp"
+
+namespace tpa {
+
+/// How tpa::grouped_attention spreads its work. The defaults suit decode and prefill; tests use
+/// the fields to force a split.
+struct GroupedSplit {
+  /// At most this many workers (pieces of work; more than ctx.threads() is allowed: a thread
+  /// then runs several); 0 = ctx.threads().
+  int max_workers = 0;
+  /// Multiply-adds each worker must get (fewer workers are used for less work, because waking a
+  /// thread costs microseconds); 0 = always use max_workers.
+  double min_work_per_worker = 2.0e6;
+};
+
+namespace detail {
+
+template <class K, class S, class = void>
+struct HasGroupedPart : std::false_type {};
+template <class K, class S>
+struct HasGroupedPart<
+    K, S,
+    std::void_t<decltype(K::grouped_attention_part(
+        std::declval<const GroupedAttentionParams<S>&>(), std::declval<const GroupedPart&>(),
+        std::declval<float*>(), std::declval<const GroupedStates*>()))>> : std::true_type {};
+
+/// One worker's piece of one call; `slot` ≥ 0: a key-split piece whose states go to slot.
+struct GroupedUnit {
+  Index call = 0;
+  GroupedPart part;
+  Index slot = -1;
+};
+
+template <class S>
+void check_grouped_call(const GroupedAttentionParams<S>& p, Index c) {
+  TPA_CHECK(p.n_heads >= 1 && p.n_kv_heads >= 1 && p.n_heads % p.n_kv_heads == 0,
+            "grouped_attention: call ", c, ": n_heads (", p.n_heads,
+            ") must be a positive multiple of n_kv_heads (", p.n_kv_heads, ")");
+  TPA_CHECK(p.k_dims[0] >= 1 && p.k_dims[1] >= 0 && p.d_v >= 1, "grouped_attention: call ", c,
+            ": key dims (", p.k_dims[0], ", ", p.k_dims[1], ") and d_v (", p.d_v,
+            ") must be positive (the second key part may be 0)");
+  TPA_CHECK(p.n_q >= 0 && p.q_pos0 >= 0 && p.q_pos0 + p.n_q <= p.kv.n_tokens,
+            "grouped_attention: call ", c, ": queries at positions ", p.q_pos0, " … ",
+            p.q_pos0 + p.n_q - 1, " need that many cached tokens, the view has ", p.kv.n_tokens);
+  TPA_CHECK(p.n_q == 0 || (p.q != nullptr && p.o != nullptr && p.kv.block_tokens >= 1),
+            "grouped_attention: call ", c, ": null q/o or an empty cache view");
+}
+
+}  // namespace detail
+
+/// \brief Runs the grouped attention calls `calls[0 … n_calls)` (typically one per sequence of a
+/// batch, all of one layer) with the kernels of `Backend`, spread over ctx's threads.
+///
+/// The work is the line of (call, KV head) items in order, each weighted by its multiply-adds;
+/// the line is cut into equal pieces, one per worker. A worker runs the KV heads it owns whole
+/// (adjacent heads of one call together, so it streams their contiguous cache rows), and the
+/// pieces of a head cut in two: a decode head (n_q = 1) is cut along its keys (split-K; the
+/// partial online-softmax states are merged exactly afterwards, SoftmaxState::merge), a prefill
+/// head along its queries. So batch-1 MQA/MLA decode uses every thread.
+///
+/// Workspace and partial states come from ctx.scratch(), released on return: after warm-up a
+/// call allocates nothing. Backends without a part kernel (Reference) run one call per task.
+/// \throws Error if a call's sizes are inconsistent (before any work).
+template <class Backend, class S>
+void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Index n_calls,
+                       const GroupedSplit& split = {}) {
+  using K = Kernels<Backend>;
+  for (Index c = 0; c < n_calls; ++c) detail::check_grouped_call(calls[c], c);
+  if constexpr (!detail::HasGroupedPart<K, S>::value) {
+    ctx.parallel_for(n_calls, [calls](Index c) {
+      if (calls[c].n_q > 0) K::grouped_attention(calls[c]);
+    });
+  } else {
+    Scratch& scratch = ctx.scratch();
+    ScratchGuard guard(scratch);
+
+    // The line of items (c, g): per-item cost (multiply-adds), cumulative from item 0.
+    Index n_items = 0;
+    for (Index c = 0; c < n_calls; ++c)
+      if (calls[c].n_q > 0) n_items += calls[c].n_kv_heads;
+    if (n_items == 0) return;
+    auto* item_call = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
+    auto* item_g = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
+    auto* cum = static_cast<double*>(scratch.bytes(sizeof(double) * (n_items + 1)));
+    cum[0] = 0;
+    {
+      Index it = 0;
+      for (Index c = 0; c < n_calls; ++c) {
+        const auto& p = calls[c];
+        if (p.n_q == 0) continue;
+        const double rows_keys = static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
+                                 0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
+        const double cost = rows_keys * static_cast<double>(p.group_size() * (p.d_qk() + p.d_v));
+        for (Index g = 0; g < p.n_kv_heads; ++g, ++it) {
+          item_call[it] = c;
+          item_g[it] = g;
+          cum[it + 1] = cum[it] + cost;
+        }
+      }
+    }
+    const double total = cum[n_items];
+    // Scratch below is sized for max_w workers whatever the actual count, so that its size does
+    // not depend on the sequence lengths (a steady decode never grows the arena).
+    const Index max_w = split.max_workers > 0 ? split.max_workers : ctx.threads();
+    Index workers = max_w;
+    if (split.min_work_per_worker > 0)
+      workers = std::max<Index>(
+          1, std::min<Index>(workers, static_cast<Index>(total / split.min_work_per_worker)));
+
+    // Size of an item along its cut dimension: keys (decode) or queries (prefill).
+    auto item_size = [&](Index it) {
+      const auto& p = calls[item_call[it]];
+      return p.n_q == 1 ? p.q_pos0 + 1 : p.n_q;
+    };
+    // Cut w of the line as (item, position inside it), normalised so position < item_size.
+    struct Cut {
+      Index item, pos;
+    };
+    auto* cuts = static_cast<Cut*>(scratch.bytes(sizeof(Cut) * (max_w + 1)));
+    cuts[0] = Cut{0, 0};
+    cuts[workers] = Cut{n_items, 0};
+    for (Index w = 1; w < workers; ++w) {
+      const double x = total * static_cast<double>(w) / static_cast<double>(workers);
+      Index it = static_cast<Index>(std::upper_bound(cum, cum + n_items + 1, x) - cum) - 1;
+      it = std::min(std::max<Index>(it, 0), n_items - 1);
+      const auto& p = calls[item_call[it]];
+      const double per_row_key = static_cast<double>(p.group_size() * (p.d_qk() + p.d_v));
+      const double off = (x - cum[it]) / per_row_key;  // rows·keys into the item
+      Index pos;
+      if (p.n_q == 1) {
+        constexpr Index kAlign = 16;  // keep key pieces tile-aligned
+        pos = static_cast<Index>(std::llround(off / kAlign)) * kAlign;
+      } else {
+        // First query boundary whose prefix Σ_{i'<i} (q_pos0 + i' + 1) reaches off.
+        double acc = 0;
+        pos = 0;
+        while (pos < p.n_q && acc < off) acc += static_cast<double>(p.q_pos0 + ++pos);
+      }
+      pos = std::min(std::max<Index>(pos, 0), item_size(it));
+      cuts[w] = pos == item_size(it) ? Cut{it + 1, 0} : Cut{it, pos};
+      if (cuts[w].item < cuts[w - 1].item ||
+          (cuts[w].item == cuts[w - 1].item && cuts[w].pos < cuts[w - 1].pos))
+        cuts[w] = cuts[w - 1];
+    }
+
+    // Units of each worker, in line order.
+    // A worker's units: one run of whole KV heads per call it touches, plus a cut piece at
+    // each end of its segment.
+    const Index max_units = n_calls + 3 * max_w + 2;
+    auto* units =
+        static_cast<detail::GroupedUnit*>(scratch.bytes(sizeof(detail::GroupedUnit) * max_units));
+    auto* first_unit = static_cast<Index*>(scratch.bytes(sizeof(Index) * (max_w + 1)));
+    Index n_units = 0, n_slots = 0;
+    for (Index w = 0; w < workers; ++w) {
+      first_unit[w] = n_units;
+      Cut at = cuts[w];
+      const Cut end = cuts[w + 1];
+      while (at.item < end.item || (at.item == end.item && at.pos < end.pos)) {
+        const Index it = at.item, c = item_call[it], g = item_g[it];
+        const auto& p = calls[c];
+        const Index size = item_size(it);
+        const Index stop = it == end.item ? end.pos : size;
+        detail::GroupedUnit u;
+        u.call = c;
+        if (at.pos == 0 && stop == size) {
+          detail::GroupedUnit* prev = n_units > first_unit[w] ? &units[n_units - 1] : nullptr;
+          if (prev != nullptr && prev->call == c && prev->slot < 0 && prev->part.g1 == g &&
+              prev->part.i0 == 0 && prev->part.i1 == p.n_q && prev->part.k0 == 0) {
+            prev->part.g1 = g + 1;  // extend the run of whole KV heads
+          } else {
+            u.part = GroupedPart{g, g + 1, 0, p.n_q, 0, p.q_pos0 + p.n_q};
+            units[n_units++] = u;
+          }
+        } else if (p.n_q == 1) {
+          u.part = GroupedPart{g, g + 1, 0, 1, at.pos, stop};
+          u.slot = n_slots++;
+          units[n_units++] = u;
+        } else {
+          u.part = GroupedPart{g, g + 1, at.pos, stop, 0, p.q_pos0 + stop};
+          units[n_units++] = u;
+        }
+        at = Cut{it + 1, 0};
+      }
+    }
+    first_unit[workers] = n_units;
+
+    // Partial states of key-split pieces (at most two per worker) and per-worker workspaces,
+    // all sized for the largest call and max_w workers.
+    Index ws_floats = 0, state_rows = 0, state_dim = 0;
+    for (Index c = 0; c < n_calls; ++c) {
+      const auto& p = calls[c];
+      if (p.n_q == 0) continue;
+      ws_floats = std::max(ws_floats, K::grouped_workspace_floats(p, GroupedPart::whole(p)));
+      state_rows = std::max(state_rows, p.group_size());
+      state_dim = std::max(state_dim, p.d_v);
+    }
+    auto* slots = static_cast<GroupedStates*>(scratch.bytes(sizeof(GroupedStates) * 2 * max_w));
+    for (Index i = 0; i < 2 * max_w; ++i) {
+      slots[i].m = scratch.floats(state_rows);
+      slots[i].l = scratch.floats(state_rows);
+      slots[i].acc = scratch.floats(state_rows * state_dim);
+      slots[i].acc_stride = state_dim;
+    }
+    auto* ws = static_cast<float**>(scratch.bytes(sizeof(float*) * max_w));
+    for (Index w = 0; w < max_w; ++w) ws[w] = scratch.floats(ws_floats);
+
+    ctx.parallel_for(workers, [=](Index w) {
+      for (Index u = first_unit[w]; u < first_unit[w + 1]; ++u) {
+        const detail::GroupedUnit& un = units[u];
+        K::grouped_attention_part(calls[un.call], un.part, ws[w],
+                                  un.slot >= 0 ? &slots[un.slot] : nullptr);
+      }
+    });
+
+    // Merge the pieces of each key-split head (consecutive units) and write its outputs.
+    for (Index u = 0; u < n_units;) {
+      if (units[u].slot < 0) {
+        ++u;
+        continue;
+      }
+      const detail::GroupedUnit& first = units[u];
+      const auto& p = calls[first.call];
+      const Index gs = p.group_size(), g = first.part.g0;
+      const GroupedStates& a = slots[first.slot];
+      Index v = u + 1;
+      while (v < n_units && units[v].slot >= 0 && units[v].call == first.call &&
+             units[v].part.g0 == g)
+        ++v;
+      for (Index r = 0; r < gs; ++r) {
+        SoftmaxState sa;
+        sa.m = a.m[r];
+        sa.l = a.l[r];
+        sa.acc = a.acc + r * a.acc_stride;
+        sa.dim = p.d_v;
+        for (Index x = u + 1; x < v; ++x) {
+          const GroupedStates& b = slots[units[x].slot];
+          SoftmaxState sb;
+          sb.m = b.m[r];
+          sb.l = b.l[r];
+          sb.acc = b.acc + r * b.acc_stride;
+          sb.dim = p.d_v;
+          sa.merge(sb);
+        }
+        sa.normalize(p.o + (g * gs + r) * p.d_v);
+      }
+      u = v;
+    }
+  }
+}
+
+}  // namespace tpa

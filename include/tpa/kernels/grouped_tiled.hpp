@@ -1,0 +1,683 @@
+// The tiled grouped-attention kernel shared by the SIMD backends (Portable, Avx2, Avx512). The
+// algorithm lives here once; each backend supplies an `Ops` policy with its vector primitives
+// (see the Ops contract below) and its block sizes.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <new>
+#include <type_traits>
+
+#include "tpa/core/tensor.hpp"
+#include "tpa/kernels/params.hpp"
+#include "tpa/kernels/softmax.hpp"
+
+/// Fully unrolls the next loop (its trip count is a small compile-time constant), so that the
+/// register-blocked accumulator arrays below live in registers at -O2 too.
+#define TPA_UNROLL _Pragma("GCC unroll 32")
+
+namespace tpa {
+
+/// \brief The piece of one GroupedAttentionParams call that one worker computes: KV heads
+/// [g0, g1) (with all their query heads), queries [i0, i1), keys [k0, k1). Query i still sees
+/// only keys ≤ q_pos0 + i.
+struct GroupedPart {
+  Index g0 = 0, g1 = 0;
+  Index i0 = 0, i1 = 0;
+  Index k0 = 0, k1 = 0;
+
+  /// The whole call.
+  template <class S>
+  static GroupedPart whole(const GroupedAttentionParams<S>& p) {
+    return GroupedPart{0, p.n_kv_heads, 0, p.n_q, 0, p.q_pos0 + p.n_q};
+  }
+};
+
+/// \brief Where a part writes unnormalised online-softmax states (SoftmaxState's m, l, acc)
+/// instead of outputs, for a later merge. Row r = (i − i0)·(g1 − g0)·group + (h − g0·group)
+/// holds query i, head h: m[r], l[r], and acc + r·acc_stride [d_v].
+struct GroupedStates {
+  float* m = nullptr;
+  float* l = nullptr;
+  float* acc = nullptr;
+  Index acc_stride = 0;
+};
+
+namespace detail {
+
+/// Software prefetch (into L2) of the cache rows of the next step, issued a few lines at a
+/// time while the current step packs its K tile: the column-wise pack and the page-strided rows
+/// of one KV head defeat the hardware prefetchers.
+class RowPrefetch {
+ public:
+  /// Adds `rows` rows of `bytes` bytes, row r at base + r·stride bytes.
+  void add(const void* base, Index stride, Index bytes, Index rows) {
+    if (n_ == 3 || rows <= 0 || bytes <= 0) return;
+    ranges_[n_++] = Range{static_cast<const char*>(base), stride, bytes, rows};
+    const Index lines = (bytes + 126) / 64;  // upper bound for any alignment
+    total_ += lines * rows;
+  }
+  /// Cache lines still to prefetch (an upper bound).
+  Index pending() const { return total_ - issued_; }
+  /// Prefetches up to `count` more lines.
+  void issue(Index count) {
+#if defined(__GNUC__)
+    while (count > 0 && cur_ < n_) {
+      const Range& r = ranges_[cur_];
+      const char* row = r.base + row_ * r.stride;
+      const char* line = reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(row) &
+                                                       ~static_cast<std::uintptr_t>(63)) +
+                         line_ * 64;
+      __builtin_prefetch(line, 0, 2);
+      --count;
+      ++issued_;
+      if (line + 64 < row + r.bytes) {
+        ++line_;
+      } else {
+        line_ = 0;
+        if (++row_ == r.rows) {
+          row_ = 0;
+          ++cur_;
+        }
+      }
+    }
+#else
+    (void)count;
+#endif
+  }
+
+ private:
+  struct Range {
+    const char* base;
+    Index stride, bytes, rows;
+  };
+  Range ranges_[3] = {};
+  int n_ = 0, cur_ = 0;
+  Index row_ = 0, line_ = 0, total_ = 0, issued_ = 0;
+};
+
+/// \brief The grouped-attention kernel over one GroupedPart, for storage scalar S, built from
+/// the vector primitives of `Ops`.
+///
+/// Ops contract (V is the vector type, W = kWidth lanes of f32):
+///   kWidth; kTile (tokens per key tile, a multiple of kWidth and of kLaneTokens);
+///   kQkRows (rows of the token-lane score micro-kernel); kLaneTokens × kLaneVecs (tokens ×
+///   row vectors of the row-lane score micro-kernel); kLaneRowsMin (rows per KV head from which
+///   the row-lane form is used); kPvRows × kPvCols (rows × vectors of the value micro-kernel);
+///   zero(), set1(x), load(p) (p aligned to W floats), loadu(p), store(p, v) (aligned),
+///   add, sub, mul, max, fmadd(a, b, c) = a·b + c, reduce_max(v), reduce_add(v);
+///   exp(v): e^x for x ≤ 0 with ≤ 2 ulp error, exactly 0 for x < −87.3 (and −inf), NaN kept;
+///   load_widen<S>(p, n): n ∈ [1, W] elements of S widened to f32, lanes ≥ n zero, reads only n;
+///   transpose_block<S>(src, ld, rows, cols, dst, dst_ld): dst[c·dst_ld + r] = src[r·ld + c]
+///   for c < cols ≤ W and r < W, with 0 for r ≥ rows (rows ∈ [0, W]); dst aligned.
+///
+/// A pass holds a set of rows (query heads × queries of some KV heads: at most kRowCap, unless
+/// one KV head has more query heads) and walks the key tiles (≤ kTile tokens inside one cache
+/// block); per tile and KV head g, with R rows of g:
+///  - scores S = Q·Kᵀ [R × tile] as a register-blocked product, so each K element is read from
+///    memory once per step whatever the group size, in one of two forms:
+///    token lanes (R < kLaneRowsMin, e.g. MHA, GQA-8): the K tile is widened and transposed once
+///      into kt [d_qk, tile]; vectors run over tokens, q is broadcast;
+///    row lanes (R ≥ kLaneRowsMin, e.g. MQA, MLA, prefill): Qᵀ is packed once per pass; vectors
+///      run over rows, each K element is broadcast straight from the cache row, no transpose,
+///      and the softmax below is all vertical (no horizontal reductions);
+///  - online softmax: one vector exp per (row, tile) worth of scores, one rescale factor per row
+///    and tile (folded into the value micro-kernel);
+///  - acc [R × d_v] = acc·alpha + P [R × tile]·V [tile × d_v], the accumulator block in
+///    registers across the tile, V column blocks outer so they stay in L1.
+/// Everything accumulates in f32. While a step runs, the cache rows of the next step are
+/// prefetched into L2 a few lines per micro-kernel call (RowPrefetch).
+template <class Ops, class S>
+class GroupedTiled {
+ public:
+  using P = GroupedAttentionParams<S>;
+  using V = typename Ops::V;
+  static constexpr Index kW = Ops::kWidth;
+  static constexpr Index kT = Ops::kTile;
+  static constexpr Index kNV = kT / kW;
+  static_assert(kT % kW == 0 && kT % Ops::kLaneTokens == 0,
+                "GroupedTiled: kTile must be a multiple of kWidth and kLaneTokens");
+  /// Rows (query heads × queries) per pass, unless a single KV head has more query heads.
+  static constexpr Index kRowCap = 64;
+  /// Key dims per chunk of the row-lane score product (its Qᵀ slice stays in L1).
+  static constexpr Index kChunk = 128;
+
+  /// Floats of workspace that run() needs for `part` (64-byte aligned storage).
+  static Index workspace_floats(const P& p, const GroupedPart& part) {
+    const Shape sh = shape(p, part);
+    return layout(sh, nullptr).total;
+  }
+
+  /// Computes `part` of the call `p`. With `out` null, writes the normalised outputs of the
+  /// part's rows to p.o (the part must then cover all keys its queries see: k0 = 0 and
+  /// k1 ≥ q_pos0 + i1); otherwise writes their unnormalised states to *out.
+  /// `ws` holds workspace_floats(p, part) floats, 64-byte aligned.
+  static void run(const P& p, const GroupedPart& part, float* ws, const GroupedStates* out) {
+    const Shape sh = shape(p, part);
+    Buffers b = layout(sh, ws);
+    for (Index ib = part.i0; ib < part.i1; ib += sh.ni)
+      for (Index gb = part.g0; gb < part.g1; gb += sh.ng)
+        pass(p, part, sh, b, gb, std::min(part.g1, gb + sh.ng), ib, std::min(part.i1, ib + sh.ni),
+             out);
+  }
+
+  /// The whole call on the calling thread, with a workspace allocated for it.
+  static void run_whole(const P& p) {
+    const GroupedPart part = GroupedPart::whole(p);
+    const auto n = static_cast<std::size_t>(workspace_floats(p, part)) * sizeof(float);
+    std::unique_ptr<float, FreeDeleter> ws(
+        static_cast<float*>(std::aligned_alloc(64, (n + 63) / 64 * 64)));
+    if (!ws) throw std::bad_alloc();
+    run(p, part, ws.get(), nullptr);
+  }
+
+ private:
+  struct FreeDeleter {
+    void operator()(float* p) const { std::free(p); }
+  };
+
+  struct Shape {
+    Index gs = 0;         // query heads per KV head
+    Index d_qk = 0;       // key size (both parts)
+    Index d_v = 0;        // value size
+    Index d_v_pad = 0;    // d_v rounded up to kW (accumulator rows)
+    Index ng = 0;         // KV heads per pass
+    Index ni = 0;         // queries per pass
+    Index rp = 0;         // row pitch per KV head: rows of one KV head, rounded up to kW
+    bool pack_v = false;  // V is widened/padded into workspace (not read in place)
+  };
+
+  struct Buffers {
+    float* q;      // per KV head: token lanes [R, d_qk] scaled q; row lanes [d_qk, rp] qᵀ
+    float* sp;     // scores, then probabilities: token lanes [rows, kT]; row lanes [kT, rp]
+    float* m;      // [ng·rp] running max
+    float* l;      // [ng·rp] running sum
+    float* alpha;  // [ng·rp] rescale factor of the current tile
+    float* acc;    // [ng·rp, d_v_pad]
+    float* kt;     // [d_qk, kT] transposed K tile (token lanes)
+    float* vp;     // [kT, d_v_pad] widened V tile (pack_v only)
+    Index total;   // floats
+  };
+
+  // Where the rows of one KV head g of the current pass live.
+  struct Rows {
+    Index base = 0;  // row index of g's first row (rows base … base + n of the buffers)
+    Index n = 0;     // rows of g in the pass (queries × query heads)
+    Index skip = 0;  // leading rows whose queries see no key of the tile
+    bool lanes = false;
+  };
+
+  static Index round_up(Index n, Index m) { return (n + m - 1) / m * m; }
+
+  static Shape shape(const P& p, const GroupedPart& part) {
+    Shape sh;
+    sh.gs = p.group_size();
+    sh.d_qk = p.d_qk();
+    sh.d_v = p.d_v;
+    sh.d_v_pad = round_up(p.d_v, kW);
+    const Index per_g = std::max<Index>(1, kRowCap / sh.gs);
+    if (part.i1 - part.i0 <= 1) {  // decode: several KV heads per pass
+      sh.ni = 1;
+      sh.ng = std::max<Index>(1, std::min(part.g1 - part.g0, per_g));
+    } else {  // prefill: several queries of one KV head per pass
+      sh.ng = 1;
+      sh.ni = std::max<Index>(1, std::min(part.i1 - part.i0, per_g));
+    }
+    sh.rp = round_up(sh.ni * sh.gs, kW);
+    sh.pack_v = !std::is_same<S, float>::value || p.d_v % kW != 0;
+    return sh;
+  }
+
+  static Buffers layout(const Shape& sh, float* ws) {
+    Buffers b{};
+    Index off = 0;
+    auto take = [&](Index n) {
+      float* ptr = ws == nullptr ? nullptr : ws + off;
+      off += round_up(std::max<Index>(n, 1), 16);
+      return ptr;
+    };
+    const Index rows = sh.ng * sh.rp;
+    b.q = take(rows * sh.d_qk);
+    b.sp = take(rows * kT);
+    b.m = take(rows);
+    b.l = take(rows);
+    b.alpha = take(rows);
+    b.acc = take(rows * sh.d_v_pad);
+    b.kt = take(sh.d_qk * kT);
+    b.vp = sh.pack_v ? take(kT * sh.d_v_pad) : nullptr;
+    b.total = off;
+    return b;
+  }
+
+  // One pass: KV heads [gb, ge) × queries [ib, ie), keys [part.k0, part.k1) ∩ causal.
+  // Row of (g, i, h): (g − gb)·rp + (i − ib)·gs + (h − g·gs); a KV head's rows are contiguous,
+  // query-major.
+  static void pass(const P& p, const GroupedPart& part, const Shape& sh, const Buffers& b, Index gb,
+                   Index ge, Index ib, Index ie, const GroupedStates* out) {
+    const Index gs = sh.gs, d_qk = sh.d_qk, rows_g = (ie - ib) * gs, rp = sh.rp;
+    const bool lanes = rows_g >= Ops::kLaneRowsMin;
+    const Index rows = (ge - gb) * rp;
+    std::fill(b.q, b.q + rows * d_qk, 0.f);
+    for (Index g = gb; g < ge; ++g)
+      for (Index i = ib; i < ie; ++i)
+        for (Index hh = 0; hh < gs; ++hh) {
+          const Index rl = (i - ib) * gs + hh;
+          const float* q = p.q + i * p.q_stride + (g * gs + hh) * d_qk;
+          if (lanes) {  // qᵀ [d_qk, rp] of this KV head
+            float* dst = b.q + (g - gb) * rp * d_qk + rl;
+            for (Index j = 0; j < d_qk; ++j) dst[j * rp] = q[j] * p.scale;
+          } else {
+            float* dst = b.q + ((g - gb) * rp + rl) * d_qk;
+            for (Index j = 0; j < d_qk; ++j) dst[j] = q[j] * p.scale;
+          }
+        }
+    std::fill(b.m, b.m + rows, -std::numeric_limits<float>::infinity());
+    std::fill(b.l, b.l + rows, 0.f);
+    std::fill(b.acc, b.acc + rows * sh.d_v_pad, 0.f);
+
+    const Index key_end = std::min(part.k1, p.q_pos0 + ie);
+    const Index bt = p.kv.block_tokens;
+    auto tile_len = [&](Index t) { return std::min(std::min(kT, key_end - t), bt - t % bt); };
+    for (Index t = part.k0; t < key_end;) {
+      const Index blk = t / bt, off = t - blk * bt;
+      const Index n = tile_len(t);
+      // Query i sees key t iff t ≤ q_pos0 + i: the rows of earlier queries skip this tile.
+      const Index i_first = std::max(ib, t - p.q_pos0);
+      for (Index g = gb; g < ge; ++g) {
+        // The next step: the next KV head of this tile, else the first one of the next tile.
+        RowPrefetch next;
+        if (g + 1 < ge)
+          add_rows(p, sh, g + 1, blk, off, n, next);
+        else if (t + n < key_end)
+          add_rows(p, sh, gb, (t + n) / bt, (t + n) % bt, tile_len(t + n), next);
+        Rows rw;
+        rw.base = (g - gb) * rp;
+        rw.n = rows_g;
+        rw.skip = (i_first - ib) * gs;
+        rw.lanes = lanes;
+        tile(p, sh, b, g, blk, off, t, n, rw, ib, next);
+      }
+      t += n;
+    }
+
+    for (Index g = gb; g < ge; ++g)
+      for (Index i = ib; i < ie; ++i)
+        for (Index hh = 0; hh < gs; ++hh) {
+          const Index r = (g - gb) * rp + (i - ib) * gs + hh;
+          const Index h = g * gs + hh;
+          const float* a = b.acc + r * sh.d_v_pad;
+          if (out == nullptr) {
+            const float inv = b.l[r] > 0.f ? 1.f / b.l[r] : 0.f;
+            float* o = p.o + i * p.o_stride + h * sh.d_v;
+            for (Index j = 0; j < sh.d_v; ++j) o[j] = a[j] * inv;
+          } else {
+            const Index ro = (i - part.i0) * (part.g1 - part.g0) * gs + (h - part.g0 * gs);
+            out->m[ro] = b.m[r];
+            out->l[ro] = b.l[r];
+            std::copy(a, a + sh.d_v, out->acc + ro * out->acc_stride);
+          }
+        }
+  }
+
+  // The cache rows step (g, tokens [off, off + n) of block blk) reads: each key part, and the
+  // value unless it lies inside the first key part (MLA).
+  static void add_rows(const P& p, const Shape& sh, Index g, Index blk, Index off, Index n,
+                       RowPrefetch& pf) {
+    for (int part = 0; part < 2; ++part) {
+      const Index dim = p.k_dims[part];
+      if (dim == 0) continue;
+      const std::size_t f = p.k_factor[part];
+      const Index ld = p.kv.factor_elements[f];
+      pf.add(p.kv.factor(f, blk) + off * ld + g * dim, ld * Index(sizeof(S)),
+             dim * Index(sizeof(S)), n);
+    }
+    if (!(p.v_factor == p.k_factor[0] && sh.d_v <= p.k_dims[0])) {
+      const Index ld = p.kv.factor_elements[p.v_factor];
+      pf.add(p.kv.factor(p.v_factor, blk) + off * ld + g * sh.d_v, ld * Index(sizeof(S)),
+             sh.d_v * Index(sizeof(S)), n);
+    }
+  }
+
+  // Tokens [t0, t0 + n) (inside block blk, from offset off) for KV head g and its rows rw of
+  // the pass whose first query is ib.
+  static void tile(const P& p, const Shape& sh, const Buffers& b, Index g, Index blk, Index off,
+                   Index t0, Index n, const Rows& rw, Index ib, RowPrefetch& next) {
+    const Index d_qk = sh.d_qk, d_v = sh.d_v, gs = sh.gs, rp = sh.rp;
+    const Index nr = rw.n - rw.skip;  // rows that see a key of this tile (≥ 1)
+    // The next step's rows are prefetched a few lines at each micro-kernel call of this step.
+    const Index qk_points =
+        rw.lanes ? ((p.k_dims[0] + kChunk - 1) / kChunk + (p.k_dims[1] + kChunk - 1) / kChunk) *
+                       (rp / kW) * (kT / Ops::kLaneTokens)
+                 : kNV * ((p.k_dims[0] + kW - 1) / kW + (p.k_dims[1] + kW - 1) / kW) +
+                       (nr + Ops::kQkRows - 1) / Ops::kQkRows;
+    const Index pv_points = (nr + Ops::kPvRows - 1) / Ops::kPvRows *
+                            ((sh.d_v_pad / kW + Ops::kPvCols - 1) / Ops::kPvCols);
+    const Index per_call = (next.pending() + qk_points + pv_points - 1) / (qk_points + pv_points);
+
+    // Scores of the rows that see the tile: token lanes sp[r][t], row lanes sp[t][r].
+    float* sp;
+    Index p_rs, p_ts;  // strides of (row, token) in sp
+    if (rw.lanes) {
+      sp = b.sp;
+      p_rs = 1;
+      p_ts = rp;
+      qk_lanes(p, g, blk, off, n, b.q + rw.base * d_qk, rp, sp, next, per_call);
+      // Rows whose query sees only a prefix of the tile (prefill, diagonal tiles).
+      if (t0 + n - 1 > p.q_pos0 + ib) {
+        for (Index rl = 0; rl < rw.n; ++rl) {
+          const Index i = ib + rl / gs;
+          const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + i - t0 + 1));
+          for (Index t = count; t < n; ++t)
+            sp[t * rp + rl] = -std::numeric_limits<float>::infinity();
+        }
+      }
+      softmax_lanes(sp, rp, n, b.m + rw.base, b.l + rw.base, b.alpha + rw.base);
+      sp += rw.skip;
+    } else {
+      sp = b.sp + (rw.base + rw.skip) * kT;
+      p_rs = kT;
+      p_ts = 1;
+      Index j0 = 0;
+      for (int part = 0; part < 2; ++part) {
+        const Index dim = p.k_dims[part];
+        if (dim == 0) continue;
+        const std::size_t f = p.k_factor[part];
+        const Index ld = p.kv.factor_elements[f];
+        pack_kt(p.kv.factor(f, blk) + off * ld + g * dim, ld, n, dim, b.kt + j0 * kT, next,
+                per_call);
+        j0 += dim;
+      }
+      qk(b.q + (rw.base + rw.skip) * d_qk, d_qk, b.kt, nr, sp, next, per_call);
+      for (Index rr = 0; rr < nr; ++rr) {
+        const Index r = rw.base + rw.skip + rr;
+        const Index i = ib + (rw.skip + rr) / gs;
+        const Index count = std::min(n, p.q_pos0 + i - t0 + 1);  // ≥ 1 by the row skip
+        softmax_row(sp + rr * kT, count, b.m[r], b.l[r], b.alpha[r]);
+      }
+    }
+
+    // V tile: in place when it is f32 with whole vectors, else widened into vp.
+    const Index v_src_ld = p.kv.factor_elements[p.v_factor];
+    const S* v_src = p.kv.factor(p.v_factor, blk) + off * v_src_ld + g * d_v;
+    const float* v = nullptr;
+    Index v_ld = 0;
+    if constexpr (std::is_same<S, float>::value) {
+      v = v_src;
+      v_ld = v_src_ld;
+    }
+    if (sh.pack_v) {
+      for (Index t = 0; t < n; ++t)
+        for (Index c = 0; c < sh.d_v_pad; c += kW)
+          Ops::store(b.vp + t * sh.d_v_pad + c,
+                     Ops::template load_widen<S>(v_src + t * v_src_ld + c, std::min(kW, d_v - c)));
+      v = b.vp;
+      v_ld = sh.d_v_pad;
+    }
+    const Index r0 = rw.base + rw.skip;
+    pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr, next,
+       per_call);
+    next.issue(next.pending());
+  }
+
+  // ---- token lanes ------------------------------------------------------------------------
+
+  // Row blocks outer, column blocks inner: each row is read front to back.
+  static void pack_kt(const S* src, Index ld, Index n, Index dim, float* dst, RowPrefetch& pf,
+                      Index per_call) {
+    for (Index tb = 0; tb < kNV; ++tb) {
+      const Index rows = std::max<Index>(0, std::min(kW, n - tb * kW));
+      const S* s = rows > 0 ? src + tb * kW * ld : src;
+      for (Index c = 0; c < dim; c += kW) {
+        Ops::template transpose_block<S>(s + c, ld, rows, std::min(kW, dim - c),
+                                         dst + c * kT + tb * kW, kT);
+        pf.issue(per_call);
+      }
+    }
+  }
+
+  // Masks tokens ≥ count, then the online-softmax update of one row over one tile: new max,
+  // alpha = e^(m_old − m_new), p = e^(s − m_new) written back over s, l = l·alpha + Σ p.
+  static void softmax_row(float* s, Index count, float& m, float& l, float& alpha) {
+    for (Index t = count; t < kT; ++t) s[t] = -std::numeric_limits<float>::infinity();
+    V mx = Ops::load(s);
+    TPA_UNROLL
+    for (Index v = 1; v < kNV; ++v) mx = Ops::max(mx, Ops::load(s + v * kW));
+    const float m_new = std::max(m, Ops::reduce_max(mx));
+    alpha = std::exp(m - m_new);
+    const V mv = Ops::set1(m_new);
+    V sum = Ops::zero();
+    TPA_UNROLL
+    for (Index v = 0; v < kNV; ++v) {
+      const V e = Ops::exp(Ops::sub(Ops::load(s + v * kW), mv));
+      Ops::store(s + v * kW, e);
+      sum = Ops::add(sum, e);
+    }
+    l = l * alpha + Ops::reduce_add(sum);
+    m = m_new;
+  }
+
+  // s [nr, kT] = q [nr, d] (row stride q_ld) · kt [d, kT].
+  static void qk(const float* q, Index q_ld, const float* kt, Index nr, float* s, RowPrefetch& pf,
+                 Index per_call) {
+    constexpr Index R = Ops::kQkRows;
+    const Index d = q_ld;
+    Index r = 0;
+    for (; r + R <= nr; r += R) {
+      pf.issue(per_call);
+      qk_rows<R>(q + r * q_ld, q_ld, kt, d, s + r * kT);
+    }
+    if (r < nr) {
+      pf.issue(per_call);
+      qk_tail<R - 1>(nr - r, q + r * q_ld, q_ld, kt, d, s + r * kT);
+    }
+  }
+
+  template <int N>
+  static void qk_tail(Index n, const float* q, Index q_ld, const float* kt, Index d, float* s) {
+    if constexpr (N > 0) {
+      if (n == N)
+        qk_rows<N>(q, q_ld, kt, d, s);
+      else
+        qk_tail<N - 1>(n, q, q_ld, kt, d, s);
+    }
+  }
+
+  template <int NR>
+  static void qk_rows(const float* q, Index q_ld, const float* kt, Index d, float* s) {
+    V acc[NR][kNV];
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v) acc[r][v] = Ops::zero();
+    }
+    for (Index j = 0; j < d; ++j) {
+      V k[kNV];
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v) k[v] = Ops::load(kt + j * kT + v * kW);
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        const V qb = Ops::set1(q[r * q_ld + j]);
+        TPA_UNROLL
+        for (Index v = 0; v < kNV; ++v) acc[r][v] = Ops::fmadd(qb, k[v], acc[r][v]);
+      }
+    }
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v) Ops::store(s + r * kT + v * kW, acc[r][v]);
+    }
+  }
+
+  // ---- row lanes --------------------------------------------------------------------------
+
+  // s [n, rp] (tokens × rows) = K tile [n, d_qk] · qt [d_qk, rp], K read in place from the
+  // cache. Dims in chunks of kChunk (the qᵀ slice stays in L1), row vectors in groups of
+  // kLaneVecs, tokens in blocks of kLaneTokens (a short last block repeats its last token).
+  static void qk_lanes(const P& p, Index g, Index blk, Index off, Index n, const float* qt,
+                       Index rp, float* s, RowPrefetch& pf, Index per_call) {
+    constexpr Index VB = Ops::kLaneVecs, NT = Ops::kLaneTokens;
+    const Index nv = rp / kW;
+    Index j0 = 0;
+    bool first = true;
+    for (int part = 0; part < 2; ++part) {
+      const Index dim = p.k_dims[part];
+      if (dim == 0) continue;
+      const std::size_t f = p.k_factor[part];
+      const Index ld = p.kv.factor_elements[f];
+      const S* k = p.kv.factor(f, blk) + off * ld + g * dim;
+      for (Index jc = 0; jc < dim; jc += kChunk) {
+        const Index len = std::min(kChunk, dim - jc);
+        const float* q = qt + (j0 + jc) * rp;
+        for (Index v = 0; v < nv; v += VB) {
+          for (Index tb = 0; tb < n; tb += NT) {
+            pf.issue(per_call);
+            if (v + VB <= nv)
+              qk_lane_block<VB>(k + tb * ld + jc, ld, std::min(NT, n - tb), len, q + v * kW, rp,
+                                s + tb * rp + v * kW, rp, first);
+            else
+              qk_lane_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, std::min(NT, n - tb), len,
+                                   q + v * kW, rp, s + tb * rp + v * kW, rp, first);
+          }
+        }
+        first = false;
+      }
+      j0 += dim;
+    }
+  }
+
+  template <int N>
+  static void qk_lane_tail(Index nvec, const S* k, Index k_ld, Index nt, Index len, const float* q,
+                           Index q_ld, float* s, Index s_ld, bool first) {
+    if constexpr (N > 0) {
+      if (nvec == N)
+        qk_lane_block<N>(k, k_ld, nt, len, q, q_ld, s, s_ld, first);
+      else
+        qk_lane_tail<N - 1>(nvec, k, k_ld, nt, len, q, q_ld, s, s_ld, first);
+    }
+  }
+
+  // s[t][v] (+)= Σ_j k[t][j] · q[j][v] for kLaneTokens tokens (the first nt real) and VB row
+  // vectors, over `len` dims.
+  template <int VB>
+  static void qk_lane_block(const S* k, Index k_ld, Index nt, Index len, const float* q, Index q_ld,
+                            float* s, Index s_ld, bool first) {
+    constexpr int NT = static_cast<int>(Ops::kLaneTokens);
+    const S* rows[NT];
+    TPA_UNROLL
+    for (int t = 0; t < NT; ++t) rows[t] = k + std::min<Index>(t, nt - 1) * k_ld;
+    V acc[NT][VB];
+    TPA_UNROLL
+    for (int t = 0; t < NT; ++t) {
+      TPA_UNROLL
+      for (int v = 0; v < VB; ++v)
+        acc[t][v] = first ? Ops::zero() : Ops::load(s + t * s_ld + v * kW);
+    }
+    for (Index j = 0; j < len; ++j) {
+      V qv[VB];
+      TPA_UNROLL
+      for (int v = 0; v < VB; ++v) qv[v] = Ops::load(q + j * q_ld + v * kW);
+      TPA_UNROLL
+      for (int t = 0; t < NT; ++t) {
+        const V kb = Ops::set1(static_cast<float>(rows[t][j]));
+        TPA_UNROLL
+        for (int v = 0; v < VB; ++v) acc[t][v] = Ops::fmadd(kb, qv[v], acc[t][v]);
+      }
+    }
+    TPA_UNROLL
+    for (int t = 0; t < NT; ++t) {
+      TPA_UNROLL
+      for (int v = 0; v < VB; ++v) Ops::store(s + t * s_ld + v * kW, acc[t][v]);
+    }
+  }
+
+  // The online-softmax update of the rp rows (lanes) of one KV head over tokens [0, n) of
+  // s [n, rp]: all vertical. Rows that have seen no key keep m = −FLT_MAX and l = 0.
+  static void softmax_lanes(float* s, Index rp, Index n, float* m, float* l, float* alpha) {
+    const V floor = Ops::set1(-std::numeric_limits<float>::max());
+    for (Index v = 0; v < rp; v += kW) {
+      V mx = Ops::load(s + v);
+      for (Index t = 1; t < n; ++t) mx = Ops::max(mx, Ops::load(s + t * rp + v));
+      const V m_old = Ops::load(m + v);
+      const V m_new = Ops::max(Ops::max(m_old, mx), floor);
+      const V a = Ops::exp(Ops::sub(m_old, m_new));
+      V sum = Ops::zero();
+      for (Index t = 0; t < n; ++t) {
+        const V e = Ops::exp(Ops::sub(Ops::load(s + t * rp + v), m_new));
+        Ops::store(s + t * rp + v, e);
+        sum = Ops::add(sum, e);
+      }
+      Ops::store(l + v, Ops::fmadd(Ops::load(l + v), a, sum));
+      Ops::store(m + v, m_new);
+      Ops::store(alpha + v, a);
+    }
+  }
+
+  // ---- values -----------------------------------------------------------------------------
+
+  // acc [nr, acc_ld] = acc · alpha (per row) + P · v [n, v_ld], P(r, t) = pr[r·p_rs + t·p_ts],
+  // over acc_ld / kW vectors per row. Column blocks outer: a V column block stays in L1.
+  static void pv(const float* pr, Index p_rs, Index p_ts, const float* alpha, const float* v,
+                 Index v_ld, Index n, float* acc, Index acc_ld, Index nr, RowPrefetch& pf,
+                 Index per_call) {
+    constexpr Index R = Ops::kPvRows, C = Ops::kPvCols;
+    const Index nvec = acc_ld / kW;
+    for (Index c = 0; c < nvec; c += C) {
+      const Index nc = std::min(C, nvec - c);
+      for (Index r = 0; r < nr; r += R) {
+        pf.issue(per_call);
+        pv_dispatch<R, C>(std::min(R, nr - r), nc, pr + r * p_rs, p_rs, p_ts, alpha + r, v + c * kW,
+                          v_ld, n, acc + r * acc_ld + c * kW, acc_ld);
+      }
+    }
+  }
+
+  // pv_block<nr', nc'> for nr' ≤ NR, nc' ≤ NC given at run time.
+  template <int NR, int NC>
+  static void pv_dispatch(Index nr, Index nc, const float* pr, Index p_rs, Index p_ts,
+                          const float* alpha, const float* v, Index v_ld, Index n, float* acc,
+                          Index acc_ld) {
+    if constexpr (NR > 0 && NC > 0) {
+      if (nr < NR)
+        pv_dispatch<NR - 1, NC>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+      else if (nc < NC)
+        pv_dispatch<NR, NC - 1>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+      else
+        pv_block<NR, NC>(pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+    }
+  }
+
+  template <int NR, int NC>
+  static void pv_block(const float* pr, Index p_rs, Index p_ts, const float* alpha, const float* v,
+                       Index v_ld, Index n, float* acc, Index acc_ld) {
+    V a[NR][NC];
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const V al = Ops::set1(alpha[r]);
+      TPA_UNROLL
+      for (int c = 0; c < NC; ++c) a[r][c] = Ops::mul(Ops::load(acc + r * acc_ld + c * kW), al);
+    }
+    for (Index t = 0; t < n; ++t) {
+      V x[NC];
+      TPA_UNROLL
+      for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(v + t * v_ld + c * kW);
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        const V w = Ops::set1(pr[r * p_rs + t * p_ts]);
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(w, x[c], a[r][c]);
+      }
+    }
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      TPA_UNROLL
+      for (int c = 0; c < NC; ++c) Ops::store(acc + r * acc_ld + c * kW, a[r][c]);
+    }
+  }
+};
+
+}  // namespace detail
+}  // namespace tpa

@@ -1,0 +1,159 @@
+// No heap allocation inside a decode step after warm-up (DESIGN.md, "Kernels"): the global
+// operator new/delete are replaced by counting versions, Eigen's own allocator is armed to
+// report any call (EIGEN_RUNTIME_NO_MALLOC), and the scratch arena and the cache must not grow.
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+
+// Must precede every Eigen include: Eigen then checks is_malloc_allowed() in its allocator, and
+// its asserts (also on in release builds here) report to the counter below.
+namespace alloc_test {
+inline std::atomic<long> eigen_malloc_failures{0};
+inline void eigen_assert_failed() { eigen_malloc_failures.fetch_add(1); }
+}  // namespace alloc_test
+#define EIGEN_RUNTIME_NO_MALLOC
+#define eigen_assert(x) ((x) ? static_cast<void>(0) : alloc_test::eigen_assert_failed())
+
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "tpa/tpa.hpp"
+
+namespace alloc_test {
+std::atomic<long> news{0};
+
+void* counted(std::size_t n, std::size_t align = 0) {
+  news.fetch_add(1, std::memory_order_relaxed);
+  if (n == 0) n = 1;
+  void* p = align > alignof(std::max_align_t)
+                ? std::aligned_alloc(align, (n + align - 1) / align * align)
+                : std::malloc(n);
+  return p;
+}
+// Out of line, so that GCC does not see free() applied to a pointer from operator new where a
+// replaced operator delete is inlined (-Wmismatched-new-delete).
+[[gnu::noinline]] void release(void* p) noexcept { std::free(p); }
+}  // namespace alloc_test
+
+void* operator new(std::size_t n) {
+  if (void* p = alloc_test::counted(n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) {
+  if (void* p = alloc_test::counted(n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return alloc_test::counted(n); }
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
+  return alloc_test::counted(n);
+}
+void* operator new(std::size_t n, std::align_val_t a) {
+  if (void* p = alloc_test::counted(n, static_cast<std::size_t>(a))) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n, std::align_val_t a) {
+  if (void* p = alloc_test::counted(n, static_cast<std::size_t>(a))) return p;
+  throw std::bad_alloc();
+}
+void* operator new(std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return alloc_test::counted(n, static_cast<std::size_t>(a));
+}
+void* operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return alloc_test::counted(n, static_cast<std::size_t>(a));
+}
+void operator delete(void* p) noexcept { alloc_test::release(p); }
+void operator delete[](void* p) noexcept { alloc_test::release(p); }
+void operator delete(void* p, std::size_t) noexcept { alloc_test::release(p); }
+void operator delete[](void* p, std::size_t) noexcept { alloc_test::release(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { alloc_test::release(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { alloc_test::release(p); }
+void operator delete(void* p, std::align_val_t) noexcept { alloc_test::release(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { alloc_test::release(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { alloc_test::release(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { alloc_test::release(p); }
+void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept {
+  alloc_test::release(p);
+}
+void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept {
+  alloc_test::release(p);
+}
+
+namespace tpa {
+namespace {
+
+Tensor<float, 2> random_rows(Index n, Index d, unsigned seed) {
+  Tensor<float, 2> x(n, d);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = nd(rng);
+  return x;
+}
+
+// Fills `seq` with n tokens of random keys and values straight into the cache (the decode
+// steps under test do not care how they got there, and this skips an O(n²) prefill).
+void fill(KVCache<float>& cache, SeqId seq, const GqaConfig& cfg, Index n, unsigned seed) {
+  const Index w = cfg.kv_heads() * cfg.head_dim;
+  const Tensor<float, 2> kv = random_rows(n, 2 * w, seed);
+  const FactorRows rows[2] = {{kv.data(), 2 * w}, {kv.data() + w, 2 * w}};
+  cache.append(seq, 0, n, rows);
+}
+
+// A decode of one sequence and of a batch of two, on 2 threads, with long enough contexts that
+// the work is split over both threads (KV heads for GQA, split-K for MQA).
+void check_decode_allocates_nothing(Index n_kv_heads) {
+  GqaConfig cfg;
+  cfg.d_model = 256;
+  cfg.n_heads = 16;
+  cfg.n_kv_heads = n_kv_heads;
+  cfg.head_dim = 64;
+  cfg.rope.max_positions = 8192;
+  const GroupedQueryAttention<Native> layer(cfg, GqaWeights::random(cfg, 1));
+  Context ctx(2);
+  const Index block = 16, steps = 40, warm = 4, len_a = 2000, len_b = 700;
+  KVCache<float> cache({layer.cache_layout()}, block, 1024);
+  cache.reserve_blocks((len_a + 2 * (warm + steps)) / block + (len_b + warm + steps) / block + 4);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  fill(cache, a, cfg, len_a, 2);
+  fill(cache, b, cfg, len_b, 3);
+  const std::vector<SeqId> batch = {a, b};
+  const Tensor<float, 2> x1 = random_rows(1, cfg.d_model, 4), xb = random_rows(2, cfg.d_model, 5);
+  Tensor<float, 2> y1(1, cfg.d_model), yb(2, cfg.d_model);
+
+  for (Index s = 0; s < warm; ++s) {  // warm-up: the scratch arena reaches its size
+    layer.forward(ctx, x1, y1, cache, 0, a);
+    layer.decode(ctx, xb, yb, cache, 0, batch);
+  }
+  const std::size_t scratch_before = ctx.scratch().capacity();
+  const std::size_t cache_before = cache.bytes_reserved();
+  const long news_before = alloc_test::news.load();
+  const long eigen_before = alloc_test::eigen_malloc_failures.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  for (Index s = 0; s < steps; ++s) {
+    layer.forward(ctx, x1, y1, cache, 0, a);
+    layer.decode(ctx, xb, yb, cache, 0, batch);
+  }
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(alloc_test::news.load() - news_before, 0) << "operator new calls in decode steps";
+  EXPECT_EQ(alloc_test::eigen_malloc_failures.load() - eigen_before, 0) << "Eigen heap allocations";
+  EXPECT_EQ(ctx.scratch().capacity(), scratch_before) << "the scratch arena grew";
+  EXPECT_EQ(cache.bytes_reserved(), cache_before) << "the cache allocated blocks";
+  EXPECT_EQ(cache.length(a), len_a + warm * 2 + steps * 2);
+  for (Index i = 0; i < yb.size(); ++i) ASSERT_TRUE(std::isfinite(yb.data()[i]));
+}
+
+TEST(AllocTest, CountersSeeAllocations) {
+  const long before = alloc_test::news.load();
+  auto* v = new std::vector<int>(100);
+  delete v;
+  EXPECT_GE(alloc_test::news.load() - before, 2);
+}
+
+TEST(AllocTest, GqaDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_nothing(2); }
+
+TEST(AllocTest, MqaSplitKDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_nothing(1); }
+
+}  // namespace
+}  // namespace tpa
