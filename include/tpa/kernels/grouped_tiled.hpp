@@ -50,34 +50,41 @@ struct GroupedStates {
 namespace detail {
 
 /// Software prefetch (into L2) of the cache rows of the next step, issued a few lines at a
-/// time while the current step packs its K tile: the column-wise pack and the page-strided rows
-/// of one KV head defeat the hardware prefetchers.
+/// time while the current step computes: the rows of one KV head are page-strided, which the
+/// hardware prefetchers follow poorly.
 class RowPrefetch {
  public:
-  /// Adds `rows` rows of `bytes` bytes, row r at base + r·stride bytes.
+  /// Adds `rows` rows of `bytes` bytes, row r at base + r·stride bytes (rows that touch each
+  /// other become one).
   void add(const void* base, Index stride, Index bytes, Index rows) {
     if (n_ == 3 || rows <= 0 || bytes <= 0) return;
-    ranges_[n_++] = Range{static_cast<const char*>(base), stride, bytes, rows};
-    const Index lines = (bytes + 126) / 64;  // upper bound for any alignment
+    if (stride == bytes) {
+      bytes *= rows;
+      rows = 1;
+    }
+    const auto a = reinterpret_cast<std::uintptr_t>(base);
+    // Lines from the first row's aligned start; other rows may start at another offset inside
+    // their first line, so one more line covers them.
+    const Index lines = (static_cast<Index>(a & 63) + bytes + 63) / 64 + (stride % 64 != 0);
+    ranges_[n_++] =
+        Range{reinterpret_cast<const char*>(a & ~std::uintptr_t{63}), stride, lines, rows};
     total_ += lines * rows;
   }
-  /// Cache lines still to prefetch (an upper bound).
-  Index pending() const { return total_ - issued_; }
+  /// Cache lines still to prefetch.
+  Index pending() const { return total_; }
   /// Prefetches up to `count` more lines.
   void issue(Index count) {
 #if defined(__GNUC__)
-    while (count > 0 && cur_ < n_) {
+    count = std::min(count, total_);
+    total_ -= count;
+    while (count > 0) {
       const Range& r = ranges_[cur_];
       const char* row = r.base + row_ * r.stride;
-      const char* line = reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(row) &
-                                                       ~static_cast<std::uintptr_t>(63)) +
-                         line_ * 64;
-      __builtin_prefetch(line, 0, 2);
-      --count;
-      ++issued_;
-      if (line + 64 < row + r.bytes) {
-        ++line_;
-      } else {
+      const Index k = std::min(count, r.lines - line_);
+      for (Index i = line_; i < line_ + k; ++i) __builtin_prefetch(row + i * 64, 0, 2);
+      count -= k;
+      line_ += k;
+      if (line_ == r.lines) {
         line_ = 0;
         if (++row_ == r.rows) {
           row_ = 0;
@@ -86,18 +93,18 @@ class RowPrefetch {
       }
     }
 #else
-    (void)count;
+    total_ -= std::min(count, total_);
 #endif
   }
 
  private:
   struct Range {
-    const char* base;
-    Index stride, bytes, rows;
+    const char* base;  // 64-byte aligned
+    Index stride, lines, rows;
   };
   Range ranges_[3] = {};
   int n_ = 0, cur_ = 0;
-  Index row_ = 0, line_ = 0, total_ = 0, issued_ = 0;
+  Index row_ = 0, line_ = 0, total_ = 0;
 };
 
 /// \brief The grouped-attention kernel over one GroupedPart, for storage scalar S, built from
@@ -199,7 +206,7 @@ class GroupedTiled {
     float* alpha;  // [ng·rp] rescale factor of the current tile
     float* acc;    // [ng·rp, d_v_pad]
     float* kt;     // [d_qk, kT] transposed K tile (token lanes)
-    float* vp;     // [kT, d_v_pad] widened V tile (pack_v only)
+    float* vp;     // [kT, d_v_pad + kW] widened / padded V tile
     Index total;   // floats
   };
 
@@ -248,7 +255,7 @@ class GroupedTiled {
     b.alpha = take(rows);
     b.acc = take(rows * sh.d_v_pad);
     b.kt = take(sh.d_qk * kT);
-    b.vp = sh.pack_v ? take(kT * sh.d_v_pad) : nullptr;
+    b.vp = take(kT * (sh.d_v_pad + kW));
     b.total = off;
     return b;
   }
@@ -400,7 +407,10 @@ class GroupedTiled {
       }
     }
 
-    // V tile: in place when it is f32 with whole vectors, else widened into vp.
+    // V tile: in place when it is f32 with whole vectors, else widened into vp. Also copied
+    // when several row blocks re-read it and its row stride is a multiple of 1 KiB: its rows
+    // would then crowd a few L1 sets (MLA's 2 KiB c_kv rows: 16 rows per 12-way set); vp's
+    // padded stride spreads them.
     const Index v_src_ld = p.kv.factor_elements[p.v_factor];
     const S* v_src = p.kv.factor(p.v_factor, blk) + off * v_src_ld + g * d_v;
     const float* v = nullptr;
@@ -409,13 +419,15 @@ class GroupedTiled {
       v = v_src;
       v_ld = v_src_ld;
     }
-    if (sh.pack_v) {
+    const bool crowded = nr > Ops::kPvRows && v_src_ld * Index(sizeof(S)) % 1024 == 0;
+    if (sh.pack_v || crowded) {
+      const Index ld = sh.d_v_pad + kW;
       for (Index t = 0; t < n; ++t)
         for (Index c = 0; c < sh.d_v_pad; c += kW)
-          Ops::store(b.vp + t * sh.d_v_pad + c,
+          Ops::store(b.vp + t * ld + c,
                      Ops::template load_widen<S>(v_src + t * v_src_ld + c, std::min(kW, d_v - c)));
       v = b.vp;
-      v_ld = sh.d_v_pad;
+      v_ld = ld;
     }
     const Index r0 = rw.base + rw.skip;
     pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr, next,
