@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tpa/io/checkpoint.hpp>
 #include <tpa/io/safetensors.hpp>
 #include <tpa/tpa.hpp>
 #include <utility>
@@ -58,33 +59,25 @@ tpa::RopeConfig meta_rope(const SafetensorsFile& f) {
   return r;
 }
 
-// The fixture's T6 / K/V-only / T6_infer layer. Weight names: `c_qkv.` prefix (T6.py,
-// T6_kvonly.py) or none (T6_infer.py), output projection `c_proj.weight` or `wo.weight`.
+// The fixture's T6 / K/V-only / T6_infer layer, its weights loaded by name: the T6 names
+// (`c_qkv.W_A_q.weight` …, `c_proj.weight`) or, through tpa::io::t6_infer_names(), T6_infer.py's
+// (`W_A_q.weight` …, `wo.weight`). The files also hold inputs and reference outputs, hence
+// allow_unused.
 tpa::TensorProductAttention<> tpa_layer(const SafetensorsFile& f) {
   tpa::TpaConfig c;
   c.d_model = meta_int(f, "n_embd");
   c.n_heads = meta_int(f, "n_head");
   c.head_dim = meta_int(f, "head_dim");
   c.k_rank = c.v_rank = meta_int(f, "rank");
-  const std::string prefix = f.contains("c_qkv.W_A_k.weight") ? "c_qkv." : "";
-  c.kv_only = f.contains(prefix + "c_q.weight");
+  c.kv_only = f.contains("c_qkv.c_q.weight");
   c.q_rank = c.kv_only ? 0 : meta_int(f, "q_rank");
   c.rope = meta_rope(f);
   c.softmax_scale = static_cast<float>(meta_scale(f));
   c.head_norm = false;  // every TPA fixture: "using_groupnorm": "False"
-  tpa::TpaWeights w;
-  if (c.kv_only) {
-    w.c_q = f.matrix(prefix + "c_q.weight");
-  } else {
-    w.W_A_q = f.matrix(prefix + "W_A_q.weight");
-    w.W_B_q = f.matrix(prefix + "W_B_q.weight");
-  }
-  w.W_A_k = f.matrix(prefix + "W_A_k.weight");
-  w.W_A_v = f.matrix(prefix + "W_A_v.weight");
-  w.W_B_k = f.matrix(prefix + "W_B_k.weight");
-  w.W_B_v = f.matrix(prefix + "W_B_v.weight");
-  w.c_proj = f.matrix(f.contains("wo.weight") ? "wo.weight" : "c_proj.weight");
-  return tpa::TensorProductAttention<>(c, std::move(w));
+  tpa::io::LoadOptions opt;
+  opt.allow_unused = true;
+  if (f.contains("wo.weight")) opt.names = tpa::io::t6_infer_names();
+  return tpa::TensorProductAttention<>(c, tpa::io::load_tpa_weights(f, "", c, opt));
 }
 
 tpa::GroupedQueryAttention<> gqa_layer(const SafetensorsFile& f) {
@@ -95,12 +88,9 @@ tpa::GroupedQueryAttention<> gqa_layer(const SafetensorsFile& f) {
   c.head_dim = meta_int(f, "head_dim");
   c.rope = meta_rope(f);
   c.softmax_scale = static_cast<float>(meta_scale(f));
-  tpa::GqaWeights w;
-  w.c_q = f.matrix("c_q.weight");
-  w.c_k = f.matrix("c_k.weight");
-  w.c_v = f.matrix("c_v.weight");
-  w.c_proj = f.matrix("c_proj.weight");
-  return tpa::GroupedQueryAttention<>(c, std::move(w));
+  tpa::io::LoadOptions opt;
+  opt.allow_unused = true;
+  return tpa::GroupedQueryAttention<>(c, tpa::io::load_gqa_weights(f, "", c, opt));
 }
 
 // Rows [t0, t0 + n) of batch element b of a [B, T, C] tensor, as a [n, C] tensor.

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <tpa/io/checkpoint.hpp>
 #include <tpa/io/safetensors.hpp>
 #include <tpa/tpa.hpp>
 #include <vector>
@@ -25,11 +26,6 @@ constexpr double kAbsTol = 1e-5;
 
 Index meta_index(const SafetensorsFile& f, const std::string& key) {
   return static_cast<Index>(std::stoll(f.metadata_value(key)));
-}
-
-Eigen::VectorXf vector(const SafetensorsFile& f, const std::string& name) {
-  const std::vector<float> v = f.read_f32(name);
-  return Eigen::Map<const Eigen::VectorXf>(v.data(), static_cast<Index>(v.size()));
 }
 
 struct MlaFixture {
@@ -69,14 +65,10 @@ struct MlaFixture {
     const std::string scale = f.metadata_value("softmax_scale");
     EXPECT_NEAR(c.scale(), std::stod(scale.substr(scale.find('=') + 1)), 1e-7);
 
-    tpa::MlaWeights& w = fx.weights;
-    w.q_a_proj = f.matrix("q_a_proj.weight");
-    w.q_a_layernorm = vector(f, "q_a_layernorm.weight");
-    w.q_b_proj = f.matrix("q_b_proj.weight");
-    w.kv_a_proj_with_mqa = f.matrix("kv_a_proj_with_mqa.weight");
-    w.kv_a_layernorm = vector(f, "kv_a_layernorm.weight");
-    w.kv_b_proj = f.matrix("kv_b_proj.weight");
-    w.c_proj = f.matrix("c_proj.weight");
+    // The weights by their llama-mla.py names; the file also holds inputs and intermediates.
+    tpa::io::LoadOptions opt;
+    opt.allow_unused = true;
+    fx.weights = tpa::io::load_mla_weights(f, "", c, opt);
 
     fx.B = meta_index(f, "batch");
     fx.T = meta_index(f, "seq_len");

@@ -11,6 +11,7 @@
 #include "tpa/cache/kv_cache.hpp"
 #include "tpa/core/config.hpp"
 #include "tpa/core/rope.hpp"
+#include "tpa/kernels/grouped_decode.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/layers/detail/call.hpp"
 #include "tpa/layers/mla_weights.hpp"
@@ -54,6 +55,8 @@ class MultiHeadLatentAttention {
     cfg_.validate(kWho);
     w_.check(cfg_, kWho);
     rope_ = RopeTable(cfg_.rope, cfg_.qk_rope_head_dim);
+    layout_ = CacheLayout(
+        kind_, {{"c_kv", 1, cfg_.kv_lora_rank, false}, {"k_pe", 1, cfg_.qk_rope_head_dim, true}});
     absorb();
   }
 
@@ -66,10 +69,7 @@ class MultiHeadLatentAttention {
 
   /// What one token stores in this layer's cache: c_kv' [1, d_c] (after kv_a_layernorm) and
   /// k_pe [1, d_R] (rotated). d_c + d_R elements per token.
-  CacheLayout cache_layout() const {
-    return CacheLayout(
-        kind_, {{"c_kv", 1, cfg_.kv_lora_rank, false}, {"k_pe", 1, cfg_.qk_rope_head_dim, true}});
-  }
+  const CacheLayout& cache_layout() const { return layout_; }
 
   /// The form (kAbsorbed or kExplicit) a call appending `n_new` tokens to a sequence that holds
   /// `n_cached` tokens computes: config().form, or for kAuto the cheaper one.
@@ -100,7 +100,7 @@ class MultiHeadLatentAttention {
     const float* base[1] = {b.lat};
     const Index offsets[2] = {0, n * cfg_.kv_lora_rank};
     const Index elements[2] = {cfg_.kv_lora_rank, cfg_.qk_rope_head_dim};
-    attend<float>(b, form, seg, detail::contiguous_view<float>(base, offsets, elements, n));
+    attend<float>(ctx, b, form, seg, detail::contiguous_view<float>(base, offsets, elements, n));
     finish(b, form, y);
   }
 
@@ -306,8 +306,7 @@ class MultiHeadLatentAttention {
   void run_cached(Context& ctx, const ConstTensorView<float, 2>& x, TensorView<float, 2>& y,
                   Cache& cache, int layer, detail::Segment* segs, Index n_segs) const {
     detail::check_io(kWho, x, y, cfg_.d_model);
-    const CacheLayout layout = cache_layout();
-    detail::plan_cache_call(kWho, cache, layer, layout, rope_, segs, n_segs);
+    detail::plan_cache_call(kWho, cache, layer, layout_, rope_, segs, n_segs);
     // Nothing below throws tpa::Error: the checks above cover every precondition. All scratch
     // is taken before the first append.
     ScratchGuard guard(ctx.scratch());
@@ -321,14 +320,14 @@ class MultiHeadLatentAttention {
       cache.append(segs[s].seq, layer, segs[s].n, rows);
     }
     for (Index s = 0; s < n_segs; ++s)
-      attend<CacheScalar>(b, form, segs[s], cache.view(segs[s].seq, layer));
+      attend<CacheScalar>(ctx, b, form, segs[s], cache.view(segs[s].seq, layer));
     finish(b, form, y);
   }
 
   // Attention of one segment's queries over the latents in `lat` (factor 0 = c_kv' [d_c],
   // factor 1 = k_pe [d_R], at least pos0 + n tokens).
   template <class S>
-  void attend(const Buffers& b, MlaForm form, const detail::Segment& seg,
+  void attend(Context& ctx, const Buffers& b, MlaForm form, const detail::Segment& seg,
               const SeqView<S>& lat) const {
     const Index H = cfg_.n_heads, d_c = cfg_.kv_lora_rank, d_R = cfg_.qk_rope_head_dim;
     if (form == MlaForm::kAbsorbed) {
@@ -350,16 +349,17 @@ class MultiHeadLatentAttention {
       p.d_v = d_c;
       p.scale = cfg_.scale();
       p.kv = lat;
-      Kernels<Backend>::grouped_attention(p);
+      grouped_attention<Backend>(ctx, &p, 1);
       return;
     }
-    attend_explicit(b, seg, lat);
+    attend_explicit(ctx, b, seg, lat);
   }
 
   // Explicit form: up-project the latents of keys 0 … pos0+n−1 to per-head keys and values in
   // scratch, then per-head (G = H) attention.
   template <class S>
-  void attend_explicit(const Buffers& b, const detail::Segment& seg, const SeqView<S>& lat) const {
+  void attend_explicit(Context& ctx, const Buffers& b, const detail::Segment& seg,
+                       const SeqView<S>& lat) const {
     const Index H = cfg_.n_heads, d_c = cfg_.kv_lora_rank, d_R = cfg_.qk_rope_head_dim;
     const Index d_n = cfg_.qk_nope_head_dim, d_v = cfg_.v_head_dim, d_qk = cfg_.qk_head_dim();
     const Index L = seg.pos0 + seg.n;
@@ -402,7 +402,7 @@ class MultiHeadLatentAttention {
     p.d_v = d_v;
     p.scale = cfg_.scale();
     p.kv = detail::contiguous_view<float>(base, offsets, elements, L);
-    Kernels<Backend>::grouped_attention(p);
+    grouped_attention<Backend>(ctx, &p, 1);
   }
 
   // Per-head outputs (absorbed: o_h = W_UV,h o_lat_h), then the output projection.
@@ -426,6 +426,7 @@ class MultiHeadLatentAttention {
   MlaConfig cfg_;
   MlaWeights w_;
   RopeTable rope_;
+  CacheLayout layout_;  // built once: a decode step allocates nothing
   bool fold_q_ = false;
   bool fold_o_ = false;
   Matrix<float> wq_abs_;  // [H·(d_c+d_R), d_in]: per head W_UK,hᵀ W_UQ_nope,h, then W_UQ_pe,h

@@ -1,0 +1,355 @@
+// A small decoder-only language model written with tpa's attention layers, as in the reference
+// `model/T6.py` (and `llama-gqa.py` / `llama-mla.py`, which differ only in the attention):
+//
+//   x = wte[tokens]                                  transformer.wte.weight [V, D]
+//   per block i:  x += attn_i(rms_norm(x))           transformer.h.<i>.attn.*  (any tpa kind)
+//                 x += mlp_i(rms_norm(x))            transformer.h.<i>.mlp.c_fc1 / c_fc2 / c_proj
+//   logits = lm_head(rms_norm(x))                    lm_head.weight [V, D], or wte when tied
+//
+// mlp(x) = c_proj(silu(c_fc1 x) ⊙ c_fc2 x), hidden size floor(8/3 · D) by default. The block and
+// final norms are F.rms_norm without a learned weight (eps = float32 machine epsilon, PyTorch's
+// default). All layers share one tpa::KVCache; the model is a template over the attention layer
+// type, so every kind runs the same code.
+//
+// This header is part of the examples, not of the library: tpa provides attention layers; the
+// embedding, norms, MLP and sampling here are the few lines a user writes around them.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <set>
+#include <string>
+#include <tpa/io/checkpoint.hpp>
+#include <tpa/tpa.hpp>
+#include <utility>
+#include <vector>
+
+namespace t6 {
+
+using tpa::Index;
+using Token = std::int32_t;
+using tpa::Matrix;
+
+/// \brief Shape of the model around its attention layers. The attention config `attn` (of the
+/// layer's type) holds d_model, the heads and RoPE; `attn.rope.max_positions` bounds the context.
+template <class Attn>
+struct ModelConfig {
+  typename Attn::Config attn;
+  Index vocab = 256;     ///< V
+  Index n_layers = 2;    ///< L
+  Index mlp_hidden = 0;  ///< F; 0 = floor(8/3 · d_model) as in model/T6.py
+  bool tied = true;      ///< lm_head is transformer.wte.weight (model/T6.py ties them)
+  float norm_eps = std::numeric_limits<float>::epsilon();  ///< F.rms_norm's default for float32
+
+  Index d_model() const { return attn.d_model; }
+  /// F, or model/T6.py's math.floor(8 / 3 * n_embd) (the same double arithmetic).
+  Index hidden() const {
+    return mlp_hidden > 0
+               ? mlp_hidden
+               : static_cast<Index>(std::floor(8.0 / 3.0 * static_cast<double>(attn.d_model)));
+  }
+
+  /// \throws tpa::Error naming the bad field.
+  void validate() const {
+    TPA_CHECK(vocab >= 1, "t6::ModelConfig: vocab (", vocab, ") must be >= 1");
+    TPA_CHECK(n_layers >= 1, "t6::ModelConfig: n_layers (", n_layers, ") must be >= 1");
+    TPA_CHECK(mlp_hidden >= 0, "t6::ModelConfig: mlp_hidden (", mlp_hidden, ") must be >= 0");
+    TPA_CHECK(norm_eps > 0.f, "t6::ModelConfig: norm_eps must be > 0");
+    attn.validate();
+  }
+};
+
+/// SwiGLU MLP weights, [out, in] like nn.Linear.weight.
+struct MlpWeights {
+  Matrix<float> c_fc1;   ///< [F, D] gate (through silu)
+  Matrix<float> c_fc2;   ///< [F, D] up
+  Matrix<float> c_proj;  ///< [D, F]
+};
+
+/// All weights of the model. lm_head is empty when the config ties it to wte.
+template <class Attn>
+struct ModelWeights {
+  Matrix<float> wte;                         ///< transformer.wte.weight [V, D]
+  Matrix<float> lm_head;                     ///< lm_head.weight [V, D] (untied only)
+  std::vector<typename Attn::Weights> attn;  ///< per layer
+  std::vector<MlpWeights> mlp;               ///< per layer
+};
+
+/// The checkpoint names (model/T6.py's state_dict).
+inline std::string attn_prefix(Index layer) {
+  return "transformer.h." + std::to_string(layer) + ".attn.";
+}
+inline std::string mlp_name(Index layer, const char* w) {
+  return "transformer.h." + std::to_string(layer) + ".mlp." + w + ".weight";
+}
+inline constexpr const char* kWte = "transformer.wte.weight";
+inline constexpr const char* kLmHead = "lm_head.weight";
+
+namespace detail {
+
+inline std::string shape_string(const std::vector<Index>& s) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+inline void fill_uniform(Matrix<float>& m, Index rows, Index cols, float bound,
+                         std::mt19937_64& rng) {
+  std::uniform_real_distribution<float> u(-bound, bound);
+  m.resize(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = u(rng);
+}
+
+/// Reads a [rows, cols] tensor; throws tpa::Error naming it if it is missing or shaped otherwise.
+inline Matrix<float> read_matrix(const tpa::io::SafetensorsFile& f, const std::string& name,
+                                 Index rows, Index cols) {
+  TPA_CHECK(f.contains(name), "t6::Model: checkpoint has no tensor '", name, "' (expected [", rows,
+            ", ", cols, "])");
+  const std::vector<Index>& s = f.info(name).shape;
+  TPA_CHECK(s == std::vector<Index>({rows, cols}), "t6::Model: tensor '", name, "' has shape ",
+            detail::shape_string(s), ", expected [", rows, ", ", cols, "]");
+  return f.matrix(name);
+}
+
+/// y [n, out] = x [n, in] · Wᵀ, the output features split over the context's threads.
+inline void linear(tpa::Context& ctx, const Matrix<float>& x, const Matrix<float>& w,
+                   Matrix<float>& y) {
+  y.resize(x.rows(), w.rows());
+  const Index parts = std::min<Index>(ctx.threads(), std::max<Index>(1, w.rows() / 64));
+  ctx.parallel_for(parts, [&](Index p) {
+    const Index c0 = p * w.rows() / parts, c1 = (p + 1) * w.rows() / parts;
+    y.middleCols(c0, c1 - c0).noalias() = x * w.middleRows(c0, c1 - c0).transpose();
+  });
+}
+
+/// F.rms_norm(x, (D,)) of each row, without weight: x / sqrt(mean(x²) + eps).
+inline void rms_norm(const Matrix<float>& x, float eps, Matrix<float>& y) {
+  y.resize(x.rows(), x.cols());
+  for (Index r = 0; r < x.rows(); ++r) {
+    double ss = 0;
+    for (Index i = 0; i < x.cols(); ++i) ss += static_cast<double>(x(r, i)) * x(r, i);
+    const double inv = 1.0 / std::sqrt(ss / static_cast<double>(x.cols()) + eps);
+    for (Index i = 0; i < x.cols(); ++i)
+      y(r, i) = static_cast<float>(static_cast<double>(x(r, i)) * inv);
+  }
+}
+
+}  // namespace detail
+
+/// Wall-clock seconds spent in prefill and decode by Model::generate.
+struct Timing {
+  double prefill_s = 0, decode_s = 0;
+  Index prefill_tokens = 0, decode_tokens = 0;
+};
+
+/// \brief The decoder. Immutable once built; all state of a generation lives in the KVCache.
+/// \tparam Attn a tpa layer type: MultiHeadAttention<>, GroupedQueryAttention<>,
+/// MultiQueryAttention<>, MultiHeadLatentAttention<> or TensorProductAttention<>.
+template <class Attn>
+class Model {
+ public:
+  using Config = ModelConfig<Attn>;
+  using Weights = ModelWeights<Attn>;
+  using Cache = typename Attn::Cache;
+
+  /// \throws tpa::Error if the config is invalid or a weight has the wrong shape.
+  Model(const Config& cfg, Weights w) : cfg_(cfg) {
+    cfg_.validate();
+    const Index V = cfg_.vocab, D = cfg_.d_model(), F = cfg_.hidden(), L = cfg_.n_layers;
+    check(w.wte, kWte, V, D);
+    if (cfg_.tied) {
+      TPA_CHECK(w.lm_head.size() == 0, "t6::Model: lm_head is set but the config ties it to wte");
+    } else {
+      check(w.lm_head, kLmHead, V, D);
+    }
+    TPA_CHECK(static_cast<Index>(w.attn.size()) == L && static_cast<Index>(w.mlp.size()) == L,
+              "t6::Model: weights for ", w.attn.size(), " attention / ", w.mlp.size(),
+              " MLP layers, config has ", L);
+    for (Index l = 0; l < L; ++l) {
+      const MlpWeights& m = w.mlp[static_cast<std::size_t>(l)];
+      check(m.c_fc1, mlp_name(l, "c_fc1"), F, D);
+      check(m.c_fc2, mlp_name(l, "c_fc2"), F, D);
+      check(m.c_proj, mlp_name(l, "c_proj"), D, F);
+    }
+    for (auto& a : w.attn) attn_.emplace_back(cfg_.attn, std::move(a));
+    wte_ = std::move(w.wte);
+    lm_head_ = std::move(w.lm_head);
+    mlp_ = std::move(w.mlp);
+  }
+
+  /// Seeded random weights (deterministic for a given seed and standard library).
+  static Weights random_weights(const Config& cfg, std::uint64_t seed) {
+    cfg.validate();
+    std::mt19937_64 rng(seed);
+    const Index V = cfg.vocab, D = cfg.d_model(), F = cfg.hidden();
+    const float bd = 1.f / std::sqrt(static_cast<float>(D));
+    Weights w;
+    // As model/T6.py: wte is the tied nn.Linear lm_head, U(±1/sqrt(D)).
+    detail::fill_uniform(w.wte, V, D, bd, rng);
+    if (!cfg.tied) detail::fill_uniform(w.lm_head, V, D, bd, rng);
+    for (Index l = 0; l < cfg.n_layers; ++l) {
+      w.attn.push_back(Attn::Weights::random(cfg.attn, rng()));
+      MlpWeights m;
+      detail::fill_uniform(m.c_fc1, F, D, bd, rng);
+      detail::fill_uniform(m.c_fc2, F, D, bd, rng);
+      detail::fill_uniform(m.c_proj, D, F, 1.f / std::sqrt(static_cast<float>(F)), rng);
+      w.mlp.push_back(std::move(m));
+    }
+    return w;
+  }
+
+  /// \brief The weights of `file` by model/T6.py's names (converted from F32/BF16/F16).
+  /// With cfg.tied, the embedding is transformer.wte.weight or, if the file only has that,
+  /// lm_head.weight; a file with both must hold the same values.
+  /// \throws tpa::Error naming every missing, mis-shaped or unexpected tensor (e.g. the layers
+  /// of a deeper model).
+  static Weights load_weights(const tpa::io::SafetensorsFile& file, const Config& cfg) {
+    cfg.validate();
+    const Index V = cfg.vocab, D = cfg.d_model(), F = cfg.hidden(), L = cfg.n_layers;
+    Weights w;
+    std::set<std::string> used;
+    auto take = [&](const std::string& name, Index rows, Index cols) {
+      used.insert(name);
+      return detail::read_matrix(file, name, rows, cols);
+    };
+    if (cfg.tied) {
+      const bool has_wte = file.contains(kWte), has_head = file.contains(kLmHead);
+      w.wte = take(has_wte || !has_head ? kWte : kLmHead, V, D);
+      if (has_wte && has_head) {
+        TPA_CHECK(take(kLmHead, V, D) == w.wte, "t6::Model: the config ties lm_head to wte but '",
+                  kLmHead, "' differs from '", kWte, "' (load it untied)");
+      }
+    } else {
+      w.wte = take(kWte, V, D);
+      w.lm_head = take(kLmHead, V, D);
+    }
+    for (Index l = 0; l < L; ++l) {
+      w.attn.push_back(tpa::io::load_weights(file, attn_prefix(l), cfg.attn));
+      MlpWeights m;
+      m.c_fc1 = take(mlp_name(l, "c_fc1"), F, D);
+      m.c_fc2 = take(mlp_name(l, "c_fc2"), F, D);
+      m.c_proj = take(mlp_name(l, "c_proj"), D, F);
+      w.mlp.push_back(std::move(m));
+    }
+    // The attention loaders reject stray tensors under their prefix; anything else left over
+    // (another layer, a learned norm this model does not have) is reported here.
+    for (const std::string& name : file.names()) {
+      bool known = used.count(name) != 0;
+      for (Index l = 0; l < L && !known; ++l) known = name.rfind(attn_prefix(l), 0) == 0;
+      TPA_CHECK(known, "t6::Model: unexpected tensor '", name, "' ",
+                detail::shape_string(file.info(name).shape), " for a model of ", L, " layers (",
+                cfg.tied ? "tied" : "untied", " lm_head)");
+    }
+    return w;
+  }
+
+  /// Adds every weight to `out` by model/T6.py's names, stored as `dtype`.
+  void save(tpa::io::SafetensorsWriter& out, tpa::io::DType dtype) const {
+    const std::vector<Index> emb = {cfg_.vocab, cfg_.d_model()};
+    out.add(kWte, dtype, emb, wte_.data());
+    if (!cfg_.tied) out.add(kLmHead, dtype, emb, lm_head_.data());
+    for (Index l = 0; l < cfg_.n_layers; ++l) {
+      const auto& a = attn_[static_cast<std::size_t>(l)];
+      const MlpWeights& m = mlp_[static_cast<std::size_t>(l)];
+      tpa::io::save_weights(out, attn_prefix(l), a.config(), a.weights(), dtype);
+      out.add(mlp_name(l, "c_fc1"), dtype, {m.c_fc1.rows(), m.c_fc1.cols()}, m.c_fc1.data());
+      out.add(mlp_name(l, "c_fc2"), dtype, {m.c_fc2.rows(), m.c_fc2.cols()}, m.c_fc2.data());
+      out.add(mlp_name(l, "c_proj"), dtype, {m.c_proj.rows(), m.c_proj.cols()}, m.c_proj.data());
+    }
+  }
+
+  const Config& config() const { return cfg_; }
+  const Attn& attention(Index layer) const { return attn_.at(static_cast<std::size_t>(layer)); }
+
+  /// One cache layout per layer, for tpa::KVCache.
+  std::vector<tpa::CacheLayout> cache_layouts() const {
+    std::vector<tpa::CacheLayout> v;
+    for (const auto& a : attn_) v.push_back(a.cache_layout());
+    return v;
+  }
+
+  /// \brief Appends `tokens` to sequence `seq` (all layers) and returns the logits [V] of the
+  /// last one. Prefill, chunked prefill and single-token decode alike.
+  /// \throws tpa::Error on a token outside [0, V), a full cache, or positions past the RoPE
+  /// table.
+  Eigen::VectorXf forward(tpa::Context& ctx, const std::vector<Token>& tokens, Cache& cache,
+                          tpa::SeqId seq) const {
+    const Index n = static_cast<Index>(tokens.size()), D = cfg_.d_model();
+    TPA_CHECK(n >= 1, "t6::Model::forward: no tokens");
+    Matrix<float> x(n, D), h, a(n, D), u, g;
+    for (Index t = 0; t < n; ++t) {
+      const Token id = tokens[static_cast<std::size_t>(t)];
+      TPA_CHECK(id >= 0 && id < cfg_.vocab, "t6::Model::forward: token ", id,
+                " is outside the vocabulary [0, ", cfg_.vocab, ")");
+      x.row(t) = wte_.row(id);
+    }
+    for (Index l = 0; l < cfg_.n_layers; ++l) {
+      detail::rms_norm(x, cfg_.norm_eps, h);
+      attn_[static_cast<std::size_t>(l)].forward(
+          ctx, tpa::ConstTensorView<float, 2>(h.data(), n, D),
+          tpa::TensorView<float, 2>(a.data(), n, D), cache, static_cast<int>(l), seq);
+      x += a;
+      detail::rms_norm(x, cfg_.norm_eps, h);
+      const MlpWeights& m = mlp_[static_cast<std::size_t>(l)];
+      detail::linear(ctx, h, m.c_fc1, u);
+      detail::linear(ctx, h, m.c_fc2, g);
+      u = (u.array() / (1.f + (-u.array()).exp()) * g.array()).matrix();  // silu(u) ⊙ g
+      detail::linear(ctx, u, m.c_proj, a);
+      x += a;
+    }
+    Matrix<float> last = x.row(n - 1), logits;
+    detail::rms_norm(last, cfg_.norm_eps, h);
+    detail::linear(ctx, h, cfg_.tied ? wte_ : lm_head_, logits);
+    return logits.row(0).transpose();
+  }
+
+  /// \brief Greedy generation: prefills `prompt` into `seq`, then appends the most likely token
+  /// (lowest id on ties) `n_new` times, feeding each back. Returns the `n_new` new tokens; the
+  /// cache then holds prompt.size() + n_new − 1 tokens of `seq`.
+  std::vector<Token> generate(tpa::Context& ctx, const std::vector<Token>& prompt, Index n_new,
+                              Cache& cache, tpa::SeqId seq, Timing* timing = nullptr) const {
+    using Clock = std::chrono::steady_clock;
+    std::vector<Token> out;
+    if (n_new <= 0) return out;
+    const auto t0 = Clock::now();
+    Eigen::VectorXf logits = forward(ctx, prompt, cache, seq);
+    const auto t1 = Clock::now();
+    out.push_back(argmax(logits));
+    for (Index i = 1; i < n_new; ++i) {
+      logits = forward(ctx, {out.back()}, cache, seq);
+      out.push_back(argmax(logits));
+    }
+    const auto t2 = Clock::now();
+    if (timing != nullptr) {
+      timing->prefill_s = std::chrono::duration<double>(t1 - t0).count();
+      timing->decode_s = std::chrono::duration<double>(t2 - t1).count();
+      timing->prefill_tokens = static_cast<Index>(prompt.size());
+      timing->decode_tokens = n_new - 1;
+    }
+    return out;
+  }
+
+  static Token argmax(const Eigen::VectorXf& v) {
+    Index best = 0;
+    for (Index i = 1; i < v.size(); ++i)
+      if (v[i] > v[best]) best = i;
+    return static_cast<Token>(best);
+  }
+
+ private:
+  static void check(const Matrix<float>& m, const std::string& name, Index rows, Index cols) {
+    TPA_CHECK(m.rows() == rows && m.cols() == cols, "t6::Model: weight '", name, "' is [", m.rows(),
+              ", ", m.cols(), "], expected [", rows, ", ", cols, "]");
+  }
+
+  Config cfg_;
+  std::vector<Attn> attn_;
+  Matrix<float> wte_, lm_head_;
+  std::vector<MlpWeights> mlp_;
+};
+
+}  // namespace t6

@@ -1,0 +1,624 @@
+// tpa::io checkpoint loaders and savers (include/tpa/io/checkpoint.hpp) and the T6-style model
+// of examples/t6_model.hpp on checkpoints written here:
+//  - every kind, saved as F32 / BF16 / F16 and loaded back, gives a layer whose outputs equal
+//    (bit for bit) those of the in-memory weights rounded the same way;
+//  - missing, unexpected and mis-shaped tensors throw tpa::Error naming them in full;
+//  - a prefix picks its own layer out of a multi-layer file (h.1 is not h.10);
+//  - the model loaded from a file generates the same tokens and logits as the same model built
+//    from in-memory weights, deterministically, with finite logits.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+#include <tpa/io/checkpoint.hpp>
+#include <tpa/tpa.hpp>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../examples/t6_model.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using tpa::Index;
+using tpa::io::DType;
+using tpa::io::LoadOptions;
+using tpa::io::SafetensorsFile;
+using tpa::io::SafetensorsWriter;
+
+const DType kDTypes[] = {DType::kF32, DType::kBF16, DType::kF16};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers over the weights structs
+// ---------------------------------------------------------------------------------------------
+
+// Calls f on every matrix and vector of a weights struct (empty ones included).
+template <class W, class F>
+void each(W& w, F&& f) {
+  using T = std::decay_t<W>;
+  if constexpr (std::is_same<T, tpa::GqaWeights>::value) {
+    f(w.c_q), f(w.c_k), f(w.c_v), f(w.c_proj), f(w.subln);
+  } else if constexpr (std::is_same<T, tpa::TpaWeights>::value) {
+    f(w.W_A_q), f(w.W_A_k), f(w.W_A_v), f(w.W_B_q), f(w.W_B_k), f(w.W_B_v), f(w.c_q), f(w.c_proj),
+        f(w.subln);
+  } else {
+    static_assert(std::is_same<T, tpa::MlaWeights>::value, "unknown weights type");
+    f(w.q_a_proj), f(w.q_a_layernorm), f(w.q_b_proj), f(w.q_proj), f(w.kv_a_proj_with_mqa),
+        f(w.kv_a_layernorm), f(w.kv_b_proj), f(w.c_proj);
+  }
+}
+
+float round_as(DType dt, float v) {
+  switch (dt) {
+    case DType::kBF16:
+      return static_cast<float>(tpa::bfloat16(v));
+    case DType::kF16:
+      return static_cast<float>(tpa::half(v));
+    case DType::kF32:
+      break;
+  }
+  return v;
+}
+
+template <class M>
+void round_in_place(M& m, DType dt) {
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = round_as(dt, m.data()[i]);
+}
+
+// The weights as a file of `dt` holds them.
+template <class W>
+W rounded(W w, DType dt) {
+  each(w, [&](auto& m) { round_in_place(m, dt); });
+  return w;
+}
+
+// Every value of every weight, in order, with the sizes (so that shapes count too).
+template <class W>
+std::vector<std::vector<float>> flat(const W& w) {
+  std::vector<std::vector<float>> out;
+  each(w, [&](const auto& m) {
+    out.emplace_back(m.data(), m.data() + m.size());
+    out.back().push_back(static_cast<float>(m.rows()));
+  });
+  return out;
+}
+
+// The tpa::Error message of f(), or a test failure if it does not throw one.
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const tpa::Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no tpa::Error thrown";
+  return "";
+}
+
+// A copy of `src` (as F32) without the tensors in `drop`, plus `add` (name -> shape, values).
+struct Extra {
+  std::vector<Index> shape;
+  std::vector<float> values;
+};
+SafetensorsFile rewrite(const SafetensorsFile& src, const std::set<std::string>& drop,
+                        const std::map<std::string, Extra>& add = {}) {
+  SafetensorsWriter out;
+  for (const std::string& name : src.names()) {
+    if (drop.count(name)) continue;
+    const std::vector<float> v = src.read_f32(name);
+    out.add(name, DType::kF32, src.info(name).shape, v.data());
+  }
+  for (const auto& kv : add)
+    out.add(kv.first, DType::kF32, kv.second.shape, kv.second.values.data());
+  return SafetensorsFile::from_bytes(out.bytes());
+}
+
+Extra zeros(std::vector<Index> shape) {
+  Index n = 1;
+  for (Index d : shape) n *= d;
+  return {std::move(shape), std::vector<float>(static_cast<std::size_t>(n), 0.5f)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configs of each kind (small)
+// ---------------------------------------------------------------------------------------------
+
+tpa::GqaConfig gqa_config(Index kv_heads, bool head_norm) {
+  tpa::GqaConfig c;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.n_kv_heads = kv_heads;
+  c.head_dim = 8;
+  c.head_norm = head_norm;
+  c.rope.max_positions = 64;
+  return c;
+}
+
+tpa::TpaConfig tpa_config(bool kv_only, bool head_norm) {
+  tpa::TpaConfig c;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.head_dim = 8;
+  c.q_rank = kv_only ? 0 : 3;
+  c.k_rank = 2;
+  c.v_rank = 1;
+  c.kv_only = kv_only;
+  c.head_norm = head_norm;
+  c.rope.max_positions = 64;
+  return c;
+}
+
+tpa::MlaConfig mla_config(Index q_lora_rank) {
+  tpa::MlaConfig c;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.q_lora_rank = q_lora_rank;
+  c.kv_lora_rank = 12;
+  c.qk_nope_head_dim = 8;
+  c.qk_rope_head_dim = 4;
+  c.v_head_dim = 6;
+  c.rope.max_positions = 64;
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round trips through the writer, in each dtype
+// ---------------------------------------------------------------------------------------------
+
+// Layer outputs for x: a full forward, then the same tokens through the cache (prefill of all
+// but the last, then one decode step).
+template <class Layer>
+std::vector<float> outputs(const Layer& layer, const tpa::Tensor<float, 2>& x) {
+  const Index n = x.dimension(0), D = x.dimension(1);
+  tpa::Context ctx;
+  tpa::Tensor<float, 2> y(n, D), yp(n - 1, D), y1(1, D);
+  layer.forward(ctx, x, y);
+  tpa::KVCache<float> cache({layer.cache_layout()}, 4, 8);
+  const tpa::SeqId seq = cache.add_sequence();
+  layer.forward(ctx, tpa_test::rows(x, 0, n - 1), yp, cache, 0, seq);
+  layer.forward(ctx, tpa_test::rows(x, n - 1, 1), y1, cache, 0, seq);
+  std::vector<float> out(y.data(), y.data() + y.size());
+  out.insert(out.end(), yp.data(), yp.data() + yp.size());
+  out.insert(out.end(), y1.data(), y1.data() + y1.size());
+  return out;
+}
+
+template <class Layer>
+void check_round_trip(const typename Layer::Config& cfg) {
+  using Weights = typename Layer::Weights;
+  const std::string prefix = "model.layers.7.attn.";
+  const Weights w = Weights::random(cfg, /*seed=*/7);
+  const auto x = tpa_test::random_tensor(6, cfg.d_model, /*seed=*/11);
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(tpa::io::dtype_name(dt));
+    SafetensorsWriter out;
+    tpa::io::save_weights(out, prefix, cfg, w, dt);
+    const SafetensorsFile file = SafetensorsFile::from_bytes(out.bytes());
+    for (const std::string& name : file.names()) {
+      EXPECT_EQ(name.rfind(prefix, 0), 0u) << name;
+      EXPECT_EQ(file.info(name).dtype, dt) << name;
+    }
+
+    const Weights loaded = tpa::io::load_weights(file, prefix, cfg);
+    const Weights expect = rounded(w, dt);
+    EXPECT_TRUE(flat(loaded) == flat(expect)) << "loaded values differ from the rounded ones";
+    if (dt == DType::kF32) {
+      EXPECT_TRUE(flat(loaded) == flat(w)) << "F32 must round-trip exactly";
+    } else {
+      EXPECT_FALSE(flat(loaded) == flat(w)) << "rounding to a 16-bit type changed nothing?";
+    }
+
+    const Layer from_file(cfg, loaded), in_memory(cfg, expect);
+    const std::vector<float> a = outputs(from_file, x), b = outputs(in_memory, x);
+    EXPECT_TRUE(a == b) << "outputs differ (max rel err "
+                        << tpa_test::rel_err(a, b, static_cast<Index>(a.size())) << ")";
+    for (float v : a) ASSERT_TRUE(std::isfinite(v));
+  }
+}
+
+TEST(CheckpointRoundTrip, Mha) {
+  check_round_trip<tpa::MultiHeadAttention<>>(gqa_config(4, false));
+}
+TEST(CheckpointRoundTrip, GqaWithHeadNorm) {
+  check_round_trip<tpa::GroupedQueryAttention<>>(gqa_config(2, true));
+}
+TEST(CheckpointRoundTrip, Mqa) {
+  check_round_trip<tpa::MultiQueryAttention<>>(gqa_config(1, false));
+}
+TEST(CheckpointRoundTrip, Tpa) {
+  check_round_trip<tpa::TensorProductAttention<>>(tpa_config(false, false));
+}
+TEST(CheckpointRoundTrip, TpaKvOnlyWithHeadNorm) {
+  check_round_trip<tpa::TensorProductAttention<>>(tpa_config(true, true));
+}
+TEST(CheckpointRoundTrip, MlaWithQueryLatent) {
+  check_round_trip<tpa::MultiHeadLatentAttention<>>(mla_config(16));
+}
+TEST(CheckpointRoundTrip, MlaWithPlainQuery) {
+  check_round_trip<tpa::MultiHeadLatentAttention<>>(mla_config(0));
+}
+
+TEST(CheckpointRoundTrip, WritesTheSpecNames) {
+  auto names_of = [](auto save) {
+    SafetensorsWriter out;
+    save(out);
+    return SafetensorsFile::from_bytes(out.bytes()).names();
+  };
+  using V = std::vector<std::string>;
+  const auto g = gqa_config(2, true);
+  EXPECT_EQ(
+      names_of([&](SafetensorsWriter& o) {
+        tpa::io::save_gqa_weights(o, "p", g, tpa::GqaWeights::random(g, 1));
+      }),
+      (V{"p.c_k.weight", "p.c_proj.weight", "p.c_q.weight", "p.c_v.weight", "p.subln.weight"}));
+  const auto t = tpa_config(false, false);
+  EXPECT_EQ(names_of([&](SafetensorsWriter& o) {
+              tpa::io::save_tpa_weights(o, "", t, tpa::TpaWeights::random(t, 1));
+            }),
+            (V{"c_proj.weight", "c_qkv.W_A_k.weight", "c_qkv.W_A_q.weight", "c_qkv.W_A_v.weight",
+               "c_qkv.W_B_k.weight", "c_qkv.W_B_q.weight", "c_qkv.W_B_v.weight"}));
+  const auto k = tpa_config(true, false);
+  EXPECT_EQ(names_of([&](SafetensorsWriter& o) {
+              tpa::io::save_tpa_weights(o, "", k, tpa::TpaWeights::random(k, 1));
+            }),
+            (V{"c_proj.weight", "c_qkv.W_A_k.weight", "c_qkv.W_A_v.weight", "c_qkv.W_B_k.weight",
+               "c_qkv.W_B_v.weight", "c_qkv.c_q.weight"}));
+  const auto m = mla_config(16);
+  EXPECT_EQ(names_of([&](SafetensorsWriter& o) {
+              tpa::io::save_mla_weights(o, "", m, tpa::MlaWeights::random(m, 1));
+            }),
+            (V{"c_proj.weight", "kv_a_layernorm.weight", "kv_a_proj_with_mqa.weight",
+               "kv_b_proj.weight", "q_a_layernorm.weight", "q_a_proj.weight", "q_b_proj.weight"}));
+  const auto m0 = mla_config(0);
+  EXPECT_EQ(names_of([&](SafetensorsWriter& o) {
+              tpa::io::save_mla_weights(o, "", m0, tpa::MlaWeights::random(m0, 1));
+            }),
+            (V{"c_proj.weight", "kv_a_layernorm.weight", "kv_a_proj_with_mqa.weight",
+               "kv_b_proj.weight", "q_proj.weight"}));
+  // T6_infer.py's spelling through the name map.
+  EXPECT_EQ(names_of([&](SafetensorsWriter& o) {
+              tpa::io::save_tpa_weights(o, "", t, tpa::TpaWeights::random(t, 1), DType::kF32,
+                                        tpa::io::t6_infer_names());
+            }),
+            (V{"W_A_k.weight", "W_A_q.weight", "W_A_v.weight", "W_B_k.weight", "W_B_q.weight",
+               "W_B_v.weight", "wo.weight"}));
+}
+
+TEST(CheckpointRoundTrip, NameMapLoadsT6InferNames) {
+  const auto cfg = tpa_config(false, false);
+  const auto w = tpa::TpaWeights::random(cfg, 3);
+  SafetensorsWriter out;
+  tpa::io::save_tpa_weights(out, "layers.0.attention.", cfg, w, DType::kF32,
+                            tpa::io::t6_infer_names());
+  const auto file = SafetensorsFile::from_bytes(out.bytes());
+  LoadOptions opt;
+  opt.names = tpa::io::t6_infer_names();
+  EXPECT_TRUE(flat(tpa::io::load_tpa_weights(file, "layers.0.attention.", cfg, opt)) == flat(w));
+  // Without the map the library names are missing and the file's are unexpected.
+  const std::string msg =
+      error_of([&] { tpa::io::load_tpa_weights(file, "layers.0.attention.", cfg); });
+  EXPECT_NE(msg.find("missing tensor 'layers.0.attention.c_proj.weight'"), std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("unexpected tensor 'layers.0.attention.wo.weight'"), std::string::npos) << msg;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Missing, unexpected, mis-shaped
+// ---------------------------------------------------------------------------------------------
+
+class CheckpointErrors : public ::testing::Test {
+ protected:
+  const std::string prefix = "transformer.h.3.attn.";
+  tpa::GqaConfig cfg = gqa_config(2, false);
+
+  SafetensorsFile good() const {
+    SafetensorsWriter out;
+    tpa::io::save_gqa_weights(out, prefix, cfg, tpa::GqaWeights::random(cfg, 5));
+    // Tensors outside the prefix never matter, even with similar names.
+    const std::vector<float> v(4, 1.f);
+    out.add("transformer.h.3.mlp.c_fc1.weight", DType::kF32, {2, 2}, v.data());
+    out.add("transformer.h.3.attn", DType::kF32, {4}, v.data());
+    out.add("transformer.h.30.attn.c_q.weight", DType::kF32, {4}, v.data());
+    return SafetensorsFile::from_bytes(out.bytes());
+  }
+  std::string load_error(const SafetensorsFile& f, const LoadOptions& opt = {}) const {
+    return error_of([&] { tpa::io::load_gqa_weights(f, prefix, cfg, opt); });
+  }
+};
+
+TEST_F(CheckpointErrors, GoodFileLoads) {
+  EXPECT_NO_THROW(tpa::io::load_gqa_weights(good(), prefix, cfg));
+  EXPECT_NO_THROW(tpa::io::load_gqa_weights(good(), "transformer.h.3.attn", cfg));
+}
+
+TEST_F(CheckpointErrors, MissingTensorIsNamed) {
+  const std::string msg = load_error(rewrite(good(), {prefix + "c_k.weight"}));
+  EXPECT_NE(msg.find("missing tensor 'transformer.h.3.attn.c_k.weight' (expected shape [16, 32])"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("load_gqa_weights"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("(1 problem)"), std::string::npos) << msg;
+  // allow_unused does not excuse a missing weight.
+  LoadOptions lenient;
+  lenient.allow_unused = true;
+  EXPECT_NE(load_error(rewrite(good(), {prefix + "c_k.weight"}), lenient).find("c_k.weight"),
+            std::string::npos);
+}
+
+TEST_F(CheckpointErrors, MisShapedTensorIsNamed) {
+  const std::string msg = load_error(
+      rewrite(good(), {prefix + "c_proj.weight"}, {{prefix + "c_proj.weight", zeros({32, 16})}}));
+  EXPECT_NE(msg.find("tensor 'transformer.h.3.attn.c_proj.weight' has shape [32, 16], expected "
+                     "[32, 32]"),
+            std::string::npos)
+      << msg;
+  // Same element count, other rank: still mis-shaped.
+  const std::string flat_msg = load_error(
+      rewrite(good(), {prefix + "c_v.weight"}, {{prefix + "c_v.weight", zeros({16 * 32})}}));
+  EXPECT_NE(flat_msg.find("tensor 'transformer.h.3.attn.c_v.weight' has shape [512]"),
+            std::string::npos)
+      << flat_msg;
+}
+
+TEST_F(CheckpointErrors, UnexpectedTensorIsNamed) {
+  const std::string msg =
+      load_error(rewrite(good(), {}, {{prefix + "rotary.inv_freq", zeros({4})}}));
+  EXPECT_NE(msg.find("unexpected tensor 'transformer.h.3.attn.rotary.inv_freq' [4]"),
+            std::string::npos)
+      << msg;
+  LoadOptions lenient;
+  lenient.allow_unused = true;
+  EXPECT_NO_THROW(tpa::io::load_gqa_weights(
+      rewrite(good(), {}, {{prefix + "rotary.inv_freq", zeros({4})}}), prefix, cfg, lenient));
+}
+
+TEST_F(CheckpointErrors, WeightOfAnotherConfigSaysWhy) {
+  // subln.weight in the file but head_norm off: the config probably is wrong.
+  const std::string msg = load_error(rewrite(good(), {}, {{prefix + "subln.weight", zeros({8})}}));
+  EXPECT_NE(msg.find("unexpected tensor 'transformer.h.3.attn.subln.weight' [8] (used only with "
+                     "head_norm = true)"),
+            std::string::npos)
+      << msg;
+  // A T6 file loaded as K/V-only TPA: the missing query and the two unused factors.
+  const auto t6 = tpa_config(false, false);
+  SafetensorsWriter out;
+  tpa::io::save_tpa_weights(out, "a.", t6, tpa::TpaWeights::random(t6, 1));
+  const auto f = SafetensorsFile::from_bytes(out.bytes());
+  auto kv = t6;
+  kv.kv_only = true;
+  const std::string tmsg = error_of([&] { tpa::io::load_tpa_weights(f, "a.", kv); });
+  EXPECT_NE(tmsg.find("missing tensor 'a.c_qkv.c_q.weight' (expected shape [32, 32])"),
+            std::string::npos)
+      << tmsg;
+  EXPECT_NE(tmsg.find("unexpected tensor 'a.c_qkv.W_A_q.weight' [12, 32] (kv_only = true uses "
+                      "c_qkv.c_q.weight)"),
+            std::string::npos)
+      << tmsg;
+  EXPECT_NE(tmsg.find("unexpected tensor 'a.c_qkv.W_B_q.weight'"), std::string::npos) << tmsg;
+  // MLA with a query latent loaded as plain-query MLA.
+  const auto m = mla_config(16);
+  SafetensorsWriter mout;
+  tpa::io::save_mla_weights(mout, "", m, tpa::MlaWeights::random(m, 1));
+  const auto mf = SafetensorsFile::from_bytes(mout.bytes());
+  const std::string mmsg = error_of([&] { tpa::io::load_mla_weights(mf, "", mla_config(0)); });
+  EXPECT_NE(mmsg.find("missing tensor 'q_proj.weight' (expected shape [48, 32])"),
+            std::string::npos)
+      << mmsg;
+  EXPECT_NE(mmsg.find("unexpected tensor 'q_a_layernorm.weight' [16] (used only with "
+                      "q_lora_rank > 0)"),
+            std::string::npos)
+      << mmsg;
+}
+
+TEST_F(CheckpointErrors, AllProblemsAreListedAtOnce) {
+  const std::string msg = load_error(
+      rewrite(good(), {prefix + "c_q.weight", prefix + "c_v.weight"},
+              {{prefix + "c_v.weight", zeros({8, 32})}, {prefix + "extra", zeros({1})}}));
+  EXPECT_NE(msg.find("(3 problems)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("missing tensor 'transformer.h.3.attn.c_q.weight'"), std::string::npos);
+  EXPECT_NE(msg.find("tensor 'transformer.h.3.attn.c_v.weight' has shape [8, 32]"),
+            std::string::npos);
+  EXPECT_NE(msg.find("unexpected tensor 'transformer.h.3.attn.extra'"), std::string::npos);
+}
+
+TEST_F(CheckpointErrors, InvalidConfigAndBadWeightsToSave) {
+  auto bad = cfg;
+  bad.n_kv_heads = 3;  // 4 heads are not a multiple of 3
+  EXPECT_THROW(tpa::io::load_gqa_weights(good(), prefix, bad), tpa::Error);
+  auto w = tpa::GqaWeights::random(cfg, 1);
+  w.c_k.resize(3, 3);
+  SafetensorsWriter out;
+  const std::string msg = error_of([&] { tpa::io::save_gqa_weights(out, prefix, cfg, w); });
+  EXPECT_NE(msg.find("c_k.weight"), std::string::npos) << msg;
+  EXPECT_TRUE(SafetensorsFile::from_bytes(out.bytes()).names().empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A prefix picks its layer out of a multi-layer file
+// ---------------------------------------------------------------------------------------------
+
+TEST(CheckpointPrefix, PicksTheRightLayerOfTwelve) {
+  const auto cfg = tpa_config(false, true);
+  std::vector<tpa::TpaWeights> layers;
+  SafetensorsWriter out;
+  const std::vector<float> mlp(32 * 4, 0.25f);
+  for (int l = 0; l < 12; ++l) {
+    layers.push_back(tpa::TpaWeights::random(cfg, 100 + static_cast<std::uint64_t>(l)));
+    const std::string h = "transformer.h." + std::to_string(l) + ".";
+    tpa::io::save_tpa_weights(out, h + "attn.", cfg, layers.back(), DType::kBF16);
+    out.add(h + "mlp.c_fc1.weight", DType::kBF16, {4, 32}, mlp.data());
+  }
+  const auto file = SafetensorsFile::from_bytes(out.bytes());
+  for (int l : {0, 1, 10, 11}) {
+    SCOPED_TRACE(l);
+    const auto w =
+        tpa::io::load_tpa_weights(file, "transformer.h." + std::to_string(l) + ".attn.", cfg);
+    EXPECT_TRUE(flat(w) == flat(rounded(layers[static_cast<std::size_t>(l)], DType::kBF16)));
+  }
+  // Without the trailing '.', the prefix still means that layer (and not also h.10, h.11).
+  EXPECT_TRUE(flat(tpa::io::load_tpa_weights(file, "transformer.h.1.attn", cfg)) ==
+              flat(rounded(layers[1], DType::kBF16)));
+  const std::string msg =
+      error_of([&] { tpa::io::load_tpa_weights(file, "transformer.h.12.attn.", cfg); });
+  EXPECT_NE(msg.find("missing tensor 'transformer.h.12.attn.c_qkv.W_A_q.weight'"),
+            std::string::npos)
+      << msg;
+  // The whole block as prefix: the MLP weight is not an attention weight.
+  const std::string bmsg =
+      error_of([&] { tpa::io::load_tpa_weights(file, "transformer.h.2.", cfg); });
+  EXPECT_NE(bmsg.find("unexpected tensor 'transformer.h.2.mlp.c_fc1.weight'"), std::string::npos)
+      << bmsg;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The example model (examples/t6_model.hpp) on a checkpoint written here
+// ---------------------------------------------------------------------------------------------
+
+std::string temp_path(const std::string& stem) {
+  return ::testing::TempDir() + "tpa_checkpoint_test_" + stem + "_" + std::to_string(::getpid()) +
+         ".safetensors";
+}
+
+struct Run {
+  std::vector<t6::Token> ids;
+  std::vector<float> logits;  // after the last generated token
+  std::size_t bytes_per_token = 0, bytes_used = 0;
+};
+
+template <class Attn>
+Run generate(const t6::Model<Attn>& model, const std::vector<t6::Token>& prompt, Index n) {
+  tpa::Context ctx;
+  tpa::KVCache<float> cache(model.cache_layouts(), /*block_tokens=*/4, /*max_blocks=*/16);
+  const tpa::SeqId seq = cache.add_sequence();
+  Run r;
+  r.ids = model.generate(ctx, prompt, n, cache, seq);
+  const Eigen::VectorXf logits = model.forward(ctx, {r.ids.back()}, cache, seq);
+  r.logits.assign(logits.data(), logits.data() + logits.size());
+  r.bytes_per_token = cache.bytes_per_token();
+  r.bytes_used = cache.bytes_used();
+  return r;
+}
+
+template <class Attn>
+t6::ModelWeights<Attn> rounded_model(t6::ModelWeights<Attn> w, DType dt) {
+  round_in_place(w.wte, dt);
+  round_in_place(w.lm_head, dt);
+  for (auto& a : w.attn) a = rounded(a, dt);
+  for (auto& m : w.mlp) {
+    round_in_place(m.c_fc1, dt);
+    round_in_place(m.c_fc2, dt);
+    round_in_place(m.c_proj, dt);
+  }
+  return w;
+}
+
+template <class Attn>
+void check_model(const typename Attn::Config& attn, bool tied) {
+  t6::ModelConfig<Attn> cfg;
+  cfg.attn = attn;
+  cfg.vocab = 61;
+  cfg.n_layers = 2;
+  cfg.tied = tied;
+  const auto weights = t6::Model<Attn>::random_weights(cfg, /*seed=*/5);
+  const std::vector<t6::Token> prompt = {3, 1, 4, 1, 5, 9, 2, 6, 5};
+  const Index n_new = 7;
+
+  const t6::Model<Attn> in_memory(cfg, weights);
+  const Run ref = generate(in_memory, prompt, n_new);
+  ASSERT_EQ(static_cast<Index>(ref.ids.size()), n_new);
+  for (t6::Token t : ref.ids) EXPECT_TRUE(t >= 0 && t < cfg.vocab) << t;
+  ASSERT_EQ(static_cast<Index>(ref.logits.size()), cfg.vocab);
+  for (float v : ref.logits) ASSERT_TRUE(std::isfinite(v));
+  // Deterministic: a second run of the same model gives the same tokens and logits.
+  const Run again = generate(in_memory, prompt, n_new);
+  EXPECT_EQ(again.ids, ref.ids);
+  EXPECT_TRUE(again.logits == ref.logits);
+  // The cache holds prompt + n_new tokens of every layer.
+  std::size_t per_token = 0;
+  for (const auto& l : in_memory.cache_layouts())
+    per_token += static_cast<std::size_t>(l.elements_per_token()) * sizeof(float);
+  EXPECT_EQ(ref.bytes_per_token, per_token);
+  EXPECT_EQ(ref.bytes_used, per_token * (prompt.size() + static_cast<std::size_t>(n_new)));
+
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(tpa::io::dtype_name(dt));
+    const std::string path =
+        temp_path(in_memory.attention(0).kind() + "_" + tpa::io::dtype_name(dt));
+    SafetensorsWriter out;
+    in_memory.save(out, dt);
+    out.write(path);
+    const SafetensorsFile file = SafetensorsFile::open(path);
+    std::remove(path.c_str());  // the mapping stays valid
+    EXPECT_EQ(file.contains(t6::kLmHead), !tied);
+    EXPECT_TRUE(file.contains("transformer.h.1.mlp.c_proj.weight"));
+
+    const t6::Model<Attn> loaded(cfg, t6::Model<Attn>::load_weights(file, cfg));
+    const t6::Model<Attn> expect(cfg, rounded_model(weights, dt));
+    const Run a = generate(loaded, prompt, n_new), b = generate(expect, prompt, n_new);
+    EXPECT_EQ(a.ids, b.ids);
+    EXPECT_TRUE(a.logits == b.logits) << "logits differ";
+    if (dt == DType::kF32) {
+      EXPECT_EQ(a.ids, ref.ids);
+      EXPECT_TRUE(a.logits == ref.logits);
+    }
+  }
+
+  // The file of this model does not load into a model of one layer fewer or more.
+  SafetensorsWriter out;
+  in_memory.save(out, DType::kF32);
+  const auto file = SafetensorsFile::from_bytes(out.bytes());
+  auto shallow = cfg;
+  shallow.n_layers = 1;
+  EXPECT_NE(error_of([&] {
+              t6::Model<Attn>::load_weights(file, shallow);
+            }).find("unexpected tensor 'transformer.h.1."),
+            std::string::npos);
+  auto deep = cfg;
+  deep.n_layers = 3;
+  EXPECT_NE(error_of([&] { t6::Model<Attn>::load_weights(file, deep); }).find("transformer.h.2."),
+            std::string::npos);
+}
+
+TEST(CheckpointModel, Mha) { check_model<tpa::MultiHeadAttention<>>(gqa_config(4, false), true); }
+TEST(CheckpointModel, Gqa) {
+  check_model<tpa::GroupedQueryAttention<>>(gqa_config(2, true), false);
+}
+TEST(CheckpointModel, Mqa) { check_model<tpa::MultiQueryAttention<>>(gqa_config(1, false), true); }
+TEST(CheckpointModel, Mla) { check_model<tpa::MultiHeadLatentAttention<>>(mla_config(16), true); }
+TEST(CheckpointModel, Tpa) {
+  check_model<tpa::TensorProductAttention<>>(tpa_config(false, false), true);
+}
+TEST(CheckpointModel, TpaKvOnly) {
+  check_model<tpa::TensorProductAttention<>>(tpa_config(true, false), false);
+}
+
+TEST(CheckpointModel, TiedFileWithBothNamesMustAgree) {
+  using Attn = tpa::TensorProductAttention<>;
+  t6::ModelConfig<Attn> cfg;
+  cfg.attn = tpa_config(false, false);
+  cfg.vocab = 17;
+  cfg.n_layers = 1;
+  const t6::Model<Attn> model(cfg, t6::Model<Attn>::random_weights(cfg, 1));
+  SafetensorsWriter out;
+  model.save(out, DType::kF32);
+  const auto tied = SafetensorsFile::from_bytes(out.bytes());
+  // PyTorch's state_dict of a tied model holds both names with the same values: accepted.
+  const std::vector<float> wte = tied.read_f32(t6::kWte);
+  const auto both = rewrite(tied, {}, {{t6::kLmHead, {{17, 32}, wte}}});
+  EXPECT_NO_THROW(t6::Model<Attn>::load_weights(both, cfg));
+  // Only lm_head.weight (safetensors drops one of two shared tensors): accepted as the embedding.
+  const auto head_only = rewrite(tied, {t6::kWte}, {{t6::kLmHead, {{17, 32}, wte}}});
+  const t6::Model<Attn> from_head(cfg, t6::Model<Attn>::load_weights(head_only, cfg));
+  EXPECT_EQ(generate(from_head, {1, 2, 3}, 4).ids, generate(model, {1, 2, 3}, 4).ids);
+  // Different values under the two names: not a tied model.
+  const auto differ = rewrite(tied, {}, {{t6::kLmHead, zeros({17, 32})}});
+  EXPECT_NE(error_of([&] { t6::Model<Attn>::load_weights(differ, cfg); }).find("lm_head.weight"),
+            std::string::npos);
+}
+
+}  // namespace
