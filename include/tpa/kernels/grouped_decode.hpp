@@ -67,12 +67,13 @@ void check_grouped_call(const GroupedAttentionParams<S>& p, Index c) {
 /// \brief Runs the grouped attention calls `calls[0 … n_calls)` (typically one per sequence of a
 /// batch, all of one layer) with the kernels of `Backend`, spread over ctx's threads.
 ///
-/// The work is the line of (call, KV head) items in order, each weighted by its multiply-adds;
-/// the line is cut into equal pieces, one per worker. A worker runs the KV heads it owns whole
-/// (adjacent heads of one call together, so it streams their contiguous cache rows), and the
-/// pieces of a head cut in two: a decode head (n_q = 1) is cut along its keys (split-K; the
-/// partial online-softmax states are merged exactly afterwards, SoftmaxState::merge), a prefill
-/// head along its queries. So batch-1 MQA/MLA decode uses every thread.
+/// The work is a line of items in call order, each weighted by its multiply-adds: a decode call
+/// (n_q = 1) is one item, all its KV heads; a prefill call is one item per KV head. The line is
+/// cut into equal pieces, one per worker. A worker runs the items it owns whole (adjacent ones
+/// of a call together) and the pieces of an item cut in two: a decode call is cut along its
+/// keys (split-K: each worker streams whole token ranges of the cache, all heads; the partial
+/// online-softmax states are merged exactly afterwards, SoftmaxState::merge), a prefill KV head
+/// along its queries. So batch-1 decode of any kind uses every thread.
 ///
 /// Workspace and partial states come from ctx.scratch(), released on return: after warm-up a
 /// call allocates nothing. Backends without a part kernel (Reference) run one call per task.
@@ -90,10 +91,14 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
     Scratch& scratch = ctx.scratch();
     ScratchGuard guard(scratch);
 
-    // The line of items (c, g): per-item cost (multiply-adds), cumulative from item 0.
+    // The line of items (call c, KV heads [g, g + heads)): per-item cost (multiply-adds),
+    // cumulative from item 0.
+    auto item_heads = [](const GroupedAttentionParams<S>& p) {
+      return p.n_q == 1 ? p.n_kv_heads : Index(1);
+    };
     Index n_items = 0;
     for (Index c = 0; c < n_calls; ++c)
-      if (calls[c].n_q > 0) n_items += calls[c].n_kv_heads;
+      if (calls[c].n_q > 0) n_items += calls[c].n_kv_heads / item_heads(calls[c]);
     if (n_items == 0) return;
     auto* item_call = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
     auto* item_g = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
@@ -106,8 +111,10 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
         if (p.n_q == 0) continue;
         const double rows_keys = static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
                                  0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
-        const double cost = rows_keys * static_cast<double>(p.group_size() * (p.d_qk() + p.d_v));
-        for (Index g = 0; g < p.n_kv_heads; ++g, ++it) {
+        const Index heads = item_heads(p);
+        const double cost =
+            rows_keys * static_cast<double>(heads * p.group_size() * (p.d_qk() + p.d_v));
+        for (Index g = 0; g < p.n_kv_heads; g += heads, ++it) {
           item_call[it] = c;
           item_g[it] = g;
           cum[it + 1] = cum[it] + cost;
@@ -140,7 +147,8 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       Index it = static_cast<Index>(std::upper_bound(cum, cum + n_items + 1, x) - cum) - 1;
       it = std::min(std::max<Index>(it, 0), n_items - 1);
       const auto& p = calls[item_call[it]];
-      const double per_row_key = static_cast<double>(p.group_size() * (p.d_qk() + p.d_v));
+      const double per_row_key =
+          static_cast<double>(item_heads(p) * p.group_size() * (p.d_qk() + p.d_v));
       const double off = (x - cum[it]) / per_row_key;  // rows·keys into the item
       Index pos;
       if (p.n_q == 1) {
@@ -174,6 +182,7 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       while (at.item < end.item || (at.item == end.item && at.pos < end.pos)) {
         const Index it = at.item, c = item_call[it], g = item_g[it];
         const auto& p = calls[c];
+        const Index g_end = g + item_heads(p);
         const Index size = item_size(it);
         const Index stop = it == end.item ? end.pos : size;
         detail::GroupedUnit u;
@@ -182,13 +191,13 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
           detail::GroupedUnit* prev = n_units > first_unit[w] ? &units[n_units - 1] : nullptr;
           if (prev != nullptr && prev->call == c && prev->slot < 0 && prev->part.g1 == g &&
               prev->part.i0 == 0 && prev->part.i1 == p.n_q && prev->part.k0 == 0) {
-            prev->part.g1 = g + 1;  // extend the run of whole KV heads
+            prev->part.g1 = g_end;  // extend the run of whole KV heads
           } else {
-            u.part = GroupedPart{g, g + 1, 0, p.n_q, 0, p.q_pos0 + p.n_q};
+            u.part = GroupedPart{g, g_end, 0, p.n_q, 0, p.q_pos0 + p.n_q};
             units[n_units++] = u;
           }
         } else if (p.n_q == 1) {
-          u.part = GroupedPart{g, g + 1, 0, 1, at.pos, stop};
+          u.part = GroupedPart{g, g_end, 0, 1, at.pos, stop};
           u.slot = n_slots++;
           units[n_units++] = u;
         } else {
@@ -207,7 +216,7 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       const auto& p = calls[c];
       if (p.n_q == 0) continue;
       ws_floats = std::max(ws_floats, K::grouped_workspace_floats(p, GroupedPart::whole(p)));
-      state_rows = std::max(state_rows, p.group_size());
+      if (p.n_q == 1) state_rows = std::max(state_rows, p.n_heads);
       state_dim = std::max(state_dim, p.d_v);
     }
     auto* slots = static_cast<GroupedStates*>(scratch.bytes(sizeof(GroupedStates) * 2 * max_w));
@@ -228,7 +237,7 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       }
     });
 
-    // Merge the pieces of each key-split head (consecutive units) and write its outputs.
+    // Merge the pieces of each key-split decode call (consecutive units), write its outputs.
     for (Index u = 0; u < n_units;) {
       if (units[u].slot < 0) {
         ++u;
@@ -236,13 +245,13 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       }
       const detail::GroupedUnit& first = units[u];
       const auto& p = calls[first.call];
-      const Index gs = p.group_size(), g = first.part.g0;
+      const Index g = first.part.g0, rows = (first.part.g1 - g) * p.group_size();
       const GroupedStates& a = slots[first.slot];
       Index v = u + 1;
       while (v < n_units && units[v].slot >= 0 && units[v].call == first.call &&
              units[v].part.g0 == g)
         ++v;
-      for (Index r = 0; r < gs; ++r) {
+      for (Index r = 0; r < rows; ++r) {
         SoftmaxState sa;
         sa.m = a.m[r];
         sa.l = a.l[r];
@@ -257,7 +266,7 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
           sb.dim = p.d_v;
           sa.merge(sb);
         }
-        sa.normalize(p.o + (g * gs + r) * p.d_v);
+        sa.normalize(p.o + (g * p.group_size() + r) * p.d_v);
       }
       u = v;
     }
