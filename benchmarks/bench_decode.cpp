@@ -1,0 +1,237 @@
+// The grouped attention kernel alone (tpa::grouped_attention, Native backend) in long-context
+// decode, against this run's machine roofline (bench_common.hpp probes). Complements
+// bench_attention, which times whole layer calls.
+//
+// Benchmarks: decode_kernel/KIND/ctx:L/pages:P/threads:T, one decode step (batch 1) over a
+// context of L tokens, f32 cache, H = 32 query heads:
+//   MHA  G = 32, d = 128        GQA8  G = 8, d = 128        MQA  G = 1, d = 128
+//   MLA  G = 1, keys 512 + 64 (c_kv, k_pe), value = the 512-part (absorbed decode)
+// pages:cache  the sequence lives in a KVCache (block allocations on default pages);
+// pages:huge   the same block layout in one arena advised to 2 MiB pages (what the memory system
+//              delivers without TLB misses; the probe's roofline uses such pages too).
+// Each case keeps enough copies of the sequence (one per "layer") that a step's data is never in
+// the 480 MB L3 from the previous step; steps cycle through them.
+//
+// Counters:
+//   cache_bytes    bytes read per step (every K and V element once; MLA's value is inside the key)
+//   flops          2 · H · L · (d_qk + d_v)
+//   GBps           cache_bytes / time
+//   pct_bw         100 · GBps / read bandwidth (probe, same threads)
+//   pct_roofline   100 · max(bytes / bandwidth, flops / FMA peak) / time
+#include <sys/mman.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <iterator>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+
+namespace tpa_bench {
+namespace {
+
+using tpa::GroupedAttentionParams;
+using tpa::Index;
+
+struct DecodeCase {
+  const char* name;
+  Index H, G, d_k0, d_k1, d_v;
+  bool v_in_key;
+};
+const DecodeCase kCases[] = {{"MHA", 32, 32, 128, 0, 128, false},
+                             {"GQA8", 32, 8, 128, 0, 128, false},
+                             {"MQA", 32, 1, 128, 0, 128, false},
+                             {"MLA", 32, 1, 512, 64, 512, true}};
+const Index kContexts[] = {16384};
+constexpr Index kBlock = 64;
+constexpr double kWorkingSetBytes = 1.2e9;  // > 2 × L3
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// The per-token factors of a case: one key part or two, then the value unless it is in the key.
+std::vector<tpa::FactorSpec> factors(const DecodeCase& c) {
+  std::vector<tpa::FactorSpec> f = {{"K0", c.G, c.d_k0, true}};
+  if (c.d_k1 > 0) f.push_back({"K1", c.G, c.d_k1, true});
+  if (!c.v_in_key) f.push_back({"V", c.G, c.d_v, false});
+  return f;
+}
+
+// `copies` sequences of `len` tokens of one case, either in KVCaches or in huge-page arenas with
+// the same block layout, and the query/output buffers of a step.
+class Sequences {
+ public:
+  Sequences(const DecodeCase& c, Index len, bool huge) : c_(c), len_(len) {
+    const auto f = factors(c);
+    const tpa::CacheLayout layout(c.name, f);
+    const Index ept = layout.elements_per_token();
+    const double bytes = static_cast<double>(len) * static_cast<double>(ept) * 4;
+    copies_ = std::max<Index>(2, static_cast<Index>(kWorkingSetBytes / bytes) + 1);
+    // One random sequence, copied into every slot (values do not matter, distinct memory does).
+    std::vector<std::vector<float>> src(f.size());
+    for (std::size_t i = 0; i < f.size(); ++i) {
+      src[i].resize(static_cast<std::size_t>(len * f[i].elements()));
+      randomize(src[i].data(), static_cast<Index>(src[i].size()), 11 + i);
+    }
+    offsets_.resize(f.size());
+    elements_.resize(f.size());
+    for (std::size_t i = 0; i < f.size(); ++i) {
+      offsets_[i] = kBlock * layout.factor_offset(i);
+      elements_[i] = f[i].elements();
+    }
+    const Index n_blocks = (len + kBlock - 1) / kBlock;
+    for (Index b = 0; b < n_blocks; ++b) table_.push_back(static_cast<std::int32_t>(b));
+    for (Index k = 0; k < copies_; ++k) {
+      if (!huge) {
+        caches_.push_back(std::make_unique<tpa::KVCache<float>>(
+            std::vector<tpa::CacheLayout>{layout}, kBlock, n_blocks));
+        const tpa::SeqId s = caches_.back()->add_sequence();
+        std::vector<tpa::FactorRows> rows;
+        for (std::size_t i = 0; i < f.size(); ++i) rows.push_back({src[i].data(), f[i].elements()});
+        caches_.back()->append(s, 0, len, rows.data());
+        views_.push_back(caches_.back()->view(s, 0));
+      } else {
+        const std::size_t block_bytes = static_cast<std::size_t>(kBlock * ept) * 4;
+        const std::size_t total =
+            (block_bytes * n_blocks + (2u << 20) - 1) / (2u << 20) * (2u << 20);
+        auto* p = static_cast<float*>(std::aligned_alloc(2u << 20, total));
+        if (p == nullptr) throw std::bad_alloc();
+        arenas_.emplace_back(p);
+#if defined(MADV_HUGEPAGE)
+        madvise(p, total, MADV_HUGEPAGE);
+#endif
+        bases_.emplace_back();
+        for (Index b = 0; b < n_blocks; ++b) bases_.back().push_back(p + b * kBlock * ept);
+        for (Index t = 0; t < len; ++t)
+          for (std::size_t i = 0; i < f.size(); ++i)
+            std::memcpy(p + (t / kBlock) * kBlock * ept + offsets_[i] + (t % kBlock) * elements_[i],
+                        src[i].data() + t * elements_[i],
+                        static_cast<std::size_t>(elements_[i]) * 4);
+      }
+    }
+    if (huge) {
+      for (Index k = 0; k < copies_; ++k) {
+        tpa::SeqView<float> v;
+        v.block_base = bases_[static_cast<std::size_t>(k)].data();
+        v.table = table_.data();
+        v.factor_offset = offsets_.data();
+        v.factor_elements = elements_.data();
+        v.n_tokens = len;
+        v.block_tokens = kBlock;
+        views_.push_back(v);
+      }
+    }
+    q_.resize(static_cast<std::size_t>(c.H * (c.d_k0 + c.d_k1)));
+    randomize(q_.data(), static_cast<Index>(q_.size()), 7);
+    o_.resize(static_cast<std::size_t>(c.H * c.d_v));
+    bytes_ = static_cast<double>(len) * static_cast<double>(ept) * 4;
+    flops_ = 2.0 * static_cast<double>(c.H * len * (c.d_k0 + c.d_k1 + c.d_v));
+  }
+
+  Index copies() const { return copies_; }
+  double bytes() const { return bytes_; }
+  double flops() const { return flops_; }
+
+  GroupedAttentionParams<float> params(Index copy) {
+    GroupedAttentionParams<float> p;
+    p.q = q_.data();
+    p.q_stride = c_.H * (c_.d_k0 + c_.d_k1);
+    p.o = o_.data();
+    p.o_stride = c_.H * c_.d_v;
+    p.n_q = 1;
+    p.q_pos0 = len_ - 1;
+    p.n_heads = c_.H;
+    p.n_kv_heads = c_.G;
+    p.k_factor[0] = 0;
+    p.k_dims[0] = c_.d_k0;
+    p.k_factor[1] = 1;
+    p.k_dims[1] = c_.d_k1;
+    p.v_factor = c_.v_in_key ? 0 : (c_.d_k1 > 0 ? 2 : 1);
+    p.d_v = c_.d_v;
+    p.scale = 1.f / std::sqrt(static_cast<float>(c_.d_k0 + c_.d_k1));
+    p.kv = views_[static_cast<std::size_t>(copy)];
+    return p;
+  }
+
+ private:
+  DecodeCase c_;
+  Index len_, copies_ = 0;
+  double bytes_ = 0, flops_ = 0;
+  std::vector<std::unique_ptr<tpa::KVCache<float>>> caches_;
+  std::vector<std::unique_ptr<float, FreeDeleter>> arenas_;
+  std::vector<std::vector<const float*>> bases_;
+  std::vector<std::int32_t> table_;
+  std::vector<Index> offsets_, elements_;
+  std::vector<tpa::SeqView<float>> views_;
+  std::vector<float> q_, o_;
+};
+
+// The sequences of the case being measured (one case in memory at a time).
+Sequences& sequences(std::size_t c, Index len, bool huge) {
+  static std::unique_ptr<Sequences> cur;
+  static std::string key;
+  const std::string k = std::to_string(c) + "/" + std::to_string(len) + "/" + (huge ? "h" : "c");
+  if (key != k) {
+    cur.reset();
+    cur = std::make_unique<Sequences>(kCases[c], len, huge);
+    key = k;
+  }
+  return *cur;
+}
+
+void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge, int threads) {
+  const Machine& m = machine(threads);
+  release_probe_buffer();
+  Sequences& seqs = sequences(c, len, huge);
+  tpa::Context ctx(threads);
+  Index copy = 0;
+  for (auto _ : state) {
+    const auto p = seqs.params(copy);
+    copy = (copy + 1) % seqs.copies();
+    tpa::grouped_attention<tpa::Native>(ctx, &p, 1);
+    benchmark::ClobberMemory();
+  }
+  const double n = static_cast<double>(state.iterations());
+  state.counters["cache_bytes"] = seqs.bytes();
+  state.counters["flops"] = seqs.flops();
+  state.counters["GBps"] = benchmark::Counter(seqs.bytes() * n / 1e9, benchmark::Counter::kIsRate);
+  state.counters["pct_bw"] = benchmark::Counter(100.0 * seqs.bytes() * n / m.read_bytes_per_s,
+                                                benchmark::Counter::kIsRate);
+  state.counters["pct_roofline"] = benchmark::Counter(
+      100.0 * n * m.roofline_seconds(seqs.bytes(), seqs.flops()), benchmark::Counter::kIsRate);
+  state.counters["read_GBps"] = m.read_bytes_per_s / 1e9;
+  state.counters["peak_GFLOPs"] = m.flops_per_s / 1e9;
+}
+
+void register_all() {
+  for (std::size_t c = 0; c < std::size(kCases); ++c)
+    for (Index len : kContexts)
+      for (bool huge : {false, true})
+        for (int threads : {2, 1}) {
+          const std::string name =
+              std::string("decode_kernel/") + kCases[c].name + "/ctx:" + std::to_string(len) +
+              "/pages:" + (huge ? "huge" : "cache") + "/threads:" + std::to_string(threads);
+          benchmark::RegisterBenchmark(
+              name.c_str(), [=](benchmark::State& s) { decode_kernel(s, c, len, huge, threads); })
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond)
+              ->MinTime(1.0);
+        }
+}
+
+}  // namespace
+}  // namespace tpa_bench
+
+int main(int argc, char** argv) {
+  tpa_bench::register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
