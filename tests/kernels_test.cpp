@@ -409,7 +409,7 @@ TYPED_TEST(GroupedKernel, HeadDimsAndGroupsFloat) {
   for (Index d : {40, 64, 72, 128, 192}) {
     for (Index G : {8, 2, 1}) {
       const Shape sh{8, G, d, 0, d, false};
-      for (Index n_q : {1, 13}) {
+      for (Index n_q : {1, 3, 13}) {  // 3: few rows per KV head: causal masks on token lanes
         const Problem<float> pr(sh, n_q == 1 ? 203 : 117, n_q, 24,
                                 7u * static_cast<unsigned>(d + G));
         SCOPED_TRACE(sh.name() + " n_q " + std::to_string(n_q));
@@ -420,6 +420,19 @@ TYPED_TEST(GroupedKernel, HeadDimsAndGroupsFloat) {
         EXPECT_LE(pr.error(run<B>(pr, 2, 2)), 1.0) << "2 threads";
       }
     }
+  }
+}
+
+// A prefill longer than one pass (64 rows): passes of 64 queries, the last one with few rows
+// (token lanes), over several blocks, with q_pos0 > 0.
+TYPED_TEST(GroupedKernel, LongPrefillPasses) {
+  using B = TypeParam;
+  for (Index G : {4, 1}) {
+    const Shape sh{4, G, 40, 0, 40, false};
+    const Problem<float> pr(sh, 260, 197, 32, 21u);
+    SCOPED_TRACE(sh.name());
+    EXPECT_LE(pr.error(run<B>(pr, 1, 1)), 1.0) << "1 thread";
+    EXPECT_LE(pr.error(run<B>(pr, 2, 3)), 1.0) << "2 threads, 3 pieces";
   }
 }
 
