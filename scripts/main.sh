@@ -24,7 +24,7 @@ bash scripts/install-deps.sh
 cmake --preset release >/dev/null
 cmake --build --preset release --parallel "$jobs" --target bench_attention
 
-filter='^(probe/(read_bw|read_bw_4k_pages|fma_peak)/threads:2/|cache_size/llama/'
+filter='^(probe(_end)?/(read_bw|read_bw_4k_pages|fma_peak)/threads:2/|cache_size/llama/'
 filter+='|decode/llama/[^/]+/ctx:[0-9]+/batch:1/threads:2/'
 filter+='|decode_eigen/llama/[^/]+/ctx:16384/batch:1/threads:2/)'
 
