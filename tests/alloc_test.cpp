@@ -144,6 +144,62 @@ void check_decode_allocates_nothing(Index n_kv_heads) {
   for (Index i = 0; i < yb.size(); ++i) ASSERT_TRUE(std::isfinite(yb.data()[i]));
 }
 
+// TPA (T6, or K/V-only) decode of one sequence (split-K over both threads) and of a batch of two,
+// on 2 threads, after the caches hold random factors.
+void check_tpa_decode_allocates_nothing(bool kv_only) {
+  TpaConfig cfg;
+  cfg.d_model = 256;
+  cfg.n_heads = 16;
+  cfg.head_dim = 64;
+  cfg.q_rank = kv_only ? 0 : 6;
+  cfg.k_rank = 2;
+  cfg.v_rank = 2;
+  cfg.kv_only = kv_only;
+  cfg.rope.max_positions = 8192;
+  const TensorProductAttention<Native> layer(cfg, TpaWeights::random(cfg, 1));
+  Context ctx(2);
+  const Index block = 16, steps = 40, warm = 4, len_a = 2000, len_b = 700;
+  KVCache<float> cache({layer.cache_layout()}, block, 1024);
+  cache.reserve_blocks((len_a + 2 * (warm + steps)) / block + (len_b + warm + steps) / block + 4);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  for (const auto& [seq, len] : {std::pair<SeqId, Index>{a, len_a}, {b, len_b}}) {
+    const Index w = cfg.cache_elements_per_token();
+    const Tensor<float, 2> f = random_rows(len, w, static_cast<unsigned>(len));
+    const Index e[4] = {cfg.n_heads * cfg.k_rank, cfg.k_rank * cfg.head_dim,
+                        cfg.n_heads * cfg.v_rank, cfg.v_rank * cfg.head_dim};
+    const FactorRows rows[4] = {{f.data(), w},
+                                {f.data() + e[0], w},
+                                {f.data() + e[0] + e[1], w},
+                                {f.data() + e[0] + e[1] + e[2], w}};
+    cache.append(seq, 0, len, rows);
+  }
+  const std::vector<SeqId> batch = {a, b};
+  const Tensor<float, 2> x1 = random_rows(1, cfg.d_model, 4), xb = random_rows(2, cfg.d_model, 5);
+  Tensor<float, 2> y1(1, cfg.d_model), yb(2, cfg.d_model);
+
+  for (Index s = 0; s < warm; ++s) {  // warm-up: the scratch arena reaches its size
+    layer.forward(ctx, x1, y1, cache, 0, a);
+    layer.decode(ctx, xb, yb, cache, 0, batch);
+  }
+  const std::size_t scratch_before = ctx.scratch().capacity();
+  const std::size_t cache_before = cache.bytes_reserved();
+  const long news_before = alloc_test::news.load();
+  const long eigen_before = alloc_test::eigen_malloc_failures.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  for (Index s = 0; s < steps; ++s) {
+    layer.forward(ctx, x1, y1, cache, 0, a);
+    layer.decode(ctx, xb, yb, cache, 0, batch);
+  }
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(alloc_test::news.load() - news_before, 0) << "operator new calls in decode steps";
+  EXPECT_EQ(alloc_test::eigen_malloc_failures.load() - eigen_before, 0) << "Eigen heap allocations";
+  EXPECT_EQ(ctx.scratch().capacity(), scratch_before) << "the scratch arena grew";
+  EXPECT_EQ(cache.bytes_reserved(), cache_before) << "the cache allocated blocks";
+  EXPECT_EQ(cache.length(a), len_a + warm * 2 + steps * 2);
+  for (Index i = 0; i < yb.size(); ++i) ASSERT_TRUE(std::isfinite(yb.data()[i]));
+  for (Index i = 0; i < y1.size(); ++i) ASSERT_TRUE(std::isfinite(y1.data()[i]));
+}
+
 TEST(AllocTest, CountersSeeAllocations) {
   const long before = alloc_test::news.load();
   auto* v = new std::vector<int>(100);
@@ -154,6 +210,12 @@ TEST(AllocTest, CountersSeeAllocations) {
 TEST(AllocTest, GqaDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_nothing(2); }
 
 TEST(AllocTest, MqaSplitKDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_nothing(1); }
+
+TEST(AllocTest, TpaDecodeAllocatesNothingAfterWarmUp) { check_tpa_decode_allocates_nothing(false); }
+
+TEST(AllocTest, TpaKvOnlyDecodeAllocatesNothingAfterWarmUp) {
+  check_tpa_decode_allocates_nothing(true);
+}
 
 }  // namespace
 }  // namespace tpa

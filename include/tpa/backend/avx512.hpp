@@ -16,6 +16,7 @@
 
 #include "tpa/kernels/grouped_tiled.hpp"
 #include "tpa/kernels/params.hpp"
+#include "tpa/kernels/tpa_tiled.hpp"
 
 namespace tpa {
 namespace detail {
@@ -153,6 +154,24 @@ struct Kernels<Avx512> : Kernels<Avx2> {
   static void grouped_attention_part(const GroupedAttentionParams<S>& p, const GroupedPart& part,
                                      float* workspace, const GroupedStates* states) {
     detail::GroupedTiled<detail::Avx512Ops, S>::run(p, part, workspace, states);
+  }
+
+  /// Causal TPA of one call on the calling thread (allocates its workspace; the layers use
+  /// tpa::tpa_attention with a Context instead). \throws Error if p is inconsistent.
+  template <class S>
+  static void tpa_attention(const TpaAttentionParams<S>& p) {
+    detail::TpaTiled<detail::Avx512Ops, S>::run_whole(p, "Kernels<Avx512>::tpa_attention");
+  }
+  /// Workspace floats tpa_attention_part needs for `part`.
+  template <class S>
+  static Index tpa_workspace_floats(const TpaAttentionParams<S>& p, const TpaPart& part) {
+    return detail::TpaTiled<detail::Avx512Ops, S>::workspace_floats(p, part);
+  }
+  /// One part of a TPA call (see detail::TpaTiled::run).
+  template <class S>
+  static void tpa_attention_part(const TpaAttentionParams<S>& p, const TpaPart& part,
+                                 float* workspace, const TpaStates* states) {
+    detail::TpaTiled<detail::Avx512Ops, S>::run(p, part, workspace, states);
   }
 };
 

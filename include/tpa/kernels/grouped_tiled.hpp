@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "tpa/core/tensor.hpp"
+#include "tpa/kernels/lane_reduce.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/softmax.hpp"
 
@@ -112,9 +113,10 @@ class RowPrefetch {
 ///
 /// Ops contract (V is the vector type, W = kWidth lanes of f32):
 ///   kWidth; kTile (tokens per key tile, a multiple of kWidth and of kLaneTokens);
-///   kQkRows (rows of the token-lane score micro-kernel); kLaneTokens × kLaneVecs (tokens ×
-///   row vectors of the row-lane score micro-kernel); kLaneRowsMin (rows per KV head from which
-///   the row-lane form is used); kPvRows × kPvCols (rows × vectors of the value micro-kernel);
+///   kLaneTokens × kLaneVecs (tokens × row vectors of the row-lane score micro-kernel);
+///   kLaneRowsMin (rows per KV head from which the row-lane form is used); kPvRows × kPvCols
+///   (rows × vectors of the value micro-kernel); kQkRows (rows of a transposed-K score
+///   micro-kernel: not used here, by other tiled kernels);
 ///   zero(), set1(x), load(p) (p aligned to W floats), loadu(p), store(p, v) (aligned),
 ///   add, sub, mul, max, fmadd(a, b, c) = a·b + c, reduce_max(v), reduce_add(v);
 ///   exp(v): e^x for x ≤ 0 with ≤ 2 ulp error, exactly 0 for x < −87.3 (and −inf), NaN kept;
@@ -127,8 +129,9 @@ class RowPrefetch {
 /// block); per tile and KV head g, with R rows of g:
 ///  - scores S = Q·Kᵀ [R × tile] as a register-blocked product, so each K element is read from
 ///    memory once per step whatever the group size, in one of two forms:
-///    token lanes (R < kLaneRowsMin, e.g. MHA, GQA-8): the K tile is widened and transposed once
-///      into kt [d_qk, tile]; vectors run over tokens, q is broadcast;
+///    token lanes (R < kLaneRowsMin, e.g. MHA, GQA-8): per row, W token accumulators fed by
+///      vector loads straight from the K rows (W dims at a time), then one transposing reduction
+///      tree (lane_reduce) turns them into the row's W token scores — no K packing;
 ///    row lanes (R ≥ kLaneRowsMin, e.g. MQA, MLA, prefill): Qᵀ is packed once per pass; vectors
 ///      run over rows, each K element is broadcast straight from the cache row, no transpose,
 ///      and the softmax below is all vertical (no horizontal reductions);
@@ -190,6 +193,7 @@ class GroupedTiled {
   struct Shape {
     Index gs = 0;         // query heads per KV head
     Index d_qk = 0;       // key size (both parts)
+    Index dq_pad = 0;     // key size with each part rounded up to kW (token-lane q rows)
     Index d_v = 0;        // value size
     Index d_v_pad = 0;    // d_v rounded up to kW (accumulator rows)
     Index ng = 0;         // KV heads per pass
@@ -199,14 +203,14 @@ class GroupedTiled {
   };
 
   struct Buffers {
-    float* q;      // per KV head: token lanes [R, d_qk] scaled q; row lanes [d_qk, rp] qᵀ
+    float* q;      // per KV head: token lanes [R, dq_pad] scaled q, each key part zero-padded
+                   // to kW; row lanes [d_qk, rp] qᵀ
     float* sp;     // scores, then probabilities: token lanes [rows, kT]; row lanes [kT, rp]
     float* m;      // [ng·rp] running max
     float* l;      // [ng·rp] running sum
     float* alpha;  // [ng·rp] rescale factor of the current tile
     float* acc;    // [ng·rp, d_v_pad]
-    float* kt;     // [d_qk, kT] transposed K tile (token lanes)
-    float* vp;     // [kT, d_v_pad + kW] widened / padded V tile
+    float* vp;     // [kT, d_v_pad] widened V tile (pack_v only)
     Index total;   // floats
   };
 
@@ -224,6 +228,7 @@ class GroupedTiled {
     Shape sh;
     sh.gs = p.group_size();
     sh.d_qk = p.d_qk();
+    sh.dq_pad = round_up(p.k_dims[0], kW) + round_up(p.k_dims[1], kW);
     sh.d_v = p.d_v;
     sh.d_v_pad = round_up(p.d_v, kW);
     const Index per_g = std::max<Index>(1, kRowCap / sh.gs);
@@ -248,14 +253,13 @@ class GroupedTiled {
       return ptr;
     };
     const Index rows = sh.ng * sh.rp;
-    b.q = take(rows * sh.d_qk);
+    b.q = take(rows * sh.dq_pad);
     b.sp = take(rows * kT);
     b.m = take(rows);
     b.l = take(rows);
     b.alpha = take(rows);
     b.acc = take(rows * sh.d_v_pad);
-    b.kt = take(sh.d_qk * kT);
-    b.vp = take(kT * (sh.d_v_pad + kW));
+    b.vp = sh.pack_v ? take(kT * sh.d_v_pad) : nullptr;
     b.total = off;
     return b;
   }
@@ -268,7 +272,7 @@ class GroupedTiled {
     const Index gs = sh.gs, d_qk = sh.d_qk, rows_g = (ie - ib) * gs, rp = sh.rp;
     const bool lanes = rows_g >= Ops::kLaneRowsMin;
     const Index rows = (ge - gb) * rp;
-    std::fill(b.q, b.q + rows * d_qk, 0.f);
+    std::fill(b.q, b.q + rows * sh.dq_pad, 0.f);
     for (Index g = gb; g < ge; ++g)
       for (Index i = ib; i < ie; ++i)
         for (Index hh = 0; hh < gs; ++hh) {
@@ -277,9 +281,11 @@ class GroupedTiled {
           if (lanes) {  // qᵀ [d_qk, rp] of this KV head
             float* dst = b.q + (g - gb) * rp * d_qk + rl;
             for (Index j = 0; j < d_qk; ++j) dst[j * rp] = q[j] * p.scale;
-          } else {
-            float* dst = b.q + ((g - gb) * rp + rl) * d_qk;
-            for (Index j = 0; j < d_qk; ++j) dst[j] = q[j] * p.scale;
+          } else {  // scaled q, each key part padded to kW
+            float* dst = b.q + ((g - gb) * rp + rl) * sh.dq_pad;
+            const Index pad0 = round_up(p.k_dims[0], kW);
+            for (Index j = 0; j < d_qk; ++j)
+              dst[j < p.k_dims[0] ? j : pad0 + j - p.k_dims[0]] = q[j] * p.scale;
           }
         }
     std::fill(b.m, b.m + rows, -std::numeric_limits<float>::infinity());
@@ -359,8 +365,7 @@ class GroupedTiled {
     const Index qk_points =
         rw.lanes ? ((p.k_dims[0] + kChunk - 1) / kChunk + (p.k_dims[1] + kChunk - 1) / kChunk) *
                        (rp / kW) * (kT / Ops::kLaneTokens)
-                 : kNV * ((p.k_dims[0] + kW - 1) / kW + (p.k_dims[1] + kW - 1) / kW) +
-                       (nr + Ops::kQkRows - 1) / Ops::kQkRows;
+                 : (n + kW - 1) / kW * nr;
     const Index pv_points = (nr + Ops::kPvRows - 1) / Ops::kPvRows *
                             ((sh.d_v_pad / kW + Ops::kPvCols - 1) / Ops::kPvCols);
     const Index per_call = (next.pending() + qk_points + pv_points - 1) / (qk_points + pv_points);
@@ -388,17 +393,7 @@ class GroupedTiled {
       sp = b.sp + (rw.base + rw.skip) * kT;
       p_rs = kT;
       p_ts = 1;
-      Index j0 = 0;
-      for (int part = 0; part < 2; ++part) {
-        const Index dim = p.k_dims[part];
-        if (dim == 0) continue;
-        const std::size_t f = p.k_factor[part];
-        const Index ld = p.kv.factor_elements[f];
-        pack_kt(p.kv.factor(f, blk) + off * ld + g * dim, ld, n, dim, b.kt + j0 * kT, next,
-                per_call);
-        j0 += dim;
-      }
-      qk(b.q + (rw.base + rw.skip) * d_qk, d_qk, b.kt, nr, sp, next, per_call);
+      qk_dot(p, sh, g, blk, off, n, b.q + (rw.base + rw.skip) * sh.dq_pad, nr, sp, next, per_call);
       for (Index rr = 0; rr < nr; ++rr) {
         const Index r = rw.base + rw.skip + rr;
         const Index i = ib + (rw.skip + rr) / gs;
@@ -407,10 +402,9 @@ class GroupedTiled {
       }
     }
 
-    // V tile: in place when it is f32 with whole vectors, else widened into vp. Also copied
-    // when several row blocks re-read it and its row stride is a multiple of 1 KiB: its rows
-    // would then crowd a few L1 sets (MLA's 2 KiB c_kv rows: 16 rows per 12-way set); vp's
-    // padded stride spreads them.
+    // V tile: in place when it is f32 with whole vectors, else widened into vp. (Copying
+    // tiles whose power-of-two row stride crowds L1 sets, e.g. MLA's 2 KiB c_kv rows, gained
+    // nothing measurable: the copy costs what the conflicts do.)
     const Index v_src_ld = p.kv.factor_elements[p.v_factor];
     const S* v_src = p.kv.factor(p.v_factor, blk) + off * v_src_ld + g * d_v;
     const float* v = nullptr;
@@ -419,15 +413,13 @@ class GroupedTiled {
       v = v_src;
       v_ld = v_src_ld;
     }
-    const bool crowded = nr > Ops::kPvRows && v_src_ld * Index(sizeof(S)) % 1024 == 0;
-    if (sh.pack_v || crowded) {
-      const Index ld = sh.d_v_pad + kW;
+    if (sh.pack_v) {
       for (Index t = 0; t < n; ++t)
         for (Index c = 0; c < sh.d_v_pad; c += kW)
-          Ops::store(b.vp + t * ld + c,
+          Ops::store(b.vp + t * sh.d_v_pad + c,
                      Ops::template load_widen<S>(v_src + t * v_src_ld + c, std::min(kW, d_v - c)));
       v = b.vp;
-      v_ld = ld;
+      v_ld = sh.d_v_pad;
     }
     const Index r0 = rw.base + rw.skip;
     pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr, next,
@@ -436,20 +428,6 @@ class GroupedTiled {
   }
 
   // ---- token lanes ------------------------------------------------------------------------
-
-  // Row blocks outer, column blocks inner: each row is read front to back.
-  static void pack_kt(const S* src, Index ld, Index n, Index dim, float* dst, RowPrefetch& pf,
-                      Index per_call) {
-    for (Index tb = 0; tb < kNV; ++tb) {
-      const Index rows = std::max<Index>(0, std::min(kW, n - tb * kW));
-      const S* s = rows > 0 ? src + tb * kW * ld : src;
-      for (Index c = 0; c < dim; c += kW) {
-        Ops::template transpose_block<S>(s + c, ld, rows, std::min(kW, dim - c),
-                                         dst + c * kT + tb * kW, kT);
-        pf.issue(per_call);
-      }
-    }
-  }
 
   // Masks tokens ≥ count, then the online-softmax update of one row over one tile: new max,
   // alpha = e^(m_old − m_new), p = e^(s − m_new) written back over s, l = l·alpha + Σ p.
@@ -472,55 +450,50 @@ class GroupedTiled {
     m = m_new;
   }
 
-  // s [nr, kT] = q [nr, d] (row stride q_ld) · kt [d, kT].
-  static void qk(const float* q, Index q_ld, const float* kt, Index nr, float* s, RowPrefetch& pf,
-                 Index per_call) {
-    constexpr Index R = Ops::kQkRows;
-    const Index d = q_ld;
-    Index r = 0;
-    for (; r + R <= nr; r += R) {
-      pf.issue(per_call);
-      qk_rows<R>(q + r * q_ld, q_ld, kt, d, s + r * kT);
-    }
-    if (r < nr) {
-      pf.issue(per_call);
-      qk_tail<R - 1>(nr - r, q + r * q_ld, q_ld, kt, d, s + r * kT);
-    }
-  }
-
-  template <int N>
-  static void qk_tail(Index n, const float* q, Index q_ld, const float* kt, Index d, float* s) {
-    if constexpr (N > 0) {
-      if (n == N)
-        qk_rows<N>(q, q_ld, kt, d, s);
-      else
-        qk_tail<N - 1>(n, q, q_ld, kt, d, s);
-    }
-  }
-
-  template <int NR>
-  static void qk_rows(const float* q, Index q_ld, const float* kt, Index d, float* s) {
-    V acc[NR][kNV];
-    TPA_UNROLL
-    for (int r = 0; r < NR; ++r) {
-      TPA_UNROLL
-      for (Index v = 0; v < kNV; ++v) acc[r][v] = Ops::zero();
-    }
-    for (Index j = 0; j < d; ++j) {
-      V k[kNV];
-      TPA_UNROLL
-      for (Index v = 0; v < kNV; ++v) k[v] = Ops::load(kt + j * kT + v * kW);
-      TPA_UNROLL
-      for (int r = 0; r < NR; ++r) {
-        const V qb = Ops::set1(q[r * q_ld + j]);
+  // s [nr, kT] (rows × tokens) = q [nr, dq_pad] · K tile [n, d_qk]ᵀ, K read in place: per
+  // row and block of W tokens, W accumulators over the key dims, then lane_reduce (lane t =
+  // token t). Tokens past n repeat the last one (their scores are masked later); blocks past n
+  // are not computed.
+  static void qk_dot(const P& p, const Shape& sh, Index g, Index blk, Index off, Index n,
+                     const float* q, Index nr, float* s, RowPrefetch& pf, Index per_call) {
+    for (Index tb = 0; tb * kW < n; ++tb) {
+      const Index nt = std::min(kW, n - tb * kW);
+      for (Index r = 0; r < nr; ++r) {
+        pf.issue(per_call);
+        V acc[kW];
         TPA_UNROLL
-        for (Index v = 0; v < kNV; ++v) acc[r][v] = Ops::fmadd(qb, k[v], acc[r][v]);
+        for (Index t = 0; t < kW; ++t) acc[t] = Ops::zero();
+        const float* qr = q + r * sh.dq_pad;
+        for (int part = 0; part < 2; ++part) {
+          const Index dim = p.k_dims[part];
+          if (dim == 0) continue;
+          const std::size_t f = p.k_factor[part];
+          const Index ld = p.kv.factor_elements[f];
+          const S* k = p.kv.factor(f, blk) + (off + tb * kW) * ld + g * dim;
+          dot_block(k, ld, nt, dim, qr, acc);
+          qr += round_up(dim, kW);
+        }
+        Ops::store(s + r * kT + tb * kW, lane_reduce<Ops>(acc));
       }
     }
-    TPA_UNROLL
-    for (int r = 0; r < NR; ++r) {
+  }
+
+  // acc[t] += k[t][j…]·q[j…] lane-wise over `dim` dims, for W token rows (the first nt real).
+  static void dot_block(const S* k, Index ld, Index nt, Index dim, const float* q, V* acc) {
+    Index j = 0;
+    for (; j + kW <= dim; j += kW) {
+      const V qv = Ops::load(q + j);
       TPA_UNROLL
-      for (Index v = 0; v < kNV; ++v) Ops::store(s + r * kT + v * kW, acc[r][v]);
+      for (Index t = 0; t < kW; ++t)
+        acc[t] = Ops::fmadd(Ops::template load_widen<S>(k + std::min(t, nt - 1) * ld + j, kW), qv,
+                            acc[t]);
+    }
+    if (j < dim) {  // q is zero-padded past dim; K is read only up to it
+      const V qv = Ops::load(q + j);
+      TPA_UNROLL
+      for (Index t = 0; t < kW; ++t)
+        acc[t] = Ops::fmadd(Ops::template load_widen<S>(k + std::min(t, nt - 1) * ld + j, dim - j),
+                            qv, acc[t]);
     }
   }
 

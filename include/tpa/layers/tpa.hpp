@@ -2,6 +2,7 @@
 // variant.
 #pragma once
 
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "tpa/core/config.hpp"
 #include "tpa/core/rope.hpp"
 #include "tpa/kernels/params.hpp"
+#include "tpa/kernels/tpa_decode.hpp"
 #include "tpa/layers/detail/call.hpp"
 #include "tpa/layers/tpa_weights.hpp"
 #include "tpa/runtime/context.hpp"
@@ -58,6 +60,11 @@ class TensorProductAttention {
     elements_[kFactorBK] = cfg_.k_rank * d;
     elements_[kFactorAV] = H * cfg_.v_rank;
     elements_[kFactorBV] = cfg_.v_rank * d;
+    const Index RK = cfg_.k_rank, RV = cfg_.v_rank;
+    layout_ = CacheLayout(kind_, {{"A_K", H, RK, false},
+                                  {"B_K", RK, d, true},
+                                  {"A_V", H, RV, false},
+                                  {"B_V", RV, d, false}});
   }
 
   const TpaConfig& config() const { return cfg_; }
@@ -68,13 +75,7 @@ class TensorProductAttention {
 
   /// What one token stores in this layer's cache: A_K [H, R_K], B_K [R_K, d] (rotated),
   /// A_V [H, R_V], B_V [R_V, d], in that order.
-  CacheLayout cache_layout() const {
-    const Index H = cfg_.n_heads, d = cfg_.head_dim, RK = cfg_.k_rank, RV = cfg_.v_rank;
-    return CacheLayout(kind_, {{"A_K", H, RK, false},
-                               {"B_K", RK, d, true},
-                               {"A_V", H, RV, false},
-                               {"B_V", RV, d, false}});
-  }
+  CacheLayout cache_layout() const { return layout_; }
 
   /// Causal attention over the given tokens alone (positions 0 … tokens−1), no cache.
   /// \throws Error on wrong shapes or positions past the RoPE table.
@@ -86,7 +87,9 @@ class TensorProductAttention {
     detail::Segment seg{-1, 0, n, 0};
     Buffers b = project(ctx, x, &seg, 1);
     const float* base[1] = {b.kv};
-    attend<float>(b, seg, detail::contiguous_view<float>(base, b.kv_offset, elements_, n));
+    const auto p =
+        params<float>(b, seg, detail::contiguous_view<float>(base, b.kv_offset, elements_, n));
+    tpa_attention<Backend>(ctx, &p, 1);
     finish(b, n, y);
   }
 
@@ -134,8 +137,7 @@ class TensorProductAttention {
   void run_cached(Context& ctx, const ConstTensorView<float, 2>& x, TensorView<float, 2>& y,
                   Cache& cache, int layer, detail::Segment* segs, Index n_segs) const {
     detail::check_io(kWho, x, y, cfg_.d_model);
-    const CacheLayout layout = cache_layout();
-    detail::plan_cache_call(kWho, cache, layer, layout, rope_, segs, n_segs);
+    detail::plan_cache_call(kWho, cache, layer, layout_, rope_, segs, n_segs);
     // Nothing below throws tpa::Error: the checks above cover every precondition.
     ScratchGuard guard(ctx.scratch());
     Buffers b = project(ctx, x, segs, n_segs);
@@ -145,8 +147,12 @@ class TensorProductAttention {
         rows[f] = {b.kv + b.kv_offset[f] + segs[s].row0 * elements_[f], elements_[f]};
       cache.append(segs[s].seq, layer, segs[s].n, rows);
     }
+    // One kernel call per sequence, all of them split over ctx's threads.
+    using Params = TpaAttentionParams<CacheScalar>;
+    auto* calls = static_cast<Params*>(ctx.scratch().bytes(sizeof(Params) * n_segs));
     for (Index s = 0; s < n_segs; ++s)
-      attend<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer));
+      new (&calls[s]) Params(params<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer)));
+    tpa_attention<Backend>(ctx, calls, n_segs);
     finish(b, x.dimension(0), y);
   }
 
@@ -192,8 +198,10 @@ class TensorProductAttention {
     return b;
   }
 
+  // The kernel call of one segment's queries over the view kv.
   template <class S>
-  void attend(const Buffers& b, const detail::Segment& seg, const SeqView<S>& kv) const {
+  TpaAttentionParams<S> params(const Buffers& b, const detail::Segment& seg,
+                               const SeqView<S>& kv) const {
     const Index H = cfg_.n_heads, d = cfg_.head_dim, RQ = cfg_.q_rank;
     TpaAttentionParams<S> p;
     if (cfg_.kv_only) {
@@ -221,7 +229,7 @@ class TensorProductAttention {
     p.b_v_factor = kFactorBV;
     p.scale = cfg_.scale();
     p.kv = kv;
-    Kernels<Backend>::tpa_attention(p);
+    return p;
   }
 
   // Optional per-head RMSNorm, then the output projection.
@@ -236,6 +244,7 @@ class TensorProductAttention {
   RopeTable rope_;
   std::string kind_;
   Index elements_[4] = {0, 0, 0, 0};  // elements per token of each cached factor
+  CacheLayout layout_;                // built once: a decode step allocates nothing
 };
 
 }  // namespace tpa

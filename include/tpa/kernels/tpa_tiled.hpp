@@ -1,0 +1,616 @@
+// The tiled FlashTPA kernel shared by the SIMD backends (Portable, Avx2, Avx512): causal Tensor
+// Product Attention straight over the cached factors A_K, B_K, A_V, B_V, never building a
+// per-head key or value. The algorithm lives here once; each backend supplies its `Ops` policy
+// of vector primitives (the contract is GroupedTiled's, grouped_tiled.hpp).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <new>
+#include <type_traits>
+
+#include "tpa/core/tensor.hpp"
+#include "tpa/kernels/grouped_tiled.hpp"
+#include "tpa/kernels/lane_reduce.hpp"
+#include "tpa/kernels/params.hpp"
+
+namespace tpa {
+
+/// \brief The piece of one TpaAttentionParams call that one worker computes: queries [i0, i1)
+/// over keys [k0, k1), all heads. Query i still sees only keys ≤ q_pos0 + i.
+struct TpaPart {
+  Index i0 = 0, i1 = 0;
+  Index k0 = 0, k1 = 0;
+
+  /// The whole call.
+  template <class S>
+  static TpaPart whole(const TpaAttentionParams<S>& p) {
+    return TpaPart{0, p.n_q, 0, p.q_pos0 + p.n_q};
+  }
+};
+
+/// \brief Where a TPA part writes its unnormalised online-softmax states (for a later exact
+/// merge, SoftmaxState::merge): row r = (i − i0)·n_heads + h holds query i, head h: m[r], l[r]
+/// and acc + r·acc_stride [head_dim], acc already multiplied by v_scale(). A row that saw no key
+/// has l = 0.
+using TpaStates = GroupedStates;
+
+namespace detail {
+
+/// \brief The FlashTPA kernel over one TpaPart, for storage scalar S, built from the vector
+/// primitives of `Ops` (kWidth = W lanes, kTile = T tokens per key tile, kQkRows and
+/// kPvRows × kPvCols register blocks, load/store/fmadd/exp/…, load_widen<S>, transpose_block<S>).
+///
+/// A pass holds the rows (query, head) of up to kRowCap / H queries (decode: one query, H rows)
+/// and walks the key tiles (≤ T tokens inside one cache block; tiles past the causal diagonal of
+/// the pass's last query are never visited). Vectors run over the tile's tokens (token lanes).
+/// Per tile:
+///  1. A_K [T, H·R_K] is widened and transposed once into akt [H·R_K, T] (register transposes);
+///  2. scores S [rows, T], in rank space:
+///     factored query: per query, C [R_K·R_Q, T] with C[s·R_Q + r][t] = B_Q[r] · B_K(t)[s] —
+///       the [R_Q × d]·[d × (T·R_K)] product, R_Q·R_K·d multiply-adds per token — read straight
+///       from the cache rows: blocks of W/2 tokens × 2 ranks accumulate W dot products in W
+///       vector registers over d, then one shuffle tree (lane_reduce) turns them into one vector
+///       of W results, already in token lanes; then per head
+///       S[h] = Σ_s akt[h,s] ⊙ Σ_r A_Q[h,r]·C[s·R_Q + r] (H·R_K·(R_Q+1) per token);
+///     full query (K/V-only): B_K is transposed like A_K into bkt [R_K·d, T] (shared by all H
+///       rows) and S[h] = Σ_s akt[h,s] ⊙ (q_h · bkt_s), the [rows × d]·[d × T] product per s
+///       with the A_K mix folded into its epilogue.
+///     qk_scale() is folded into A_Q (or q);
+///  3. online softmax, W rows at a time: row maxima and sums by shuffle trees (no horizontal
+///     reduction per row), one vector exp per score vector, one rescale factor per row and tile
+///     (applied in 5); masked keys weigh exactly 0;
+///  4. W [rows, R_V, T] = P ⊙ A_Vᵀ (A_V transposed like A_K): the value weights p·A_V;
+///  5. acc [rows, d] = acc·alpha + W [rows × (R_V·T)] · B_V [(R_V·T) × d], B_V rows read in place
+///     from the cache (or widened once per tile for 16-bit storage / d not a multiple of W):
+///     a register-blocked kPvRows × kPvCols product, B_V column blocks outer so they stay in L1.
+/// Everything accumulates in f32. While a tile computes, the next tile's factors are prefetched
+/// into L2 a few lines per micro-kernel call (RowPrefetch).
+template <class Ops, class S>
+class TpaTiled {
+ public:
+  using P = TpaAttentionParams<S>;
+  using V = typename Ops::V;
+  static constexpr Index kW = Ops::kWidth;
+  static constexpr Index kT = Ops::kTile;
+  static constexpr Index kNV = kT / kW;
+  static_assert(kT % kW == 0 && kW % 2 == 0, "TpaTiled: kTile must be a multiple of kWidth");
+  /// Rows (queries × heads) per pass, unless one query has more heads.
+  static constexpr Index kRowCap = 128;
+  /// Value micro-kernel: rows × vectors of accumulators (24 of the 32 registers with AVX-512).
+  static constexpr Index kPvRows = kW >= 16 ? 6 : Ops::kPvRows;
+  static constexpr Index kPvCols = Ops::kPvCols;
+
+  /// Floats of workspace run() needs for `part` (64-byte aligned storage). Depends on the
+  /// shapes and on min(n_q, kRowCap / H) only, not on the number of keys.
+  static Index workspace_floats(const P& p, const TpaPart& part) {
+    return layout(shape(p, part), nullptr).total;
+  }
+
+  /// Computes `part` of the call `p`. With `out` null, writes the normalised outputs of the
+  /// part's queries to p.o (the part must then cover all keys they see: k0 = 0 and
+  /// k1 ≥ q_pos0 + i1); otherwise writes their unnormalised states to *out (TpaStates).
+  /// `ws` holds workspace_floats(p, part) floats, 64-byte aligned. p must pass p.check().
+  static void run(const P& p, const TpaPart& part, float* ws, const TpaStates* out) {
+    const Shape sh = shape(p, part);
+    const Buffers b = layout(sh, ws);
+    for (Index ib = part.i0; ib < part.i1; ib += sh.ni)
+      pass(p, part, sh, b, ib, std::min(part.i1, ib + sh.ni), out);
+  }
+
+  /// The whole call on the calling thread, with a workspace allocated for it.
+  /// \throws Error if p is inconsistent (TpaAttentionParams::check; `who` prefixes the message).
+  static void run_whole(const P& p, const char* who) {
+    p.check(who);
+    if (p.n_q == 0) return;
+    const TpaPart part = TpaPart::whole(p);
+    const auto n = static_cast<std::size_t>(workspace_floats(p, part)) * sizeof(float);
+    std::unique_ptr<float, FreeDeleter> ws(
+        static_cast<float*>(std::aligned_alloc(64, (n + 63) / 64 * 64)));
+    if (!ws) throw std::bad_alloc();
+    run(p, part, ws.get(), nullptr);
+  }
+
+ private:
+  struct FreeDeleter {
+    void operator()(float* p) const { std::free(p); }
+  };
+
+  struct Shape {
+    Index H = 0, d = 0, d_pad = 0;  // heads, head dim, head dim rounded up to kW
+    Index RQ = 0, RK = 0, RV = 0;   // ranks (RQ = 0: full query)
+    Index ni = 0;                   // queries per pass
+    Index rows_pad = 0;             // ni·H rounded up to kW (per-row statistics)
+    bool pack_v = false;            // B_V is widened/padded into workspace
+  };
+
+  struct Buffers {
+    float* aq;     // factored: [ni·H, RQ] A_Q · qk_scale
+    float* q;      // full: [ni·H, d] q · qk_scale
+    float* akt;    // [H·RK, kT] A_K tile transposed
+    float* bkt;    // full: [RK·d, kT] B_K tile transposed
+    float* avt;    // [H·RV, kT] A_V tile transposed
+    float* c;      // factored: [RK·RQ, kT] B_Q·B_Kᵀ of one query, row s·RQ + r
+    float* sp;     // [ni·H, kT] scores, then probabilities
+    float* w;      // [ni·H, RV, kT] value weights P ⊙ A_V
+    float* m;      // [rows_pad] running max (−FLT_MAX once a tile was seen, −inf before)
+    float* l;      // [rows_pad] running sum
+    float* alpha;  // [rows_pad] rescale factor of the current tile
+    float* acc;    // [ni·H, d_pad]
+    float* bvp;    // [kT·RV, d_pad] widened B_V tile (pack_v only)
+    Index total;   // floats
+  };
+
+  static Index round_up(Index n, Index m) { return (n + m - 1) / m * m; }
+
+  static Shape shape(const P& p, const TpaPart& part) {
+    Shape sh;
+    sh.H = p.n_heads;
+    sh.d = p.head_dim;
+    sh.d_pad = round_up(p.head_dim, kW);
+    sh.RQ = p.q_rank;
+    sh.RK = p.k_rank;
+    sh.RV = p.v_rank;
+    sh.ni = std::max<Index>(1, std::min(part.i1 - part.i0, kRowCap / sh.H));
+    sh.rows_pad = round_up(sh.ni * sh.H, kW);
+    sh.pack_v = !std::is_same<S, float>::value || sh.d % kW != 0;
+    return sh;
+  }
+
+  static Buffers layout(const Shape& sh, float* ws) {
+    Buffers b{};
+    Index off = 0;
+    auto take = [&](Index n) {
+      float* ptr = ws == nullptr || n == 0 ? nullptr : ws + off;
+      off += round_up(n, 16);
+      return ptr;
+    };
+    const Index rows = sh.ni * sh.H;
+    const bool factored = sh.RQ > 0;
+    b.aq = take(factored ? rows * sh.RQ : 0);
+    b.q = take(factored ? 0 : rows * sh.d);
+    b.akt = take(sh.H * sh.RK * kT);
+    b.bkt = take(factored ? 0 : sh.RK * sh.d * kT);
+    b.avt = take(sh.H * sh.RV * kT);
+    b.c = take(factored ? sh.RK * sh.RQ * kT : 0);
+    b.sp = take(rows * kT);
+    b.w = take(rows * sh.RV * kT);
+    b.m = take(sh.rows_pad);
+    b.l = take(sh.rows_pad);
+    b.alpha = take(sh.rows_pad);
+    b.acc = take(rows * sh.d_pad);
+    b.bvp = take(sh.pack_v ? kT * sh.RV * sh.d_pad : 0);
+    b.total = off;
+    return b;
+  }
+
+  // Software prefetch (into L2) of one tile's four factor ranges, a few lines at a time while
+  // the previous tile computes: a tile's rows are contiguous per factor, but they span several
+  // 4 KiB pages, where the hardware prefetchers stop, and each cache block starts new streams.
+  // One line in every 128-byte pair is enough: the L2's adjacent-line prefetch fetches the other.
+  struct TilePrefetch {
+    RowPrefetch k, v;  // A_K, B_K and A_V; B_V
+    void add(const P& p, const Shape& sh, Index blk, Index off, Index n) {
+      const Index e[4] = {sh.H * sh.RK, sh.RK * sh.d, sh.H * sh.RV, sh.RV * sh.d};
+      const std::size_t f[4] = {p.a_k_factor, p.b_k_factor, p.a_v_factor, p.b_v_factor};
+      for (int i = 0; i < 4; ++i) {
+        const auto* first = reinterpret_cast<const char*>(p.kv.factor(f[i], blk) + off * e[i]);
+        const auto* pair = reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(first) &
+                                                         ~std::uintptr_t{127});
+        const Index pairs = (first + n * e[i] * Index(sizeof(S)) - pair + 127) / 128;
+        (i < 3 ? k : v).add(pair, 128, 64, pairs);
+      }
+    }
+    Index pending() const { return k.pending() + v.pending(); }
+    void issue(Index count) {
+      const Index from_k = std::min(count, k.pending());
+      k.issue(from_k);
+      v.issue(count - from_k);
+    }
+  };
+
+  // One pass: queries [ib, ie) (all heads), keys [part.k0, part.k1) ∩ causal. Row of (i, h):
+  // (i − ib)·H + h.
+  static void pass(const P& p, const TpaPart& part, const Shape& sh, const Buffers& b, Index ib,
+                   Index ie, const TpaStates* out) {
+    const Index H = sh.H, d = sh.d, RQ = sh.RQ, rows = (ie - ib) * H;
+    const float qk_scale = static_cast<float>(p.qk_scale());
+    for (Index i = ib; i < ie; ++i) {
+      if (RQ > 0) {
+        const float* a = p.a_q + i * p.a_q_stride;
+        float* dst = b.aq + (i - ib) * H * RQ;
+        for (Index k = 0; k < H * RQ; ++k) dst[k] = a[k] * qk_scale;
+      } else {
+        const float* q = p.q + i * p.q_stride;
+        float* dst = b.q + (i - ib) * H * d;
+        for (Index k = 0; k < H * d; ++k) dst[k] = q[k] * qk_scale;
+      }
+    }
+    std::fill(b.m, b.m + sh.rows_pad, -std::numeric_limits<float>::infinity());
+    std::fill(b.l, b.l + sh.rows_pad, 0.f);
+    std::fill(b.acc, b.acc + rows * sh.d_pad, 0.f);
+
+    const Index key_end = std::min(part.k1, p.q_pos0 + ie);
+    const Index bt = p.kv.block_tokens;
+    auto tile_len = [&](Index t) { return std::min(std::min(kT, key_end - t), bt - t % bt); };
+    for (Index t = part.k0; t < key_end;) {
+      const Index blk = t / bt, off = t - blk * bt;
+      const Index n = tile_len(t);
+      // Query i sees key t iff t ≤ q_pos0 + i: the rows of earlier queries skip this tile.
+      const Index i_first = std::max(ib, t - p.q_pos0);
+      TilePrefetch next;  // the next tile's factors, fetched while this one computes
+      if (t + n < key_end) next.add(p, sh, (t + n) / bt, (t + n) % bt, tile_len(t + n));
+      tile(p, sh, b, blk, off, t, n, ib, ie, i_first, next);
+      t += n;
+    }
+
+    const float v_scale = static_cast<float>(p.v_scale());
+    for (Index i = ib; i < ie; ++i)
+      for (Index h = 0; h < H; ++h) {
+        const Index r = (i - ib) * H + h;
+        const float* a = b.acc + r * sh.d_pad;
+        if (out == nullptr) {
+          const float inv = b.l[r] > 0.f ? v_scale / b.l[r] : 0.f;
+          float* o = p.o + i * p.o_stride + h * d;
+          for (Index j = 0; j < d; ++j) o[j] = a[j] * inv;
+        } else {
+          const Index ro = (i - part.i0) * H + h;
+          out->m[ro] = b.m[r];
+          out->l[ro] = b.l[r];
+          float* o = out->acc + ro * out->acc_stride;
+          for (Index j = 0; j < d; ++j) o[j] = a[j] * v_scale;
+        }
+      }
+  }
+
+  // Tokens [t0, t0 + n) (inside block blk, from offset off) for the pass of queries [ib, ie),
+  // of which [i_first, ie) see at least the tile's first key. Prefetches `next` on the way.
+  static void tile(const P& p, const Shape& sh, const Buffers& b, Index blk, Index off, Index t0,
+                   Index n, Index ib, Index ie, Index i_first, TilePrefetch& next) {
+    const Index H = sh.H, d = sh.d, RQ = sh.RQ, RK = sh.RK, RV = sh.RV;
+    const Index ld_ak = H * RK, ld_bk = RK * d, ld_av = H * RV, ld_bv = RV * d;
+    const S* ak = p.kv.factor(p.a_k_factor, blk) + off * ld_ak;
+    const S* bk = p.kv.factor(p.b_k_factor, blk) + off * ld_bk;
+    const S* av = p.kv.factor(p.a_v_factor, blk) + off * ld_av;
+    const S* bv = p.kv.factor(p.b_v_factor, blk) + off * ld_bv;
+    transpose_tile(ak, ld_ak, n, b.akt);
+    if (RQ == 0) transpose_tile(bk, ld_bk, n, b.bkt);
+
+    const Index rows = (ie - ib) * H, skip = (i_first - ib) * H, nr = rows - skip;
+    // The next tile is prefetched a few lines at each step of the loops below.
+    const Index points = (RQ > 0 ? (ie - i_first) * (RK * ((n + kW / 2 - 1) / (kW / 2)) + H)
+                                 : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
+                         (nr + kW - 1) / kW +
+                         (nr + kPvRows - 1) / kPvRows * ((sh.d_pad / kW + kPvCols - 1) / kPvCols);
+    const Index per_call = (next.pending() + points - 1) / points;
+
+    // Scores of the rows that see the tile.
+    if (RQ > 0) {
+      for (Index i = i_first; i < ie; ++i) {
+        factor_dots(p.b_q + i * p.b_q_stride, RQ, d, bk, ld_bk, RK, n, b.c, next, per_call);
+        const Index row0 = (i - ib) * H;
+        for (Index h = 0; h < H; ++h) {
+          next.issue(per_call);
+          mix_row(b.aq + (row0 + h) * RQ, RQ, RK, b.c, b.akt + h * RK * kT, b.sp + (row0 + h) * kT);
+        }
+      }
+    } else {
+      constexpr Index NR = Ops::kQkRows;
+      const float* mul[NR];
+      for (Index s = 0; s < RK; ++s)
+        for (Index r = skip; r < rows; r += NR) {
+          const Index nb = std::min(NR, rows - r);
+          for (Index k = 0; k < nb; ++k) mul[k] = b.akt + (((r + k) % H) * RK + s) * kT;
+          next.issue(per_call);
+          rows_dispatch<static_cast<int>(NR), true>(nb, b.q + r * d, d, b.bkt + s * d * kT, d,
+                                                    b.sp + r * kT, mul, s == 0);
+        }
+    }
+
+    transpose_tile(av, ld_av, n, b.avt);
+    softmax(p, sh, b, t0, n, ib, skip, rows, next, per_call);
+
+    // B_V tile: in place when it is f32 with whole vectors, else widened into bvp.
+    const float* vt = nullptr;
+    Index v_ld = 0, v_sd = 0;  // strides of token and rank
+    if constexpr (std::is_same<S, float>::value) {
+      vt = bv;
+      v_ld = ld_bv;
+      v_sd = d;
+    }
+    if (sh.pack_v) {
+      for (Index t = 0; t < n; ++t)
+        for (Index s = 0; s < RV; ++s)
+          for (Index c = 0; c < sh.d_pad; c += kW)
+            Ops::store(
+                b.bvp + (t * RV + s) * sh.d_pad + c,
+                Ops::template load_widen<S>(bv + t * ld_bv + s * d + c, std::min(kW, d - c)));
+      vt = b.bvp;
+      v_ld = RV * sh.d_pad;
+      v_sd = sh.d_pad;
+    }
+    pv(b.w + skip * RV * kT, RV * kT, b.alpha + skip, vt, v_ld, v_sd, n, RV,
+       b.acc + skip * sh.d_pad, sh.d_pad, nr, next, per_call);
+    next.issue(next.pending());
+  }
+
+  // dst [cols, kT] (row c at dst + c·kT) = src [n, cols]ᵀ (row t at src + t·ld, cols = ld),
+  // widened to f32; tokens n … kT−1 are 0.
+  static void transpose_tile(const S* src, Index ld, Index n, float* dst) {
+    for (Index tb = 0; tb < kNV; ++tb) {
+      const Index rows = std::max<Index>(0, std::min(kW, n - tb * kW));
+      const S* s = rows > 0 ? src + tb * kW * ld : src;
+      for (Index c = 0; c < ld; c += kW)
+        Ops::template transpose_block<S>(s + c, ld, rows, std::min(kW, ld - c),
+                                         dst + c * kT + tb * kW, kT);
+    }
+  }
+
+  // Loads kW elements of a cached row as f32.
+  static V load_row(const S* p) {
+    if constexpr (std::is_same<S, float>::value) {
+      return Ops::loadu(p);
+    } else {
+      return Ops::template load_widen<S>(p, kW);
+    }
+  }
+
+  // c[(s·RQ + r)·kT + t] = bq[r·d …] · bk[t·ld_bk + s·d …] for t < n (lanes ≥ n: unspecified,
+  // finite), all r < RQ and s < RK: groups of G = W/2 tokens × 2 ranks accumulate W dot
+  // products over d in W registers (dots_block); lane_reduce turns them into one vector of W
+  // results.
+  static void factor_dots(const float* bq, Index RQ, Index d, const S* bk, Index ld_bk, Index RK,
+                          Index n, float* c, TilePrefetch& pf, Index per_call) {
+    constexpr Index G = kW / 2;
+    alignas(64) float res[kW];
+    for (Index s = 0; s < RK; ++s)
+      for (Index tg = 0; tg < n; tg += G) {
+        pf.issue(per_call);
+        const S* rows = bk + tg * ld_bk + s * d;
+        const Index nv = std::min(G, n - tg);
+        for (Index r = 0; r < RQ; r += 2) {
+          const Index r1 = std::min(r + 1, RQ - 1);
+          Ops::store(res, dots_block(bq + r * d, bq + r1 * d, d, rows, ld_bk, nv));
+          std::copy(res, res + G, c + (s * RQ + r) * kT + tg);
+          std::copy(res + G, res + kW, c + (s * RQ + r1) * kT + tg);
+        }
+      }
+  }
+
+  // Lane i < G: q0 · row i, lane G + i: q1 · row i, over d; row i at rows + min(i, nv − 1)·ld
+  // (rows past nv repeat the last one, so nothing past it is read).
+  static V dots_block(const float* q0, const float* q1, Index d, const S* rows, Index ld,
+                      Index nv) {
+    constexpr Index G = kW / 2;
+    V acc[kW];
+    TPA_UNROLL
+    for (Index i = 0; i < kW; ++i) acc[i] = Ops::zero();
+    Index j = 0;
+    for (; j + kW <= d; j += kW) {
+      const V a0 = Ops::loadu(q0 + j), a1 = Ops::loadu(q1 + j);
+      TPA_UNROLL
+      for (Index i = 0; i < G; ++i) {
+        const V k = load_row(rows + std::min(i, nv - 1) * ld + j);
+        acc[i] = Ops::fmadd(k, a0, acc[i]);
+        acc[G + i] = Ops::fmadd(k, a1, acc[G + i]);
+      }
+    }
+    if (j < d) {  // the last, partial vector of each row (zeros past d)
+      const V a0 = Ops::template load_widen<float>(q0 + j, d - j);
+      const V a1 = Ops::template load_widen<float>(q1 + j, d - j);
+      TPA_UNROLL
+      for (Index i = 0; i < G; ++i) {
+        const V k = Ops::template load_widen<S>(rows + std::min(i, nv - 1) * ld + j, d - j);
+        acc[i] = Ops::fmadd(k, a0, acc[i]);
+        acc[G + i] = Ops::fmadd(k, a1, acc[G + i]);
+      }
+    }
+    return lane_reduce<Ops>(acc);
+  }
+
+  // sp [kT] = Σ_s akt[s] ⊙ Σ_r aq[r]·c[s·RQ + r] (c, akt rows of kT).
+  static void mix_row(const float* aq, Index RQ, Index RK, const float* c, const float* akt,
+                      float* sp) {
+    V acc[kNV];
+    TPA_UNROLL
+    for (Index v = 0; v < kNV; ++v) acc[v] = Ops::zero();
+    for (Index s = 0; s < RK; ++s) {
+      V u[kNV];
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v) u[v] = Ops::zero();
+      const float* cs = c + s * RQ * kT;
+      for (Index r = 0; r < RQ; ++r) {
+        const V a = Ops::set1(aq[r]);
+        TPA_UNROLL
+        for (Index v = 0; v < kNV; ++v) u[v] = Ops::fmadd(a, Ops::load(cs + r * kT + v * kW), u[v]);
+      }
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v)
+        acc[v] = Ops::fmadd(Ops::load(akt + s * kT + v * kW), u[v], acc[v]);
+    }
+    TPA_UNROLL
+    for (Index v = 0; v < kNV; ++v) Ops::store(sp + v * kW, acc[v]);
+  }
+
+  // Online softmax of rows [skip, rows) over the tile (tokens [t0, t0 + n)), W rows at a time:
+  // masks keys a row's query does not see, m ← max(m, row max), alpha = e^(m_old − m),
+  // sp ← e^(sp − m) (0 for masked keys), l ← l·alpha + Σ sp; then W = sp ⊙ A_Vᵀ.
+  static void softmax(const P& p, const Shape& sh, const Buffers& b, Index t0, Index n, Index ib,
+                      Index skip, Index rows, TilePrefetch& pf, Index per_call) {
+    const Index H = sh.H, RV = sh.RV;
+    const float inf = std::numeric_limits<float>::infinity();
+    const V floor = Ops::set1(-std::numeric_limits<float>::max());
+    V red[kW];
+    for (Index r0 = skip / kW * kW; r0 < rows; r0 += kW) {
+      pf.issue(per_call);
+      // Row maxima (rows outside [skip, rows) contribute −inf and a zero sum).
+      for (Index k = 0; k < kW; ++k) {
+        const Index r = r0 + k;
+        if (r < skip || r >= rows) {
+          red[k] = Ops::set1(-inf);
+          continue;
+        }
+        float* sp = b.sp + r * kT;
+        const Index count = std::min(n, p.q_pos0 + ib + r / H - t0 + 1);  // ≥ 1
+        for (Index t = count; t < kT; ++t) sp[t] = -inf;
+        V mx = Ops::load(sp);
+        TPA_UNROLL
+        for (Index v = 1; v < kNV; ++v) mx = Ops::max(mx, Ops::load(sp + v * kW));
+        red[k] = mx;
+      }
+      const V m_old = Ops::load(b.m + r0);
+      const V m_new = Ops::max(Ops::max(m_old, lane_reduce<Ops, true>(red)), floor);
+      const V alpha = Ops::exp(Ops::sub(m_old, m_new));
+      Ops::store(b.m + r0, m_new);
+      Ops::store(b.alpha + r0, alpha);
+      // Weights, their sums, and W.
+      for (Index k = 0; k < kW; ++k) {
+        const Index r = r0 + k;
+        if (r < skip || r >= rows) {
+          red[k] = Ops::zero();
+          continue;
+        }
+        float* sp = b.sp + r * kT;
+        const V mv = Ops::set1(b.m[r]);
+        V sum = Ops::zero();
+        TPA_UNROLL
+        for (Index v = 0; v < kNV; ++v) {
+          const V e = Ops::exp(Ops::sub(Ops::load(sp + v * kW), mv));
+          Ops::store(sp + v * kW, e);
+          sum = Ops::add(sum, e);
+        }
+        red[k] = sum;
+        const Index h = r % H;
+        for (Index s = 0; s < RV; ++s) {
+          const float* a = b.avt + (h * RV + s) * kT;
+          float* w = b.w + (r * RV + s) * kT;
+          TPA_UNROLL
+          for (Index v = 0; v < kNV; ++v)
+            Ops::store(w + v * kW, Ops::mul(Ops::load(sp + v * kW), Ops::load(a + v * kW)));
+        }
+      }
+      Ops::store(b.l + r0, Ops::fmadd(Ops::load(b.l + r0), alpha, lane_reduce<Ops>(red)));
+    }
+  }
+
+  // rows_block<nr'> for nr' ≤ NR given at run time.
+  template <int NR, bool kMix>
+  static void rows_dispatch(Index nr, const float* a, Index a_ld, const float* bt, Index k,
+                            float* out, const float* const* mul, bool first) {
+    if constexpr (NR > 0) {
+      if (nr == NR)
+        rows_block<NR, kMix>(a, a_ld, bt, k, out, mul, first);
+      else
+        rows_dispatch<NR - 1, kMix>(nr, a, a_ld, bt, k, out, mul, first);
+    }
+  }
+
+  // acc [NR, kT] = a [NR, k] (row stride a_ld) · bt [k, kT]; then out row r (stride kT) =
+  // acc (kMix false), or out·[!first] + mul[r] ⊙ acc (kMix true).
+  template <int NR, bool kMix>
+  static void rows_block(const float* a, Index a_ld, const float* bt, Index k, float* out,
+                         const float* const* mul, bool first) {
+    V acc[NR][kNV];
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v) acc[r][v] = Ops::zero();
+    }
+    for (Index j = 0; j < k; ++j) {
+      V x[kNV];
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v) x[v] = Ops::load(bt + j * kT + v * kW);
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        const V ab = Ops::set1(a[r * a_ld + j]);
+        TPA_UNROLL
+        for (Index v = 0; v < kNV; ++v) acc[r][v] = Ops::fmadd(ab, x[v], acc[r][v]);
+      }
+    }
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v) {
+        float* o = out + r * kT + v * kW;
+        if constexpr (kMix) {
+          const V prev = first ? Ops::zero() : Ops::load(o);
+          Ops::store(o, Ops::fmadd(Ops::load(mul[r] + v * kW), acc[r][v], prev));
+        } else {
+          Ops::store(o, acc[r][v]);
+        }
+      }
+    }
+  }
+
+  // acc [nr, acc_ld] = acc · alpha (per row) + W · B_V: W row r at w + r·w_rs holds RV runs of
+  // kT weights (rank s at + s·kT, token t at + t), B_V row (t, s) at v + t·v_ld + s·v_sd;
+  // n tokens, acc_ld / kW vectors per row. Column blocks outer: a B_V column block stays in L1.
+  static void pv(const float* w, Index w_rs, const float* alpha, const float* v, Index v_ld,
+                 Index v_sd, Index n, Index RV, float* acc, Index acc_ld, Index nr,
+                 TilePrefetch& pf, Index per_call) {
+    constexpr Index R = kPvRows, C = kPvCols;
+    const Index nvec = acc_ld / kW;
+    for (Index c = 0; c < nvec; c += C) {
+      const Index nc = std::min(C, nvec - c);
+      for (Index r = 0; r < nr; r += R) {
+        pf.issue(per_call);
+        pv_dispatch<static_cast<int>(R), static_cast<int>(C)>(
+            std::min(R, nr - r), nc, w + r * w_rs, w_rs, alpha + r, v + c * kW, v_ld, v_sd, n, RV,
+            acc + r * acc_ld + c * kW, acc_ld);
+      }
+    }
+  }
+
+  // pv_block<nr', nc'> for nr' ≤ NR, nc' ≤ NC given at run time.
+  template <int NR, int NC>
+  static void pv_dispatch(Index nr, Index nc, const float* w, Index w_rs, const float* alpha,
+                          const float* v, Index v_ld, Index v_sd, Index n, Index RV, float* acc,
+                          Index acc_ld) {
+    if constexpr (NR > 0 && NC > 0) {
+      if (nr < NR)
+        pv_dispatch<NR - 1, NC>(nr, nc, w, w_rs, alpha, v, v_ld, v_sd, n, RV, acc, acc_ld);
+      else if (nc < NC)
+        pv_dispatch<NR, NC - 1>(nr, nc, w, w_rs, alpha, v, v_ld, v_sd, n, RV, acc, acc_ld);
+      else
+        pv_block<NR, NC>(w, w_rs, alpha, v, v_ld, v_sd, n, RV, acc, acc_ld);
+    }
+  }
+
+  template <int NR, int NC>
+  static void pv_block(const float* w, Index w_rs, const float* alpha, const float* v, Index v_ld,
+                       Index v_sd, Index n, Index RV, float* acc, Index acc_ld) {
+    V a[NR][NC];
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const V al = Ops::set1(alpha[r]);
+      TPA_UNROLL
+      for (int c = 0; c < NC; ++c) a[r][c] = Ops::mul(Ops::load(acc + r * acc_ld + c * kW), al);
+    }
+    for (Index s = 0; s < RV; ++s) {
+      const float* ws = w + s * kT;
+      const float* vs = v + s * v_sd;
+      for (Index t = 0; t < n; ++t) {
+        V x[NC];
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(vs + t * v_ld + c * kW);
+        TPA_UNROLL
+        for (int r = 0; r < NR; ++r) {
+          const V wb = Ops::set1(ws[r * w_rs + t]);
+          TPA_UNROLL
+          for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(wb, x[c], a[r][c]);
+        }
+      }
+    }
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      TPA_UNROLL
+      for (int c = 0; c < NC; ++c) Ops::store(acc + r * acc_ld + c * kW, a[r][c]);
+    }
+  }
+};
+
+}  // namespace detail
+}  // namespace tpa
