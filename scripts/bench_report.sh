@@ -85,13 +85,16 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
              has[bw4k, "read_GBps_best"] ? sprintf("; %.1f GB/s over 4 KiB pages",
                                                    val[bw4k, "read_GBps_best"]) : "",
              fma) > table
+    } else {
+      printf("No probe results for %d threads in the JSON: %% of roofline is the benchmark'"'"'s " \
+             "own pct_roofline (probes it ran when first needed)\n\n", threads) > table
     }
     layers = ""
     for (i = 1; i <= nk; ++i)
       if (has["cache_size/" shape "/" kinds[i] "/f32", "layers"])
         layers = val["cache_size/" shape "/" kinds[i] "/f32", "layers"]
-    printf("Shape %s (%s layers); decode: one layer call, batch %d, %d threads, context %s\n\n",
-           shape, layers, batch, threads, ctx_label(table_ctx)) > table
+    printf("Shape %s%s; decode: one layer call, batch %d, %d threads, context %s\n\n", shape,
+           layers != "" ? " (" layers " layers)" : "", batch, threads, ctx_label(table_ctx)) > table
     printf("| kind | elements/token/layer | bytes/token/layer (f32) | model cache @32K | " \
            "model cache @128K | decode µs/step @%s | speed-up vs MHA | speed-up vs Eigen | " \
            "%% of roofline |\n", ctx_label(table_ctx)) > table
