@@ -5,7 +5,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -190,18 +189,14 @@ class TpaTiled {
   // Software prefetch (into L2) of one tile's four factor ranges, a few lines at a time while
   // the previous tile computes: a tile's rows are contiguous per factor, but they span several
   // 4 KiB pages, where the hardware prefetchers stop, and each cache block starts new streams.
-  // One line in every 128-byte pair is enough: the L2's adjacent-line prefetch fetches the other.
   struct TilePrefetch {
     RowPrefetch k, v;  // A_K, B_K and A_V; B_V
     void add(const P& p, const Shape& sh, Index blk, Index off, Index n) {
       const Index e[4] = {sh.H * sh.RK, sh.RK * sh.d, sh.H * sh.RV, sh.RV * sh.d};
       const std::size_t f[4] = {p.a_k_factor, p.b_k_factor, p.a_v_factor, p.b_v_factor};
       for (int i = 0; i < 4; ++i) {
-        const auto* first = reinterpret_cast<const char*>(p.kv.factor(f[i], blk) + off * e[i]);
-        const auto* pair = reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(first) &
-                                                         ~std::uintptr_t{127});
-        const Index pairs = (first + n * e[i] * Index(sizeof(S)) - pair + 127) / 128;
-        (i < 3 ? k : v).add(pair, 128, 64, pairs);
+        const Index bytes = n * e[i] * Index(sizeof(S));
+        (i < 3 ? k : v).add(p.kv.factor(f[i], blk) + off * e[i], bytes, bytes, 1);
       }
     }
     Index pending() const { return k.pending() + v.pending(); }
@@ -385,6 +380,9 @@ class TpaTiled {
   static V dots_block(const float* q0, const float* q1, Index d, const S* rows, Index ld,
                       Index nv) {
     constexpr Index G = kW / 2;
+    const S* row[G];
+    TPA_UNROLL
+    for (Index i = 0; i < G; ++i) row[i] = rows + std::min(i, nv - 1) * ld;
     V acc[kW];
     TPA_UNROLL
     for (Index i = 0; i < kW; ++i) acc[i] = Ops::zero();
@@ -393,7 +391,7 @@ class TpaTiled {
       const V a0 = Ops::loadu(q0 + j), a1 = Ops::loadu(q1 + j);
       TPA_UNROLL
       for (Index i = 0; i < G; ++i) {
-        const V k = load_row(rows + std::min(i, nv - 1) * ld + j);
+        const V k = load_row(row[i] + j);
         acc[i] = Ops::fmadd(k, a0, acc[i]);
         acc[G + i] = Ops::fmadd(k, a1, acc[G + i]);
       }
@@ -403,7 +401,7 @@ class TpaTiled {
       const V a1 = Ops::template load_widen<float>(q1 + j, d - j);
       TPA_UNROLL
       for (Index i = 0; i < G; ++i) {
-        const V k = Ops::template load_widen<S>(rows + std::min(i, nv - 1) * ld + j, d - j);
+        const V k = Ops::template load_widen<S>(row[i] + j, d - j);
         acc[i] = Ops::fmadd(k, a0, acc[i]);
         acc[G + i] = Ops::fmadd(k, a1, acc[G + i]);
       }
