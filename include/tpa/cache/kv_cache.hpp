@@ -63,6 +63,13 @@ struct FactorRows {
 ///
 /// Every throwing member leaves the cache exactly as it was.
 ///
+/// Thread safety: const members may run concurrently with each other. append() calls (and layer
+/// calls with this cache) for distinct sequences may run concurrently with each other, and with
+/// const calls about other sequences, as long as none of them takes a block from the pool
+/// (blocks_needed() is 0, e.g. after reserve_tokens()): such an append writes only its own
+/// sequence's blocks and length. bytes_used() reads every sequence. Every other non-const call,
+/// and an append that takes blocks, needs exclusive access to the cache.
+///
 /// \tparam Scalar storage type of the cached factors.
 template <class Scalar = float>
 class KVCache {
@@ -180,6 +187,23 @@ class KVCache {
     return static_cast<SeqId>(seqs_.size() - 1);
   }
 
+  /// Takes blocks from the pool into `seq`'s block table until it has room for `tokens` tokens
+  /// in every layer, so appends up to that length take no block (see "Thread safety"). Unused
+  /// blocks return to the pool with free_sequence().
+  /// \throws Error if `seq` is not live, tokens < 0 or the pool lacks the blocks;
+  /// std::bad_alloc. Either way the cache is unchanged.
+  void reserve_tokens(SeqId seq, Index tokens) {
+    check_seq("KVCache::reserve_tokens", seq);
+    TPA_CHECK(tokens >= 0, "KVCache::reserve_tokens: tokens (", tokens, ") must be >= 0");
+    Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    const Index need = std::max<Index>(
+        0, (tokens + block_tokens_ - 1) / block_tokens_ - static_cast<Index>(s.blocks.size()));
+    TPA_CHECK(need <= available_blocks(), "KVCache::reserve_tokens: room for ", tokens,
+              " tokens in sequence ", seq, " needs ", need, " new blocks but only ",
+              available_blocks(), " of max_blocks (", max_blocks_, ") are available");
+    take_blocks(s, need);
+  }
+
   /// Ends a sequence: its blocks return to the free list and its handle becomes invalid.
   /// \throws Error if `seq` is not a live sequence.
   void free_sequence(SeqId seq) {
@@ -248,24 +272,7 @@ class KVCache {
     Sequence& s = seqs_[static_cast<std::size_t>(seq)];
     const auto l = static_cast<std::size_t>(layer);
     // Take blocks first (all or nothing), then copy: nothing below can throw.
-    const Index need = blocks_needed(seq, layer, n);
-    const std::size_t table_before = s.blocks.size();
-    try {
-      s.blocks.reserve(table_before + static_cast<std::size_t>(need));
-      for (Index i = 0; i < need; ++i) {
-        if (free_.empty()) {
-          free_.push_back(allocate_block());
-        }
-        s.blocks.push_back(free_.back());
-        free_.pop_back();
-      }
-    } catch (...) {
-      while (s.blocks.size() > table_before) {
-        free_.push_back(s.blocks.back());
-        s.blocks.pop_back();
-      }
-      throw;
-    }
+    take_blocks(s, blocks_needed(seq, layer, n));
     const LayerInfo& info = layers_[l];
     const Index start = s.len[l];
     for (Index i = 0; i < n; ++i) {
@@ -331,6 +338,30 @@ class KVCache {
   }
   void check_seq(const char* who, SeqId seq) const {
     TPA_CHECK(contains(seq), who, ": sequence ", seq, " is not a live sequence of this cache");
+  }
+
+  // Moves `need` blocks from the pool (the free list, then new storage) to the end of s's table.
+  // Does nothing when need is 0. All or nothing: on std::bad_alloc the blocks taken so far go
+  // back to the free list.
+  void take_blocks(Sequence& s, Index need) {
+    if (need <= 0) return;
+    const std::size_t table_before = s.blocks.size();
+    try {
+      s.blocks.reserve(table_before + static_cast<std::size_t>(need));
+      for (Index i = 0; i < need; ++i) {
+        if (free_.empty()) {
+          free_.push_back(allocate_block());
+        }
+        s.blocks.push_back(free_.back());
+        free_.pop_back();
+      }
+    } catch (...) {
+      while (s.blocks.size() > table_before) {
+        free_.push_back(s.blocks.back());
+        s.blocks.pop_back();
+      }
+      throw;
+    }
   }
 
   // Allocates one block's storage and returns its id. Strong guarantee.
