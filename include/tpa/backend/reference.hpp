@@ -61,76 +61,93 @@ struct Kernels<Reference> {
   }
 
   /// Causal Tensor Product Attention over cached factors (see TpaAttentionParams), exact
-  /// softmax in double. Straightforward on purpose: per head it materialises k_h(t) and v_h(t)
-  /// of every visible token in double, then runs plain softmax attention for each query.
+  /// softmax in double. Straightforward on purpose: per head and block of up to 64 queries, a
+  /// first walk over the visible tokens forms each k_h(t) (one row of d doubles, from the
+  /// factors as stored) and scores it against the block's queries, a second forms each v_h(t)
+  /// and accumulates it; no copy of the cache is made in any precision.
   /// \throws Error if the params are inconsistent (TpaAttentionParams::check).
   template <class S>
   static void tpa_attention(const TpaAttentionParams<S>& p) {
     p.check("Kernels<Reference>::tpa_attention");
     if (p.n_q == 0) return;
+    constexpr Index kBlock = 64;  // queries per block
     const Index d = p.head_dim, RK = p.k_rank, RV = p.v_rank, RQ = p.q_rank;
     const Index n_keys = p.n_keys(p.n_q - 1);
+    const Index nb_max = std::min(kBlock, p.n_q);
     auto at = [](const S* x, Index j) { return static_cast<double>(static_cast<float>(x[j])); };
-    std::vector<double> k(static_cast<std::size_t>(n_keys * d));  // k_h(t), [n_keys, d]
-    std::vector<double> v(static_cast<std::size_t>(n_keys * d));  // v_h(t), [n_keys, d]
-    std::vector<double> q(static_cast<std::size_t>(d));
-    std::vector<double> score(static_cast<std::size_t>(n_keys));
-    std::vector<double> acc(static_cast<std::size_t>(d));
+    auto sz = [](Index n) { return static_cast<std::size_t>(n); };
+    std::vector<double> row(sz(d));                // k_h(t), then v_h(t)
+    std::vector<double> q(sz(nb_max * d));         // [block, d] query heads
+    std::vector<double> score(sz(nb_max * n_keys));  // [block, n_keys] scores, then weights
+    std::vector<double> sum(sz(nb_max));
+    std::vector<double> acc(sz(nb_max * d));
     for (Index h = 0; h < p.n_heads; ++h) {
-      for (Index t = 0; t < n_keys; ++t) {
-        const S* a_k = p.kv.token(p.a_k_factor, t) + h * RK;
-        const S* b_k = p.kv.token(p.b_k_factor, t);
-        const S* a_v = p.kv.token(p.a_v_factor, t) + h * RV;
-        const S* b_v = p.kv.token(p.b_v_factor, t);
-        double* kt = k.data() + t * d;
-        double* vt = v.data() + t * d;
-        for (Index j = 0; j < d; ++j) {
-          double sk = 0, sv = 0;
-          for (Index r = 0; r < RK; ++r) sk += at(a_k, r) * at(b_k, r * d + j);
-          for (Index r = 0; r < RV; ++r) sv += at(a_v, r) * at(b_v, r * d + j);
-          kt[j] = sk / static_cast<double>(RK);
-          vt[j] = sv / static_cast<double>(RV);
-        }
-      }
-      for (Index i = 0; i < p.n_q; ++i) {
-        if (p.factored_query()) {
-          const float* a_q = p.a_q + i * p.a_q_stride + h * RQ;
-          const float* b_q = p.b_q + i * p.b_q_stride;
-          for (Index j = 0; j < d; ++j) {
-            double s = 0;
-            for (Index r = 0; r < RQ; ++r)
-              s += static_cast<double>(a_q[r]) * static_cast<double>(b_q[r * d + j]);
-            q[static_cast<std::size_t>(j)] = s / static_cast<double>(RQ);
+      for (Index i0 = 0; i0 < p.n_q; i0 += kBlock) {
+        const Index nb = std::min(kBlock, p.n_q - i0);
+        const Index keys = p.n_keys(i0 + nb - 1);
+        for (Index b = 0; b < nb; ++b) {
+          double* qb = q.data() + b * d;
+          const Index i = i0 + b;
+          if (p.factored_query()) {
+            const float* a_q = p.a_q + i * p.a_q_stride + h * RQ;
+            const float* b_q = p.b_q + i * p.b_q_stride;
+            for (Index j = 0; j < d; ++j) {
+              double s = 0;
+              for (Index r = 0; r < RQ; ++r)
+                s += static_cast<double>(a_q[r]) * static_cast<double>(b_q[r * d + j]);
+              qb[j] = s / static_cast<double>(RQ);
+            }
+          } else {
+            const float* qi = p.q + i * p.q_stride + h * d;
+            for (Index j = 0; j < d; ++j) qb[j] = qi[j];
           }
-        } else {
-          const float* qi = p.q + i * p.q_stride + h * d;
-          for (Index j = 0; j < d; ++j) q[static_cast<std::size_t>(j)] = qi[j];
         }
-        const Index n = p.n_keys(i);
-        double max_s = -std::numeric_limits<double>::infinity();
-        for (Index t = 0; t < n; ++t) {
-          double s = 0;
-          for (Index j = 0; j < d; ++j)
-            s += q[static_cast<std::size_t>(j)] * k[static_cast<std::size_t>(t * d + j)];
-          s *= static_cast<double>(p.scale);
-          score[static_cast<std::size_t>(t)] = s;
-          max_s = std::max(max_s, s);
+        for (Index t = 0; t < keys; ++t) {
+          const S* a_k = p.kv.token(p.a_k_factor, t) + h * RK;
+          const S* b_k = p.kv.token(p.b_k_factor, t);
+          for (Index j = 0; j < d; ++j) {
+            double sk = 0;
+            for (Index r = 0; r < RK; ++r) sk += at(a_k, r) * at(b_k, r * d + j);
+            row[sz(j)] = sk / static_cast<double>(RK);
+          }
+          for (Index b = 0; b < nb; ++b) {
+            if (t >= p.n_keys(i0 + b)) continue;
+            double s = 0;
+            for (Index j = 0; j < d; ++j) s += q[sz(b * d + j)] * row[sz(j)];
+            score[sz(b * n_keys + t)] = s * static_cast<double>(p.scale);
+          }
         }
-        double sum = 0;
-        for (Index t = 0; t < n; ++t) {
-          double& s = score[static_cast<std::size_t>(t)];
-          s = std::exp(s - max_s);
-          sum += s;
+        for (Index b = 0; b < nb; ++b) {
+          double* sc = score.data() + b * n_keys;
+          const Index n = p.n_keys(i0 + b);
+          double max_s = -std::numeric_limits<double>::infinity();
+          for (Index t = 0; t < n; ++t) max_s = std::max(max_s, sc[t]);
+          double total = 0;
+          for (Index t = 0; t < n; ++t) {
+            sc[t] = std::exp(sc[t] - max_s);
+            total += sc[t];
+          }
+          sum[sz(b)] = total;
         }
         std::fill(acc.begin(), acc.end(), 0.0);
-        for (Index t = 0; t < n; ++t) {
-          const double w = score[static_cast<std::size_t>(t)];
-          for (Index j = 0; j < d; ++j)
-            acc[static_cast<std::size_t>(j)] += w * v[static_cast<std::size_t>(t * d + j)];
+        for (Index t = 0; t < keys; ++t) {
+          const S* a_v = p.kv.token(p.a_v_factor, t) + h * RV;
+          const S* b_v = p.kv.token(p.b_v_factor, t);
+          for (Index j = 0; j < d; ++j) {
+            double sv = 0;
+            for (Index r = 0; r < RV; ++r) sv += at(a_v, r) * at(b_v, r * d + j);
+            row[sz(j)] = sv / static_cast<double>(RV);
+          }
+          for (Index b = 0; b < nb; ++b) {
+            if (t >= p.n_keys(i0 + b)) continue;
+            const double w = score[sz(b * n_keys + t)];
+            for (Index j = 0; j < d; ++j) acc[sz(b * d + j)] += w * row[sz(j)];
+          }
         }
-        float* o = p.o + i * p.o_stride + h * d;
-        for (Index j = 0; j < d; ++j)
-          o[j] = static_cast<float>(acc[static_cast<std::size_t>(j)] / sum);
+        for (Index b = 0; b < nb; ++b) {
+          float* o = p.o + (i0 + b) * p.o_stride + h * d;
+          for (Index j = 0; j < d; ++j) o[j] = static_cast<float>(acc[sz(b * d + j)] / sum[sz(b)]);
+        }
       }
     }
   }
