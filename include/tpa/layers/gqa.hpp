@@ -143,9 +143,8 @@ class GroupedQueryAttention {
     const Index N = x.dimension(0), d = cfg_.head_dim;
     Buffers b{ctx.scratch().floats(N * q_width()), ctx.scratch().floats(2 * N * kv_width()),
               ctx.scratch().floats(N * q_width()), N};
-    detail::project(x.data(), N, w_.c_q, b.q);
-    detail::project(x.data(), N, w_.c_k, b.kv);
-    detail::project(x.data(), N, w_.c_v, b.kv + N * kv_width());
+    detail::project(ctx, x.data(), N,
+                    {{w_.c_q, b.q}, {w_.c_k, b.kv}, {w_.c_v, b.kv + N * kv_width()}});
     for (Index s = 0; s < n_segs; ++s) {
       for (Index i = 0; i < segs[s].n; ++i) {
         const Index row = segs[s].row0 + i, pos = segs[s].pos0 + i;
@@ -179,10 +178,10 @@ class GroupedQueryAttention {
   }
 
   // Optional per-head RMSNorm, then the output projection.
-  void finish(Context&, const Buffers& b, Index N, TensorView<float, 2>& y) const {
+  void finish(Context& ctx, const Buffers& b, Index N, TensorView<float, 2>& y) const {
     if (cfg_.head_norm)
       detail::rms_norm_rows(b.o, N * cfg_.n_heads, cfg_.head_dim, w_.subln.data(), cfg_.norm_eps);
-    detail::project(b.o, N, w_.c_proj, y.data());
+    detail::project(ctx, b.o, N, {{w_.c_proj, y.data()}});
   }
 
   std::string who_;

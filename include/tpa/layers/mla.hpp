@@ -96,12 +96,12 @@ class MultiHeadLatentAttention {
     detail::Segment seg{-1, 0, n, 0};
     const MlaForm form = resolve(&seg, 1);
     Buffers b = allocate(ctx, n, form, &seg, 1);
-    project(x, b, form, &seg, 1);
+    project(ctx, x, b, form, &seg, 1);
     const float* base[1] = {b.lat};
     const Index offsets[2] = {0, n * cfg_.kv_lora_rank};
     const Index elements[2] = {cfg_.kv_lora_rank, cfg_.qk_rope_head_dim};
     attend<float>(ctx, b, form, seg, detail::contiguous_view<float>(base, offsets, elements, n));
-    finish(b, form, y);
+    finish(ctx, b, form, y);
   }
 
   /// Appends the tokens x to sequence `seq` of `cache` (layer `layer`) at the positions that
@@ -261,16 +261,18 @@ class MultiHeadLatentAttention {
   }
 
   // Latents (c_kv', rotated k_pe) and the queries of the chosen form, all tokens at once.
-  void project(const ConstTensorView<float, 2>& x, const Buffers& b, MlaForm form,
+  void project(Context& ctx, const ConstTensorView<float, 2>& x, const Buffers& b, MlaForm form,
                const detail::Segment* segs, Index n_segs) const {
     const Index N = b.n, D = cfg_.d_model, H = cfg_.n_heads, d_c = cfg_.kv_lora_rank;
     const Index d_n = cfg_.qk_nope_head_dim, d_R = cfg_.qk_rope_head_dim, d_qk = cfg_.qk_head_dim();
-    ConstMatrixMap<float> xm(x.data(), N, D);
     const ConstMatrixMap<float> w_dkv(w_.kv_a_proj_with_mqa.data(), d_c, D);
     const ConstMatrixMap<float> w_kr(w_.kv_a_proj_with_mqa.data() + d_c * D, d_R, D);
-    MatrixMap<float>(b.lat, N, d_c).noalias() = xm * w_dkv.transpose();
     float* k_pe = b.lat + N * d_c;
-    MatrixMap<float>(k_pe, N, d_R).noalias() = xm * w_kr.transpose();
+    if (cfg_.q_lora_rank > 0) {
+      detail::project(ctx, x.data(), N, {{w_dkv, b.lat}, {w_kr, k_pe}, {w_.q_a_proj, b.qin}});
+    } else {
+      detail::project(ctx, x.data(), N, {{w_dkv, b.lat}, {w_kr, k_pe}});
+    }
     detail::rms_norm_rows(b.lat, N, d_c, w_.kv_a_layernorm.data(), cfg_.norm_eps);
     for (Index s = 0; s < n_segs; ++s)
       for (Index i = 0; i < segs[s].n; ++i)
@@ -278,18 +280,17 @@ class MultiHeadLatentAttention {
 
     const float* qin = x.data();
     if (cfg_.q_lora_rank > 0) {
-      detail::project(x.data(), N, w_.q_a_proj, b.qin);
       detail::rms_norm_rows(b.qin, N, cfg_.q_lora_rank, w_.q_a_layernorm.data(), cfg_.norm_eps);
       qin = b.qin;
     }
     if (b.q != nullptr) {
-      detail::project(qin, N, w_uq(), b.q);
+      detail::project(ctx, qin, N, {{w_uq(), b.q}});
       rotate_heads(b.q, d_qk, d_n, segs, n_segs);
     }
     if (form != MlaForm::kAbsorbed) return;
     const Index wa = d_c + d_R;
     if (fold_q_) {
-      detail::project(qin, N, wq_abs_, b.qa);
+      detail::project(ctx, qin, N, {{wq_abs_, b.qa}});
       rotate_heads(b.qa, wa, d_c, segs, n_segs);
       return;
     }
@@ -313,7 +314,7 @@ class MultiHeadLatentAttention {
     const Index N = x.dimension(0), d_c = cfg_.kv_lora_rank, d_R = cfg_.qk_rope_head_dim;
     const MlaForm form = resolve(segs, n_segs);
     Buffers b = allocate(ctx, N, form, segs, n_segs);
-    project(x, b, form, segs, n_segs);
+    project(ctx, x, b, form, segs, n_segs);
     for (Index s = 0; s < n_segs; ++s) {
       const FactorRows rows[2] = {{b.lat + segs[s].row0 * d_c, d_c},
                                   {b.lat + N * d_c + segs[s].row0 * d_R, d_R}};
@@ -321,7 +322,7 @@ class MultiHeadLatentAttention {
     }
     for (Index s = 0; s < n_segs; ++s)
       attend<CacheScalar>(ctx, b, form, segs[s], cache.view(segs[s].seq, layer));
-    finish(b, form, y);
+    finish(ctx, b, form, y);
   }
 
   // Attention of one segment's queries over the latents in `lat` (factor 0 = c_kv' [d_c],
@@ -406,11 +407,11 @@ class MultiHeadLatentAttention {
   }
 
   // Per-head outputs (absorbed: o_h = W_UV,h o_lat_h), then the output projection.
-  void finish(const Buffers& b, MlaForm form, TensorView<float, 2>& y) const {
+  void finish(Context& ctx, const Buffers& b, MlaForm form, TensorView<float, 2>& y) const {
     const Index N = b.n, H = cfg_.n_heads, d_c = cfg_.kv_lora_rank, d_v = cfg_.v_head_dim;
     if (form == MlaForm::kAbsorbed) {
       if (fold_o_) {
-        detail::project(b.o_lat, N, wo_abs_, y.data());
+        detail::project(ctx, b.o_lat, N, {{wo_abs_, y.data()}});
         return;
       }
       for (Index h = 0; h < H; ++h) {
@@ -419,7 +420,7 @@ class MultiHeadLatentAttention {
             w_uv(h).transpose();
       }
     }
-    detail::project(b.o, N, w_.c_proj, y.data());
+    detail::project(ctx, b.o, N, {{w_.c_proj, y.data()}});
   }
 
   std::string kind_ = "MLA";

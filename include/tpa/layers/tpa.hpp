@@ -90,7 +90,7 @@ class TensorProductAttention {
     const auto p =
         params<float>(b, seg, detail::contiguous_view<float>(base, b.kv_offset, elements_, n));
     tpa_attention<Backend>(ctx, &p, 1);
-    finish(b, n, y);
+    finish(ctx, b, n, y);
   }
 
   /// Appends the tokens x to sequence `seq` of `cache` (layer `layer`) at the positions that
@@ -153,7 +153,7 @@ class TensorProductAttention {
     for (Index s = 0; s < n_segs; ++s)
       new (&calls[s]) Params(params<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer)));
     tpa_attention<Backend>(ctx, calls, n_segs);
-    finish(b, x.dimension(0), y);
+    finish(ctx, b, x.dimension(0), y);
   }
 
   // Projections of all tokens at once (one GEMM per weight), then RoPE at each token's position
@@ -172,17 +172,20 @@ class TensorProductAttention {
     b.o = scratch.floats(N * q_width());
     if (cfg_.kv_only) {
       b.q = scratch.floats(N * q_width());
-      detail::project(x.data(), N, w_.c_q, b.q);
     } else {
       b.a_q = scratch.floats(N * H * RQ);
       b.b_q = scratch.floats(N * RQ * d);
-      detail::project(x.data(), N, w_.W_A_q, b.a_q);
-      detail::project(x.data(), N, w_.W_B_q, b.b_q);
     }
-    detail::project(x.data(), N, w_.W_A_k, b.kv + b.kv_offset[kFactorAK]);
-    detail::project(x.data(), N, w_.W_B_k, b.kv + b.kv_offset[kFactorBK]);
-    detail::project(x.data(), N, w_.W_A_v, b.kv + b.kv_offset[kFactorAV]);
-    detail::project(x.data(), N, w_.W_B_v, b.kv + b.kv_offset[kFactorBV]);
+    const detail::Projection kv[4] = {{w_.W_A_k, b.kv + b.kv_offset[kFactorAK]},
+                                      {w_.W_B_k, b.kv + b.kv_offset[kFactorBK]},
+                                      {w_.W_A_v, b.kv + b.kv_offset[kFactorAV]},
+                                      {w_.W_B_v, b.kv + b.kv_offset[kFactorBV]}};
+    if (cfg_.kv_only) {
+      detail::project(ctx, x.data(), N, {{w_.c_q, b.q}, kv[0], kv[1], kv[2], kv[3]});
+    } else {
+      detail::project(ctx, x.data(), N,
+                      {{w_.W_A_q, b.a_q}, {w_.W_B_q, b.b_q}, kv[0], kv[1], kv[2], kv[3]});
+    }
     float* b_k = b.kv + b.kv_offset[kFactorBK];
     for (Index s = 0; s < n_segs; ++s) {
       for (Index i = 0; i < segs[s].n; ++i) {
@@ -233,10 +236,10 @@ class TensorProductAttention {
   }
 
   // Optional per-head RMSNorm, then the output projection.
-  void finish(const Buffers& b, Index N, TensorView<float, 2>& y) const {
+  void finish(Context& ctx, const Buffers& b, Index N, TensorView<float, 2>& y) const {
     if (cfg_.head_norm)
       detail::rms_norm_rows(b.o, N * cfg_.n_heads, cfg_.head_dim, w_.subln.data(), cfg_.norm_eps);
-    detail::project(b.o, N, w_.c_proj, y.data());
+    detail::project(ctx, b.o, N, {{w_.c_proj, y.data()}});
   }
 
   TpaConfig cfg_;

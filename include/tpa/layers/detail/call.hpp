@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <initializer_list>
 #include <vector>
 
 #include "tpa/cache/kv_cache.hpp"
@@ -74,24 +75,69 @@ inline Index stack_gemm_cols(Index depth, Index n, Index out) {
   return cols;
 }
 
-/// y[n, W.rows()] = x[n, W.cols()] · Wᵀ, all row-major and contiguous. Allocates nothing for
-/// n ≤ 32 (decode and decode batches); larger n (prefill) may let Eigen's GEMM allocate.
-inline void project(const float* x, Index n, const Matrix<float>& w, float* y) {
+/// Output features [c0, c1) of y[n, W.rows()] = x[n, W.cols()] · Wᵀ, all row-major and
+/// contiguous, on the calling thread. Allocates nothing for n ≤ 32 (decode and decode batches);
+/// larger n (prefill) may let Eigen's GEMM allocate.
+inline void project_cols(const float* x, Index n, const ConstMatrixMap<float>& w, float* y,
+                         Index c0, Index c1) {
   ConstMatrixMap<float> xm(x, n, w.cols());
   MatrixMap<float> ym(y, n, w.rows());
   if (n == 1) {  // GEMV straight into y (no temporary)
-    ym.row(0).transpose().noalias() = w * xm.row(0).transpose();
+    ym.row(0).segment(c0, c1 - c0).transpose().noalias() =
+        w.middleRows(c0, c1 - c0) * xm.row(0).transpose();
   } else if (n <= 32) {
     // One GEMM per slice of output features (W is still read once): one GEMM over all of W
     // would heap-allocate its packed blocks.
-    const Index cols = stack_gemm_cols(w.cols(), n, w.rows());
-    for (Index c = 0; c < w.rows(); c += cols) {
-      const Index cw = std::min(cols, w.rows() - c);
+    const Index cols = stack_gemm_cols(w.cols(), n, c1 - c0);
+    for (Index c = c0; c < c1; c += cols) {
+      const Index cw = std::min(cols, c1 - c);
       ym.middleCols(c, cw).noalias() = xm * w.middleRows(c, cw).transpose();
     }
   } else {
-    ym.noalias() = xm * w.transpose();
+    ym.middleCols(c0, c1 - c0).noalias() = xm * w.middleRows(c0, c1 - c0).transpose();
   }
+}
+
+/// y[n, W.rows()] = x[n, W.cols()] · Wᵀ on the calling thread (see project_cols).
+inline void project(const float* x, Index n, const Matrix<float>& w, float* y) {
+  project_cols(x, n, ConstMatrixMap<float>(w.data(), w.rows(), w.cols()), y, 0, w.rows());
+}
+
+/// One product of a batched project(): y[n, w.rows()] = x · wᵀ (w row-major).
+struct Projection {
+  Projection(const Matrix<float>& m, float* out) : w(m.data(), m.rows(), m.cols()), y(out) {}
+  Projection(const ConstMatrixMap<float>& m, float* out) : w(m), y(out) {}
+  ConstMatrixMap<float> w;
+  float* y;
+};
+
+/// Every product of `ps` over the same input x[n, d] (each y row-major and contiguous), spread
+/// over ctx's threads: the output features of all products are cut into one contiguous range per
+/// thread (multiples of 16), so each thread streams its share of the weights once. Allocates
+/// nothing for n ≤ 32.
+inline void project(Context& ctx, const float* x, Index n, std::initializer_list<Projection> ps) {
+  constexpr Index kAlign = 16;
+  Index total = 0;
+  for (const Projection& p : ps) total += p.w.rows();
+  // Below 64 K multiply-adds (256 KB of weights) waking a second thread costs about what it saves.
+  const Index cols = ps.size() ? ps.begin()->w.cols() : 0;
+  const Index parts =
+      total * cols * n < (Index(1) << 16) ? 1 : std::min<Index>(ctx.threads(), total / kAlign);
+  if (parts <= 1) {
+    for (const Projection& p : ps) project_cols(x, n, p.w, p.y, 0, p.w.rows());
+    return;
+  }
+  ctx.parallel_for(parts, [&](Index part) {
+    const auto cut = [&](Index k) { return k == parts ? total : (k * total / parts) / kAlign * kAlign; };
+    const Index lo = cut(part), hi = cut(part + 1);
+    Index base = 0;
+    for (const Projection& p : ps) {
+      const Index r = p.w.rows();
+      const Index c0 = std::max(lo, base) - base, c1 = std::min(hi, base + r) - base;
+      if (c0 < c1) project_cols(x, n, p.w, p.y, c0, c1);
+      base += r;
+    }
+  });
 }
 
 /// RMSNorm of each of `rows` vectors of size dim (contiguous): v / sqrt(mean(v²) + eps) · w.
