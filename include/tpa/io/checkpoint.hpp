@@ -232,9 +232,15 @@ template <class W>
 void save_slots(SafetensorsWriter& out, const std::string& prefix, const NameMap& names,
                 DType dtype, const SlotList<W>& s) {
   const LoadOptions opt{names, false};
-  for (const auto& slot : s.used) {
-    const float* data = slot.matrix != nullptr ? slot.matrix->data() : slot.vector->data();
-    out.add(file_name(prefix, opt, slot.name), dtype, slot.shape(), data);
+  const std::size_t before = out.size();
+  try {
+    for (const auto& slot : s.used) {
+      const float* data = slot.matrix != nullptr ? slot.matrix->data() : slot.vector->data();
+      out.add(file_name(prefix, opt, slot.name), dtype, slot.shape(), data);
+    }
+  } catch (...) {
+    out.truncate(before);  // all of the layer's tensors or none
+    throw;
   }
 }
 
@@ -298,7 +304,7 @@ inline MlaWeights load_weights(const SafetensorsFile& file, const std::string& p
 /// the loader), named as load_gqa_weights reads them, stored as `dtype` (F16/BF16 round to
 /// nearest even). `names` renames as for loading.
 /// \throws Error if the config is invalid, a weight's shape does not match it, or a name is
-/// already in `out` (then `out` may hold the tensors added before that one).
+/// already in `out`; `out` is then unchanged (none of the layer's tensors are added).
 inline void save_gqa_weights(SafetensorsWriter& out, const std::string& prefix,
                              const GqaConfig& cfg, const GqaWeights& w, DType dtype = DType::kF32,
                              const NameMap& names = {}) {

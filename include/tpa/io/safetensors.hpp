@@ -579,9 +579,26 @@ class SafetensorsWriter {
           break;
       }
     }
-    names_.insert(name);
     entries_.push_back(std::move(e));
+    try {
+      names_.insert(name);
+    } catch (...) {
+      entries_.pop_back();
+      throw;
+    }
     return *this;
+  }
+
+  /// Tensors added so far.
+  std::size_t size() const { return entries_.size(); }
+  /// Whether a tensor named `name` was added.
+  bool contains(const std::string& name) const { return names_.count(name) != 0; }
+  /// Removes the tensors added after the first `n` (rollback of a failed batch of add()s).
+  void truncate(std::size_t n) noexcept {
+    while (entries_.size() > n) {
+      names_.erase(entries_.back().name);
+      entries_.pop_back();
+    }
   }
 
   /// Sets a "__metadata__" entry (overwrites an existing key). Throws if not valid UTF-8.
