@@ -132,6 +132,8 @@ class MultiHeadLatentAttention {
 
  private:
   static constexpr const char* kWho = "MultiHeadLatentAttention";
+  /// Tokens of c_kv' the explicit form widens to f32 at a time for its up-projection GEMMs.
+  static constexpr Index kGather = 128;
   using StridedMap = Eigen::Map<Matrix<float>, 0, Eigen::OuterStride<>>;
   using ConstStridedMap = Eigen::Map<const Matrix<float>, 0, Eigen::OuterStride<>>;
 
@@ -145,7 +147,7 @@ class MultiHeadLatentAttention {
     float* o_lat = nullptr;   // [n, H, d_c] absorbed attention output
     float* o = nullptr;       // [n, H, d_v] per-head outputs
     float* kv = nullptr;      // explicit: [l_max, H, d_n + d_R] keys, then [l_max, H, d_v] values
-    float* gather = nullptr;  // explicit: [l_max, d_c] c_kv', then [l_max, d_R] k_pe (as float)
+    float* gather = nullptr;  // explicit: [kGather, d_c] c_kv' of one chunk of tokens, as float
   };
 
   Index d_in() const { return cfg_.q_lora_rank > 0 ? cfg_.q_lora_rank : cfg_.d_model; }
@@ -245,7 +247,7 @@ class MultiHeadLatentAttention {
       Index l_max = 0;
       for (Index i = 0; i < n_segs; ++i) l_max = std::max(l_max, segs[i].pos0 + segs[i].n);
       b.kv = s.floats(l_max * H * (d_qk + d_v));
-      b.gather = s.floats(l_max * (d_c + d_R));
+      b.gather = s.floats(std::min(l_max, kGather) * d_c);
     }
     return b;
   }
@@ -357,34 +359,36 @@ class MultiHeadLatentAttention {
   }
 
   // Explicit form: up-project the latents of keys 0 … pos0+n−1 to per-head keys and values in
-  // scratch, then per-head (G = H) attention.
+  // scratch, then per-head (G = H) attention. The cached latents are read as stored, kGather
+  // tokens of c_kv' widened at a time (no f32 copy of the sequence's cache); k_pe is widened
+  // straight into the keys.
   template <class S>
   void attend_explicit(Context& ctx, const Buffers& b, const detail::Segment& seg,
                        const SeqView<S>& lat) const {
     const Index H = cfg_.n_heads, d_c = cfg_.kv_lora_rank, d_R = cfg_.qk_rope_head_dim;
     const Index d_n = cfg_.qk_nope_head_dim, d_v = cfg_.v_head_dim, d_qk = cfg_.qk_head_dim();
     const Index L = seg.pos0 + seg.n;
-    float* c_kv = b.gather;
-    float* k_pe = b.gather + L * d_c;
-    for (Index t = 0; t < L; ++t) {
-      const S* c = lat.token(0, t);
-      const S* r = lat.token(1, t);
-      for (Index j = 0; j < d_c; ++j) c_kv[t * d_c + j] = static_cast<float>(c[j]);
-      for (Index j = 0; j < d_R; ++j) k_pe[t * d_R + j] = static_cast<float>(r[j]);
-    }
     float* keys = b.kv;                   // [L, H, d_qk]
     float* values = b.kv + L * H * d_qk;  // [L, H, d_v]
-    const ConstMatrixMap<float> c(c_kv, L, d_c);
-    for (Index h = 0; h < H; ++h) {
-      StridedMap(keys + h * d_qk, L, d_n, Eigen::OuterStride<>(H * d_qk)).noalias() =
-          c * w_uk(h).transpose();
-      StridedMap(values + h * d_v, L, d_v, Eigen::OuterStride<>(H * d_v)).noalias() =
-          c * w_uv(h).transpose();
+    for (Index t0 = 0; t0 < L; t0 += kGather) {
+      const Index n = std::min(kGather, L - t0);
+      for (Index t = 0; t < n; ++t) {
+        const S* c = lat.token(0, t0 + t);
+        for (Index j = 0; j < d_c; ++j) b.gather[t * d_c + j] = static_cast<float>(c[j]);
+        const S* r = lat.token(1, t0 + t);
+        for (Index h = 0; h < H; ++h) {
+          float* k_pe = keys + ((t0 + t) * H + h) * d_qk + d_n;
+          for (Index j = 0; j < d_R; ++j) k_pe[j] = static_cast<float>(r[j]);
+        }
+      }
+      const ConstMatrixMap<float> c(b.gather, n, d_c);
+      for (Index h = 0; h < H; ++h) {
+        StridedMap(keys + t0 * H * d_qk + h * d_qk, n, d_n, Eigen::OuterStride<>(H * d_qk))
+            .noalias() = c * w_uk(h).transpose();
+        StridedMap(values + t0 * H * d_v + h * d_v, n, d_v, Eigen::OuterStride<>(H * d_v))
+            .noalias() = c * w_uv(h).transpose();
+      }
     }
-    for (Index t = 0; t < L; ++t)
-      for (Index h = 0; h < H; ++h)
-        std::memcpy(keys + (t * H + h) * d_qk + d_n, k_pe + t * d_R,
-                    static_cast<std::size_t>(d_R) * sizeof(float));
     const float* base[1] = {b.kv};
     const Index offsets[2] = {0, L * H * d_qk};
     const Index elements[2] = {H * d_qk, H * d_v};
