@@ -1,11 +1,15 @@
-// The grouped attention kernel alone (tpa::grouped_attention, Native backend) in long-context
-// decode, against this run's machine roofline (bench_common.hpp probes). Complements
-// bench_attention, which times whole layer calls.
+// The decode kernels alone (tpa::grouped_attention, tpa::tpa_attention; Native backend) in
+// long-context decode, f32 and half-width (bfloat16, half) caches, against this run's machine
+// roofline (bench_common.hpp probes). Complements bench_attention, which times whole layer calls.
 //
-// Benchmarks: decode_kernel/KIND/ctx:L/pages:P/threads:T, one decode step (batch 1) over a
-// context of L tokens, f32 cache, H = 32 query heads:
-//   MHA  G = 32, d = 128        GQA8  G = 8, d = 128        MQA  G = 1, d = 128
+// Benchmarks: decode_kernel/KIND/cache:C/ctx:L/pages:P/threads:T, one decode step (batch 1) over
+// a context of L tokens, LLaMA shape (H = 32 query heads, d = 128):
+//   MHA  G = 32        GQA8  G = 8        MQA  G = 1
 //   MLA  G = 1, keys 512 + 64 (c_kv, k_pe), value = the 512-part (absorbed decode)
+//   TPA  R_Q = 6, R_K = R_V = 2 (the T6 ranks): factors A_K, B_K, A_V, B_V (FlashTPA kernel)
+// cache:f32|bf16|f16  storage scalar of the cache; the kernels widen 16-bit elements to f32 in
+//              registers as they read them (bytes read per step halve, arithmetic stays f32).
+//              f32 runs at 2 and 1 threads, bf16/f16 at 2 threads.
 // pages:cache  the sequence lives in a KVCache (block allocations on default pages);
 // pages:huge   the same block layout in one arena advised to 2 MiB pages (what the memory system
 //              delivers without TLB misses; the probe's roofline uses such pages too).
@@ -13,8 +17,10 @@
 // the 480 MB L3 from the previous step; steps cycle through them.
 //
 // Counters:
-//   cache_bytes    bytes read per step (every K and V element once; MLA's value is inside the key)
-//   flops          2 · H · L · (d_qk + d_v)
+//   cache_bytes    bytes read per step (every cached element once; MLA's value is inside the
+//                  key), sizeof(storage scalar) each
+//   flops          grouped: 2 · H · L · (d_qk + d_v); TPA: 2 · L · (R_Q·R_K·d + H·R_K·(R_Q+1)
+//                  + H·R_V·(d+1)) (FlashTPA: B_Q·B_K, rank mixing, (p·A_V)·B_V)
 //   GBps           cache_bytes / time
 //   pct_bw         100 · GBps / read bandwidth (probe, same threads)
 //   pct_roofline   100 · max(bytes / bandwidth, flops / FMA peak) / time
@@ -27,6 +33,7 @@
 #include <iterator>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bench_common.hpp"
@@ -41,36 +48,57 @@ struct DecodeCase {
   const char* name;
   Index H, G, d_k0, d_k1, d_v;
   bool v_in_key;
+  Index r_q = 0, r_k = 0, r_v = 0;  // TPA (r_k > 0): head_dim = d_k0, H = H
+  bool tpa() const { return r_k > 0; }
 };
 const DecodeCase kCases[] = {{"MHA", 32, 32, 128, 0, 128, false},
                              {"GQA8", 32, 8, 128, 0, 128, false},
                              {"MQA", 32, 1, 128, 0, 128, false},
-                             {"MLA", 32, 1, 512, 64, 512, true}};
+                             {"MLA", 32, 1, 512, 64, 512, true},
+                             {"TPA", 32, 0, 128, 0, 128, false, 6, 2, 2}};
 const Index kContexts[] = {16384};
 constexpr Index kBlock = 64;
 constexpr double kWorkingSetBytes = 1.2e9;  // > 2 × L3
+
+template <class S>
+const char* scalar_name() {
+  return std::is_same<S, float>::value ? "f32" : std::is_same<S, tpa::bfloat16>::value ? "bf16"
+                                                                                       : "f16";
+}
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// The per-token factors of a case: one key part or two, then the value unless it is in the key.
+// The per-token factors of a case: one key part or two, then the value unless it is in the key;
+// TPA's A_K, B_K, A_V, B_V.
 std::vector<tpa::FactorSpec> factors(const DecodeCase& c) {
+  if (c.tpa())
+    return {{"A_K", c.H, c.r_k, false},
+            {"B_K", c.r_k, c.d_k0, true},
+            {"A_V", c.H, c.r_v, false},
+            {"B_V", c.r_v, c.d_k0, false}};
   std::vector<tpa::FactorSpec> f = {{"K0", c.G, c.d_k0, true}};
   if (c.d_k1 > 0) f.push_back({"K1", c.G, c.d_k1, true});
   if (!c.v_in_key) f.push_back({"V", c.G, c.d_v, false});
   return f;
 }
 
+struct SequencesBase {
+  virtual ~SequencesBase() = default;
+};
+
 // `copies` sequences of `len` tokens of one case, either in KVCaches or in huge-page arenas with
-// the same block layout, and the query/output buffers of a step.
-class Sequences {
+// the same block layout, storage scalar S, and the query/output buffers of a step.
+template <class S>
+class Sequences final : public SequencesBase {
  public:
   Sequences(const DecodeCase& c, Index len, bool huge) : c_(c), len_(len) {
     const auto f = factors(c);
     const tpa::CacheLayout layout(c.name, f);
     const Index ept = layout.elements_per_token();
-    const double bytes = static_cast<double>(len) * static_cast<double>(ept) * 4;
+    constexpr Index es = sizeof(S);
+    const double bytes = static_cast<double>(len) * static_cast<double>(ept) * es;
     copies_ = std::max<Index>(2, static_cast<Index>(kWorkingSetBytes / bytes) + 1);
     // One random sequence, copied into every slot (values do not matter, distinct memory does).
     std::vector<std::vector<float>> src(f.size());
@@ -78,6 +106,9 @@ class Sequences {
       src[i].resize(static_cast<std::size_t>(len * f[i].elements()));
       randomize(src[i].data(), static_cast<Index>(src[i].size()), 11 + i);
     }
+    std::vector<std::vector<S>> src_s(f.size());  // src rounded to S, as the cache stores it
+    for (std::size_t i = 0; i < f.size(); ++i)
+      for (float x : src[i]) src_s[i].push_back(static_cast<S>(x));
     offsets_.resize(f.size());
     elements_.resize(f.size());
     for (std::size_t i = 0; i < f.size(); ++i) {
@@ -88,7 +119,7 @@ class Sequences {
     for (Index b = 0; b < n_blocks; ++b) table_.push_back(static_cast<std::int32_t>(b));
     for (Index k = 0; k < copies_; ++k) {
       if (!huge) {
-        caches_.push_back(std::make_unique<tpa::KVCache<float>>(
+        caches_.push_back(std::make_unique<tpa::KVCache<S>>(
             std::vector<tpa::CacheLayout>{layout}, kBlock, n_blocks));
         const tpa::SeqId s = caches_.back()->add_sequence();
         std::vector<tpa::FactorRows> rows;
@@ -96,10 +127,10 @@ class Sequences {
         caches_.back()->append(s, 0, len, rows.data());
         views_.push_back(caches_.back()->view(s, 0));
       } else {
-        const std::size_t block_bytes = static_cast<std::size_t>(kBlock * ept) * 4;
+        const std::size_t block_bytes = static_cast<std::size_t>(kBlock * ept * es);
         const std::size_t total =
             (block_bytes * n_blocks + (2u << 20) - 1) / (2u << 20) * (2u << 20);
-        auto* p = static_cast<float*>(std::aligned_alloc(2u << 20, total));
+        auto* p = static_cast<S*>(std::aligned_alloc(2u << 20, total));
         if (p == nullptr) throw std::bad_alloc();
         arenas_.emplace_back(p);
 #if defined(MADV_HUGEPAGE)
@@ -110,13 +141,13 @@ class Sequences {
         for (Index t = 0; t < len; ++t)
           for (std::size_t i = 0; i < f.size(); ++i)
             std::memcpy(p + (t / kBlock) * kBlock * ept + offsets_[i] + (t % kBlock) * elements_[i],
-                        src[i].data() + t * elements_[i],
-                        static_cast<std::size_t>(elements_[i]) * 4);
+                        src_s[i].data() + t * elements_[i],
+                        static_cast<std::size_t>(elements_[i] * es));
       }
     }
     if (huge) {
       for (Index k = 0; k < copies_; ++k) {
-        tpa::SeqView<float> v;
+        tpa::SeqView<S> v;
         v.block_base = bases_[static_cast<std::size_t>(k)].data();
         v.table = table_.data();
         v.factor_offset = offsets_.data();
@@ -126,19 +157,43 @@ class Sequences {
         views_.push_back(v);
       }
     }
-    q_.resize(static_cast<std::size_t>(c.H * (c.d_k0 + c.d_k1)));
+    // Grouped: q [H, d_qk]. TPA: A_Q [H, R_Q] then B_Q [R_Q, d].
+    q_.resize(static_cast<std::size_t>(c.tpa() ? c.r_q * (c.H + c.d_k0) : c.H * (c.d_k0 + c.d_k1)));
     randomize(q_.data(), static_cast<Index>(q_.size()), 7);
     o_.resize(static_cast<std::size_t>(c.H * c.d_v));
-    bytes_ = static_cast<double>(len) * static_cast<double>(ept) * 4;
-    flops_ = 2.0 * static_cast<double>(c.H * len * (c.d_k0 + c.d_k1 + c.d_v));
+    bytes_ = bytes;
+    flops_ = c.tpa() ? 2.0 * static_cast<double>(len * (c.r_q * c.r_k * c.d_k0 +
+                                                        c.H * c.r_k * (c.r_q + 1) +
+                                                        c.H * c.r_v * (c.d_k0 + 1)))
+                     : 2.0 * static_cast<double>(c.H * len * (c.d_k0 + c.d_k1 + c.d_v));
   }
 
   Index copies() const { return copies_; }
   double bytes() const { return bytes_; }
   double flops() const { return flops_; }
 
-  GroupedAttentionParams<float> params(Index copy) {
-    GroupedAttentionParams<float> p;
+  tpa::TpaAttentionParams<S> tpa_params(Index copy) {
+    tpa::TpaAttentionParams<S> p;
+    p.q_rank = c_.r_q;
+    p.a_q = q_.data();
+    p.a_q_stride = c_.H * c_.r_q;
+    p.b_q = q_.data() + c_.H * c_.r_q;
+    p.b_q_stride = c_.r_q * c_.d_k0;
+    p.o = o_.data();
+    p.o_stride = c_.H * c_.d_k0;
+    p.n_q = 1;
+    p.q_pos0 = len_ - 1;
+    p.n_heads = c_.H;
+    p.head_dim = c_.d_k0;
+    p.k_rank = c_.r_k;
+    p.v_rank = c_.r_v;
+    p.scale = 1.f / std::sqrt(static_cast<float>(c_.d_k0));
+    p.kv = views_[static_cast<std::size_t>(copy)];
+    return p;
+  }
+
+  GroupedAttentionParams<S> params(Index copy) {
+    GroupedAttentionParams<S> p;
     p.q = q_.data();
     p.q_stride = c_.H * (c_.d_k0 + c_.d_k1);
     p.o = o_.data();
@@ -162,38 +217,46 @@ class Sequences {
   DecodeCase c_;
   Index len_, copies_ = 0;
   double bytes_ = 0, flops_ = 0;
-  std::vector<std::unique_ptr<tpa::KVCache<float>>> caches_;
-  std::vector<std::unique_ptr<float, FreeDeleter>> arenas_;
-  std::vector<std::vector<const float*>> bases_;
+  std::vector<std::unique_ptr<tpa::KVCache<S>>> caches_;
+  std::vector<std::unique_ptr<S, FreeDeleter>> arenas_;
+  std::vector<std::vector<const S*>> bases_;
   std::vector<std::int32_t> table_;
   std::vector<Index> offsets_, elements_;
-  std::vector<tpa::SeqView<float>> views_;
+  std::vector<tpa::SeqView<S>> views_;
   std::vector<float> q_, o_;
 };
 
 // The sequences of the case being measured (one case in memory at a time).
-Sequences& sequences(std::size_t c, Index len, bool huge) {
-  static std::unique_ptr<Sequences> cur;
+template <class S>
+Sequences<S>& sequences(std::size_t c, Index len, bool huge) {
+  static std::unique_ptr<SequencesBase> cur;
   static std::string key;
-  const std::string k = std::to_string(c) + "/" + std::to_string(len) + "/" + (huge ? "h" : "c");
+  const std::string k = std::to_string(c) + "/" + std::to_string(len) + "/" + (huge ? "h" : "c") +
+                        "/" + scalar_name<S>();
   if (key != k) {
     cur.reset();
-    cur = std::make_unique<Sequences>(kCases[c], len, huge);
+    cur = std::make_unique<Sequences<S>>(kCases[c], len, huge);
     key = k;
   }
-  return *cur;
+  return static_cast<Sequences<S>&>(*cur);
 }
 
+template <class S>
 void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge, int threads) {
   const Machine& m = machine(threads);
   release_probe_buffer();
-  Sequences& seqs = sequences(c, len, huge);
+  Sequences<S>& seqs = sequences<S>(c, len, huge);
   tpa::Context ctx(threads);
   Index copy = 0;
   for (auto _ : state) {
-    const auto p = seqs.params(copy);
+    if (kCases[c].tpa()) {
+      const auto p = seqs.tpa_params(copy);
+      tpa::tpa_attention<tpa::Native>(ctx, &p, 1);
+    } else {
+      const auto p = seqs.params(copy);
+      tpa::grouped_attention<tpa::Native>(ctx, &p, 1);
+    }
     copy = (copy + 1) % seqs.copies();
-    tpa::grouped_attention<tpa::Native>(ctx, &p, 1);
     benchmark::ClobberMemory();
   }
   const double n = static_cast<double>(state.iterations());
@@ -208,20 +271,29 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
   state.counters["peak_GFLOPs"] = m.flops_per_s / 1e9;
 }
 
+template <class S>
+void register_scalar(std::size_t c, Index len, bool huge, int threads) {
+  const std::string name = std::string("decode_kernel/") + kCases[c].name + "/cache:" +
+                           scalar_name<S>() + "/ctx:" + std::to_string(len) +
+                           "/pages:" + (huge ? "huge" : "cache") +
+                           "/threads:" + std::to_string(threads);
+  benchmark::RegisterBenchmark(name.c_str(),
+                               [=](benchmark::State& s) { decode_kernel<S>(s, c, len, huge, threads); })
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(1.0);
+}
+
 void register_all() {
   for (std::size_t c = 0; c < std::size(kCases); ++c)
     for (Index len : kContexts)
-      for (bool huge : {false, true})
-        for (int threads : {2, 1}) {
-          const std::string name =
-              std::string("decode_kernel/") + kCases[c].name + "/ctx:" + std::to_string(len) +
-              "/pages:" + (huge ? "huge" : "cache") + "/threads:" + std::to_string(threads);
-          benchmark::RegisterBenchmark(
-              name.c_str(), [=](benchmark::State& s) { decode_kernel(s, c, len, huge, threads); })
-              ->UseRealTime()
-              ->Unit(benchmark::kMillisecond)
-              ->MinTime(1.0);
-        }
+      for (bool huge : {false, true}) {
+        // f32, bf16 and f16 side by side at 2 threads, then f32 at 1 thread.
+        register_scalar<float>(c, len, huge, 2);
+        register_scalar<tpa::bfloat16>(c, len, huge, 2);
+        register_scalar<tpa::half>(c, len, huge, 2);
+        register_scalar<float>(c, len, huge, 1);
+      }
 }
 
 }  // namespace
