@@ -10,6 +10,9 @@ packages=(
   libbenchmark-dev
   nlohmann-json3-dev
   gnuplot-nox
+  # scripts/fuzz.sh (the fuzz stage of scripts/test.sh): clang and its runtimes (libFuzzer,
+  # ASan, UBSan), which clang only recommends.
+  clang libclang-rt-dev
 )
 
 missing=()

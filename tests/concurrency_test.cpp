@@ -1,0 +1,268 @@
+// Thread safety (README, "Thread safety"): one layer and one KVCache shared by several
+// std::threads, each with its own Context, decoding distinct sequences at the same time. The
+// sequences' blocks are taken up front with KVCache::reserve_tokens, which is what makes
+// concurrent appends to distinct sequences race-free. Outputs must equal, bit for bit, the same
+// calls run one after another. Run under ThreadSanitizer by scripts/test.sh (ctest label
+// `threads`).
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <tpa/tpa.hpp>
+#include <vector>
+
+#include "test_util.hpp"
+
+namespace {
+
+using tpa::Index;
+using tpa::SeqId;
+using tpa_test::random_tensor;
+
+constexpr Index kD = 64;
+constexpr int kLayers = 2;      // the same layer twice, as two layers of a model
+constexpr int kThreads = 4;     // std::threads sharing the layer and the cache
+constexpr int kSeqsPerThread = 2;
+constexpr int kSeqs = kThreads * kSeqsPerThread;
+constexpr Index kSteps = 10;    // decode steps per sequence
+constexpr Index kBlockTokens = 4;
+
+Index prompt_len(int s) { return 3 + (5 * s) % 11; }
+
+tpa::GqaConfig gqa_config() {
+  tpa::GqaConfig c;
+  c.d_model = kD;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 16;
+  c.rope.max_positions = 64;
+  return c;
+}
+
+tpa::MlaConfig mla_config() {
+  tpa::MlaConfig c;
+  c.d_model = kD;
+  c.n_heads = 4;
+  c.q_lora_rank = 32;
+  c.kv_lora_rank = 32;
+  c.qk_nope_head_dim = 16;
+  c.qk_rope_head_dim = 8;
+  c.v_head_dim = 16;
+  c.rope.max_positions = 64;
+  return c;
+}
+
+tpa::TpaConfig tpa_config() {
+  tpa::TpaConfig c;
+  c.d_model = kD;
+  c.n_heads = 4;
+  c.head_dim = 16;
+  c.q_rank = 4;
+  c.k_rank = 2;
+  c.v_rank = 2;
+  c.rope.max_positions = 64;
+  return c;
+}
+
+template <class Layer>
+Layer make_layer();
+template <>
+tpa::GroupedQueryAttention<> make_layer() {
+  return tpa::GroupedQueryAttention<>(gqa_config(), tpa::GqaWeights::random(gqa_config(), 1));
+}
+template <>
+tpa::MultiHeadLatentAttention<> make_layer() {
+  return tpa::MultiHeadLatentAttention<>(mla_config(), tpa::MlaWeights::random(mla_config(), 2));
+}
+template <>
+tpa::TensorProductAttention<tpa::Native, tpa::bfloat16> make_layer() {
+  return tpa::TensorProductAttention<tpa::Native, tpa::bfloat16>(
+      tpa_config(), tpa::TpaWeights::random(tpa_config(), 3));
+}
+
+// Outputs of one run: per sequence, the last layer's output rows of all decode steps.
+using Outputs = std::vector<std::vector<float>>;
+
+// The prompts and decode inputs of every sequence (fixed seeds).
+struct Inputs {
+  std::vector<tpa::Tensor<float, 2>> prompt, steps;
+  Inputs() {
+    for (int s = 0; s < kSeqs; ++s) {
+      prompt.push_back(random_tensor(prompt_len(s), kD, 100 + static_cast<std::uint64_t>(s)));
+      steps.push_back(random_tensor(kSteps, kD, 200 + static_cast<std::uint64_t>(s)));
+    }
+  }
+};
+
+template <class Layer>
+class ConcurrencyTest : public ::testing::Test {
+ protected:
+  using Cache = typename Layer::Cache;
+
+  ConcurrencyTest() : layer_(make_layer<Layer>()) {}
+
+  // A cache holding every sequence's prompt (prefilled here, on one thread), each sequence
+  // with room for all its decode steps reserved.
+  Cache prefilled(std::vector<SeqId>& seqs) {
+    Cache cache(std::vector<tpa::CacheLayout>(kLayers, layer_.cache_layout()), kBlockTokens, 256);
+    tpa::Context ctx(1);
+    seqs.clear();
+    for (int s = 0; s < kSeqs; ++s) {
+      const SeqId id = cache.add_sequence();
+      seqs.push_back(id);
+      cache.reserve_tokens(id, prompt_len(s) + kSteps);
+      tpa::Tensor<float, 2> x = in_.prompt[static_cast<std::size_t>(s)], y(prompt_len(s), kD);
+      for (int l = 0; l < kLayers; ++l) {
+        layer_.forward(ctx, x, y, cache, l, id);
+        x = y;
+      }
+    }
+    return cache;
+  }
+
+  // The decode steps of thread t's sequences: at even steps one batched decode call over both,
+  // at odd steps one forward call per sequence; every call through all layers.
+  void run_thread(int t, tpa::Context& ctx, Cache& cache, const std::vector<SeqId>& seqs,
+                  Outputs& out) const {
+    const int s0 = t * kSeqsPerThread;
+    for (Index k = 0; k < kSteps; ++k) {
+      if (k % 2 == 0) {
+        tpa::Tensor<float, 2> x(kSeqsPerThread, kD), y(kSeqsPerThread, kD);
+        std::vector<SeqId> ids;
+        for (int j = 0; j < kSeqsPerThread; ++j) {
+          const auto& src = in_.steps[static_cast<std::size_t>(s0 + j)];
+          std::memcpy(x.data() + j * kD, src.data() + k * kD, sizeof(float) * kD);
+          ids.push_back(seqs[static_cast<std::size_t>(s0 + j)]);
+        }
+        for (int l = 0; l < kLayers; ++l) {
+          layer_.decode(ctx, x, y, cache, l, ids);
+          x = y;
+        }
+        for (int j = 0; j < kSeqsPerThread; ++j) {
+          auto& o = out[static_cast<std::size_t>(s0 + j)];
+          o.insert(o.end(), y.data() + j * kD, y.data() + (j + 1) * kD);
+        }
+      } else {
+        for (int j = 0; j < kSeqsPerThread; ++j) {
+          const int s = s0 + j;
+          tpa::Tensor<float, 2> x = tpa_test::rows(in_.steps[static_cast<std::size_t>(s)], k, 1);
+          tpa::Tensor<float, 2> y(1, kD);
+          for (int l = 0; l < kLayers; ++l) {
+            layer_.forward(ctx, x, y, cache, l, seqs[static_cast<std::size_t>(s)]);
+            x = y;
+          }
+          auto& o = out[static_cast<std::size_t>(s)];
+          o.insert(o.end(), y.data(), y.data() + kD);
+        }
+      }
+    }
+  }
+
+  // Threads 0, 2 run single-threaded Contexts, threads 1, 3 Contexts with a 2-thread pool.
+  static int context_threads(int t) { return 1 + t % 2; }
+
+  Layer layer_;
+  Inputs in_;
+};
+
+using Layers = ::testing::Types<tpa::GroupedQueryAttention<>, tpa::MultiHeadLatentAttention<>,
+                                tpa::TensorProductAttention<tpa::Native, tpa::bfloat16>>;
+TYPED_TEST_SUITE(ConcurrencyTest, Layers);
+
+TYPED_TEST(ConcurrencyTest, ConcurrentDecodeEqualsSequential) {
+  // Sequential reference: the same calls with the same Context thread counts, one after another.
+  std::vector<SeqId> seqs_ref;
+  auto ref_cache = this->prefilled(seqs_ref);
+  Outputs ref(kSeqs);
+  for (int t = 0; t < kThreads; ++t) {
+    tpa::Context ctx(this->context_threads(t));
+    this->run_thread(t, ctx, ref_cache, seqs_ref, ref);
+  }
+
+  std::vector<SeqId> seqs;
+  auto cache = this->prefilled(seqs);
+  const Index blocks_before = cache.allocated_blocks();
+  const Index available_before = cache.available_blocks();
+  Outputs out(kSeqs);
+  {
+    std::atomic<int> ready{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        tpa::Context ctx(this->context_threads(t));
+        ready.fetch_add(1);
+        while (ready.load() < kThreads) std::this_thread::yield();  // start together
+        this->run_thread(t, ctx, cache, seqs, out);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+
+  // No block was taken from the pool while the threads ran, every token landed.
+  EXPECT_EQ(cache.allocated_blocks(), blocks_before);
+  EXPECT_EQ(cache.available_blocks(), available_before);
+  std::size_t used = 0;
+  for (int s = 0; s < kSeqs; ++s) {
+    for (int l = 0; l < kLayers; ++l)
+      EXPECT_EQ(cache.length(seqs[static_cast<std::size_t>(s)], l), prompt_len(s) + kSteps);
+    used += static_cast<std::size_t>(prompt_len(s) + kSteps) * cache.bytes_per_token();
+  }
+  EXPECT_EQ(cache.bytes_used(), used);
+
+  // Bit-identical to the sequential run: outputs and cached contents.
+  for (int s = 0; s < kSeqs; ++s) {
+    const auto& a = out[static_cast<std::size_t>(s)];
+    const auto& b = ref[static_cast<std::size_t>(s)];
+    ASSERT_EQ(a.size(), static_cast<std::size_t>(kSteps * kD));
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "sequence " << s;
+  }
+  EXPECT_TRUE(tpa_test::snapshot(cache, seqs).contents ==
+              tpa_test::snapshot(ref_cache, seqs_ref).contents);
+}
+
+// reserve_tokens: the blocks move into the sequence's table at once, later appends up to that
+// length take none, the unused ones return to the pool on free; errors change nothing.
+TEST(ReserveTokens, TakesBlocksUpFrontAndFreesThem) {
+  const tpa::CacheLayout layout("T", {{"K", 2, 4, false}});
+  tpa::KVCache<float> cache({layout, layout}, 4, 5);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  cache.reserve_tokens(a, 9);  // 3 blocks of 4
+  EXPECT_EQ(cache.block_table(a).size(), 3u);
+  EXPECT_EQ(cache.available_blocks(), 2);
+  EXPECT_EQ(cache.bytes_used(), 0u);
+  EXPECT_EQ(cache.blocks_needed(a, 0, 12), 0);
+  EXPECT_EQ(cache.blocks_needed(a, 1, 13), 1);
+  cache.reserve_tokens(a, 5);  // already has room: no change
+  EXPECT_EQ(cache.block_table(a).size(), 3u);
+
+  std::vector<float> src(8 * 12);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<float>(i);
+  const tpa::FactorRows rows[1] = {{src.data(), 8}};
+  const auto table = cache.block_table(a);
+  cache.append(a, 0, 12, rows);
+  cache.append(a, 1, 7, rows);
+  EXPECT_EQ(cache.block_table(a), table);
+  EXPECT_EQ(cache.bytes_used(), 19u * 8 * sizeof(float));
+  EXPECT_EQ(cache.view(a, 0).token(0, 11)[7], static_cast<float>(11 * 8 + 7));
+  EXPECT_EQ(cache.view(a, 1).token(0, 6)[0], static_cast<float>(6 * 8));
+
+  // Too many blocks, a negative count, a dead sequence: Error, nothing changes.
+  const auto before = tpa_test::snapshot(cache, {a, b});
+  EXPECT_THROW(cache.reserve_tokens(b, 4 * 3), tpa::Error);
+  EXPECT_THROW(cache.reserve_tokens(b, -1), tpa::Error);
+  EXPECT_THROW(cache.reserve_tokens(7, 1), tpa::Error);
+  EXPECT_TRUE(tpa_test::snapshot(cache, {a, b}) == before);
+  EXPECT_EQ(cache.available_blocks(), 2);
+
+  cache.reserve_tokens(b, 8);
+  EXPECT_EQ(cache.available_blocks(), 0);
+  cache.free_sequence(a);
+  cache.free_sequence(b);
+  EXPECT_EQ(cache.available_blocks(), 5);
+  EXPECT_EQ(cache.bytes_used(), 0u);
+}
+
+}  // namespace
