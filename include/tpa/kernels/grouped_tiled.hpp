@@ -422,8 +422,21 @@ class GroupedTiled {
       v_ld = sh.d_v_pad;
     }
     const Index r0 = rw.base + rw.skip;
-    pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr, next,
-       per_call);
+    if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {  // every row sees the whole tile
+      pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr, next,
+         per_call);
+    } else {
+      // Diagonal tile (prefill): each query's rows read only the tokens it sees. A masked
+      // token's weight is 0, but 0 · a NaN or Inf value would still reach the earlier queries.
+      for (Index rr = 0; rr < nr;) {
+        const Index q = (rw.skip + rr) / gs;  // query ib + q
+        const Index end = std::min(nr, (q + 1) * gs - rw.skip);
+        const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + ib + q - t0 + 1));
+        pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v, v_ld, count,
+           b.acc + (r0 + rr) * sh.d_v_pad, sh.d_v_pad, end - rr, next, per_call);
+        rr = end;
+      }
+    }
     next.issue(next.pending());
   }
 
@@ -546,14 +559,37 @@ class GroupedTiled {
   }
 
   // s[t][v] (+)= Σ_j k[t][j] · q[j][v] for kLaneTokens tokens (the first nt real) and VB row
-  // vectors, over `len` dims.
+  // vectors, over `len` ≤ kChunk dims. 16-bit K rows are first widened with vector loads into a
+  // [kLaneTokens, kChunk] f32 block on the stack (L1), so the broadcasts below are plain f32
+  // loads instead of one scalar conversion per element and row vector.
   template <int VB>
   static void qk_lane_block(const S* k, Index k_ld, Index nt, Index len, const float* q, Index q_ld,
                             float* s, Index s_ld, bool first) {
     constexpr int NT = static_cast<int>(Ops::kLaneTokens);
-    const S* rows[NT];
-    TPA_UNROLL
-    for (int t = 0; t < NT; ++t) rows[t] = k + std::min<Index>(t, nt - 1) * k_ld;
+    if constexpr (std::is_same<S, float>::value) {
+      const float* rows[NT];
+      TPA_UNROLL
+      for (int t = 0; t < NT; ++t) rows[t] = k + std::min<Index>(t, nt - 1) * k_ld;
+      qk_lane_rows<VB>(rows, len, q, q_ld, s, s_ld, first);
+    } else {
+      static_assert(kChunk % kW == 0, "GroupedTiled: kChunk must be a multiple of kWidth");
+      alignas(64) float wide[NT * kChunk];
+      const float* rows[NT];
+      for (int t = 0; t < NT; ++t) {
+        float* w = wide + t * kChunk;
+        const S* src = k + std::min<Index>(t, nt - 1) * k_ld;
+        for (Index j = 0; j < len; j += kW)
+          Ops::store(w + j, Ops::template load_widen<S>(src + j, std::min(kW, len - j)));
+        rows[t] = w;
+      }
+      qk_lane_rows<VB>(rows, len, q, q_ld, s, s_ld, first);
+    }
+  }
+
+  template <int VB>
+  static void qk_lane_rows(const float* const* rows, Index len, const float* q, Index q_ld,
+                           float* s, Index s_ld, bool first) {
+    constexpr int NT = static_cast<int>(Ops::kLaneTokens);
     V acc[NT][VB];
     TPA_UNROLL
     for (int t = 0; t < NT; ++t) {
@@ -567,7 +603,7 @@ class GroupedTiled {
       for (int v = 0; v < VB; ++v) qv[v] = Ops::load(q + j * q_ld + v * kW);
       TPA_UNROLL
       for (int t = 0; t < NT; ++t) {
-        const V kb = Ops::set1(static_cast<float>(rows[t][j]));
+        const V kb = Ops::set1(rows[t][j]);
         TPA_UNROLL
         for (int v = 0; v < VB; ++v) acc[t][v] = Ops::fmadd(kb, qv[v], acc[t][v]);
       }
