@@ -327,8 +327,19 @@ class TpaTiled {
       v_ld = RV * sh.d_pad;
       v_sd = sh.d_pad;
     }
-    pv(b.w + skip * RV * kT, RV * kT, b.alpha + skip, vt, v_ld, v_sd, n, RV,
-       b.acc + skip * sh.d_pad, sh.d_pad, nr, next, per_call);
+    if (t0 + n - 1 <= p.q_pos0 + i_first) {  // every row sees the whole tile
+      pv(b.w + skip * RV * kT, RV * kT, b.alpha + skip, vt, v_ld, v_sd, n, RV,
+         b.acc + skip * sh.d_pad, sh.d_pad, nr, next, per_call);
+    } else {
+      // Diagonal tile (prefill): each query's H rows read only the tokens it sees. A masked
+      // token's weight is 0, but 0 · a NaN or Inf value would still reach the earlier queries.
+      for (Index i = i_first; i < ie; ++i) {
+        const Index r = (i - ib) * H;
+        const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + i - t0 + 1));
+        pv(b.w + r * RV * kT, RV * kT, b.alpha + r, vt, v_ld, v_sd, count, RV,
+           b.acc + r * sh.d_pad, sh.d_pad, H, next, per_call);
+      }
+    }
     next.issue(next.pending());
   }
 
