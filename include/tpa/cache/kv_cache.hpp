@@ -273,13 +273,14 @@ class KVCache {
     return std::max<Index>(0, want - static_cast<Index>(s.blocks.size()));
   }
 
-  /// \throws Error unless `seq` is live, `layer` exists, `layout` is that layer's layout, and
-  /// n tokens fit in the pool. `who` prefixes the message.
+  /// \throws Error unless `seq` is live, `layer` exists, `layout` is that layer's layout, n ≥ 0
+  /// and n tokens fit in the pool. `who` prefixes the message.
   void check_append(const char* who, SeqId seq, int layer, const CacheLayout& layout,
                     Index n) const {
     check_layer(who, layer);
     check_seq(who, seq);
     check_layout(who, layer, layout);
+    TPA_CHECK(n >= 0, who, ": cannot append a negative number of tokens (", n, ")");
     const Index need = blocks_needed(seq, layer, n);
     TPA_CHECK(need <= available_blocks(), who, ": the cache is full: appending ", n,
               " tokens to sequence ", seq, " needs ", need, " new blocks but only ",
@@ -301,6 +302,7 @@ class KVCache {
   /// \throws Error as check_append; std::bad_alloc if block storage cannot be allocated. Either
   /// way the cache is unchanged.
   void append(SeqId seq, int layer, Index n, const FactorRows* rows) {
+    check_layer("KVCache::append", layer);  // before layouts_[layer] is read
     check_append("KVCache::append", seq, layer, layouts_[static_cast<std::size_t>(layer)], n);
     Sequence& s = seqs_[static_cast<std::size_t>(seq)];
     const auto l = static_cast<std::size_t>(layer);
