@@ -6,6 +6,7 @@
 #include "tpa/backend/kernels.hpp"
 #include "tpa/backend/portable.hpp"
 #include "tpa/backend/tags.hpp"
+#include "tpa/backend/tiled_kernels.hpp"
 
 #if defined(TPA_HAVE_AVX2)
 
@@ -27,6 +28,7 @@ namespace detail {
 struct Avx2Ops {
   using V = __m256;
   static constexpr Index kWidth = 8;
+  static constexpr const char* kTpaWho = "Kernels<Avx2>::tpa_attention";
   static constexpr Index kTile = 16;
   static constexpr Index kQkRows = 4;      // 4 rows × 2 token vectors = 8 accumulators
   static constexpr Index kLaneTokens = 4;  // 4 tokens × 2 row vectors = 8 accumulators
@@ -154,46 +156,9 @@ struct Avx2Ops {
 
 }  // namespace detail
 
-/// Avx2 kernels: the grouped attention kernel on AVX2/FMA intrinsics (detail::GroupedTiled).
+/// Avx2 kernels: the tiled grouped and FlashTPA kernels on AVX2/FMA intrinsics.
 template <>
-struct Kernels<Avx2> : Kernels<Portable> {
-  /// Causal grouped attention of one call on the calling thread (allocates its workspace; the
-  /// layers use tpa::grouped_attention with a Context instead).
-  template <class S>
-  static void grouped_attention(const GroupedAttentionParams<S>& p) {
-    detail::GroupedTiled<detail::Avx2Ops, S>::run_whole(p);
-  }
-  /// Workspace floats grouped_attention_part needs for `part`.
-  template <class S>
-  static Index grouped_workspace_floats(const GroupedAttentionParams<S>& p,
-                                        const GroupedPart& part) {
-    return detail::GroupedTiled<detail::Avx2Ops, S>::workspace_floats(p, part);
-  }
-  /// One part of a call (see detail::GroupedTiled::run).
-  template <class S>
-  static void grouped_attention_part(const GroupedAttentionParams<S>& p, const GroupedPart& part,
-                                     float* workspace, const GroupedStates* states) {
-    detail::GroupedTiled<detail::Avx2Ops, S>::run(p, part, workspace, states);
-  }
-
-  /// Causal TPA of one call on the calling thread (allocates its workspace; the layers use
-  /// tpa::tpa_attention with a Context instead). \throws Error if p is inconsistent.
-  template <class S>
-  static void tpa_attention(const TpaAttentionParams<S>& p) {
-    detail::TpaTiled<detail::Avx2Ops, S>::run_whole(p, "Kernels<Avx2>::tpa_attention");
-  }
-  /// Workspace floats tpa_attention_part needs for `part`.
-  template <class S>
-  static Index tpa_workspace_floats(const TpaAttentionParams<S>& p, const TpaPart& part) {
-    return detail::TpaTiled<detail::Avx2Ops, S>::workspace_floats(p, part);
-  }
-  /// One part of a TPA call (see detail::TpaTiled::run).
-  template <class S>
-  static void tpa_attention_part(const TpaAttentionParams<S>& p, const TpaPart& part,
-                                 float* workspace, const TpaStates* states) {
-    detail::TpaTiled<detail::Avx2Ops, S>::run(p, part, workspace, states);
-  }
-};
+struct Kernels<Avx2> : detail::TiledKernels<detail::Avx2Ops, Portable> {};
 
 }  // namespace tpa
 

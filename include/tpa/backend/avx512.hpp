@@ -5,6 +5,7 @@
 #include "tpa/backend/avx2.hpp"
 #include "tpa/backend/kernels.hpp"
 #include "tpa/backend/tags.hpp"
+#include "tpa/backend/tiled_kernels.hpp"
 
 #if defined(TPA_HAVE_AVX512)
 
@@ -25,6 +26,7 @@ namespace detail {
 struct Avx512Ops {
   using V = __m512;
   static constexpr Index kWidth = 16;
+  static constexpr const char* kTpaWho = "Kernels<Avx512>::tpa_attention";
   static constexpr Index kTile = 32;
   static constexpr Index kQkRows = 8;      // 8 rows × 2 token vectors = 16 accumulators
   static constexpr Index kLaneTokens = 8;  // 8 tokens × 2 row vectors = 16 accumulators
@@ -134,46 +136,9 @@ struct Avx512Ops {
 
 }  // namespace detail
 
-/// Avx512 kernels: the grouped attention kernel on AVX-512 intrinsics (detail::GroupedTiled).
+/// Avx512 kernels: the tiled grouped and FlashTPA kernels on AVX-512 intrinsics.
 template <>
-struct Kernels<Avx512> : Kernels<Avx2> {
-  /// Causal grouped attention of one call on the calling thread (allocates its workspace; the
-  /// layers use tpa::grouped_attention with a Context instead).
-  template <class S>
-  static void grouped_attention(const GroupedAttentionParams<S>& p) {
-    detail::GroupedTiled<detail::Avx512Ops, S>::run_whole(p);
-  }
-  /// Workspace floats grouped_attention_part needs for `part`.
-  template <class S>
-  static Index grouped_workspace_floats(const GroupedAttentionParams<S>& p,
-                                        const GroupedPart& part) {
-    return detail::GroupedTiled<detail::Avx512Ops, S>::workspace_floats(p, part);
-  }
-  /// One part of a call (see detail::GroupedTiled::run).
-  template <class S>
-  static void grouped_attention_part(const GroupedAttentionParams<S>& p, const GroupedPart& part,
-                                     float* workspace, const GroupedStates* states) {
-    detail::GroupedTiled<detail::Avx512Ops, S>::run(p, part, workspace, states);
-  }
-
-  /// Causal TPA of one call on the calling thread (allocates its workspace; the layers use
-  /// tpa::tpa_attention with a Context instead). \throws Error if p is inconsistent.
-  template <class S>
-  static void tpa_attention(const TpaAttentionParams<S>& p) {
-    detail::TpaTiled<detail::Avx512Ops, S>::run_whole(p, "Kernels<Avx512>::tpa_attention");
-  }
-  /// Workspace floats tpa_attention_part needs for `part`.
-  template <class S>
-  static Index tpa_workspace_floats(const TpaAttentionParams<S>& p, const TpaPart& part) {
-    return detail::TpaTiled<detail::Avx512Ops, S>::workspace_floats(p, part);
-  }
-  /// One part of a TPA call (see detail::TpaTiled::run).
-  template <class S>
-  static void tpa_attention_part(const TpaAttentionParams<S>& p, const TpaPart& part,
-                                 float* workspace, const TpaStates* states) {
-    detail::TpaTiled<detail::Avx512Ops, S>::run(p, part, workspace, states);
-  }
-};
+struct Kernels<Avx512> : detail::TiledKernels<detail::Avx512Ops, Avx2> {};
 
 }  // namespace tpa
 

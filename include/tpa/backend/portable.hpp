@@ -9,6 +9,7 @@
 #include "tpa/backend/kernels.hpp"
 #include "tpa/backend/reference.hpp"
 #include "tpa/backend/tags.hpp"
+#include "tpa/backend/tiled_kernels.hpp"
 #include "tpa/kernels/grouped_tiled.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/tpa_tiled.hpp"
@@ -21,6 +22,7 @@ namespace detail {
 struct EigenOps {
   using V = Eigen::internal::packet_traits<float>::type;
   static constexpr Index kWidth = Eigen::internal::packet_traits<float>::size;
+  static constexpr const char* kTpaWho = "Kernels<Portable>::tpa_attention";
   static constexpr Index kTile = std::max<Index>(16, kWidth);
   static constexpr Index kQkRows = std::max<Index>(1, 8 * kWidth / kTile);
   static constexpr Index kLaneTokens = 4;
@@ -92,45 +94,8 @@ struct EigenOps {
 
 }  // namespace detail
 
-/// Portable kernels: the grouped attention kernel on Eigen packet math (detail::GroupedTiled).
+/// Portable kernels: the tiled grouped and FlashTPA kernels on Eigen packet math.
 template <>
-struct Kernels<Portable> : Kernels<Reference> {
-  /// Causal grouped attention of one call on the calling thread (allocates its workspace; the
-  /// layers use tpa::grouped_attention with a Context instead).
-  template <class S>
-  static void grouped_attention(const GroupedAttentionParams<S>& p) {
-    detail::GroupedTiled<detail::EigenOps, S>::run_whole(p);
-  }
-  /// Workspace floats grouped_attention_part needs for `part`.
-  template <class S>
-  static Index grouped_workspace_floats(const GroupedAttentionParams<S>& p,
-                                        const GroupedPart& part) {
-    return detail::GroupedTiled<detail::EigenOps, S>::workspace_floats(p, part);
-  }
-  /// One part of a call (see detail::GroupedTiled::run).
-  template <class S>
-  static void grouped_attention_part(const GroupedAttentionParams<S>& p, const GroupedPart& part,
-                                     float* workspace, const GroupedStates* states) {
-    detail::GroupedTiled<detail::EigenOps, S>::run(p, part, workspace, states);
-  }
-
-  /// Causal TPA of one call on the calling thread (allocates its workspace; the layers use
-  /// tpa::tpa_attention with a Context instead). \throws Error if p is inconsistent.
-  template <class S>
-  static void tpa_attention(const TpaAttentionParams<S>& p) {
-    detail::TpaTiled<detail::EigenOps, S>::run_whole(p, "Kernels<Portable>::tpa_attention");
-  }
-  /// Workspace floats tpa_attention_part needs for `part`.
-  template <class S>
-  static Index tpa_workspace_floats(const TpaAttentionParams<S>& p, const TpaPart& part) {
-    return detail::TpaTiled<detail::EigenOps, S>::workspace_floats(p, part);
-  }
-  /// One part of a TPA call (see detail::TpaTiled::run).
-  template <class S>
-  static void tpa_attention_part(const TpaAttentionParams<S>& p, const TpaPart& part,
-                                 float* workspace, const TpaStates* states) {
-    detail::TpaTiled<detail::EigenOps, S>::run(p, part, workspace, states);
-  }
-};
+struct Kernels<Portable> : detail::TiledKernels<detail::EigenOps, Reference> {};
 
 }  // namespace tpa
