@@ -342,9 +342,10 @@ std::vector<AnyLayer> kinds() {
 
 // Two layers of one kind, blocks of 4 tokens, at most 6 blocks (24 tokens), RoPE table of 16
 // positions: a holds 5 tokens (2 blocks), b 3 (1 block), c none, `gone` was freed; 3 blocks
-// are available.
+// are available. Set up with `warm`; the calls under test use `ctx`, whose scratch is empty.
 struct LayerFixture {
   const AnyLayer* layer;
+  tpa::Context warm{1};
   tpa::Context ctx{1};
   KVCache<float> cache;
   KVCache<float> other;  // laid out for another kind
@@ -360,9 +361,9 @@ struct LayerFixture {
     c = cache.add_sequence();
     o = other.add_sequence();
     Tensor2 y5(5, kD), y3(3, kD);
-    l.forward_cached(ctx, random_tensor(5, kD, 1), y5, cache, 0, a);
-    l.forward_cached(ctx, random_tensor(3, kD, 2), y3, cache, 0, b);
-    l.forward_cached(ctx, random_tensor(3, kD, 3), y3, cache, 0, gone);
+    l.forward_cached(warm, random_tensor(5, kD, 1), y5, cache, 0, a);
+    l.forward_cached(warm, random_tensor(3, kD, 2), y3, cache, 0, b);
+    l.forward_cached(warm, random_tensor(3, kD, 3), y3, cache, 0, gone);
     cache.free_sequence(gone);
   }
   State now() const { return state(cache, {a, b, c}); }
@@ -377,10 +378,11 @@ struct LayerCase {
 };
 
 // Forward of n random tokens to `seq`.
-void fwd(LayerFixture& f, Index n, SeqId seq, int layer = 0) {
+void fwd(LayerFixture& f, Index n, SeqId seq, int layer = 0, bool warm = false) {
   Tensor2 y(n, kD);
-  f.layer->forward_cached(f.ctx, random_tensor(n, kD, 40 + static_cast<std::uint64_t>(n)), y,
-                          f.cache, layer, seq);
+  f.layer->forward_cached(warm ? f.warm : f.ctx,
+                          random_tensor(n, kD, 40 + static_cast<std::uint64_t>(n)), y, f.cache,
+                          layer, seq);
 }
 void dec(LayerFixture& f, Index rows, const std::vector<SeqId>& seqs) {
   Tensor2 y(rows, kD);
@@ -482,16 +484,22 @@ TEST(LayerErrors, ForwardWithoutCache) {
 // Out of memory inside layer calls: the blocks a call prepares, and any other operator new
 // allocation on the way, fail one after another.
 const AnyLayer* g_fault_layer = nullptr;  // the kind LayerFaults is sweeping
+std::size_t g_scratch_left = 0;           // bytes left in ctx's first scratch chunk
 
-// LayerFixture of g_fault_layer with an empty free list.
+// LayerFixture of g_fault_layer with an empty free list, whose ctx has g_scratch_left bytes
+// left in its first 64 KiB scratch chunk: the call's scratch grows (allocates) at a point that
+// depends on g_scratch_left — before, between or after its appends.
 struct FaultFixture : LayerFixture {
-  FaultFixture() : LayerFixture(*g_fault_layer) { cache.release_free_blocks(); }
+  FaultFixture() : LayerFixture(*g_fault_layer) {
+    cache.release_free_blocks();
+    (void)ctx.scratch().bytes((std::size_t(1) << 16) - g_scratch_left);
+  }
 };
 // ... and b, c at block boundaries (4 tokens each): a decode of a, b, c needs 2 new blocks.
-struct BoundaryFixture : LayerFixture {
-  BoundaryFixture() : LayerFixture(*g_fault_layer) {
-    fwd(*this, 1, b);
-    fwd(*this, 4, c);
+struct BoundaryFixture : FaultFixture {
+  BoundaryFixture() {
+    fwd(*this, 1, b, 0, true);
+    fwd(*this, 4, c, 0, true);
     cache.release_free_blocks();
   }
 };
@@ -500,11 +508,14 @@ TEST(LayerFaults, OutOfMemoryChangesNothing) {
   for (const AnyLayer& l : kinds()) {
     g_fault_layer = &l;
     SCOPED_TRACE(l.name);
-    EXPECT_GE(fault_sweep<FaultFixture>("prefill", [](LayerFixture& f) { fwd(f, 9, f.c); }), 3);
-    EXPECT_GE(fault_sweep<FaultFixture>("chunk", [](LayerFixture& f) { fwd(f, 6, f.a); }), 1);
-    EXPECT_GE(fault_sweep<BoundaryFixture>(
-                  "decode batch", [](LayerFixture& f) { dec(f, 3, {f.a, f.b, f.c}); }),
-              2);
+    for (g_scratch_left = 0; g_scratch_left <= 6144; g_scratch_left += 128) {
+      SCOPED_TRACE("scratch left " + std::to_string(g_scratch_left));
+      EXPECT_GE(fault_sweep<FaultFixture>("prefill", [](LayerFixture& f) { fwd(f, 9, f.c); }),
+                3);
+      EXPECT_GE(fault_sweep<BoundaryFixture>(
+                    "decode batch", [](LayerFixture& f) { dec(f, 3, {f.a, f.b, f.c}); }),
+                2);
+    }
   }
 }
 

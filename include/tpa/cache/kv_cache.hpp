@@ -329,6 +329,29 @@ class KVCache {
     s.len[l] = start + n;
   }
 
+  /// Undoes the appends to `seq` in `layer` of a call that failed part-way: the length becomes
+  /// `length` again and the block table its first `table_size` blocks (the later ones return to
+  /// the free list, last first, so that the list is as before the appends). For layer calls
+  /// (detail::CacheCall), which guarantee that nothing else changed `seq` since. Cannot throw.
+  void undo_append(SeqId seq, int layer, Index length, std::size_t table_size) noexcept {
+    Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    while (s.blocks.size() > table_size) {
+      free_.push_back(s.blocks.back());
+      s.blocks.pop_back();
+    }
+    s.len[static_cast<std::size_t>(layer)] = length;
+  }
+
+  /// Releases the storage of the newest free blocks until at most `allocated` blocks hold
+  /// storage: undoes ensure_free_blocks() of a call that failed later (detail::CacheCall).
+  /// Cannot throw.
+  void undo_allocation(Index allocated) noexcept {
+    while (allocated_blocks() > allocated && !free_.empty()) {
+      release_block(free_.back());
+      free_.pop_back();
+    }
+  }
+
   /// Read-only view of `seq` in `layer` for the kernels (see SeqView).
   /// \throws Error on an unknown sequence or layer.
   SeqView<Scalar> view(SeqId seq, int layer) const {

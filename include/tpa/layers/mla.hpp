@@ -37,8 +37,11 @@ namespace tpa {
 /// kAuto picks, per call, the one with fewer multiply-adds (absorbed for every decode step).
 ///
 /// All calls take x [tokens, d_model] and write y [tokens, d_model]. A call that throws
-/// tpa::Error leaves the layer and the cache unchanged. A layer is immutable after construction
-/// and may be shared between threads, each with its own Context.
+/// (tpa::Error, or std::bad_alloc) leaves the layer and the cache unchanged. A layer is immutable
+/// after construction and may be shared between threads, each with its own Context.
+/// NaN/Inf in x are not checked for: they reach only the outputs and cache entries of the
+/// sequence whose rows hold them, from that token on (never another sequence of the call or the
+/// cache, nor that sequence's earlier tokens); nothing throws (README, "NaN and Inf").
 ///
 /// \tparam Backend kernel set (Reference, Portable, Avx2, Avx512; default Native).
 /// \tparam CacheScalar storage type of the KV cache it reads and writes.
@@ -309,10 +312,13 @@ class MultiHeadLatentAttention {
   void run_cached(Context& ctx, const ConstTensorView<float, 2>& x, TensorView<float, 2>& y,
                   Cache& cache, int layer, detail::Segment* segs, Index n_segs) const {
     detail::check_io(kWho, x, y, cfg_.d_model);
-    detail::plan_cache_call(kWho, cache, layer, layout_, rope_, segs, n_segs);
+    const Index blocks =
+        detail::plan_cache_call(kWho, cache, layer, layout_, rope_, segs, n_segs);
     // Nothing below throws tpa::Error: the checks above cover every precondition. All scratch
-    // is taken before the first append.
+    // is taken before the first append; on std::bad_alloc (e.g. in a GEMM), `call` undoes the
+    // appends and the blocks it allocated.
     ScratchGuard guard(ctx.scratch());
+    detail::CacheCall<CacheScalar> call(ctx, cache, layer, segs, n_segs, blocks);
     const Index N = x.dimension(0), d_c = cfg_.kv_lora_rank, d_R = cfg_.qk_rope_head_dim;
     const MlaForm form = resolve(segs, n_segs);
     Buffers b = allocate(ctx, N, form, segs, n_segs);
@@ -325,6 +331,7 @@ class MultiHeadLatentAttention {
     for (Index s = 0; s < n_segs; ++s)
       attend<CacheScalar>(ctx, b, form, segs[s], cache.view(segs[s].seq, layer));
     finish(ctx, b, form, y);
+    call.commit();
   }
 
   // Attention of one segment's queries over the latents in `lat` (factor 0 = c_kv' [d_c],

@@ -30,8 +30,11 @@ namespace tpa {
 /// keys or values: (R_K + R_V)(H + d) elements per token and layer.
 ///
 /// All calls take x [tokens, d_model] and write y [tokens, d_model]. A call that throws
-/// tpa::Error leaves the layer and the cache unchanged. A layer is immutable after construction
-/// and may be shared between threads, each with its own Context.
+/// (tpa::Error, or std::bad_alloc) leaves the layer and the cache unchanged. A layer is immutable
+/// after construction and may be shared between threads, each with its own Context.
+/// NaN/Inf in x are not checked for: they reach only the outputs and cache entries of the
+/// sequence whose rows hold them, from that token on (never another sequence of the call or the
+/// cache, nor that sequence's earlier tokens); nothing throws (README, "NaN and Inf").
 ///
 /// \tparam Backend kernel set (Reference, Portable, Avx2, Avx512; default Native).
 /// \tparam CacheScalar storage type of the KV cache it reads and writes.
@@ -137,9 +140,12 @@ class TensorProductAttention {
   void run_cached(Context& ctx, const ConstTensorView<float, 2>& x, TensorView<float, 2>& y,
                   Cache& cache, int layer, detail::Segment* segs, Index n_segs) const {
     detail::check_io(kWho, x, y, cfg_.d_model);
-    detail::plan_cache_call(kWho, cache, layer, layout_, rope_, segs, n_segs);
-    // Nothing below throws tpa::Error: the checks above cover every precondition.
+    const Index blocks =
+        detail::plan_cache_call(kWho, cache, layer, layout_, rope_, segs, n_segs);
+    // Nothing below throws tpa::Error: the checks above cover every precondition. On
+    // std::bad_alloc, `call` undoes the appends and the blocks it allocated.
     ScratchGuard guard(ctx.scratch());
+    detail::CacheCall<CacheScalar> call(ctx, cache, layer, segs, n_segs, blocks);
     Buffers b = project(ctx, x, segs, n_segs);
     for (Index s = 0; s < n_segs; ++s) {
       FactorRows rows[4];
@@ -154,6 +160,7 @@ class TensorProductAttention {
       new (&calls[s]) Params(params<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer)));
     tpa_attention<Backend>(ctx, calls, n_segs);
     finish(ctx, b, x.dimension(0), y);
+    call.commit();
   }
 
   // Projections of all tokens at once (one GEMM per weight), then RoPE at each token's position

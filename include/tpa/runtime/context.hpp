@@ -55,13 +55,18 @@ class Scratch {
   Mark mark() const { return cur_; }
 
   /// Releases everything handed out since `m`. Releasing to an empty arena that grew to several
-  /// chunks merges them into one, so the next use is served from a single chunk.
-  void release(Mark m) {
+  /// chunks merges them into one, so the next use is served from a single chunk (if that
+  /// allocation fails, the chunks are kept as they are). Cannot throw.
+  void release(Mark m) noexcept {
     cur_ = m;
     if (m.chunk == 0 && m.offset == 0 && chunks_.size() > 1) {
       const std::size_t total = capacity();
-      chunks_.clear();
-      chunks_.push_back(Chunk{allocate(total), total});
+      try {
+        Chunk merged{allocate(total), total};
+        chunks_.clear();
+        chunks_.push_back(std::move(merged));  // capacity ≥ 1 after clear(): no allocation
+      } catch (const std::bad_alloc&) {
+      }
     }
   }
 
@@ -73,17 +78,18 @@ class Scratch {
   }
 
  private:
+  // Chunks come from aligned operator new (so that tests can make them fail like any other
+  // allocation).
   struct FreeDeleter {
-    void operator()(unsigned char* p) const { std::free(p); }
+    void operator()(unsigned char* p) const { ::operator delete(p, std::align_val_t(64)); }
   };
   struct Chunk {
     std::unique_ptr<unsigned char[], FreeDeleter> data;
     std::size_t size = 0;
   };
   static std::unique_ptr<unsigned char[], FreeDeleter> allocate(std::size_t n) {
-    auto* p = static_cast<unsigned char*>(std::aligned_alloc(64, n));
-    if (p == nullptr) throw std::bad_alloc();
-    return std::unique_ptr<unsigned char[], FreeDeleter>(p);
+    return std::unique_ptr<unsigned char[], FreeDeleter>(
+        static_cast<unsigned char*>(::operator new(n, std::align_val_t(64))));
   }
 
   std::vector<Chunk> chunks_;

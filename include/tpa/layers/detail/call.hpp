@@ -39,12 +39,12 @@ inline void check_io(const char* who, const ConstTensorView<float, 2>& x,
 
 /// Checks that every segment can be appended to `cache` (live, distinct sequences; layout; room
 /// in the pool for all of them together; positions inside the RoPE table), fills each segment's
-/// pos0 with the sequence's current length, and allocates the block storage the appends will
-/// take, so that the appends that follow cannot fail. Changes no contents, tables or lengths.
+/// pos0 with the sequence's current length, and returns the new blocks the appends will take
+/// (CacheCall allocates them). Changes nothing.
 template <class S>
-void plan_cache_call(const char* who, KVCache<S>& cache, int layer,
-                     const CacheLayout& layout, const RopeTable& rope, Segment* segs,
-                     Index n_segs) {
+Index plan_cache_call(const char* who, const KVCache<S>& cache, int layer,
+                      const CacheLayout& layout, const RopeTable& rope, Segment* segs,
+                      Index n_segs) {
   Index blocks = 0;
   for (Index i = 0; i < n_segs; ++i) {
     Segment& s = segs[i];
@@ -59,8 +59,48 @@ void plan_cache_call(const char* who, KVCache<S>& cache, int layer,
   TPA_CHECK(blocks <= cache.available_blocks(), who, ": the cache is full: this call needs ",
             blocks, " new blocks but only ", cache.available_blocks(), " of max_blocks (",
             cache.max_blocks(), ") are available");
-  cache.ensure_free_blocks(blocks);
+  return blocks;
 }
+
+/// \brief The cache side of one layer call after plan_cache_call: allocates the blocks the
+/// appends will take (so they cannot fail), and unless commit() is called before it is
+/// destroyed — an exception (std::bad_alloc from scratch or a GEMM) after some appends — undoes
+/// the appends and releases the blocks it allocated: the strong guarantee for the whole call.
+/// Its bookkeeping lives in ctx's scratch (create it inside the call's ScratchGuard).
+template <class S>
+class CacheCall {
+ public:
+  CacheCall(Context& ctx, KVCache<S>& cache, int layer, const Segment* segs, Index n_segs,
+            Index blocks)
+      : cache_(cache), layer_(layer), segs_(segs), n_segs_(n_segs),
+        allocated_(cache.allocated_blocks()) {
+    tables_ = static_cast<std::size_t*>(
+        ctx.scratch().bytes(sizeof(std::size_t) * static_cast<std::size_t>(n_segs)));
+    for (Index i = 0; i < n_segs; ++i) tables_[i] = cache.block_table(segs[i].seq).size();
+    cache.ensure_free_blocks(blocks);  // strong: nothing to undo if it throws
+    armed_ = true;
+  }
+  ~CacheCall() {
+    if (!armed_) return;
+    for (Index i = n_segs_ - 1; i >= 0; --i)
+      cache_.undo_append(segs_[i].seq, layer_, segs_[i].pos0, tables_[i]);
+    cache_.undo_allocation(allocated_);
+  }
+  CacheCall(const CacheCall&) = delete;
+  CacheCall& operator=(const CacheCall&) = delete;
+
+  /// The call succeeded: keep its appends.
+  void commit() { armed_ = false; }
+
+ private:
+  KVCache<S>& cache_;
+  int layer_;
+  const Segment* segs_;
+  Index n_segs_;
+  Index allocated_;
+  std::size_t* tables_ = nullptr;
+  bool armed_ = false;
+};
 
 /// Output features per GEMM of project() for n ≤ 32 rows: the widest slice (≤ 256) for which
 /// both blocks Eigen's GEMM packs (sizes from its own blocking heuristic, kc × slice and
