@@ -28,7 +28,7 @@ namespace tpa {
 /// after construction and may be shared between threads, each with its own Context.
 /// NaN/Inf in x are not checked for: they reach only the outputs and cache entries of the
 /// sequence whose rows hold them, from that token on (never another sequence of the call or the
-/// cache, nor that sequence's earlier tokens); nothing throws (README, "NaN and Inf").
+/// cache, nor that sequence's earlier tokens); nothing throws (README, "Errors, NaN and Inf").
 ///
 /// \tparam Backend kernel set (Reference, Portable, Avx2, Avx512; default Native).
 /// \tparam CacheScalar storage type of the KV cache it reads and writes.
