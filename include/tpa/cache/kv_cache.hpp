@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -96,7 +97,7 @@ class KVCache {
   /// \param layers one layout per layer (a layer's `cache_layout()`).
   /// \param block_tokens tokens per block (≥ 1).
   /// \param max_blocks blocks the pool may hold at most (≥ 1); bounds the cache's memory.
-  /// \throws Error if `layers` is empty or a size is < 1.
+  /// \throws Error if `layers` is empty, a size is < 1 or one block would exceed 2^57 elements.
   KVCache(std::vector<CacheLayout> layers, Index block_tokens, Index max_blocks)
       : layouts_(std::move(layers)), block_tokens_(block_tokens), max_blocks_(max_blocks) {
     TPA_CHECK(!layouts_.empty(), "KVCache: needs at least one layer layout");
@@ -106,6 +107,9 @@ class KVCache {
     Index offset = 0;
     for (const auto& l : layouts_) {
       TPA_CHECK(l.num_factors() >= 1, "KVCache: a layer layout has no factors");
+      TPA_CHECK(l.elements_per_token() <= (kMaxBlockElements - offset) / block_tokens_,
+                "KVCache: a block of ", block_tokens_, " tokens of these layers would hold more "
+                "than 2^57 elements");
       LayerInfo info;
       info.block_offset = offset;
       for (std::size_t f = 0; f < l.num_factors(); ++f) {
@@ -230,7 +234,7 @@ class KVCache {
     TPA_CHECK(tokens >= 0, "KVCache::reserve_tokens: tokens (", tokens, ") must be >= 0");
     Sequence& s = seqs_[static_cast<std::size_t>(seq)];
     const Index need = std::max<Index>(
-        0, (tokens + block_tokens_ - 1) / block_tokens_ - static_cast<Index>(s.blocks.size()));
+        0, blocks_for(tokens) - static_cast<Index>(s.blocks.size()));
     TPA_CHECK(need <= available_blocks(), "KVCache::reserve_tokens: room for ", tokens,
               " tokens in sequence ", seq, " needs ", need, " new blocks but only ",
               available_blocks(), " of max_blocks (", max_blocks_, ") are available");
@@ -265,12 +269,13 @@ class KVCache {
     return seqs_[static_cast<std::size_t>(seq)].len[static_cast<std::size_t>(layer)];
   }
 
-  /// New blocks that appending n tokens to `seq` in `layer` would take.
+  /// New blocks that appending n ≥ 0 tokens to `seq` in `layer` would take (the largest Index
+  /// when the length would overflow). Requires a live `seq` and an existing `layer`.
   Index blocks_needed(SeqId seq, int layer, Index n) const {
     const Sequence& s = seqs_[static_cast<std::size_t>(seq)];
-    const Index want = (s.len[static_cast<std::size_t>(layer)] + n + block_tokens_ - 1) /
-                       block_tokens_;
-    return std::max<Index>(0, want - static_cast<Index>(s.blocks.size()));
+    const Index len = s.len[static_cast<std::size_t>(layer)];
+    if (n > std::numeric_limits<Index>::max() - len) return std::numeric_limits<Index>::max();
+    return std::max<Index>(0, blocks_for(len + n) - static_cast<Index>(s.blocks.size()));
   }
 
   /// \throws Error unless `seq` is live, `layer` exists, `layout` is that layer's layout, n ≥ 0
@@ -393,6 +398,13 @@ class KVCache {
     void operator()(Scalar* p) const { ::operator delete(p, std::align_val_t(align)); }
   };
   static constexpr std::size_t kHugePage = std::size_t(2) << 20;
+  // Elements of one block at most: no size or byte count computed from it can overflow.
+  static constexpr Index kMaxBlockElements = Index(1) << 57;
+
+  // Blocks that hold `tokens` ≥ 0 tokens (no overflow).
+  Index blocks_for(Index tokens) const {
+    return tokens / block_tokens_ + (tokens % block_tokens_ != 0 ? 1 : 0);
+  }
 
   void check_layer(const char* who, int layer) const {
     TPA_CHECK(layer >= 0 && layer < num_layers(), who, ": layer (", layer,
