@@ -30,13 +30,19 @@ class CacheLayout {
  public:
   CacheLayout() = default;
 
-  /// \throws Error if `factors` is empty or a factor has a non-positive size.
+  /// \throws Error if `factors` is empty, a factor has a non-positive size, or a token would
+  /// hold more than 2^57 elements.
   CacheLayout(std::string kind, std::vector<FactorSpec> factors)
       : kind_(std::move(kind)), factors_(std::move(factors)) {
     TPA_CHECK(!factors_.empty(), "CacheLayout '", kind_, "': needs at least one factor");
+    constexpr Index kMaxElements = Index(1) << 57;  // elements() and sums of them cannot overflow
+    Index total = 0;
     for (const auto& f : factors_) {
       TPA_CHECK(f.rows >= 1 && f.cols >= 1, "CacheLayout '", kind_, "': factor '", f.name,
                 "' has shape [", f.rows, ", ", f.cols, "], both sizes must be >= 1");
+      TPA_CHECK(f.rows <= (kMaxElements - total) / f.cols, "CacheLayout '", kind_, "': factor '",
+                f.name, "' [", f.rows, ", ", f.cols, "] makes a token hold more than 2^57 elements");
+      total += f.rows * f.cols;
     }
   }
 

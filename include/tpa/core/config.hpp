@@ -35,9 +35,13 @@ struct RopeConfig {
   /// Rotary dim for vectors of size `dim`: rotary_dim, or dim when rotary_dim is 0.
   Index resolved_dim(Index dim) const { return rotary_dim == 0 ? dim : rotary_dim; }
 
-  /// \throws Error if base ≤ 0, max_positions < 1, or the resolved rotary dim is odd, negative
-  /// or larger than `dim` (the size of the vectors it rotates). `who` prefixes the message.
+  /// \throws Error if style is not a RopeStyle value, base ≤ 0, max_positions < 1, or the
+  /// resolved rotary dim is odd, negative or larger than `dim` (the size of the vectors it
+  /// rotates). `who` prefixes the message.
   void validate(const char* who, Index dim) const {
+    TPA_CHECK(style == RopeStyle::kHalfSplit || style == RopeStyle::kHalfSplitReversed ||
+                  style == RopeStyle::kInterleaved,
+              who, ": rope.style (", static_cast<int>(style), ") is not a RopeStyle value");
     TPA_CHECK(std::isfinite(base) && base > 0, who, ": rope.base (", base, ") must be > 0");
     TPA_CHECK(max_positions >= 1, who, ": rope.max_positions (", max_positions, ") must be >= 1");
     TPA_CHECK(rotary_dim >= 0, who, ": rope.rotary_dim (", rotary_dim, ") must be >= 0");

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "tpa/core/config.hpp"
@@ -48,9 +49,14 @@ class RopeTable {
 
   /// \throws Error unless positions first … first+count−1 are all in the table.
   void check_positions(const char* who, Index first, Index count) const {
-    TPA_CHECK(first >= 0 && count >= 0 && first + count <= max_positions_, who, ": position ",
-              first + count - 1, " is past the RoPE table (rope.max_positions = ", max_positions_,
-              ")");
+    // Written so that no sum can overflow, whatever first and count are.
+    if (first >= 0 && count >= 0 && first <= max_positions_ && count <= max_positions_ - first)
+      return;
+    if (count >= 1 && first <= std::numeric_limits<Index>::max() - (count - 1))
+      detail::fail(who, ": position ", first + (count - 1),
+                   " is past the RoPE table (rope.max_positions = ", max_positions_, ")");
+    detail::fail(who, ": ", count, " positions from ", first,
+                 " are past the RoPE table (rope.max_positions = ", max_positions_, ")");
   }
 
   /// Rotates `rows` vectors of size dim() at `v`, `stride` floats apart, to position `p`.
