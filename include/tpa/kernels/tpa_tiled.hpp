@@ -68,6 +68,25 @@ namespace detail {
 ///     a register-blocked kPvRows × kPvCols product, B_V column blocks outer so they stay in L1.
 /// Everything accumulates in f32. While a tile computes, the next tile's factors are prefetched
 /// into L2 a few lines per micro-kernel call (RowPrefetch).
+///
+/// Roofline of one decode step (one query, L cached tokens, storage scalar of b bytes):
+///   bytes  = L·(R_K + R_V)·(H + d)·b   (each factor element read once, for all heads)
+///   FLOPs  ≈ L·(2·R_Q·R_K·d            B_Q·B_K
+///             + 2·H·R_K·(R_Q + 1)       rank-space mixing with A_Q and A_K
+///             + 2·H·R_V                 P ⊙ A_V
+///             + 2·H·R_V·d               (P·A_V)·B_V, the [H × T·R_V]·[T·R_V × d] micro-GEMM
+///             + ~10·H)                  online softmax (one vector exp per score vector)
+///   time   ≥ max(bytes / read bandwidth, FLOPs / FMA peak).
+/// T6-like shape (H = 32, d = 128, R_Q = 6, R_K = R_V = 2, f32): 2560 B and ≈ 20.7 KFLOP per
+/// token; at 16K tokens 41.9 MB and 0.34 GFLOP, i.e. 1.32 ms at 31.8 GB/s against 0.72 ms at
+/// 470 GFLOP/s (2-core Xeon, AVX-512): memory-bound, but only by 1.8×, so the cores must run FMAs
+/// at more than half their peak while the cache streams in. Measured there (one core, CPU time
+/// per token, machine shared): ≈ 155 ns with the factors in L2 (the value micro-GEMM at ≈ 85% of
+/// the FMA peak and ≈ 55% of the time; B_Q·B_K ≈ 20%, mixing and prefetch issue ≈ 12%, softmax
+/// ≈ 9%, A_K/A_V transposes ≈ 6%), ≈ 285 ns streaming from DRAM (≈ 9 GB/s per core, against
+/// ≈ 16 GB/s for a plain streaming read): the software prefetches are spread evenly over the
+/// previous tile (bursts and longer distances measured slower), and memory and compute overlap
+/// only partly.
 template <class Ops, class S>
 class TpaTiled {
  public:
