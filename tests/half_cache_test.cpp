@@ -438,6 +438,41 @@ TYPED_TEST(HalfCache, MlaExplicit) {
   check_mla<TypeParam, bfloat16>(tpa::MlaForm::kExplicit);
   check_mla<TypeParam, half>(tpa::MlaForm::kExplicit);
 }
+// The explicit form widens the cached latents kGather (128) tokens at a time: a 300-token
+// prompt (three chunks, the last partial) and decode steps on a bf16 cache give what the
+// absorbed form gives on the same cache, up to f32 rounding (both compute the same function of
+// the same rounded latents).
+TEST(HalfCacheMla, ExplicitFormOverSeveralGatherChunks) {
+  tpa::MlaConfig c;
+  c.d_model = 64;
+  c.n_heads = 4;
+  c.kv_lora_rank = 40;
+  c.qk_nope_head_dim = 16;
+  c.qk_rope_head_dim = 12;
+  c.v_head_dim = 20;
+  c.rope.max_positions = 512;
+  const tpa::MlaWeights w = tpa::MlaWeights::random(c, 9);
+  const Index T = 300, steps = 3, D = c.d_model;
+  const Tensor2 x = tpa_test::random_tensor(T + steps, D, 303);
+  std::vector<float> y[2];
+  for (int f = 0; f < 2; ++f) {
+    c.form = f == 0 ? tpa::MlaForm::kExplicit : tpa::MlaForm::kAbsorbed;
+    const tpa::MultiHeadLatentAttention<tpa::Native, bfloat16> layer(c, w);
+    KVCache<bfloat16> cache({layer.cache_layout()}, kBlock, 32);
+    tpa::Context ctx(2);
+    const SeqId seq = cache.add_sequence();
+    Tensor2 out(T, D);
+    layer.forward(ctx, tpa_test::rows(x, 0, T), out, cache, 0, seq);
+    y[f].assign(out.data(), out.data() + out.size());
+    for (Index s = 0; s < steps; ++s) {
+      Tensor2 o1(1, D);
+      layer.forward(ctx, tpa_test::rows(x, T + s, 1), o1, cache, 0, seq);
+      y[f].insert(y[f].end(), o1.data(), o1.data() + o1.size());
+    }
+  }
+  EXPECT_LE(tpa_test::rel_err(y[0], y[1], static_cast<Index>(y[1].size())), 1e-4);
+}
+
 TYPED_TEST(HalfCache, Tpa) {
   check_tpa<TypeParam, bfloat16>(false);
   check_tpa<TypeParam, half>(false);
