@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Builds every libFuzzer target tests/fuzz/*.cpp with clang (-fsanitize=fuzzer,address,undefined)
-# and runs each for a bounded time, seeded with the test fixtures (tests/data/*.safetensors) and a
-# few small hand-made files. Exits non-zero if any target fails to build or finds a crash, leak,
-# timeout or out-of-memory; the reproducer is left under <build>/artifacts/<target>/.
+# Builds every libFuzzer target tests/fuzz/*.cpp with clang (-fsanitize=fuzzer,address,undefined,
+# warnings as errors; TPA_JOBS builds at a time) and runs each for a bounded time. The safetensors
+# target is seeded with the test fixtures (tests/data/*.safetensors) and a few small hand-made
+# files; the others start from their own corpus. Exits non-zero if any target fails to build or
+# finds a crash, leak, timeout or out-of-memory; the reproducer is left under
+# <build>/artifacts/<target>/ (replay: <build>/<target> <reproducer>).
 #   TPA_FUZZ_SECONDS=<s>     run time per target (default 60)
+#   TPA_JOBS=<n>             parallel builds (default 2)
 #   TPA_FUZZ_TIMEOUT=<s>     per-input timeout (default 10)
 #   TPA_FUZZ_BUILD_DIR=<dir> build, corpus and artifact directory (default build/fuzz)
 #   TPA_FUZZ_CXX=<clang++>   compiler (default clang++, else clang++-14)
@@ -38,8 +41,9 @@ write_seed() {
 }
 
 seed_corpus() {
-  local dir="$1"
+  local dir="$1" t="$2"
   mkdir -p "$dir"
+  [[ "$t" == fuzz_safetensors ]] || return 0
   cp "$repo"/tests/data/*.safetensors "$dir"/ 2>/dev/null || true
   write_seed "$dir/seed_empty" '{}' ''
   write_seed "$dir/seed_mixed" \
@@ -55,21 +59,37 @@ else
   for src in "$repo"/tests/fuzz/*.cpp; do targets+=("$(basename "$src" .cpp)"); done
 fi
 
+# Build every target first, TPA_JOBS at a time; a failed build leaves no executable.
+max_jobs="${TPA_JOBS:-2}"
+build_target() {
+  local t="$1"
+  rm -f "$build/$t"
+  "$cxx" -std=c++17 -g -O1 -fno-omit-frame-pointer \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+    -Wall -Wextra -Wpedantic -Werror \
+    -I"$repo/include" -isystem "$eigen_inc" "$repo/tests/fuzz/$t.cpp" -o "$build/$t" \
+    >"$build/$t.build.log" 2>&1
+}
+for t in "${targets[@]}"; do
+  echo "=== fuzz.sh: build $t"
+  while (($(jobs -rp | wc -l) >= max_jobs)); do wait -n || true; done
+  build_target "$t" &
+done
+wait || true
+
 failed=()
 for t in "${targets[@]}"; do
-  src="$repo/tests/fuzz/$t.cpp"
   exe="$build/$t"
-  echo "=== fuzz.sh: build $t"
-  if ! "$cxx" -std=c++17 -g -O1 -fno-omit-frame-pointer \
-      -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-      -I"$repo/include" -isystem "$eigen_inc" "$src" -o "$exe"; then
+  if [[ ! -x "$exe" ]]; then
+    cat "$build/$t.build.log" >&2
+    echo "=== fuzz.sh: $t: build FAILED" >&2
     failed+=("$t (build)")
     continue
   fi
 
   corpus="$build/corpus/$t"
   artifacts="$build/artifacts/$t"
-  seed_corpus "$corpus"
+  seed_corpus "$corpus" "$t"
   mkdir -p "$artifacts"
   echo "=== fuzz.sh: run $t for ${seconds}s (corpus $corpus)"
   if UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}" \
