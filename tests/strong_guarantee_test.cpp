@@ -27,9 +27,10 @@
 //   SafetensorsFile::open / from_bytes / reads             safetensors_test (immutable object)
 //   grouped_attention / tpa_attention param checks          kernels tests (no state: outputs only)
 //
-// std::bad_alloc is injected by replacing the global operator new (the cache's blocks and every
-// std container allocate through it): the n-th allocation of a call throws, for n = 0, 1, …
-// until the call succeeds.
+// std::bad_alloc is injected by replacing the global operator new (the cache's blocks, the
+// context's scratch chunks and every std container allocate through it): the n-th allocation of
+// a call throws, for n = 0, 1, … until the call succeeds. Layer calls are swept with the scratch
+// made to grow at every point of the call (before, between and after its appends).
 
 #include <atomic>
 #include <cmath>
@@ -508,7 +509,7 @@ TEST(LayerFaults, OutOfMemoryChangesNothing) {
   for (const AnyLayer& l : kinds()) {
     g_fault_layer = &l;
     SCOPED_TRACE(l.name);
-    for (g_scratch_left = 0; g_scratch_left <= 6144; g_scratch_left += 128) {
+    for (g_scratch_left = 0; g_scratch_left <= 6144; g_scratch_left += 256) {
       SCOPED_TRACE("scratch left " + std::to_string(g_scratch_left));
       EXPECT_GE(fault_sweep<FaultFixture>("prefill", [](LayerFixture& f) { fwd(f, 9, f.c); }),
                 3);
