@@ -2,6 +2,7 @@
 // and the strong guarantee of every throwing call.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -156,6 +157,31 @@ TEST(KVCache, InvalidConstructionThrows) {
   EXPECT_THROW(KVCache<float>({}, 4, 4), tpa::Error);
   EXPECT_THROW(KVCache<float>({kv_layout(1, 4)}, 0, 4), tpa::Error);
   EXPECT_THROW(KVCache<float>({kv_layout(1, 4)}, 4, 0), tpa::Error);
+  // Sizes whose element counts would overflow (found by fuzz_config).
+  constexpr Index kMax = std::numeric_limits<Index>::max();
+  EXPECT_THROW(CacheLayout("T", {{"K", kMax, 2, false}}), tpa::Error);
+  EXPECT_THROW(CacheLayout("T", {{"K", Index(1) << 40, 1, false}, {"V", Index(1) << 57, 1, false}}),
+               tpa::Error);
+  EXPECT_THROW(KVCache<float>({kv_layout(1, 4)}, kMax, 4), tpa::Error);
+}
+
+TEST(KVCache, BadAppendArgumentsThrowAndChangeNothing) {
+  KVCache<float> c({kv_layout(1, 4), kv_layout(1, 4)}, 4, 3);
+  const auto a = c.add_sequence();
+  append(c, a, 0, 3);
+  std::vector<float> src(64, 1.f);
+  const FactorRows rows[2] = {{src.data(), 4}, {src.data(), 4}};
+  // A negative count, an unknown layer, a count whose length would overflow (found by
+  // fuzz_cache_ops and fuzz_config).
+  EXPECT_THROW(c.append(a, 0, -1, rows), tpa::Error);
+  EXPECT_THROW(c.append(a, -1, 1, rows), tpa::Error);
+  EXPECT_THROW(c.append(a, 2, 1, rows), tpa::Error);
+  EXPECT_THROW(c.append(a, 0, std::numeric_limits<Index>::max(), rows), tpa::Error);
+  EXPECT_THROW(c.reserve_tokens(a, std::numeric_limits<Index>::max()), tpa::Error);
+  EXPECT_EQ(c.length(a, 0), 3);
+  EXPECT_EQ(c.length(a, 1), 0);
+  EXPECT_EQ(c.block_table(a).size(), 1u);
+  expect_contents(c, a, 0);
 }
 
 TEST(KVCache, ReserveBlocksAllocatesUpFront) {

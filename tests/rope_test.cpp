@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "test_util.hpp"
@@ -142,6 +143,21 @@ TEST(Rope, PositionsPastTheTableThrow) {
   EXPECT_NO_THROW(t.check_positions("test", 60, 4));
   EXPECT_THROW(t.check_positions("test", 60, 5), tpa::Error);
   EXPECT_THROW(t.check_positions("test", 64, 1), tpa::Error);
+  // Extreme values throw (no first + count overflow: found by fuzz_config).
+  constexpr tpa::Index kMax = std::numeric_limits<tpa::Index>::max();
+  constexpr tpa::Index kMin = std::numeric_limits<tpa::Index>::min();
+  EXPECT_THROW(t.check_positions("test", kMax, kMax), tpa::Error);
+  EXPECT_THROW(t.check_positions("test", 1, kMax), tpa::Error);
+  EXPECT_THROW(t.check_positions("test", kMin, kMin), tpa::Error);
+  EXPECT_THROW(t.check_positions("test", 0, -1), tpa::Error);
+  EXPECT_NO_THROW(t.check_positions("test", 64, 0));
+}
+
+TEST(Rope, UnknownStyleThrows) {
+  RopeConfig c;
+  c.style = static_cast<RopeStyle>(3);
+  EXPECT_THROW(c.validate("test", 8), tpa::Error);
+  EXPECT_THROW(RopeTable(c, 8), tpa::Error);
 }
 
 }  // namespace
