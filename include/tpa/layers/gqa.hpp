@@ -25,7 +25,9 @@ namespace tpa {
 ///
 /// All calls take x [tokens, d_model] and write y [tokens, d_model]. A call that throws
 /// (tpa::Error, or std::bad_alloc) leaves the layer and the cache unchanged. A layer is immutable
-/// after construction and may be shared between threads, each with its own Context.
+/// after construction and may be shared between threads, each with its own Context; calls on
+/// one cache from several threads follow KVCache's rules (distinct sequences, room reserved
+/// with reserve_tokens; README, "Thread safety").
 /// NaN/Inf in x are not checked for: they reach only the outputs and cache entries of the
 /// sequence whose rows hold them, from that token on (never another sequence of the call or the
 /// cache, nor that sequence's earlier tokens); nothing throws (README, "Errors, NaN and Inf").

@@ -110,7 +110,8 @@ class ScratchGuard {
 };
 
 /// \brief What a layer call runs with: a thread pool and a scratch arena. Owned by the caller
-/// and passed to every call. Not thread-safe: one Context per calling thread.
+/// and passed to every call. Not thread-safe: one calling thread at a time, so each thread that
+/// calls layers needs its own Context (the pool's threads work only inside that thread's calls).
 class Context {
  public:
   /// \param threads worker threads a call may use, including the calling thread (≥ 1).
