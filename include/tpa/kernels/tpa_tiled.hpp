@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -67,7 +68,11 @@ namespace detail {
 ///     from the cache (or widened once per tile for 16-bit storage / d not a multiple of W):
 ///     a register-blocked kPvRows × kPvCols product, B_V column blocks outer so they stay in L1.
 /// Everything accumulates in f32. While a tile computes, the next tile's factors are prefetched
-/// into L2 a few lines per micro-kernel call (RowPrefetch).
+/// into L2 a few lines per micro-kernel call (RowPrefetch). A software prefetch that misses the
+/// second-level TLB is dropped, so on 4 KiB pages (KVCache blocks under 2 MiB) most of a tile's
+/// prefetches would be lost: the first line of each page of the tile after next is prefetched
+/// when a tile starts and loaded once it is done (touch_pages), so its pages are in the TLB
+/// before their prefetches run; on 2 MiB pages that load hits the line prefetched a tile earlier.
 ///
 /// Roofline of one decode step (one query, L cached tokens, storage scalar of b bytes):
 ///   bytes  = L·(R_K + R_V)·(H + d)·b   (each factor element read once, for all heads)
@@ -257,7 +262,11 @@ class TpaTiled {
       const Index i_first = std::max(ib, t - p.q_pos0);
       TilePrefetch next;  // the next tile's factors, fetched while this one computes
       if (t + n < key_end) next.add(p, sh, (t + n) / bt, (t + n) % bt, tile_len(t + n));
+      Index t2 = t + n;  // the tile after next: its pages enter the TLB while this one computes
+      if (t2 < key_end) t2 += tile_len(t2);
+      if (t2 < key_end) touch_pages<false>(p, sh, t2 / bt, t2 % bt, tile_len(t2));
       tile(p, sh, b, blk, off, t, n, ib, ie, i_first, next);
+      if (t2 < key_end) touch_pages<true>(p, sh, t2 / bt, t2 % bt, tile_len(t2));
       t += n;
     }
 
@@ -278,6 +287,35 @@ class TpaTiled {
           for (Index j = 0; j < d; ++j) o[j] = a[j] * v_scale;
         }
       }
+  }
+
+  // The first byte of each 4 KiB page that a tile's factors (tokens [off, off + n) of block blk)
+  // cover, from the first byte of each factor range: prefetched (kLoad false) or loaded, which
+  // makes the page's translation cached (a load walks the page table; a prefetch that misses
+  // the TLB may be dropped). Reads nothing outside the tile.
+  template <bool kLoad>
+  static void touch_pages(const P& p, const Shape& sh, Index blk, Index off, Index n) {
+    const Index e[4] = {sh.H * sh.RK, sh.RK * sh.d, sh.H * sh.RV, sh.RV * sh.d};
+    const std::size_t f[4] = {p.a_k_factor, p.b_k_factor, p.a_v_factor, p.b_v_factor};
+    for (int i = 0; i < 4; ++i) {
+      const S* first = p.kv.factor(f[i], blk) + off * e[i];
+      auto a = reinterpret_cast<std::uintptr_t>(first);
+      const std::uintptr_t end = a + static_cast<std::uintptr_t>(n * e[i]) * sizeof(S);
+      for (; a < end; a = (a + 4096) & ~std::uintptr_t{4095}) {
+        const char* byte = reinterpret_cast<const char*>(a);
+        if constexpr (kLoad) {
+#if defined(__GNUC__)
+          asm volatile("" ::"r"(*reinterpret_cast<const volatile char*>(byte)));
+#else
+          (void)*reinterpret_cast<const volatile char*>(byte);
+#endif
+        } else {
+#if defined(__GNUC__)
+          __builtin_prefetch(byte, 0, 2);
+#endif
+        }
+      }
+    }
   }
 
   // Tokens [t0, t0 + n) (inside block blk, from offset off) for the pass of queries [ib, ie),
