@@ -14,20 +14,10 @@
 #include "tpa/kernels/grouped_tiled.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/softmax.hpp"
+#include "tpa/kernels/split.hpp"
 #include "tpa/runtime/context.hpp"
 
 namespace tpa {
-
-/// How tpa::grouped_attention spreads its work. The defaults suit decode and prefill; tests use
-/// the fields to force a split.
-struct GroupedSplit {
-  /// At most this many workers (pieces of work; more than ctx.threads() is allowed: a thread
-  /// then runs several); 0 = ctx.threads().
-  int max_workers = 0;
-  /// Multiply-adds each worker must get (fewer workers are used for less work, because waking a
-  /// thread costs microseconds); 0 = always use max_workers.
-  double min_work_per_worker = 2.0e6;
-};
 
 namespace detail {
 
@@ -121,51 +111,17 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
         }
       }
     }
-    const double total = cum[n_items];
-    // Scratch below is sized for max_w workers whatever the actual count, so that its size does
-    // not depend on the sequence lengths (a steady decode never grows the arena).
-    const Index max_w = split.max_workers > 0 ? split.max_workers : ctx.threads();
-    Index workers = max_w;
-    if (split.min_work_per_worker > 0)
-      workers = std::max<Index>(
-          1, std::min<Index>(workers, static_cast<Index>(total / split.min_work_per_worker)));
-
-    // Size of an item along its cut dimension: keys (decode) or queries (prefill).
-    auto item_size = [&](Index it) {
+    const detail::WorkerCount wc = detail::worker_count(split, ctx.threads(), cum[n_items]);
+    const Index max_w = wc.max_w, workers = wc.used;
+    // An item's queries and multiply-adds per (query, key) pair, for the cuts.
+    auto item_of = [&](Index it) {
       const auto& p = calls[item_call[it]];
-      return p.n_q == 1 ? p.q_pos0 + 1 : p.n_q;
+      return detail::CutItem{
+          p.n_q, p.q_pos0,
+          static_cast<double>(item_heads(p) * p.group_size() * (p.d_qk() + p.d_v))};
     };
-    // Cut w of the line as (item, position inside it), normalised so position < item_size.
-    struct Cut {
-      Index item, pos;
-    };
-    auto* cuts = static_cast<Cut*>(scratch.bytes(sizeof(Cut) * (max_w + 1)));
-    cuts[0] = Cut{0, 0};
-    cuts[workers] = Cut{n_items, 0};
-    for (Index w = 1; w < workers; ++w) {
-      const double x = total * static_cast<double>(w) / static_cast<double>(workers);
-      Index it = static_cast<Index>(std::upper_bound(cum, cum + n_items + 1, x) - cum) - 1;
-      it = std::min(std::max<Index>(it, 0), n_items - 1);
-      const auto& p = calls[item_call[it]];
-      const double per_row_key =
-          static_cast<double>(item_heads(p) * p.group_size() * (p.d_qk() + p.d_v));
-      const double off = (x - cum[it]) / per_row_key;  // rows·keys into the item
-      Index pos;
-      if (p.n_q == 1) {
-        constexpr Index kAlign = 16;  // keep key pieces tile-aligned
-        pos = static_cast<Index>(std::llround(off / kAlign)) * kAlign;
-      } else {
-        // First query boundary whose prefix Σ_{i'<i} (q_pos0 + i' + 1) reaches off.
-        double acc = 0;
-        pos = 0;
-        while (pos < p.n_q && acc < off) acc += static_cast<double>(p.q_pos0 + ++pos);
-      }
-      pos = std::min(std::max<Index>(pos, 0), item_size(it));
-      cuts[w] = pos == item_size(it) ? Cut{it + 1, 0} : Cut{it, pos};
-      if (cuts[w].item < cuts[w - 1].item ||
-          (cuts[w].item == cuts[w - 1].item && cuts[w].pos < cuts[w - 1].pos))
-        cuts[w] = cuts[w - 1];
-    }
+    auto* cuts = static_cast<detail::LineCut*>(scratch.bytes(sizeof(detail::LineCut) * (max_w + 1)));
+    detail::cut_line(cum, n_items, workers, 16, item_of, cuts);  // key pieces tile-aligned
 
     // Units of each worker, in line order.
     // A worker's units: one run of whole KV heads per call it touches, plus a cut piece at
@@ -177,13 +133,13 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
     Index n_units = 0, n_slots = 0;
     for (Index w = 0; w < workers; ++w) {
       first_unit[w] = n_units;
-      Cut at = cuts[w];
-      const Cut end = cuts[w + 1];
-      while (at.item < end.item || (at.item == end.item && at.pos < end.pos)) {
+      detail::LineCut at = cuts[w];
+      const detail::LineCut end = cuts[w + 1];
+      while (at.before(end)) {
         const Index it = at.item, c = item_call[it], g = item_g[it];
         const auto& p = calls[c];
         const Index g_end = g + item_heads(p);
-        const Index size = item_size(it);
+        const Index size = item_of(it).size();
         const Index stop = it == end.item ? end.pos : size;
         detail::GroupedUnit u;
         u.call = c;
@@ -204,7 +160,7 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
           u.part = GroupedPart{g, g + 1, at.pos, stop, 0, p.q_pos0 + stop};
           units[n_units++] = u;
         }
-        at = Cut{it + 1, 0};
+        at = detail::LineCut{it + 1, 0};
       }
     }
     first_unit[workers] = n_units;
@@ -219,15 +175,9 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       if (p.n_q == 1) state_rows = std::max(state_rows, p.n_heads);
       state_dim = std::max(state_dim, p.d_v);
     }
-    auto* slots = static_cast<GroupedStates*>(scratch.bytes(sizeof(GroupedStates) * 2 * max_w));
-    for (Index i = 0; i < 2 * max_w; ++i) {
-      slots[i].m = scratch.floats(state_rows);
-      slots[i].l = scratch.floats(state_rows);
-      slots[i].acc = scratch.floats(state_rows * state_dim);
-      slots[i].acc_stride = state_dim;
-    }
-    auto* ws = static_cast<float**>(scratch.bytes(sizeof(float*) * max_w));
-    for (Index w = 0; w < max_w; ++w) ws[w] = scratch.floats(ws_floats);
+    GroupedStates* slots = nullptr;
+    float** ws = nullptr;
+    detail::take_split_buffers(scratch, max_w, state_rows, state_dim, ws_floats, &slots, &ws);
 
     ctx.parallel_for(workers, [=](Index w) {
       for (Index u = first_unit[w]; u < first_unit[w + 1]; ++u) {
@@ -246,28 +196,12 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       const detail::GroupedUnit& first = units[u];
       const auto& p = calls[first.call];
       const Index g = first.part.g0, rows = (first.part.g1 - g) * p.group_size();
-      const GroupedStates& a = slots[first.slot];
       Index v = u + 1;
       while (v < n_units && units[v].slot >= 0 && units[v].call == first.call &&
              units[v].part.g0 == g)
         ++v;
-      for (Index r = 0; r < rows; ++r) {
-        SoftmaxState sa;
-        sa.m = a.m[r];
-        sa.l = a.l[r];
-        sa.acc = a.acc + r * a.acc_stride;
-        sa.dim = p.d_v;
-        for (Index x = u + 1; x < v; ++x) {
-          const GroupedStates& b = slots[units[x].slot];
-          SoftmaxState sb;
-          sb.m = b.m[r];
-          sb.l = b.l[r];
-          sb.acc = b.acc + r * b.acc_stride;
-          sb.dim = p.d_v;
-          sa.merge(sb);
-        }
-        sa.normalize(p.o + (g * p.group_size() + r) * p.d_v);
-      }
+      detail::merge_pieces(slots + first.slot, v - u, rows, p.d_v,
+                           p.o + g * p.group_size() * p.d_v);
       u = v;
     }
   }

@@ -13,6 +13,7 @@
 #include "tpa/kernels/grouped_decode.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/softmax.hpp"
+#include "tpa/kernels/split.hpp"
 #include "tpa/kernels/tpa_tiled.hpp"
 #include "tpa/runtime/context.hpp"
 
@@ -89,50 +90,14 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
                            0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
       cum[c + 1] = cum[c] + pairs * detail::tpa_pair_cost(p);
     }
-    const double total = cum[n_calls];
-    if (total == 0) return;
-    // Scratch below is sized for max_w workers whatever the actual count, so that its size does
-    // not depend on the sequence lengths (a steady decode never grows the arena).
-    const Index max_w = split.max_workers > 0 ? split.max_workers : ctx.threads();
-    Index workers = max_w;
-    if (split.min_work_per_worker > 0)
-      workers = std::max<Index>(
-          1, std::min<Index>(workers, static_cast<Index>(total / split.min_work_per_worker)));
-
-    // Size of a call along its cut dimension: keys (decode) or queries (prefill).
-    auto size_of = [&](Index c) {
-      const auto& p = calls[c];
-      return p.n_q == 1 ? p.q_pos0 + 1 : p.n_q;
+    if (cum[n_calls] == 0) return;
+    const detail::WorkerCount wc = detail::worker_count(split, ctx.threads(), cum[n_calls]);
+    const Index max_w = wc.max_w, workers = wc.used;
+    auto item_of = [&](Index c) {
+      return detail::CutItem{calls[c].n_q, calls[c].q_pos0, detail::tpa_pair_cost(calls[c])};
     };
-    // Cut w of the line as (call, position inside it), normalised so position < size.
-    struct Cut {
-      Index call, pos;
-    };
-    auto* cuts = static_cast<Cut*>(scratch.bytes(sizeof(Cut) * (max_w + 1)));
-    cuts[0] = Cut{0, 0};
-    cuts[workers] = Cut{n_calls, 0};
-    for (Index w = 1; w < workers; ++w) {
-      const double x = total * static_cast<double>(w) / static_cast<double>(workers);
-      Index c = static_cast<Index>(std::upper_bound(cum, cum + n_calls + 1, x) - cum) - 1;
-      c = std::min(std::max<Index>(c, 0), n_calls - 1);
-      const auto& p = calls[c];
-      const double off = (x - cum[c]) / detail::tpa_pair_cost(p);  // (query, key) pairs
-      Index pos;
-      if (p.n_q == 1) {
-        constexpr Index kAlign = 64;  // keep key pieces tile-aligned
-        pos = static_cast<Index>(std::llround(off / kAlign)) * kAlign;
-      } else {
-        // First query boundary whose prefix Σ_{i'<i} (q_pos0 + i' + 1) reaches off.
-        double acc = 0;
-        pos = 0;
-        while (pos < p.n_q && acc < off) acc += static_cast<double>(p.q_pos0 + ++pos);
-      }
-      pos = std::min(std::max<Index>(pos, 0), size_of(c));
-      cuts[w] = pos == size_of(c) ? Cut{c + 1, 0} : Cut{c, pos};
-      if (cuts[w].call < cuts[w - 1].call ||
-          (cuts[w].call == cuts[w - 1].call && cuts[w].pos < cuts[w - 1].pos))
-        cuts[w] = cuts[w - 1];
-    }
+    auto* cuts = static_cast<detail::LineCut*>(scratch.bytes(sizeof(detail::LineCut) * (max_w + 1)));
+    detail::cut_line(cum, n_calls, workers, 64, item_of, cuts);  // key pieces tile-aligned
 
     // A worker's units: the calls inside its segment whole, plus a cut piece at each end.
     const Index max_units = n_calls + 2 * max_w + 2;
@@ -141,13 +106,13 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
     Index n_units = 0, n_slots = 0;
     for (Index w = 0; w < workers; ++w) {
       first_unit[w] = n_units;
-      Cut at = cuts[w];
-      const Cut end = cuts[w + 1];
-      while (at.call < end.call || (at.call == end.call && at.pos < end.pos)) {
-        const Index c = at.call;
+      detail::LineCut at = cuts[w];
+      const detail::LineCut end = cuts[w + 1];
+      while (at.before(end)) {
+        const Index c = at.item;
         const auto& p = calls[c];
-        const Index size = size_of(c);
-        const Index stop = c == end.call ? end.pos : size;
+        const Index size = item_of(c).size();
+        const Index stop = c == end.item ? end.pos : size;
         if (p.n_q > 0) {
           detail::TpaUnit u;
           u.call = c;
@@ -161,7 +126,7 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
           }
           units[n_units++] = u;
         }
-        at = Cut{c + 1, 0};
+        at = detail::LineCut{c + 1, 0};
       }
     }
     first_unit[workers] = n_units;
@@ -176,15 +141,9 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
       state_rows = std::max(state_rows, p.n_heads);
       state_dim = std::max(state_dim, p.head_dim);
     }
-    auto* slots = static_cast<TpaStates*>(scratch.bytes(sizeof(TpaStates) * 2 * max_w));
-    for (Index i = 0; i < 2 * max_w; ++i) {
-      slots[i].m = scratch.floats(state_rows);
-      slots[i].l = scratch.floats(state_rows);
-      slots[i].acc = scratch.floats(state_rows * state_dim);
-      slots[i].acc_stride = state_dim;
-    }
-    auto* ws = static_cast<float**>(scratch.bytes(sizeof(float*) * max_w));
-    for (Index w = 0; w < max_w; ++w) ws[w] = scratch.floats(ws_floats);
+    TpaStates* slots = nullptr;
+    float** ws = nullptr;
+    detail::take_split_buffers(scratch, max_w, state_rows, state_dim, ws_floats, &slots, &ws);
 
     ctx.parallel_for(workers, [=](Index w) {
       for (Index u = first_unit[w]; u < first_unit[w + 1]; ++u) {
@@ -202,26 +161,9 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
       }
       const detail::TpaUnit& first = units[u];
       const auto& p = calls[first.call];
-      const TpaStates& a = slots[first.slot];
       Index v = u + 1;
       while (v < n_units && units[v].slot >= 0 && units[v].call == first.call) ++v;
-      for (Index h = 0; h < p.n_heads; ++h) {
-        SoftmaxState sa;
-        sa.m = a.m[h];
-        sa.l = a.l[h];
-        sa.acc = a.acc + h * a.acc_stride;
-        sa.dim = p.head_dim;
-        for (Index x = u + 1; x < v; ++x) {
-          const TpaStates& b = slots[units[x].slot];
-          SoftmaxState sb;
-          sb.m = b.m[h];
-          sb.l = b.l[h];
-          sb.acc = b.acc + h * b.acc_stride;
-          sb.dim = p.head_dim;
-          sa.merge(sb);
-        }
-        sa.normalize(p.o + h * p.head_dim);
-      }
+      detail::merge_pieces(slots + first.slot, v - u, p.n_heads, p.head_dim, p.o);
       u = v;
     }
   }

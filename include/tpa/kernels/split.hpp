@@ -1,0 +1,128 @@
+// The work-split arithmetic the attention schedulers (grouped_attention, tpa_attention) share:
+// how many workers, where to cut the weighted line of work, and the exact merge of key-split
+// pieces.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "tpa/core/tensor.hpp"
+#include "tpa/kernels/grouped_tiled.hpp"
+#include "tpa/kernels/softmax.hpp"
+#include "tpa/runtime/context.hpp"
+
+namespace tpa {
+
+/// How tpa::grouped_attention and tpa::tpa_attention spread their work. The defaults suit
+/// decode and prefill; tests use the fields to force a split.
+struct GroupedSplit {
+  /// At most this many workers (pieces of work; more than ctx.threads() is allowed: a thread
+  /// then runs several); 0 = ctx.threads().
+  int max_workers = 0;
+  /// Multiply-adds each worker must get (fewer workers are used for less work, because waking a
+  /// thread costs microseconds); 0 = always use max_workers.
+  double min_work_per_worker = 2.0e6;
+};
+
+namespace detail {
+
+/// Workers for `total` multiply-adds: `max_w` (what scratch is sized for, whatever the lengths,
+/// so a steady decode never grows the arena) and `used` ≤ max_w.
+struct WorkerCount {
+  Index max_w = 1, used = 1;
+};
+inline WorkerCount worker_count(const GroupedSplit& split, int threads, double total) {
+  WorkerCount w;
+  w.max_w = split.max_workers > 0 ? split.max_workers : threads;
+  w.used = w.max_w;
+  if (split.min_work_per_worker > 0)
+    w.used = std::max<Index>(
+        1, std::min<Index>(w.used, static_cast<Index>(total / split.min_work_per_worker)));
+  return w;
+}
+
+/// What cut_line needs of one item of the line: its call's queries (n_q at q_pos0 …) and the
+/// multiply-adds of one (query, key) pair of it.
+struct CutItem {
+  Index n_q = 0, q_pos0 = 0;
+  double pair_cost = 1;
+  /// Positions along the cut dimension: keys (decode, n_q = 1) or queries (prefill).
+  Index size() const { return n_q == 1 ? q_pos0 + 1 : n_q; }
+};
+
+/// A cut of the line: item, and position inside it (< the item's size).
+struct LineCut {
+  Index item = 0, pos = 0;
+  bool before(const LineCut& o) const { return item < o.item || (item == o.item && pos < o.pos); }
+};
+
+/// Cuts the line of n_items items (cum[i] = multiply-adds of the items before i, cum[n_items]
+/// the total) into `workers` pieces of about equal cost: cuts[0 … workers], non-decreasing. A
+/// decode item is cut along its keys at multiples of `align` tokens, a prefill item at the query
+/// boundary where the causal prefix of (query, key) pairs reaches the cost. item(i) → CutItem.
+template <class ItemOf>
+void cut_line(const double* cum, Index n_items, Index workers, Index align, const ItemOf& item,
+              LineCut* cuts) {
+  const double total = cum[n_items];
+  cuts[0] = LineCut{0, 0};
+  cuts[workers] = LineCut{n_items, 0};
+  for (Index w = 1; w < workers; ++w) {
+    const double x = total * static_cast<double>(w) / static_cast<double>(workers);
+    Index it = static_cast<Index>(std::upper_bound(cum, cum + n_items + 1, x) - cum) - 1;
+    it = std::min(std::max<Index>(it, 0), n_items - 1);
+    const CutItem c = item(it);
+    const double off = (x - cum[it]) / c.pair_cost;  // (query, key) pairs into the item
+    Index pos;
+    if (c.n_q == 1) {
+      pos = static_cast<Index>(std::llround(off / static_cast<double>(align))) * align;
+    } else {
+      // First query boundary whose prefix Σ_{i'<i} (q_pos0 + i' + 1) reaches off.
+      double acc = 0;
+      pos = 0;
+      while (pos < c.n_q && acc < off) acc += static_cast<double>(c.q_pos0 + ++pos);
+    }
+    pos = std::min(std::max<Index>(pos, 0), c.size());
+    cuts[w] = pos == c.size() ? LineCut{it + 1, 0} : LineCut{it, pos};
+    if (cuts[w].before(cuts[w - 1])) cuts[w] = cuts[w - 1];
+  }
+}
+
+/// Merges the partial states of the `pieces` key-split pieces slots[0 … pieces) of one query
+/// (in key order; `rows` rows of `dim`) exactly, and writes row r normalised to out + r·dim.
+inline void merge_pieces(const GroupedStates* slots, Index pieces, Index rows, Index dim,
+                         float* out) {
+  for (Index r = 0; r < rows; ++r) {
+    SoftmaxState sa;
+    sa.m = slots[0].m[r];
+    sa.l = slots[0].l[r];
+    sa.acc = slots[0].acc + r * slots[0].acc_stride;
+    sa.dim = dim;
+    for (Index x = 1; x < pieces; ++x) {
+      SoftmaxState sb;
+      sb.m = slots[x].m[r];
+      sb.l = slots[x].l[r];
+      sb.acc = slots[x].acc + r * slots[x].acc_stride;
+      sb.dim = dim;
+      sa.merge(sb);
+    }
+    sa.normalize(out + r * dim);
+  }
+}
+
+/// 2·max_w slots of partial states (m, l: `rows`; acc: rows × dim) and max_w workspaces of
+/// ws_floats, from `scratch`.
+inline void take_split_buffers(Scratch& scratch, Index max_w, Index rows, Index dim,
+                               Index ws_floats, GroupedStates** slots, float*** ws) {
+  *slots = static_cast<GroupedStates*>(scratch.bytes(sizeof(GroupedStates) * 2 * max_w));
+  for (Index i = 0; i < 2 * max_w; ++i) {
+    (*slots)[i].m = scratch.floats(rows);
+    (*slots)[i].l = scratch.floats(rows);
+    (*slots)[i].acc = scratch.floats(rows * dim);
+    (*slots)[i].acc_stride = dim;
+  }
+  *ws = static_cast<float**>(scratch.bytes(sizeof(float*) * max_w));
+  for (Index w = 0; w < max_w; ++w) (*ws)[w] = scratch.floats(ws_floats);
+}
+
+}  // namespace detail
+}  // namespace tpa
