@@ -43,7 +43,10 @@
 // Decode caches are filled by appending random factor rows straight into the KVCache (no
 // prefill compute); each step then appends one token per sequence, and once a sequence has
 // grown by ctx/32 tokens (at least 16) it is refilled outside the timed region, so the measured
-// context is L … L + L/32. Cases whose cache would exceed TPA_BENCH_MAX_GIB (default 6) GiB are
+// context is L … L + L/32. Before every timed step (and every step of fixed_us) the
+// last-level cache is evicted, outside the timed region (LlcEvictor), so that each step reads
+// its weights and cache from memory as one layer of a whole model would. Cases whose cache
+// would exceed TPA_BENCH_MAX_GIB (default 6) GiB are
 // not registered (listed on stderr).
 #include <algorithm>
 #include <chrono>
@@ -322,8 +325,12 @@ void decode_eigen(benchmark::State& state, DecodeCase c) {
       fixture<EigenDecode>(fkey, [&] { return std::make_unique<EigenDecode>(l, c.ctx, c.batch); });
   tpa::Context ctx(c.threads);
   f.step(ctx);  // warm-up
+  LlcEvictor& evict = LlcEvictor::get();
   StepTimer timer;
   for (auto _ : state) {
+    state.PauseTiming();
+    evict();
+    state.ResumeTiming();
     timer.start();
     f.step(ctx);
     timer.stop();
@@ -362,6 +369,7 @@ double fixed_step_seconds(const AnyLayer& l, const DecodeCase& c, tpa::Context& 
   std::vector<double> times;
   for (int i = 0; i < 18; ++i) {
     for (auto& s : seqs) s = cache.add_sequence();
+    LlcEvictor::get()();
     const auto t0 = std::chrono::steady_clock::now();
     l.decode(ctx, x, y, cache, seqs);
     const auto t1 = std::chrono::steady_clock::now();
@@ -382,13 +390,13 @@ void decode(benchmark::State& state, DecodeCase c) {
   tpa::Context ctx(c.threads);
   if (f.full()) f.refill();
   f.step(ctx);  // warm-up (scratch arena, thread pool)
+  LlcEvictor& evict = LlcEvictor::get();
   StepTimer timer;
   for (auto _ : state) {
-    if (f.full()) {
-      state.PauseTiming();
-      f.refill();
-      state.ResumeTiming();
-    }
+    state.PauseTiming();
+    if (f.full()) f.refill();
+    evict();
+    state.ResumeTiming();
     timer.start();
     f.step(ctx);
     timer.stop();
