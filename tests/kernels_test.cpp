@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "test_util.hpp"
 #include "tpa/backend/backends.hpp"
 #include "tpa/cache/kv_cache.hpp"
 #include "tpa/kernels/grouped_decode.hpp"
@@ -37,7 +38,9 @@
 namespace tpa {
 namespace {
 
-constexpr double kU = 1.0 / (1 << 24);
+using tpa_test::BackendName;
+using tpa_test::Backends;
+using tpa_test::kU;
 
 // ---- SoftmaxState ------------------------------------------------------------------------------
 
@@ -148,23 +151,6 @@ struct OpsOf<Avx512> {
 
 template <class B>
 class BackendOps : public ::testing::Test {};
-
-using Backends = ::testing::Types<Portable
-#if defined(TPA_HAVE_AVX2)
-                                  ,
-                                  Avx2
-#endif
-#if defined(TPA_HAVE_AVX512)
-                                  ,
-                                  Avx512
-#endif
-                                  >;
-struct BackendName {
-  template <class B>
-  static std::string GetName(int) {
-    return B::name;
-  }
-};
 TYPED_TEST_SUITE(BackendOps, Backends, BackendName);
 
 // exp on its contract: ≤ 2 ulp against the double exp on [−87.3, 0] (the softmax's domain),
@@ -278,19 +264,7 @@ struct Problem {
     seq = cache->add_sequence();
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd;
-    std::vector<std::vector<float>> data(f.size());
-    for (std::size_t i = 0; i < f.size(); ++i) {
-      data[i].resize(static_cast<std::size_t>(n_tokens * f[i].elements()));
-      for (auto& x : data[i]) x = nd(rng);
-    }
-    for (Index t = 0; t < n_tokens;) {
-      const Index n = std::min<Index>(n_tokens - t, 1 + (t * 7 + 5) % 23);
-      std::vector<FactorRows> rows;
-      for (std::size_t i = 0; i < f.size(); ++i)
-        rows.push_back({data[i].data() + t * f[i].elements(), f[i].elements()});
-      cache->append(seq, 0, n, rows.data());
-      t += n;
-    }
+    tpa_test::append_random_tokens(*cache, seq, f, n_tokens, [&] { return nd(rng); });
     const Index d_qk = sh.d_k0 + sh.d_k1;
     q.resize(static_cast<std::size_t>(n_q * sh.n_heads * d_qk));
     for (auto& x : q) x = nd(rng);
@@ -375,26 +349,15 @@ struct Problem {
   }
 
   // max_k |o_k − o_ref,k| / tol_k: ≤ 1 passes (∞ on NaN).
-  double error(const std::vector<float>& o) const {
-    double e = 0;
-    for (std::size_t k = 0; k < o.size(); ++k) {
-      const double d = std::abs(static_cast<double>(o[k]) - o_ref[k]);
-      if (!(d == d)) return std::numeric_limits<double>::infinity();
-      e = std::max(e, d / tol[k]);
-    }
-    return e;
-  }
+  double error(const std::vector<float>& o) const { return tpa_test::tol_ratio(o, o_ref, tol); }
 };
 
 template <class B, class S>
 std::vector<float> run(const Problem<S>& pr, int threads, int workers) {
   std::vector<float> o(pr.o_ref.size(), std::numeric_limits<float>::quiet_NaN());
   Context ctx(threads);
-  GroupedSplit split;
-  split.max_workers = workers;
-  split.min_work_per_worker = 0;  // split even these small problems
   const auto p = pr.params(o.data());
-  grouped_attention<B>(ctx, &p, 1, split);
+  grouped_attention<B>(ctx, &p, 1, tpa_test::forced_split(workers));
   return o;
 }
 
@@ -468,10 +431,8 @@ TYPED_TEST(GroupedKernel, SplitKEqualsUnsplit) {
     for (int workers : {2, 3, 7}) {
       for (int threads : {1, 2}) {
         const std::vector<float> o = run<B>(pr, threads, workers);
-        double diff = 0;
-        for (std::size_t k = 0; k < o.size(); ++k)
-          diff = std::max(diff, std::abs(static_cast<double>(o[k]) - whole[k]) / pr.tol[k]);
-        EXPECT_LE(diff, 1.0) << workers << " pieces, " << threads << " threads";
+        EXPECT_LE(tpa_test::tol_ratio(o, whole, pr.tol), 1.0)
+            << workers << " pieces, " << threads << " threads";
         EXPECT_LE(pr.error(o), 1.0) << workers << " pieces, " << threads << " threads";
       }
     }
@@ -494,10 +455,8 @@ TYPED_TEST(GroupedKernel, BatchOfSequences) {
     for (auto& pr : prs) outs.emplace_back(pr->o_ref.size());
     for (std::size_t i = 0; i < prs.size(); ++i) calls.push_back(prs[i]->params(outs[i].data()));
     Context ctx(2);
-    GroupedSplit split;
-    split.max_workers = workers;
-    split.min_work_per_worker = 0;
-    grouped_attention<B>(ctx, calls.data(), static_cast<Index>(calls.size()), split);
+    grouped_attention<B>(ctx, calls.data(), static_cast<Index>(calls.size()),
+                         tpa_test::forced_split(workers));
     for (std::size_t i = 0; i < prs.size(); ++i)
       EXPECT_LE(prs[i]->error(outs[i]), 1.0) << "sequence " << i << ", " << workers;
   }
@@ -548,15 +507,7 @@ TEST(GroupedKernel, RejectsInconsistentCalls) {
   EXPECT_TRUE(std::all_of(o.begin(), o.end(), [](float x) { return x == 0.f; }));
 }
 
-TEST(GroupedKernel, CompiledBackends) {
-#if !defined(TPA_HAVE_AVX2)
-  GTEST_SKIP() << "Avx2 backend not compiled: the compiler flags do not enable AVX2 and FMA";
-#elif !defined(TPA_HAVE_AVX512)
-  GTEST_SKIP() << "Avx512 backend not compiled: the compiler flags do not enable AVX-512F/BW/VL";
-#else
-  SUCCEED() << "Portable, Avx2 and Avx512 are all tested";
-#endif
-}
+TEST(GroupedKernel, CompiledBackends) { tpa_test::check_compiled_backends(); }
 
 }  // namespace
 }  // namespace tpa

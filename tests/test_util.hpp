@@ -1,5 +1,6 @@
-// Helpers shared by the tests: random inputs, error measures, and snapshots of a cache's state
-// for checking that a throwing call changed nothing.
+// Helpers shared by the tests: random inputs, error measures, snapshots of a cache's state for
+// checking that a throwing call changed nothing, and the backend list and helpers of the kernel
+// tests.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -7,9 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
+#include <tpa/kernels/split.hpp>
 #include <tpa/tpa.hpp>
 
 namespace tpa_test {
@@ -96,6 +100,85 @@ inline void rope_ref(double* v, Index r, Index p, tpa::RopeStyle style, double b
     v[ia] = a * std::cos(phi) - b * std::sin(phi);
     v[ib] = a * std::sin(phi) + b * std::cos(phi);
   }
+}
+
+// ---- kernel tests ------------------------------------------------------------------------------
+
+/// Unit roundoff of f32 (2⁻²⁴), the u of the kernel tests' error bounds.
+constexpr double kU = 1.0 / (1 << 24);
+
+/// Every backend compiled in (Reference aside, which the kernel tests compare against).
+using Backends = ::testing::Types<tpa::Portable
+#if defined(TPA_HAVE_AVX2)
+                                  ,
+                                  tpa::Avx2
+#endif
+#if defined(TPA_HAVE_AVX512)
+                                  ,
+                                  tpa::Avx512
+#endif
+                                  >;
+/// Names the typed tests after the backend.
+struct BackendName {
+  template <class B>
+  static std::string GetName(int) {
+    return B::name;
+  }
+};
+
+/// The body of a kernel suite's CompiledBackends test: skips, naming the missing backend, unless
+/// every SIMD backend is compiled (so a run on a machine or with flags lacking one says so).
+inline void check_compiled_backends() {
+#if !defined(TPA_HAVE_AVX2)
+  GTEST_SKIP() << "Avx2 backend not compiled: the compiler flags do not enable AVX2 and FMA";
+#elif !defined(TPA_HAVE_AVX512)
+  GTEST_SKIP() << "Avx512 backend not compiled: the compiler flags do not enable AVX-512F/BW/VL";
+#else
+  SUCCEED() << "Portable, Avx2 and Avx512 are all tested";
+#endif
+}
+
+/// Appends n_tokens tokens to layer 0 of `seq`: for each factor of `f` in turn, n_tokens rows of
+/// values from draw(); appended in uneven chunks of 1–23 tokens, so blocks fill across calls and
+/// the last one is partial.
+template <class S, class Draw>
+void append_random_tokens(tpa::KVCache<S>& cache, tpa::SeqId seq,
+                          const std::vector<tpa::FactorSpec>& f, Index n_tokens, Draw&& draw) {
+  std::vector<std::vector<float>> data(f.size());
+  for (std::size_t i = 0; i < f.size(); ++i) {
+    data[i].resize(static_cast<std::size_t>(n_tokens * f[i].elements()));
+    for (auto& x : data[i]) x = draw();
+  }
+  for (Index t = 0; t < n_tokens;) {
+    const Index n = std::min<Index>(n_tokens - t, 1 + (t * 7 + 5) % 23);
+    std::vector<tpa::FactorRows> rows;
+    for (std::size_t i = 0; i < f.size(); ++i)
+      rows.push_back({data[i].data() + t * f[i].elements(), f[i].elements()});
+    cache.append(seq, 0, n, rows.data());
+    t += n;
+  }
+}
+
+/// max_k |o_k − ref_k| / tol_k over the elements of `o` (ref and tol at least as long): ≤ 1 is
+/// within tolerance; ∞ on NaN.
+template <class Ref>
+double tol_ratio(const std::vector<float>& o, const Ref& ref, const std::vector<double>& tol) {
+  double e = 0;
+  for (std::size_t k = 0; k < o.size(); ++k) {
+    const double d = std::abs(static_cast<double>(o[k]) - static_cast<double>(ref[k]));
+    if (!(d == d)) return std::numeric_limits<double>::infinity();
+    e = std::max(e, d / tol[k]);
+  }
+  return e;
+}
+
+/// A split into exactly `workers` pieces, however small the work (the kernel tests force splits
+/// of small problems).
+inline tpa::GroupedSplit forced_split(int workers) {
+  tpa::GroupedSplit split;
+  split.max_workers = workers;
+  split.min_work_per_worker = 0;
+  return split;
 }
 
 }  // namespace tpa_test
