@@ -30,12 +30,7 @@ struct HasGroupedPart<
         std::declval<const GroupedAttentionParams<S>&>(), std::declval<const GroupedPart&>(),
         std::declval<float*>(), std::declval<const GroupedStates*>()))>> : std::true_type {};
 
-/// One worker's piece of one call; `slot` ≥ 0: a key-split piece whose states go to slot.
-struct GroupedUnit {
-  Index call = 0;
-  GroupedPart part;
-  Index slot = -1;
-};
+using GroupedUnit = SplitUnit<GroupedPart>;
 
 template <class S>
 void check_grouped_call(const GroupedAttentionParams<S>& p, Index c) {
@@ -133,17 +128,13 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
     Index n_units = 0, n_slots = 0;
     for (Index w = 0; w < workers; ++w) {
       first_unit[w] = n_units;
-      detail::LineCut at = cuts[w];
-      const detail::LineCut end = cuts[w + 1];
-      while (at.before(end)) {
-        const Index it = at.item, c = item_call[it], g = item_g[it];
+      detail::for_each_piece(cuts, w, item_of, [&](Index it, Index pos0, Index pos1, bool whole) {
+        const Index c = item_call[it], g = item_g[it];
         const auto& p = calls[c];
         const Index g_end = g + item_heads(p);
-        const Index size = item_of(it).size();
-        const Index stop = it == end.item ? end.pos : size;
         detail::GroupedUnit u;
         u.call = c;
-        if (at.pos == 0 && stop == size) {
+        if (whole) {
           detail::GroupedUnit* prev = n_units > first_unit[w] ? &units[n_units - 1] : nullptr;
           if (prev != nullptr && prev->call == c && prev->slot < 0 && prev->part.g1 == g &&
               prev->part.i0 == 0 && prev->part.i1 == p.n_q && prev->part.k0 == 0) {
@@ -153,15 +144,14 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
             units[n_units++] = u;
           }
         } else if (p.n_q == 1) {
-          u.part = GroupedPart{g, g_end, 0, 1, at.pos, stop};
+          u.part = GroupedPart{g, g_end, 0, 1, pos0, pos1};
           u.slot = n_slots++;
           units[n_units++] = u;
         } else {
-          u.part = GroupedPart{g, g + 1, at.pos, stop, 0, p.q_pos0 + stop};
+          u.part = GroupedPart{g, g + 1, pos0, pos1, 0, p.q_pos0 + pos1};
           units[n_units++] = u;
         }
-        at = detail::LineCut{it + 1, 0};
-      }
+      });
     }
     first_unit[workers] = n_units;
 
@@ -179,31 +169,23 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
     float** ws = nullptr;
     detail::take_split_buffers(scratch, max_w, state_rows, state_dim, ws_floats, &slots, &ws);
 
-    ctx.parallel_for(workers, [=](Index w) {
-      for (Index u = first_unit[w]; u < first_unit[w + 1]; ++u) {
-        const detail::GroupedUnit& un = units[u];
-        K::grouped_attention_part(calls[un.call], un.part, ws[w],
-                                  un.slot >= 0 ? &slots[un.slot] : nullptr);
-      }
-    });
+    detail::run_units(ctx, workers, first_unit, units, ws, slots,
+                      [calls](const detail::GroupedUnit& un, float* w, GroupedStates* st) {
+                        K::grouped_attention_part(calls[un.call], un.part, w, st);
+                      });
 
     // Merge the pieces of each key-split decode call (consecutive units), write its outputs.
-    for (Index u = 0; u < n_units;) {
-      if (units[u].slot < 0) {
-        ++u;
-        continue;
-      }
-      const detail::GroupedUnit& first = units[u];
-      const auto& p = calls[first.call];
-      const Index g = first.part.g0, rows = (first.part.g1 - g) * p.group_size();
-      Index v = u + 1;
-      while (v < n_units && units[v].slot >= 0 && units[v].call == first.call &&
-             units[v].part.g0 == g)
-        ++v;
-      detail::merge_pieces(slots + first.slot, v - u, rows, p.d_v,
-                           p.o + g * p.group_size() * p.d_v);
-      u = v;
-    }
+    detail::for_each_split_run(
+        units, n_units,
+        [](const detail::GroupedUnit& a, const detail::GroupedUnit& b) {
+          return b.call == a.call && b.part.g0 == a.part.g0;
+        },
+        [&](const detail::GroupedUnit& first, Index pieces) {
+          const auto& p = calls[first.call];
+          const Index g = first.part.g0, rows = (first.part.g1 - g) * p.group_size();
+          detail::merge_pieces(slots + first.slot, pieces, rows, p.d_v,
+                               p.o + g * p.group_size() * p.d_v);
+        });
   }
 }
 

@@ -1,6 +1,6 @@
 // The work-split arithmetic the attention schedulers (grouped_attention, tpa_attention) share:
-// how many workers, where to cut the weighted line of work, and the exact merge of key-split
-// pieces.
+// how many workers, where to cut the weighted line of work, the pieces each worker runs, and the
+// exact merge of key-split pieces.
 #pragma once
 
 #include <algorithm>
@@ -84,6 +84,61 @@ void cut_line(const double* cum, Index n_items, Index workers, Index align, cons
     pos = std::min(std::max<Index>(pos, 0), c.size());
     cuts[w] = pos == c.size() ? LineCut{it + 1, 0} : LineCut{it, pos};
     if (cuts[w].before(cuts[w - 1])) cuts[w] = cuts[w - 1];
+  }
+}
+
+/// One worker's piece of one call: `part` (GroupedPart, TpaPart) of calls[call]; `slot` ≥ 0: a
+/// key-split piece whose partial states go to slots[slot].
+template <class Part>
+struct SplitUnit {
+  Index call = 0;
+  Part part;
+  Index slot = -1;
+};
+
+/// Walks worker w's segment [cuts[w], cuts[w + 1]) of the line (cut by cut_line with the same
+/// item(i) → CutItem): piece(it, pos0, pos1, whole) for each item `it` the segment touches, in
+/// line order, where [pos0, pos1) are the item's positions in the segment and `whole` says they
+/// are all of the item's.
+template <class ItemOf, class Piece>
+void for_each_piece(const LineCut* cuts, Index w, const ItemOf& item, const Piece& piece) {
+  LineCut at = cuts[w];
+  const LineCut end = cuts[w + 1];
+  while (at.before(end)) {
+    const Index size = item(at.item).size();
+    const Index stop = at.item == end.item ? end.pos : size;
+    piece(at.item, at.pos, stop, at.pos == 0 && stop == size);
+    at = LineCut{at.item + 1, 0};
+  }
+}
+
+/// Runs `workers` workers on ctx's threads; worker w runs its units units[first_unit[w] …
+/// first_unit[w + 1]) in order through run(unit, ws[w], states), states = &slots[unit.slot] for
+/// a key-split piece, else nullptr.
+template <class Unit, class Run>
+void run_units(Context& ctx, Index workers, const Index* first_unit, const Unit* units,
+               float* const* ws, GroupedStates* slots, const Run& run) {
+  ctx.parallel_for(workers, [&](Index w) {
+    for (Index u = first_unit[w]; u < first_unit[w + 1]; ++u)
+      run(units[u], ws[w], units[u].slot >= 0 ? &slots[units[u].slot] : nullptr);
+  });
+}
+
+/// Calls merge(first, pieces) for each run of consecutive key-split units (slot ≥ 0) among
+/// units[0 … n_units) that same_output(first, unit) joins: the pieces of one output, whose
+/// states are slots first.slot … first.slot + pieces − 1 (consecutive, in key order).
+template <class Unit, class SameOutput, class Merge>
+void for_each_split_run(const Unit* units, Index n_units, const SameOutput& same_output,
+                        const Merge& merge) {
+  for (Index u = 0; u < n_units;) {
+    if (units[u].slot < 0) {
+      ++u;
+      continue;
+    }
+    Index v = u + 1;
+    while (v < n_units && units[v].slot >= 0 && same_output(units[u], units[v])) ++v;
+    merge(units[u], v - u);
+    u = v;
   }
 }
 

@@ -34,12 +34,7 @@ struct HasTpaPart<K, S,
                       std::declval<float*>(), std::declval<const TpaStates*>()))>>
     : std::true_type {};
 
-/// One worker's piece of one call; `slot` ≥ 0: a key-split piece whose states go to slot.
-struct TpaUnit {
-  Index call = 0;
-  TpaPart part;
-  Index slot = -1;
-};
+using TpaUnit = SplitUnit<TpaPart>;
 
 /// Multiply-adds of one (query, key) pair of a TPA call in FlashTPA order: the score side
 /// (factored: R_Q·R_K·d + H·R_K·(R_Q + 1); full query: H·R_K·d) plus the value side H·R_V·d.
@@ -106,28 +101,21 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
     Index n_units = 0, n_slots = 0;
     for (Index w = 0; w < workers; ++w) {
       first_unit[w] = n_units;
-      detail::LineCut at = cuts[w];
-      const detail::LineCut end = cuts[w + 1];
-      while (at.before(end)) {
-        const Index c = at.item;
+      detail::for_each_piece(cuts, w, item_of, [&](Index c, Index pos0, Index pos1, bool whole) {
         const auto& p = calls[c];
-        const Index size = item_of(c).size();
-        const Index stop = c == end.item ? end.pos : size;
-        if (p.n_q > 0) {
-          detail::TpaUnit u;
-          u.call = c;
-          if (at.pos == 0 && stop == size) {
-            u.part = TpaPart::whole(p);
-          } else if (p.n_q == 1) {
-            u.part = TpaPart{0, 1, at.pos, stop};
-            u.slot = n_slots++;
-          } else {
-            u.part = TpaPart{at.pos, stop, 0, p.q_pos0 + stop};
-          }
-          units[n_units++] = u;
+        if (p.n_q == 0) return;
+        detail::TpaUnit u;
+        u.call = c;
+        if (whole) {
+          u.part = TpaPart::whole(p);
+        } else if (p.n_q == 1) {
+          u.part = TpaPart{0, 1, pos0, pos1};
+          u.slot = n_slots++;
+        } else {
+          u.part = TpaPart{pos0, pos1, 0, p.q_pos0 + pos1};
         }
-        at = detail::LineCut{c + 1, 0};
-      }
+        units[n_units++] = u;
+      });
     }
     first_unit[workers] = n_units;
 
@@ -145,27 +133,19 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
     float** ws = nullptr;
     detail::take_split_buffers(scratch, max_w, state_rows, state_dim, ws_floats, &slots, &ws);
 
-    ctx.parallel_for(workers, [=](Index w) {
-      for (Index u = first_unit[w]; u < first_unit[w + 1]; ++u) {
-        const detail::TpaUnit& un = units[u];
-        K::tpa_attention_part(calls[un.call], un.part, ws[w],
-                              un.slot >= 0 ? &slots[un.slot] : nullptr);
-      }
-    });
+    detail::run_units(ctx, workers, first_unit, units, ws, slots,
+                      [calls](const detail::TpaUnit& un, float* w, TpaStates* st) {
+                        K::tpa_attention_part(calls[un.call], un.part, w, st);
+                      });
 
     // Merge the key pieces of each split call (consecutive units) and write its outputs.
-    for (Index u = 0; u < n_units;) {
-      if (units[u].slot < 0) {
-        ++u;
-        continue;
-      }
-      const detail::TpaUnit& first = units[u];
-      const auto& p = calls[first.call];
-      Index v = u + 1;
-      while (v < n_units && units[v].slot >= 0 && units[v].call == first.call) ++v;
-      detail::merge_pieces(slots + first.slot, v - u, p.n_heads, p.head_dim, p.o);
-      u = v;
-    }
+    detail::for_each_split_run(
+        units, n_units,
+        [](const detail::TpaUnit& a, const detail::TpaUnit& b) { return b.call == a.call; },
+        [&](const detail::TpaUnit& first, Index pieces) {
+          const auto& p = calls[first.call];
+          detail::merge_pieces(slots + first.slot, pieces, p.n_heads, p.head_dim, p.o);
+        });
   }
 }
 
