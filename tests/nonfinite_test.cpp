@@ -22,6 +22,7 @@ namespace {
 using tpa::Index;
 using tpa::KVCache;
 using tpa::SeqId;
+using tpa_test::AnyLayer;
 using tpa_test::random_tensor;
 using Tensor2 = tpa::Tensor<float, 2>;
 
@@ -29,33 +30,8 @@ constexpr Index kD = 48;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-struct AnyLayer {
-  std::string name;
-  tpa::CacheLayout layout;
-  std::function<void(tpa::Context&, const Tensor2&, Tensor2&)> forward;
-  std::function<void(tpa::Context&, const Tensor2&, Tensor2&, KVCache<float>&, SeqId)>
-      forward_cached;
-  std::function<void(tpa::Context&, const Tensor2&, Tensor2&, KVCache<float>&,
-                     const std::vector<SeqId>&)>
-      decode;
-};
-
-template <class L>
-AnyLayer wrap(std::string name, std::shared_ptr<const L> l) {
-  AnyLayer a;
-  a.name = std::move(name);
-  a.layout = l->cache_layout();
-  a.forward = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y) { l->forward(ctx, x, y); };
-  a.forward_cached = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y, KVCache<float>& c,
-                         SeqId s) { l->forward(ctx, x, y, c, 0, s); };
-  a.decode = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y, KVCache<float>& c,
-                 const std::vector<SeqId>& seqs) { l->decode(ctx, x, y, c, 0, seqs); };
-  return a;
-}
-
 // Head sizes that are not multiples of the SIMD width, so padded lanes are in play.
 std::vector<AnyLayer> kinds() {
-  std::vector<AnyLayer> v;
   tpa::GqaConfig g;
   g.d_model = kD;
   g.n_heads = 4;
@@ -63,14 +39,6 @@ std::vector<AnyLayer> kinds() {
   g.head_dim = 12;
   g.head_norm = true;
   g.rope.max_positions = 256;
-  v.push_back(wrap("GQA", std::make_shared<const tpa::GroupedQueryAttention<>>(
-                              g, tpa::GqaWeights::random(g, 1))));
-  g.n_kv_heads = 4;
-  v.push_back(wrap("MHA", std::make_shared<const tpa::MultiHeadAttention<>>(
-                              g, tpa::GqaWeights::random(g, 2))));
-  g.n_kv_heads = 1;
-  v.push_back(wrap("MQA", std::make_shared<const tpa::MultiQueryAttention<>>(
-                              g, tpa::GqaWeights::random(g, 3))));
   tpa::TpaConfig t;
   t.d_model = kD;
   t.n_heads = 4;
@@ -80,11 +48,6 @@ std::vector<AnyLayer> kinds() {
   t.v_rank = 2;
   t.head_norm = true;
   t.rope.max_positions = 256;
-  v.push_back(wrap("TPA", std::make_shared<const tpa::TensorProductAttention<>>(
-                              t, tpa::TpaWeights::random(t, 4))));
-  t.kv_only = true;
-  v.push_back(wrap("TPA-KV", std::make_shared<const tpa::TensorProductAttention<>>(
-                                 t, tpa::TpaWeights::random(t, 5))));
   tpa::MlaConfig m;
   m.d_model = kD;
   m.n_heads = 4;
@@ -94,13 +57,7 @@ std::vector<AnyLayer> kinds() {
   m.qk_rope_head_dim = 4;
   m.v_head_dim = 10;
   m.rope.max_positions = 256;
-  for (auto form : {tpa::MlaForm::kAbsorbed, tpa::MlaForm::kExplicit}) {
-    m.form = form;
-    v.push_back(wrap(form == tpa::MlaForm::kAbsorbed ? "MLA-absorbed" : "MLA-explicit",
-                     std::make_shared<const tpa::MultiHeadLatentAttention<>>(
-                         m, tpa::MlaWeights::random(m, 6))));
-  }
-  return v;
+  return tpa_test::all_kinds(g, t, m);
 }
 
 bool same_bits(const float* a, const float* b, Index n) {
@@ -129,7 +86,7 @@ struct World {
       s[i] = cache.add_sequence();
       const Tensor2 x = random_tensor(len[i], kD, 10 + static_cast<std::uint64_t>(i));
       Tensor2 y(len[i], kD);
-      l.forward_cached(ctx, x, y, cache, s[i]);
+      l.forward_cached(ctx, x, y, cache, 0, s[i]);
     }
   }
 };
@@ -154,8 +111,8 @@ TEST_P(NonFinite, BadRowsReachOnlyTheirOwnSequence) {
         xb(2, 9) = -kInf;
       }
       Tensor2 yb(3, kD), yr(3, kD);
-      ASSERT_NO_THROW(l.decode(bad.ctx, xb, yb, bad.cache, order));
-      l.decode(ref.ctx, x, yr, ref.cache, order);
+      ASSERT_NO_THROW(l.decode(bad.ctx, xb, yb, bad.cache, 0, order));
+      l.decode(ref.ctx, x, yr, ref.cache, 0, order);
       EXPECT_TRUE(same_bits(yb.data() + kD, yr.data() + kD, kD)) << "step " << step;
       EXPECT_TRUE(all_finite(yr.data(), 3 * kD));
       // The bad sequences' outputs are not finite, from the bad token on.
@@ -170,20 +127,20 @@ TEST_P(NonFinite, BadRowsReachOnlyTheirOwnSequence) {
     // s0 alone afterwards: a prefill chunk and a single decode step.
     const Tensor2 x = random_tensor(5, kD, 200);
     Tensor2 yb(5, kD), yr(5, kD);
-    l.forward_cached(bad.ctx, x, yb, bad.cache, bad.s[0]);
-    l.forward_cached(ref.ctx, x, yr, ref.cache, ref.s[0]);
+    l.forward_cached(bad.ctx, x, yb, bad.cache, 0, bad.s[0]);
+    l.forward_cached(ref.ctx, x, yr, ref.cache, 0, ref.s[0]);
     EXPECT_TRUE(same_bits(yb.data(), yr.data(), 5 * kD));
     // A fresh sequence in the poisoned cache, batched with the bad ones.
     const SeqId fresh_b = bad.cache.add_sequence(), fresh_r = ref.cache.add_sequence();
     const Tensor2 p = random_tensor(9, kD, 300);
     Tensor2 pb(9, kD), pr(9, kD);
-    l.forward_cached(bad.ctx, p, pb, bad.cache, fresh_b);
-    l.forward_cached(ref.ctx, p, pr, ref.cache, fresh_r);
+    l.forward_cached(bad.ctx, p, pb, bad.cache, 0, fresh_b);
+    l.forward_cached(ref.ctx, p, pr, ref.cache, 0, fresh_r);
     EXPECT_TRUE(same_bits(pb.data(), pr.data(), 9 * kD));
     const Tensor2 x3 = random_tensor(3, kD, 301);
     Tensor2 y3b(3, kD), y3r(3, kD);
-    l.decode(bad.ctx, x3, y3b, bad.cache, {bad.s[2], fresh_b, bad.s[1]});
-    l.decode(ref.ctx, x3, y3r, ref.cache, {ref.s[2], fresh_r, ref.s[1]});
+    l.decode(bad.ctx, x3, y3b, bad.cache, 0, {bad.s[2], fresh_b, bad.s[1]});
+    l.decode(ref.ctx, x3, y3r, ref.cache, 0, {ref.s[2], fresh_r, ref.s[1]});
     EXPECT_TRUE(same_bits(y3b.data() + kD, y3r.data() + kD, kD));
   }
 }
@@ -200,8 +157,8 @@ TEST_P(NonFinite, PrefillIsCausalForNaN) {
     Tensor2 xb = x;
     xb(at, 3) = kNaN;
     Tensor2 yb(n, kD), yr(n, kD);
-    ASSERT_NO_THROW(l.forward_cached(bad.ctx, xb, yb, bad.cache, bad.s[1]));
-    l.forward_cached(ref.ctx, x, yr, ref.cache, ref.s[1]);
+    ASSERT_NO_THROW(l.forward_cached(bad.ctx, xb, yb, bad.cache, 0, bad.s[1]));
+    l.forward_cached(ref.ctx, x, yr, ref.cache, 0, ref.s[1]);
     EXPECT_TRUE(same_bits(yb.data(), yr.data(), at * kD));
     for (Index t = at; t < n; ++t) EXPECT_FALSE(all_finite(yb.data() + t * kD, kD)) << t;
 

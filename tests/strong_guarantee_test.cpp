@@ -114,6 +114,7 @@ namespace {
 using tpa::Index;
 using tpa::KVCache;
 using tpa::SeqId;
+using tpa_test::AnyLayer;
 using tpa_test::random_tensor;
 using Tensor2 = tpa::Tensor<float, 2>;
 
@@ -268,33 +269,8 @@ TEST(CacheFaults, OutOfMemoryChangesNothing) {
 constexpr Index kD = 32;
 constexpr Index kMaxPos = 16;
 
-// A layer behind one interface, so that one table of cases runs on every kind.
-struct AnyLayer {
-  std::string name;
-  tpa::CacheLayout layout;
-  std::function<void(tpa::Context&, const Tensor2&, Tensor2&)> forward;
-  std::function<void(tpa::Context&, const Tensor2&, Tensor2&, KVCache<float>&, int, SeqId)>
-      forward_cached;
-  std::function<void(tpa::Context&, const Tensor2&, Tensor2&, KVCache<float>&, int,
-                     const std::vector<SeqId>&)>
-      decode;
-};
-
-template <class L>
-AnyLayer wrap(std::string name, std::shared_ptr<const L> l) {
-  AnyLayer a;
-  a.name = std::move(name);
-  a.layout = l->cache_layout();
-  a.forward = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y) { l->forward(ctx, x, y); };
-  a.forward_cached = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y, KVCache<float>& c,
-                         int layer, SeqId s) { l->forward(ctx, x, y, c, layer, s); };
-  a.decode = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y, KVCache<float>& c, int layer,
-                 const std::vector<SeqId>& seqs) { l->decode(ctx, x, y, c, layer, seqs); };
-  return a;
-}
-
+// Every kind, on heads of 8 and a RoPE table of kMaxPos positions.
 std::vector<AnyLayer> kinds() {
-  std::vector<AnyLayer> v;
   tpa::GqaConfig g;
   g.d_model = kD;
   g.n_heads = 4;
@@ -302,14 +278,6 @@ std::vector<AnyLayer> kinds() {
   g.head_dim = 8;
   g.head_norm = true;
   g.rope.max_positions = kMaxPos;
-  v.push_back(wrap("GQA", std::make_shared<const tpa::GroupedQueryAttention<>>(
-                              g, tpa::GqaWeights::random(g, 1))));
-  g.n_kv_heads = 4;
-  v.push_back(wrap("MHA", std::make_shared<const tpa::MultiHeadAttention<>>(
-                              g, tpa::GqaWeights::random(g, 2))));
-  g.n_kv_heads = 1;
-  v.push_back(wrap("MQA", std::make_shared<const tpa::MultiQueryAttention<>>(
-                              g, tpa::GqaWeights::random(g, 3))));
   tpa::TpaConfig t;
   t.d_model = kD;
   t.n_heads = 4;
@@ -318,11 +286,6 @@ std::vector<AnyLayer> kinds() {
   t.k_rank = 2;
   t.v_rank = 2;
   t.rope.max_positions = kMaxPos;
-  v.push_back(wrap("TPA", std::make_shared<const tpa::TensorProductAttention<>>(
-                              t, tpa::TpaWeights::random(t, 4))));
-  t.kv_only = true;
-  v.push_back(wrap("TPA-KV", std::make_shared<const tpa::TensorProductAttention<>>(
-                                 t, tpa::TpaWeights::random(t, 5))));
   tpa::MlaConfig m;
   m.d_model = kD;
   m.n_heads = 4;
@@ -332,13 +295,7 @@ std::vector<AnyLayer> kinds() {
   m.qk_rope_head_dim = 4;
   m.v_head_dim = 8;
   m.rope.max_positions = kMaxPos;
-  for (auto form : {tpa::MlaForm::kAbsorbed, tpa::MlaForm::kExplicit}) {
-    m.form = form;
-    v.push_back(wrap(form == tpa::MlaForm::kAbsorbed ? "MLA-absorbed" : "MLA-explicit",
-                     std::make_shared<const tpa::MultiHeadLatentAttention<>>(
-                         m, tpa::MlaWeights::random(m, 6))));
-  }
-  return v;
+  return tpa_test::all_kinds(g, t, m);
 }
 
 // Two layers of one kind, blocks of 4 tokens, at most 6 blocks (24 tokens), RoPE table of 16
@@ -524,9 +481,26 @@ TEST(LayerFaults, OutOfMemoryChangesNothing) {
 // Configs, weights, small objects
 // ---------------------------------------------------------------------------------------------
 
+// A valid TPA config: d_model 16, 2 heads of 4, ranks 2, 2, 1.
+tpa::TpaConfig small_tpa() {
+  tpa::TpaConfig t;
+  t.d_model = 16;
+  t.n_heads = 2;
+  t.head_dim = 4;
+  t.q_rank = 2;
+  t.k_rank = 2;
+  t.v_rank = 1;
+  return t;
+}
+
+// Named changes of a config.
+template <class Cfg>
+using Mutations = std::vector<std::pair<const char*, std::function<void(Cfg&)>>>;
+
+// Each of `muts` applied to `good` makes validate() and the layer's constructor throw.
 template <class Cfg, class Layer, class Weights>
 void expect_invalid(const char* kind, const Cfg& good, const Weights& w,
-                    const std::vector<std::pair<const char*, std::function<void(Cfg&)>>>& muts) {
+                    const Mutations<Cfg>& muts) {
   EXPECT_NO_THROW(good.validate());
   for (const auto& m : muts) {
     SCOPED_TRACE(std::string(kind) + ": " + m.first);
@@ -545,7 +519,7 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
   g.n_heads = 4;
   g.n_kv_heads = 2;
   g.head_dim = 4;
-  const std::vector<std::pair<const char*, std::function<void(tpa::RopeConfig&)>>> rope = {
+  const Mutations<tpa::RopeConfig> rope = {
       {"rope.base 0", [](tpa::RopeConfig& r) { r.base = 0; }},
       {"rope.base inf", [](tpa::RopeConfig& r) { r.base = INFINITY; }},
       {"rope.max_positions 0", [](tpa::RopeConfig& r) { r.max_positions = 0; }},
@@ -557,7 +531,7 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
     for (const auto& r : rope) muts.push_back({r.first, [f = r.second](auto& c) { f(c.rope); }});
     return muts;
   };
-  using GM = std::vector<std::pair<const char*, std::function<void(tpa::GqaConfig&)>>>;
+  using GM = Mutations<tpa::GqaConfig>;
   expect_invalid<tpa::GqaConfig, tpa::GroupedQueryAttention<>>(
       "GQA", g, tpa::GqaWeights::random(g, 1),
       with_rope(GM{{"d_model", [](tpa::GqaConfig& c) { c.d_model = 0; }},
@@ -580,14 +554,8 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
                  tpa::Error);
   }
 
-  tpa::TpaConfig t;
-  t.d_model = 16;
-  t.n_heads = 2;
-  t.head_dim = 4;
-  t.q_rank = 2;
-  t.k_rank = 2;
-  t.v_rank = 1;
-  using TM = std::vector<std::pair<const char*, std::function<void(tpa::TpaConfig&)>>>;
+  const tpa::TpaConfig t = small_tpa();
+  using TM = Mutations<tpa::TpaConfig>;
   expect_invalid<tpa::TpaConfig, tpa::TensorProductAttention<>>(
       "TPA", t, tpa::TpaWeights::random(t, 2),
       with_rope(TM{{"d_model", [](tpa::TpaConfig& c) { c.d_model = 0; }},
@@ -611,7 +579,7 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
   m.qk_nope_head_dim = 4;
   m.qk_rope_head_dim = 4;
   m.v_head_dim = 4;
-  using MM = std::vector<std::pair<const char*, std::function<void(tpa::MlaConfig&)>>>;
+  using MM = Mutations<tpa::MlaConfig>;
   expect_invalid<tpa::MlaConfig, tpa::MultiHeadLatentAttention<>>(
       "MLA", m, tpa::MlaWeights::random(m, 3),
       with_rope(MM{{"d_model", [](tpa::MlaConfig& c) { c.d_model = 0; }},
@@ -647,13 +615,7 @@ std::vector<std::uint8_t> bytes_of(const Cfg& cfg, const W& w) {
 }
 
 TEST(CheckpointErrors, FailedLoadsLeaveTheWeightsAndFailedSavesTheWriterUnchanged) {
-  tpa::TpaConfig t;
-  t.d_model = 16;
-  t.n_heads = 2;
-  t.head_dim = 4;
-  t.q_rank = 2;
-  t.k_rank = 2;
-  t.v_rank = 1;
+  const tpa::TpaConfig t = small_tpa();
   const tpa::TpaWeights good = tpa::TpaWeights::random(t, 7);
   tpa::io::SafetensorsWriter file;
   tpa::io::save_weights(file, "h.0.", t, good);

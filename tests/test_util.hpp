@@ -1,6 +1,6 @@
 // Helpers shared by the tests: random inputs, error measures, snapshots of a cache's state for
-// checking that a throwing call changed nothing, and the backend list and helpers of the kernel
-// tests.
+// checking that a throwing call changed nothing, every layer kind behind one interface, and the
+// backend list and helpers of the kernel tests.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -8,9 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <tpa/kernels/split.hpp>
@@ -100,6 +103,67 @@ inline void rope_ref(double* v, Index r, Index p, tpa::RopeStyle style, double b
     v[ia] = a * std::cos(phi) - b * std::sin(phi);
     v[ib] = a * std::sin(phi) + b * std::cos(phi);
   }
+}
+
+// ---- every layer kind behind one interface -----------------------------------------------------
+
+/// A layer of any kind behind one interface, so that one table of cases runs on every kind.
+struct AnyLayer {
+  using Tensor2 = tpa::Tensor<float, 2>;
+  std::string name;
+  tpa::CacheLayout layout;
+  /// forward(ctx, x, y): without a cache.
+  std::function<void(tpa::Context&, const Tensor2&, Tensor2&)> forward;
+  /// forward_cached(ctx, x, y, cache, layer, seq): the rows of x are seq's next tokens.
+  std::function<void(tpa::Context&, const Tensor2&, Tensor2&, tpa::KVCache<float>&, int,
+                     tpa::SeqId)>
+      forward_cached;
+  /// decode(ctx, x, y, cache, layer, seqs): row i of x is the next token of seqs[i].
+  std::function<void(tpa::Context&, const Tensor2&, Tensor2&, tpa::KVCache<float>&, int,
+                     const std::vector<tpa::SeqId>&)>
+      decode;
+};
+
+/// `l` behind the AnyLayer interface, named `name`.
+template <class L>
+AnyLayer wrap(std::string name, std::shared_ptr<const L> l) {
+  using Tensor2 = AnyLayer::Tensor2;
+  AnyLayer a;
+  a.name = std::move(name);
+  a.layout = l->cache_layout();
+  a.forward = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y) { l->forward(ctx, x, y); };
+  a.forward_cached = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y, tpa::KVCache<float>& c,
+                         int layer, tpa::SeqId s) { l->forward(ctx, x, y, c, layer, s); };
+  a.decode = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y, tpa::KVCache<float>& c, int layer,
+                 const std::vector<tpa::SeqId>& seqs) { l->decode(ctx, x, y, c, layer, seqs); };
+  return a;
+}
+
+/// Every kind, with random weights (seeds 1–6): GQA (g as given), MHA (g with n_kv_heads =
+/// n_heads), MQA (n_kv_heads = 1), TPA (t), TPA-KV (t with kv_only), and MLA (m) in the absorbed
+/// and the explicit form.
+inline std::vector<AnyLayer> all_kinds(tpa::GqaConfig g, tpa::TpaConfig t, tpa::MlaConfig m) {
+  std::vector<AnyLayer> v;
+  v.push_back(wrap("GQA", std::make_shared<const tpa::GroupedQueryAttention<>>(
+                              g, tpa::GqaWeights::random(g, 1))));
+  g.n_kv_heads = g.n_heads;
+  v.push_back(wrap(
+      "MHA", std::make_shared<const tpa::MultiHeadAttention<>>(g, tpa::GqaWeights::random(g, 2))));
+  g.n_kv_heads = 1;
+  v.push_back(wrap(
+      "MQA", std::make_shared<const tpa::MultiQueryAttention<>>(g, tpa::GqaWeights::random(g, 3))));
+  v.push_back(wrap("TPA", std::make_shared<const tpa::TensorProductAttention<>>(
+                              t, tpa::TpaWeights::random(t, 4))));
+  t.kv_only = true;
+  v.push_back(wrap("TPA-KV", std::make_shared<const tpa::TensorProductAttention<>>(
+                                 t, tpa::TpaWeights::random(t, 5))));
+  for (auto form : {tpa::MlaForm::kAbsorbed, tpa::MlaForm::kExplicit}) {
+    m.form = form;
+    v.push_back(wrap(
+        form == tpa::MlaForm::kAbsorbed ? "MLA-absorbed" : "MLA-explicit",
+        std::make_shared<const tpa::MultiHeadLatentAttention<>>(m, tpa::MlaWeights::random(m, 6))));
+  }
+  return v;
 }
 
 // ---- kernel tests ------------------------------------------------------------------------------
