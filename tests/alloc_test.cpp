@@ -101,28 +101,33 @@ void fill(KVCache<float>& cache, SeqId seq, const GqaConfig& cfg, Index n, unsig
   cache.append(seq, 0, n, rows);
 }
 
-// A decode of one sequence and of a batch of two, on 2 threads, with long enough contexts that
-// the work is split over both threads (KV heads for GQA, split-K for MQA).
-void check_decode_allocates_nothing(Index n_kv_heads) {
-  GqaConfig cfg;
-  cfg.d_model = 256;
-  cfg.n_heads = 16;
-  cfg.n_kv_heads = n_kv_heads;
-  cfg.head_dim = 64;
-  cfg.rope.max_positions = 8192;
-  const GroupedQueryAttention<Native> layer(cfg, GqaWeights::random(cfg, 1));
-  Context ctx(2);
-  const Index block = 16, steps = 40, warm = 4, len_a = 2000, len_b = 700;
-  KVCache<float> cache({layer.cache_layout()}, block, 1024);
-  cache.reserve_blocks((len_a + 2 * (warm + steps)) / block + (len_b + warm + steps) / block + 4);
-  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
-  fill(cache, a, cfg, len_a, 2);
-  fill(cache, b, cfg, len_b, 3);
-  const std::vector<SeqId> batch = {a, b};
-  const Tensor<float, 2> x1 = random_rows(1, cfg.d_model, 4), xb = random_rows(2, cfg.d_model, 5);
-  Tensor<float, 2> y1(1, cfg.d_model), yb(2, cfg.d_model);
+// Two sequences of kLenA and kLenB tokens, with blocks reserved for every step below.
+constexpr Index kBlock = 16, kSteps = 40, kWarm = 4, kLenA = 2000, kLenB = 700;
+struct TwoSequences {
+  KVCache<float> cache;
+  SeqId a, b;
+  explicit TwoSequences(const CacheLayout& layout) : cache({layout}, kBlock, 1024) {
+    cache.reserve_blocks((kLenA + 2 * (kWarm + kSteps)) / kBlock +
+                         (kLenB + kWarm + kSteps) / kBlock + 4);
+    a = cache.add_sequence();
+    b = cache.add_sequence();
+  }
+};
 
-  for (Index s = 0; s < warm; ++s) {  // warm-up: the scratch arena reaches its size
+// Decode steps of `layer` on 2 threads, once the caller has filled s.a and s.b: one token of a
+// (forward) and a batch of one token each of a and b (decode), kWarm times to warm up, then
+// kSteps times with no operator new, no Eigen heap allocation, and neither the scratch arena nor
+// the cache growing.
+template <class Layer>
+void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequences& s) {
+  Context ctx(2);
+  KVCache<float>& cache = s.cache;
+  const SeqId a = s.a;
+  const std::vector<SeqId> batch = {a, s.b};
+  const Tensor<float, 2> x1 = random_rows(1, d_model, 4), xb = random_rows(2, d_model, 5);
+  Tensor<float, 2> y1(1, d_model), yb(2, d_model);
+
+  for (Index i = 0; i < kWarm; ++i) {  // warm-up: the scratch arena reaches its size
     layer.forward(ctx, x1, y1, cache, 0, a);
     layer.decode(ctx, xb, yb, cache, 0, batch);
   }
@@ -131,7 +136,7 @@ void check_decode_allocates_nothing(Index n_kv_heads) {
   const long news_before = alloc_test::news.load();
   const long eigen_before = alloc_test::eigen_malloc_failures.load();
   Eigen::internal::set_is_malloc_allowed(false);
-  for (Index s = 0; s < steps; ++s) {
+  for (Index i = 0; i < kSteps; ++i) {
     layer.forward(ctx, x1, y1, cache, 0, a);
     layer.decode(ctx, xb, yb, cache, 0, batch);
   }
@@ -140,12 +145,29 @@ void check_decode_allocates_nothing(Index n_kv_heads) {
   EXPECT_EQ(alloc_test::eigen_malloc_failures.load() - eigen_before, 0) << "Eigen heap allocations";
   EXPECT_EQ(ctx.scratch().capacity(), scratch_before) << "the scratch arena grew";
   EXPECT_EQ(cache.bytes_reserved(), cache_before) << "the cache allocated blocks";
-  EXPECT_EQ(cache.length(a), len_a + warm * 2 + steps * 2);
+  EXPECT_EQ(cache.length(a), kLenA + kWarm * 2 + kSteps * 2);
   for (Index i = 0; i < yb.size(); ++i) ASSERT_TRUE(std::isfinite(yb.data()[i]));
+  for (Index i = 0; i < y1.size(); ++i) ASSERT_TRUE(std::isfinite(y1.data()[i]));
+}
+
+// GQA decode of one sequence and of a batch of two, with long enough contexts that the work is
+// split over both threads (KV heads for GQA, split-K for MQA).
+void check_decode_allocates_nothing(Index n_kv_heads) {
+  GqaConfig cfg;
+  cfg.d_model = 256;
+  cfg.n_heads = 16;
+  cfg.n_kv_heads = n_kv_heads;
+  cfg.head_dim = 64;
+  cfg.rope.max_positions = 8192;
+  const GroupedQueryAttention<Native> layer(cfg, GqaWeights::random(cfg, 1));
+  TwoSequences s(layer.cache_layout());
+  fill(s.cache, s.a, cfg, kLenA, 2);
+  fill(s.cache, s.b, cfg, kLenB, 3);
+  check_steps_allocate_nothing(layer, cfg.d_model, s);
 }
 
 // TPA (T6, or K/V-only) decode of one sequence (split-K over both threads) and of a batch of two,
-// on 2 threads, after the caches hold random factors.
+// after the caches hold random factors.
 void check_tpa_decode_allocates_nothing(bool kv_only) {
   TpaConfig cfg;
   cfg.d_model = 256;
@@ -157,12 +179,8 @@ void check_tpa_decode_allocates_nothing(bool kv_only) {
   cfg.kv_only = kv_only;
   cfg.rope.max_positions = 8192;
   const TensorProductAttention<Native> layer(cfg, TpaWeights::random(cfg, 1));
-  Context ctx(2);
-  const Index block = 16, steps = 40, warm = 4, len_a = 2000, len_b = 700;
-  KVCache<float> cache({layer.cache_layout()}, block, 1024);
-  cache.reserve_blocks((len_a + 2 * (warm + steps)) / block + (len_b + warm + steps) / block + 4);
-  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
-  for (const auto& [seq, len] : {std::pair<SeqId, Index>{a, len_a}, {b, len_b}}) {
+  TwoSequences s(layer.cache_layout());
+  for (const auto& [seq, len] : {std::pair<SeqId, Index>{s.a, kLenA}, {s.b, kLenB}}) {
     const Index w = cfg.cache_elements_per_token();
     const Tensor<float, 2> f = random_rows(len, w, static_cast<unsigned>(len));
     const Index e[4] = {cfg.n_heads * cfg.k_rank, cfg.k_rank * cfg.head_dim,
@@ -171,33 +189,9 @@ void check_tpa_decode_allocates_nothing(bool kv_only) {
                                 {f.data() + e[0], w},
                                 {f.data() + e[0] + e[1], w},
                                 {f.data() + e[0] + e[1] + e[2], w}};
-    cache.append(seq, 0, len, rows);
+    s.cache.append(seq, 0, len, rows);
   }
-  const std::vector<SeqId> batch = {a, b};
-  const Tensor<float, 2> x1 = random_rows(1, cfg.d_model, 4), xb = random_rows(2, cfg.d_model, 5);
-  Tensor<float, 2> y1(1, cfg.d_model), yb(2, cfg.d_model);
-
-  for (Index s = 0; s < warm; ++s) {  // warm-up: the scratch arena reaches its size
-    layer.forward(ctx, x1, y1, cache, 0, a);
-    layer.decode(ctx, xb, yb, cache, 0, batch);
-  }
-  const std::size_t scratch_before = ctx.scratch().capacity();
-  const std::size_t cache_before = cache.bytes_reserved();
-  const long news_before = alloc_test::news.load();
-  const long eigen_before = alloc_test::eigen_malloc_failures.load();
-  Eigen::internal::set_is_malloc_allowed(false);
-  for (Index s = 0; s < steps; ++s) {
-    layer.forward(ctx, x1, y1, cache, 0, a);
-    layer.decode(ctx, xb, yb, cache, 0, batch);
-  }
-  Eigen::internal::set_is_malloc_allowed(true);
-  EXPECT_EQ(alloc_test::news.load() - news_before, 0) << "operator new calls in decode steps";
-  EXPECT_EQ(alloc_test::eigen_malloc_failures.load() - eigen_before, 0) << "Eigen heap allocations";
-  EXPECT_EQ(ctx.scratch().capacity(), scratch_before) << "the scratch arena grew";
-  EXPECT_EQ(cache.bytes_reserved(), cache_before) << "the cache allocated blocks";
-  EXPECT_EQ(cache.length(a), len_a + warm * 2 + steps * 2);
-  for (Index i = 0; i < yb.size(); ++i) ASSERT_TRUE(std::isfinite(yb.data()[i]));
-  for (Index i = 0; i < y1.size(); ++i) ASSERT_TRUE(std::isfinite(y1.data()[i]));
+  check_steps_allocate_nothing(layer, cfg.d_model, s);
 }
 
 TEST(AllocTest, CountersSeeAllocations) {
