@@ -244,6 +244,28 @@ void save_slots(SafetensorsWriter& out, const std::string& prefix, const NameMap
   }
 }
 
+/// What load_gqa_weights, load_tpa_weights and load_mla_weights do, named `who` in errors:
+/// validates cfg, then reads the weights it needs (load_slots). \throws as they do.
+template <class W, class Cfg>
+W load_layer(const char* who, const SafetensorsFile& f, const std::string& prefix, const Cfg& cfg,
+             const LoadOptions& opt) {
+  cfg.validate(who);
+  W w;
+  load_slots(who, f, normalize_prefix(prefix), opt, slots(cfg, w));
+  return w;
+}
+
+/// What save_gqa_weights, save_tpa_weights and save_mla_weights do, named `who` in errors:
+/// validates cfg, checks w against it, then adds the weights it uses (save_slots). \throws as
+/// they do.
+template <class Cfg, class W>
+void save_layer(const char* who, SafetensorsWriter& out, const std::string& prefix, const Cfg& cfg,
+                const W& w, DType dtype, const NameMap& names) {
+  cfg.validate(who);
+  w.check(cfg, who);
+  save_slots(out, normalize_prefix(prefix), names, dtype, slots(cfg, w));
+}
+
 }  // namespace detail
 
 /// \brief Weights of a MHA / GQA / MQA layer from the tensors named `prefix` + c_q.weight, …
@@ -256,33 +278,21 @@ void save_slots(SafetensorsWriter& out, const std::string& prefix, const NameMap
 /// the prefix.
 inline GqaWeights load_gqa_weights(const SafetensorsFile& file, const std::string& prefix,
                                    const GqaConfig& cfg, const LoadOptions& opt = {}) {
-  cfg.validate("load_gqa_weights");
-  GqaWeights w;
-  detail::load_slots("load_gqa_weights", file, detail::normalize_prefix(prefix), opt,
-                     detail::slots(cfg, w));
-  return w;
+  return detail::load_layer<GqaWeights>("load_gqa_weights", file, prefix, cfg, opt);
 }
 
 /// \brief Weights of a TensorProductAttention layer (T6 or K/V-only, per cfg.kv_only) from the
 /// tensors named `prefix` + c_qkv.W_A_q.weight, …; as load_gqa_weights.
 inline TpaWeights load_tpa_weights(const SafetensorsFile& file, const std::string& prefix,
                                    const TpaConfig& cfg, const LoadOptions& opt = {}) {
-  cfg.validate("load_tpa_weights");
-  TpaWeights w;
-  detail::load_slots("load_tpa_weights", file, detail::normalize_prefix(prefix), opt,
-                     detail::slots(cfg, w));
-  return w;
+  return detail::load_layer<TpaWeights>("load_tpa_weights", file, prefix, cfg, opt);
 }
 
 /// \brief Weights of a MultiHeadLatentAttention layer from the tensors named `prefix` +
 /// q_a_proj.weight, … (or q_proj.weight when cfg.q_lora_rank == 0); as load_gqa_weights.
 inline MlaWeights load_mla_weights(const SafetensorsFile& file, const std::string& prefix,
                                    const MlaConfig& cfg, const LoadOptions& opt = {}) {
-  cfg.validate("load_mla_weights");
-  MlaWeights w;
-  detail::load_slots("load_mla_weights", file, detail::normalize_prefix(prefix), opt,
-                     detail::slots(cfg, w));
-  return w;
+  return detail::load_layer<MlaWeights>("load_mla_weights", file, prefix, cfg, opt);
 }
 
 /// The loader of the config's kind (for code generic over the layer type, whose `Config` picks
@@ -308,27 +318,21 @@ inline MlaWeights load_weights(const SafetensorsFile& file, const std::string& p
 inline void save_gqa_weights(SafetensorsWriter& out, const std::string& prefix,
                              const GqaConfig& cfg, const GqaWeights& w, DType dtype = DType::kF32,
                              const NameMap& names = {}) {
-  cfg.validate("save_gqa_weights");
-  w.check(cfg, "save_gqa_weights");
-  detail::save_slots(out, detail::normalize_prefix(prefix), names, dtype, detail::slots(cfg, w));
+  detail::save_layer("save_gqa_weights", out, prefix, cfg, w, dtype, names);
 }
 
 /// As save_gqa_weights, for TensorProductAttention (only the query weights cfg.kv_only selects).
 inline void save_tpa_weights(SafetensorsWriter& out, const std::string& prefix,
                              const TpaConfig& cfg, const TpaWeights& w, DType dtype = DType::kF32,
                              const NameMap& names = {}) {
-  cfg.validate("save_tpa_weights");
-  w.check(cfg, "save_tpa_weights");
-  detail::save_slots(out, detail::normalize_prefix(prefix), names, dtype, detail::slots(cfg, w));
+  detail::save_layer("save_tpa_weights", out, prefix, cfg, w, dtype, names);
 }
 
 /// As save_gqa_weights, for MultiHeadLatentAttention (only the query path cfg selects).
 inline void save_mla_weights(SafetensorsWriter& out, const std::string& prefix,
                              const MlaConfig& cfg, const MlaWeights& w, DType dtype = DType::kF32,
                              const NameMap& names = {}) {
-  cfg.validate("save_mla_weights");
-  w.check(cfg, "save_mla_weights");
-  detail::save_slots(out, detail::normalize_prefix(prefix), names, dtype, detail::slots(cfg, w));
+  detail::save_layer("save_mla_weights", out, prefix, cfg, w, dtype, names);
 }
 
 /// The saver of the config's kind.
