@@ -236,14 +236,13 @@ inline void rope_rows(const tpa::RopeTable& rope, tpa::Matrix<float>& m, const I
   for (Index b = 0; b < m.rows(); ++b) rope.rotate(m.row(b).data() + offset, pos[b], rows, stride);
 }
 
-// ---- MHA / GQA / MQA ----
+/// The part of AnyLayer every kind implements alike, over a layer of type L with random
+/// weights (seed 42): the calls go to layer 0 of the cache.
 template <class L>
-class GqaLayer final : public AnyLayer {
+class LayerOf : public AnyLayer {
  public:
-  GqaLayer(Kind k, const tpa::GqaConfig& cfg)
-      : kind_(k), layer_(cfg, tpa::GqaWeights::random(cfg, 42)) {}
+  explicit LayerOf(const typename L::Config& cfg) : layer_(cfg, L::Weights::random(cfg, 42)) {}
 
-  Kind kind() const override { return kind_; }
   tpa::CacheLayout cache_layout() const override { return layer_.cache_layout(); }
   Index d_model() const override { return cfg().d_model; }
   Index n_heads() const override { return cfg().n_heads; }
@@ -255,6 +254,21 @@ class GqaLayer final : public AnyLayer {
                tpa::KVCache<float>& cache, tpa::SeqId seq) const override {
     layer_.forward(ctx, x, y, cache, 0, seq);
   }
+  const tpa::Matrix<float>& out_weight() const override { return layer_.weights().c_proj; }
+  float softmax_scale() const override { return cfg().scale(); }
+
+ protected:
+  const typename L::Config& cfg() const { return layer_.config(); }
+  L layer_;
+};
+
+// ---- MHA / GQA / MQA ----
+template <class L>
+class GqaLayer final : public LayerOf<L> {
+ public:
+  GqaLayer(Kind k, const tpa::GqaConfig& cfg) : LayerOf<L>(cfg), kind_(k) {}
+
+  Kind kind() const override { return kind_; }
 
   double decode_weights() const override {
     const auto& w = layer_.weights();
@@ -281,32 +295,19 @@ class GqaLayer final : public AnyLayer {
     rope_rows(layer_.rope(), q, pos, cfg().n_heads, d, 0);
     rope_rows(layer_.rope(), k, pos, cfg().kv_heads(), d, 0);
   }
-  const tpa::Matrix<float>& out_weight() const override { return layer_.weights().c_proj; }
-  float softmax_scale() const override { return cfg().scale(); }
 
  private:
-  const tpa::GqaConfig& cfg() const { return layer_.config(); }
+  using LayerOf<L>::cfg;
+  using LayerOf<L>::layer_;
   Kind kind_;
-  L layer_;
 };
 
 // ---- MLA ----
-class MlaLayer final : public AnyLayer {
+class MlaLayer final : public LayerOf<tpa::MultiHeadLatentAttention<>> {
  public:
-  explicit MlaLayer(const tpa::MlaConfig& cfg) : layer_(cfg, tpa::MlaWeights::random(cfg, 42)) {}
+  explicit MlaLayer(const tpa::MlaConfig& cfg) : LayerOf(cfg) {}
 
   Kind kind() const override { return Kind::kMLA; }
-  tpa::CacheLayout cache_layout() const override { return layer_.cache_layout(); }
-  Index d_model() const override { return cfg().d_model; }
-  Index n_heads() const override { return cfg().n_heads; }
-  void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
-              tpa::KVCache<float>& cache, const std::vector<tpa::SeqId>& seqs) const override {
-    layer_.decode(ctx, x, y, cache, 0, seqs);
-  }
-  void forward(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
-               tpa::KVCache<float>& cache, tpa::SeqId seq) const override {
-    layer_.forward(ctx, x, y, cache, 0, seq);
-  }
 
   // Absorbed form (every decode step).
   double decode_weights() const override {
@@ -365,12 +366,9 @@ class MlaLayer final : public AnyLayer {
       v.middleCols(h * d_v, d_v) = kv.middleCols(h * (d_n + d_v) + d_n, d_v);
     }
   }
-  const tpa::Matrix<float>& out_weight() const override { return layer_.weights().c_proj; }
-  float softmax_scale() const override { return cfg().scale(); }
 
  private:
   static double dbl(Index i) { return static_cast<double>(i); }
-  const tpa::MlaConfig& cfg() const { return layer_.config(); }
   bool explicit_form(double n) const {
     return layer_.form_for(static_cast<Index>(n), 0) == tpa::MlaForm::kExplicit;
   }
@@ -381,26 +379,14 @@ class MlaLayer final : public AnyLayer {
       m.row(r) = (m.row(r).array() * inv * w.transpose().array()).matrix();
     }
   }
-  tpa::MultiHeadLatentAttention<> layer_;
 };
 
 // ---- TPA and TPA K/V-only ----
-class TpaLayer final : public AnyLayer {
+class TpaLayer final : public LayerOf<tpa::TensorProductAttention<>> {
  public:
-  explicit TpaLayer(const tpa::TpaConfig& cfg) : layer_(cfg, tpa::TpaWeights::random(cfg, 42)) {}
+  explicit TpaLayer(const tpa::TpaConfig& cfg) : LayerOf(cfg) {}
 
   Kind kind() const override { return cfg().kv_only ? Kind::kTPAKV : Kind::kTPA; }
-  tpa::CacheLayout cache_layout() const override { return layer_.cache_layout(); }
-  Index d_model() const override { return cfg().d_model; }
-  Index n_heads() const override { return cfg().n_heads; }
-  void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
-              tpa::KVCache<float>& cache, const std::vector<tpa::SeqId>& seqs) const override {
-    layer_.decode(ctx, x, y, cache, 0, seqs);
-  }
-  void forward(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
-               tpa::KVCache<float>& cache, tpa::SeqId seq) const override {
-    layer_.forward(ctx, x, y, cache, 0, seq);
-  }
 
   double decode_weights() const override {
     const auto& w = layer_.weights();
@@ -450,12 +436,9 @@ class TpaLayer final : public AnyLayer {
     const tpa::Matrix<float> b_v = x * w.W_B_v.transpose();
     expand(a_v, b_v, r_v, v);
   }
-  const tpa::Matrix<float>& out_weight() const override { return layer_.weights().c_proj; }
-  float softmax_scale() const override { return cfg().scale(); }
 
  private:
   static double dbl(Index i) { return static_cast<double>(i); }
-  const tpa::TpaConfig& cfg() const { return layer_.config(); }
   // Row b: heads [H, d] = (1/R) · A_b [H, R] · B_b [R, d].
   void expand(const tpa::Matrix<float>& a, const tpa::Matrix<float>& b, Index r,
               tpa::Matrix<float>& out) const {
@@ -466,7 +449,6 @@ class TpaLayer final : public AnyLayer {
           tpa::ConstMatrixMap<float>(b.row(i).data(), r, d);
     }
   }
-  tpa::TensorProductAttention<> layer_;
 };
 
 inline std::unique_ptr<AnyLayer> make_layer(const KindSpec& s) {
