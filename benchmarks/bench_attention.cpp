@@ -133,6 +133,10 @@ class LibDecode final : public Fixture {
 
   /// True once the sequences have grown by the slack: refill before the next step.
   bool full() const { return cache_.length(seqs_[0]) >= ctx_ + slack_; }
+  /// Before a step (untimed): refills the sequences once they are full.
+  void prepare() {
+    if (full()) refill();
+  }
   void refill() {
     for (auto s : seqs_) cache_.free_sequence(s);
     for (auto& s : seqs_) {
@@ -219,6 +223,9 @@ class EigenDecode final : public Fixture {
     for (auto& l : len_)
       if (++l >= ctx_ + slack_) l = ctx_;  // the rows past ctx stay filled: no refill needed
   }
+
+  /// Before a step: nothing (step() wraps the lengths itself).
+  void prepare() {}
 
   double mean_keys() const { return static_cast<double>(ctx_) + (slack_ - 1) / 2.0 + 1; }
   /// Materialised cache bytes per token.
@@ -316,6 +323,25 @@ std::string case_key(const DecodeCase& c, const char* what, Kind kind) {
          "/threads:" + std::to_string(c.threads);
 }
 
+// Mean seconds of f.step(ctx) over the benchmark's iterations (LibDecode or EigenDecode).
+// Before each step, outside the timed region: f.prepare(), then the last-level cache is evicted
+// (each step reads from memory, as one layer of a model does).
+template <class F>
+double timed_decode_steps(benchmark::State& state, F& f, tpa::Context& ctx) {
+  LlcEvictor& evict = LlcEvictor::get();
+  StepTimer timer;
+  for (auto _ : state) {
+    state.PauseTiming();
+    f.prepare();
+    evict();
+    state.ResumeTiming();
+    timer.start();
+    f.step(ctx);
+    timer.stop();
+  }
+  return timer.total() / static_cast<double>(state.iterations());
+}
+
 void decode_eigen(benchmark::State& state, DecodeCase c) {
   const Machine& m = machine(c.threads);
   release_probe_buffer();
@@ -325,17 +351,7 @@ void decode_eigen(benchmark::State& state, DecodeCase c) {
       fixture<EigenDecode>(fkey, [&] { return std::make_unique<EigenDecode>(l, c.ctx, c.batch); });
   tpa::Context ctx(c.threads);
   f.step(ctx);  // warm-up
-  LlcEvictor& evict = LlcEvictor::get();
-  StepTimer timer;
-  for (auto _ : state) {
-    state.PauseTiming();
-    evict();
-    state.ResumeTiming();
-    timer.start();
-    f.step(ctx);
-    timer.stop();
-  }
-  const double sec = timer.total() / static_cast<double>(state.iterations());
+  const double sec = timed_decode_steps(state, f, ctx);
   results()[case_key(c, "decode_eigen", c.kind)] = sec;
   const double B = static_cast<double>(f.batch()), keys = f.mean_keys();
   const double weights = l.decode_weights();  // same projections (TPA: + head expansion, small)
@@ -388,20 +404,9 @@ void decode(benchmark::State& state, DecodeCase c) {
   auto& f =
       fixture<LibDecode>(fkey, [&] { return std::make_unique<LibDecode>(l, c.ctx, c.batch); });
   tpa::Context ctx(c.threads);
-  if (f.full()) f.refill();
+  f.prepare();
   f.step(ctx);  // warm-up (scratch arena, thread pool)
-  LlcEvictor& evict = LlcEvictor::get();
-  StepTimer timer;
-  for (auto _ : state) {
-    state.PauseTiming();
-    if (f.full()) f.refill();
-    evict();
-    state.ResumeTiming();
-    timer.start();
-    f.step(ctx);
-    timer.stop();
-  }
-  const double sec = timer.total() / static_cast<double>(state.iterations());
+  const double sec = timed_decode_steps(state, f, ctx);
   results()[case_key(c, "decode", c.kind)] = sec;
   const double B = static_cast<double>(f.batch()), keys = f.mean_keys();
   const double bpt = static_cast<double>(f.bytes_per_token());
@@ -455,13 +460,19 @@ class Prefill final : public Fixture {
   tpa::Tensor<float, 2> x_, y_;
 };
 
+// "prefill/<shape>/<kind>/tokens:<n>": the key of a prefill fixture (shared by the thread
+// counts); + "/threads:<t>", the case's name and its key in results().
+std::string prefill_key(std::size_t shape, Kind kind, Index tokens) {
+  return "prefill/" + shapes()[shape].name + "/" + kind_name(kind) +
+         "/tokens:" + std::to_string(tokens);
+}
+
 void prefill(benchmark::State& state, std::size_t shape, Kind kind, Index tokens, int threads) {
   const Machine& m = machine(threads);
   release_probe_buffer();
   const AnyLayer& l = layer(shape, kind);
-  const std::string key = "prefill/" + shapes()[shape].name + "/" + kind_name(kind) +
-                          "/tokens:" + std::to_string(tokens);
-  auto& f = fixture<Prefill>(key, [&] { return std::make_unique<Prefill>(l, tokens); });
+  auto& f = fixture<Prefill>(prefill_key(shape, kind, tokens),
+                             [&] { return std::make_unique<Prefill>(l, tokens); });
   tpa::Context ctx(threads);
   f.run(ctx);  // warm-up
   StepTimer timer;
@@ -472,8 +483,7 @@ void prefill(benchmark::State& state, std::size_t shape, Kind kind, Index tokens
   }
   const double sec = timer.total() / static_cast<double>(state.iterations());
   const auto rkey = [&](Kind k) {
-    return "prefill/" + shapes()[shape].name + "/" + kind_name(k) +
-           "/tokens:" + std::to_string(tokens) + "/threads:" + std::to_string(threads);
+    return prefill_key(shape, k, tokens) + "/threads:" + std::to_string(threads);
   };
   results()[rkey(kind)] = sec;
   const double n = static_cast<double>(tokens);
@@ -497,26 +507,30 @@ void prefill(benchmark::State& state, std::size_t shape, Kind kind, Index tokens
 const std::vector<Kind> kKinds = {Kind::kMHA, Kind::kGQA, Kind::kMQA,
                                   Kind::kMLA, Kind::kTPA, Kind::kTPAKV};
 
+// The roofline probes on t threads, named <prefix>/<probe>/threads:<t>: the roofline's
+// bandwidth (2 MiB pages); if `pages_4k`, the same read over 4 KiB pages (reported only: what an
+// allocation without huge-page advice gets on this machine); the FMA peak.
+void register_probes(const std::string& prefix, int t, bool pages_4k) {
+  const std::string threads = "/threads:" + std::to_string(t);
+  benchmark::RegisterBenchmark((prefix + "/read_bw" + threads).c_str(), probe_read_bw, t,
+                               Pages::kHuge)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(1.0);  // best of many passes: other processes on a shared machine disturb some
+  if (pages_4k)
+    benchmark::RegisterBenchmark((prefix + "/read_bw_4k_pages" + threads).c_str(), probe_read_bw, t,
+                                 Pages::kDefault)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(0.3);
+  benchmark::RegisterBenchmark((prefix + "/fma_peak" + threads).c_str(), probe_fma_peak, t)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.3);
+}
+
 void register_all() {
-  for (int t : kThreads) {
-    // The roofline's bandwidth (2 MiB pages), then the same read over 4 KiB pages (reported
-    // only: what an allocation without huge-page advice gets on this machine).
-    benchmark::RegisterBenchmark(("probe/read_bw/threads:" + std::to_string(t)).c_str(),
-                                 probe_read_bw, t, Pages::kHuge)
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond)
-        ->MinTime(1.0);  // best of many passes: other processes on a shared machine disturb some
-    benchmark::RegisterBenchmark(("probe/read_bw_4k_pages/threads:" + std::to_string(t)).c_str(),
-                                 probe_read_bw, t, Pages::kDefault)
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond)
-        ->MinTime(0.3);
-    benchmark::RegisterBenchmark(("probe/fma_peak/threads:" + std::to_string(t)).c_str(),
-                                 probe_fma_peak, t)
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond)
-        ->MinTime(0.3);
-  }
+  for (int t : kThreads) register_probes("probe", t, true);
 
   for (std::size_t s = 0; s < shapes().size(); ++s) {
     for (Kind k : kKinds) {
@@ -592,8 +606,7 @@ void register_all() {
     for (Index n : kPrefillTokens) {
       for (Kind k : kKinds) {
         for (int t : kThreads) {
-          const std::string name = "prefill/" + shapes()[s].name + "/" + kind_name(k) +
-                                   "/tokens:" + std::to_string(n) + "/threads:" + std::to_string(t);
+          const std::string name = prefill_key(s, k, n) + "/threads:" + std::to_string(t);
           benchmark::RegisterBenchmark(name.c_str(), prefill, s, k, n, t)
               ->UseRealTime()
               ->Unit(benchmark::kMillisecond);
@@ -603,18 +616,7 @@ void register_all() {
   }
   // The roofline probes once more at the end: on a shared machine either run may be disturbed;
   // scripts/bench_report.sh recomputes the roofline fraction from the best of both.
-  for (int t : kThreads) {
-    benchmark::RegisterBenchmark(("probe_end/read_bw/threads:" + std::to_string(t)).c_str(),
-                                 probe_read_bw, t, Pages::kHuge)
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond)
-        ->MinTime(1.0);
-    benchmark::RegisterBenchmark(("probe_end/fma_peak/threads:" + std::to_string(t)).c_str(),
-                                 probe_fma_peak, t)
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond)
-        ->MinTime(0.3);
-  }
+  for (int t : kThreads) register_probes("probe_end", t, false);
   if (!skipped.empty()) {
     std::fprintf(stderr,
                  "bench_attention: %zu cases need more than TPA_BENCH_MAX_GIB = %.1f GiB "
