@@ -426,16 +426,7 @@ TYPED_TEST(GroupedKernel, SplitKEqualsUnsplit) {
   for (const Shape& sh : shapes) {
     const Problem<float> pr(sh, 515, 1, 64, 5u);
     SCOPED_TRACE(sh.name());
-    const std::vector<float> whole = run<B>(pr, 1, 1);
-    EXPECT_LE(pr.error(whole), 1.0);
-    for (int workers : {2, 3, 7}) {
-      for (int threads : {1, 2}) {
-        const std::vector<float> o = run<B>(pr, threads, workers);
-        EXPECT_LE(tpa_test::tol_ratio(o, whole, pr.tol), 1.0)
-            << workers << " pieces, " << threads << " threads";
-        EXPECT_LE(pr.error(o), 1.0) << workers << " pieces, " << threads << " threads";
-      }
-    }
+    tpa_test::expect_splits_equal_unsplit(pr, [&](int t, int w) { return run<B>(pr, t, w); });
   }
 }
 

@@ -236,6 +236,25 @@ double tol_ratio(const std::vector<float>& o, const Ref& ref, const std::vector<
   return e;
 }
 
+/// Split against unsplit, for a kernel test's problem `pr` (error(o): error over tolerance;
+/// tol: per-element tolerance): run(threads, workers) → the output with the work cut into
+/// `workers` pieces. The unsplit output (1, 1) and each split into 2, 3 and 7 pieces on 1 and 2
+/// threads must be within tolerance, the splits also of the unsplit output (both are f32
+/// evaluations of the same quantity).
+template <class Problem, class Run>
+void expect_splits_equal_unsplit(const Problem& pr, const Run& run) {
+  const std::vector<float> whole = run(1, 1);
+  EXPECT_LE(pr.error(whole), 1.0);
+  for (int workers : {2, 3, 7}) {
+    for (int threads : {1, 2}) {
+      const std::vector<float> o = run(threads, workers);
+      EXPECT_LE(tol_ratio(o, whole, pr.tol), 1.0)
+          << workers << " pieces, " << threads << " threads";
+      EXPECT_LE(pr.error(o), 1.0) << workers << " pieces, " << threads << " threads";
+    }
+  }
+}
+
 /// A split into exactly `workers` pieces, however small the work (the kernel tests force splits
 /// of small problems).
 inline tpa::GroupedSplit forced_split(int workers) {

@@ -277,16 +277,7 @@ TYPED_TEST(TpaKernel, SplitEqualsUnsplit) {
     for (Index n_q : {1, 40}) {
       const Problem<float> pr(sh, 515, n_q, 64, 5u);
       SCOPED_TRACE(sh.name() + " n_q " + std::to_string(n_q));
-      const std::vector<float> whole = run<B>(pr, 1, 1);
-      EXPECT_LE(pr.error(whole), 1.0);
-      for (int workers : {2, 3, 7}) {
-        for (int threads : {1, 2}) {
-          const std::vector<float> o = run<B>(pr, threads, workers);
-          EXPECT_LE(tpa_test::tol_ratio(o, whole, pr.tol), 1.0)
-              << workers << " pieces, " << threads << " threads";
-          EXPECT_LE(pr.error(o), 1.0) << workers << " pieces, " << threads << " threads";
-        }
-      }
+      tpa_test::expect_splits_equal_unsplit(pr, [&](int t, int w) { return run<B>(pr, t, w); });
     }
   }
 }
