@@ -13,8 +13,11 @@
 // pages:cache  the sequence lives in a KVCache (block allocations on default pages);
 // pages:huge   the same block layout in one arena advised to 2 MiB pages (what the memory system
 //              delivers without TLB misses; the probe's roofline uses such pages too).
+// pages:l2     a context short enough (≈ 1 MiB of cache per thread) that one copy stays in
+//              the cores' L2 between steps: the kernel's arithmetic ceiling without the memory
+//              stream (compare pct_flops with the streaming rows to see what the stream costs).
 // Each case keeps enough copies of the sequence (one per "layer") that a step's data is never in
-// the 480 MB L3 from the previous step; steps cycle through them.
+// the 480 MB L3 from the previous step; steps cycle through them (pages:l2 keeps one).
 //
 // Counters:
 //   cache_bytes    bytes read per step (every cached element once; MLA's value is inside the
@@ -23,6 +26,7 @@
 //                  + H·R_V·(d+1)) (FlashTPA: B_Q·B_K, rank mixing, (p·A_V)·B_V)
 //   GBps           cache_bytes / time
 //   pct_bw         100 · GBps / read bandwidth (probe, same threads)
+//   pct_flops      100 · flops / time / FMA peak (same threads)
 //   pct_roofline   100 · max(bytes / bandwidth, flops / FMA peak) / time
 #include <sys/mman.h>
 
@@ -93,13 +97,13 @@ struct SequencesBase {
 template <class S>
 class Sequences final : public SequencesBase {
  public:
-  Sequences(const DecodeCase& c, Index len, bool huge) : c_(c), len_(len) {
+  Sequences(const DecodeCase& c, Index len, bool huge, bool hot) : c_(c), len_(len) {
     const auto f = factors(c);
     const tpa::CacheLayout layout(c.name, f);
     const Index ept = layout.elements_per_token();
     constexpr Index es = sizeof(S);
     const double bytes = static_cast<double>(len) * static_cast<double>(ept) * es;
-    copies_ = std::max<Index>(2, static_cast<Index>(kWorkingSetBytes / bytes) + 1);
+    copies_ = hot ? 1 : std::max<Index>(2, static_cast<Index>(kWorkingSetBytes / bytes) + 1);
     // One random sequence, copied into every slot (values do not matter, distinct memory does).
     std::vector<std::vector<float>> src(f.size());
     for (std::size_t i = 0; i < f.size(); ++i) {
@@ -228,24 +232,25 @@ class Sequences final : public SequencesBase {
 
 // The sequences of the case being measured (one case in memory at a time).
 template <class S>
-Sequences<S>& sequences(std::size_t c, Index len, bool huge) {
+Sequences<S>& sequences(std::size_t c, Index len, bool huge, bool hot) {
   static std::unique_ptr<SequencesBase> cur;
   static std::string key;
   const std::string k = std::to_string(c) + "/" + std::to_string(len) + "/" + (huge ? "h" : "c") +
-                        "/" + scalar_name<S>();
+                        (hot ? "/hot/" : "/") + scalar_name<S>();
   if (key != k) {
     cur.reset();
-    cur = std::make_unique<Sequences<S>>(kCases[c], len, huge);
+    cur = std::make_unique<Sequences<S>>(kCases[c], len, huge, hot);
     key = k;
   }
   return static_cast<Sequences<S>&>(*cur);
 }
 
 template <class S>
-void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge, int threads) {
+void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge, bool hot,
+                   int threads) {
   const Machine& m = machine(threads);
   release_probe_buffer();
-  Sequences<S>& seqs = sequences<S>(c, len, huge);
+  Sequences<S>& seqs = sequences<S>(c, len, huge, hot);
   tpa::Context ctx(threads);
   Index copy = 0;
   for (auto _ : state) {
@@ -265,6 +270,8 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
   state.counters["GBps"] = benchmark::Counter(seqs.bytes() * n / 1e9, benchmark::Counter::kIsRate);
   state.counters["pct_bw"] = benchmark::Counter(100.0 * seqs.bytes() * n / m.read_bytes_per_s,
                                                 benchmark::Counter::kIsRate);
+  state.counters["pct_flops"] = benchmark::Counter(100.0 * n * seqs.flops() / m.flops_per_s,
+                                                   benchmark::Counter::kIsRate);
   state.counters["pct_roofline"] = benchmark::Counter(
       100.0 * n * m.roofline_seconds(seqs.bytes(), seqs.flops()), benchmark::Counter::kIsRate);
   state.counters["read_GBps"] = m.read_bytes_per_s / 1e9;
@@ -272,13 +279,13 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
 }
 
 template <class S>
-void register_scalar(std::size_t c, Index len, bool huge, int threads) {
+void register_scalar(std::size_t c, Index len, bool huge, int threads, bool hot = false) {
   const std::string name = std::string("decode_kernel/") + kCases[c].name + "/cache:" +
                            scalar_name<S>() + "/ctx:" + std::to_string(len) +
-                           "/pages:" + (huge ? "huge" : "cache") +
+                           "/pages:" + (hot ? "l2" : huge ? "huge" : "cache") +
                            "/threads:" + std::to_string(threads);
-  benchmark::RegisterBenchmark(name.c_str(),
-                               [=](benchmark::State& s) { decode_kernel<S>(s, c, len, huge, threads); })
+  benchmark::RegisterBenchmark(
+      name.c_str(), [=](benchmark::State& s) { decode_kernel<S>(s, c, len, huge, hot, threads); })
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond)
       ->MinTime(1.0);
@@ -294,6 +301,18 @@ void register_all() {
         register_scalar<tpa::half>(c, len, huge, 2);
         register_scalar<float>(c, len, huge, 1);
       }
+  // L2-resident: ≈ 1 MiB of f32 cache per thread, a whole number of blocks; only the kinds with
+  // enough FLOPs per cached byte for arithmetic to matter (MQA, MLA, TPA: G ≤ 1).
+  for (std::size_t c = 0; c < std::size(kCases); ++c) {
+    if (kCases[c].G > 1) continue;
+    const tpa::CacheLayout layout(kCases[c].name, factors(kCases[c]));
+    const double bpt = 4.0 * static_cast<double>(layout.elements_per_token());
+    for (int threads : {2, 1}) {
+      const Index len = std::max<Index>(
+          kBlock, static_cast<Index>(double(1 << 20) * threads / bpt) / kBlock * kBlock);
+      register_scalar<float>(c, len, true, threads, true);
+    }
+  }
 }
 
 }  // namespace
