@@ -265,4 +265,30 @@ TEST(ReserveTokens, TakesBlocksUpFrontAndFreesThem) {
   EXPECT_EQ(cache.bytes_used(), 0u);
 }
 
+// Context::parallel_for: every index runs exactly once, and what the pool's threads wrote is
+// visible to the caller when the call returns (the join is an atomic counter the caller spins
+// on, not a lock: ThreadSanitizer checks the happens-before), over many back-to-back calls and
+// with more threads than this machine may have cores (the join then yields its core).
+TEST(ContextParallelFor, RunsEveryIndexOnceAndPublishesItsWrites) {
+  for (int threads : {1, 2, 3, 5}) {
+    tpa::Context ctx(threads);
+    for (Index n : {0, 1, 2, 3, 7, 64}) {
+      std::vector<int> hits(static_cast<std::size_t>(n), 0);  // plain ints: one writer each
+      std::vector<std::atomic<int>> runs(static_cast<std::size_t>(n));
+      for (auto& r : runs) r.store(0);
+      const int calls = 300;
+      for (int c = 0; c < calls; ++c) {
+        ctx.parallel_for(n, [&](Index i) {
+          ++hits[static_cast<std::size_t>(i)];
+          runs[static_cast<std::size_t>(i)].fetch_add(1, std::memory_order_relaxed);
+        });
+        for (Index i = 0; i < n; ++i)
+          ASSERT_EQ(hits[static_cast<std::size_t>(i)], c + 1)
+              << "threads " << threads << ", n " << n << ", index " << i << ", call " << c;
+      }
+      for (Index i = 0; i < n; ++i) EXPECT_EQ(runs[static_cast<std::size_t>(i)].load(), calls);
+    }
+  }
+}
+
 }  // namespace
