@@ -38,7 +38,9 @@
 //                     append, overhead), measured once per kind, batch and threads
 //   attn_us, attn_pct_roofline
 //                     decode: us_per_step − fixed_us, and the roofline of the cache read alone
-//                     (cache bytes, attention FLOPs) over it — how close the attention kernel is
+//                     (cache bytes, attention FLOPs) over it — how close the attention kernel is;
+//                     only when that difference is ≥ 20 % of the step (below, it is mostly the
+//                     noise of two separately timed runs: "140 %" was seen for TPA at 4K)
 //
 // Decode caches are filled by appending random factor rows straight into the KVCache (no
 // prefill compute); each step then appends one token per sequence, and once a sequence has
@@ -425,7 +427,7 @@ void decode(benchmark::State& state, DecodeCase c) {
   // The attention part alone: the step minus its fixed part, against the cache-only roofline.
   const double fixed = fixed_step_seconds(l, c, ctx), attn = sec - fixed;
   cnt["fixed_us"] = fixed * 1e6;
-  if (attn > 0.02 * sec) {
+  if (attn >= 0.2 * sec) {
     cnt["attn_us"] = attn * 1e6;
     cnt["attn_pct_roofline"] =
         100 * m.roofline_seconds(cache_bytes, B * keys * l.decode_flops_per_key()) / attn;
