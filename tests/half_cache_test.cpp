@@ -400,6 +400,7 @@ void check_tpa(bool kv_only) {
 template <class B>
 class HalfCache : public ::testing::Test {};
 
+// Reference too: the 16-bit reads of every backend, the scalar one included.
 using Backends = ::testing::Types<tpa::Reference, tpa::Portable
 #if defined(TPA_HAVE_AVX2)
                                   ,
@@ -410,13 +411,7 @@ using Backends = ::testing::Types<tpa::Reference, tpa::Portable
                                   tpa::Avx512
 #endif
                                   >;
-struct BackendName {
-  template <class B>
-  static std::string GetName(int) {
-    return B::name;
-  }
-};
-TYPED_TEST_SUITE(HalfCache, Backends, BackendName);
+TYPED_TEST_SUITE(HalfCache, Backends, tpa_test::BackendName);
 
 TYPED_TEST(HalfCache, Mha) {
   check_grouped<TypeParam, bfloat16>("MHA", 4);
