@@ -400,13 +400,16 @@ TYPED_TEST(GroupedKernel, LongPrefillPasses) {
 }
 
 // Two-part keys: MLA's absorbed decode (512 + 64, value = the 512-part) and small ones, with the
-// value inside the key or in its own factor; decode and prefill.
+// value inside the key or in its own factor; decode and prefill. Decode with ≥ 8 query heads
+// per KV head and d_v ≥ 256 accumulates transposed (rows in lanes): 12 heads (padding lanes),
+// 20 heads (a partial second row vector), two KV heads in one pass, d_v 264 and 300 (partial
+// value blocks and vectors).
 TYPED_TEST(GroupedKernel, TwoPartKeys) {
   using B = TypeParam;
-  const Shape shapes[] = {{4, 1, 512, 64, 512, true},
-                          {6, 1, 24, 8, 24, true},
-                          {6, 1, 40, 8, 16, true},
-                          {4, 2, 24, 8, 20, false}};
+  const Shape shapes[] = {{4, 1, 512, 64, 512, true},   {6, 1, 24, 8, 24, true},
+                          {6, 1, 40, 8, 16, true},      {4, 2, 24, 8, 20, false},
+                          {12, 1, 256, 32, 256, true},  {20, 1, 264, 8, 264, true},
+                          {16, 2, 300, 0, 300, false}};
   for (const Shape& sh : shapes) {
     for (Index n_q : {1, 9}) {
       const Problem<float> pr(sh, 150, n_q, 32, 11u + static_cast<unsigned>(sh.d_k0));
@@ -422,7 +425,8 @@ TYPED_TEST(GroupedKernel, TwoPartKeys) {
 TYPED_TEST(GroupedKernel, SplitKEqualsUnsplit) {
   using B = TypeParam;
   const Shape shapes[] = {
-      {8, 1, 64, 0, 64, false}, {4, 1, 128, 32, 128, true}, {8, 2, 72, 0, 72, false}};
+      {8, 1, 64, 0, 64, false}, {4, 1, 128, 32, 128, true}, {8, 2, 72, 0, 72, false},
+      {16, 1, 256, 32, 256, true}};  // the last one accumulates transposed
   for (const Shape& sh : shapes) {
     const Problem<float> pr(sh, 515, 1, 64, 5u);
     SCOPED_TRACE(sh.name());
@@ -460,7 +464,8 @@ void check_storage() {
   const Shape shapes[] = {{8, 2, 72, 0, 72, false},
                           {8, 8, 40, 0, 40, false},
                           {8, 1, 64, 0, 64, false},
-                          {4, 1, 40, 8, 40, true}};
+                          {4, 1, 40, 8, 40, true},
+                          {8, 1, 264, 8, 264, true}};  // transposed accumulators in decode
   for (const Shape& sh : shapes) {
     for (Index n_q : {1, 6}) {
       const Problem<S> pr(sh, 77, n_q, 16, 3u);

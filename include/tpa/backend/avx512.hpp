@@ -34,6 +34,7 @@ struct Avx512Ops {
   static constexpr Index kLaneRowsMin = 8;
   static constexpr Index kPvRows = 4;  // 4 rows × 4 vectors = 16 accumulators
   static constexpr Index kPvCols = 4;
+  static constexpr Index kPvtDims = 12;  // 12 value dims × 2 row vectors = 24 accumulators
 
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }

@@ -115,7 +115,8 @@ class RowPrefetch {
 ///   kWidth; kTile (tokens per key tile, a multiple of kWidth and of kLaneTokens);
 ///   kLaneTokens × kLaneVecs (tokens × row vectors of the row-lane score micro-kernel);
 ///   kLaneRowsMin (rows per KV head from which the row-lane form is used); kPvRows × kPvCols
-///   (rows × vectors of the value micro-kernel); kQkRows (rows of a transposed-K score
+///   (rows × vectors of the value micro-kernel); kPvtDims (value dims × kLaneVecs row vectors of
+///   the transposed one, row-lane decode); kQkRows (rows of a transposed-K score
 ///   micro-kernel: not used here, by other tiled kernels);
 ///   zero(), set1(x), load(p) (p aligned to W floats), loadu(p), store(p, v) (aligned),
 ///   add, sub, mul, max, fmadd(a, b, c) = a·b + c, reduce_max(v), reduce_add(v);
@@ -138,7 +139,10 @@ class RowPrefetch {
 ///  - online softmax: one vector exp per (row, tile) worth of scores, one rescale factor per row
 ///    and tile (folded into the value micro-kernel);
 ///  - acc [R × d_v] = acc·alpha + P [R × tile]·V [tile × d_v], the accumulator block in
-///    registers across the tile, V column blocks outer so they stay in L1.
+///    registers across the tile: with row lanes in decode, accᵀ [d_v × R] (rows in lanes, each
+///    V element broadcast straight from the cache row once per step and group of kLaneVecs row
+///    vectors, P read as the softmax left it); else rows × vectors of d_v, V column blocks outer
+///    so they stay in L1.
 /// Everything accumulates in f32. While a step runs, the cache rows of the next step are
 /// prefetched into L2 a few lines per micro-kernel call (RowPrefetch).
 template <class Ops, class S>
@@ -155,6 +159,10 @@ class GroupedTiled {
   static constexpr Index kRowCap = 64;
   /// Key dims per chunk of the row-lane score product (its Qᵀ slice stays in L1).
   static constexpr Index kChunk = 128;
+  /// Value dims per call of the transposed value micro-kernel (× kLaneVecs row vectors).
+  static constexpr Index kPvtDims = Ops::kPvtDims;
+  /// Value dims from which row-lane decode accumulates transposed (see shape()).
+  static constexpr Index kPvtMinDims = 256;
 
   /// Floats of workspace that run() needs for `part` (64-byte aligned storage).
   static Index workspace_floats(const P& p, const GroupedPart& part) {
@@ -200,6 +208,7 @@ class GroupedTiled {
     Index ni = 0;         // queries per pass
     Index rp = 0;         // row pitch per KV head: rows of one KV head, rounded up to kW
     bool pack_v = false;  // V is widened/padded into workspace (not read in place)
+    bool acc_t = false;   // accumulators transposed: per KV head accᵀ [d_v_pad, rp]
   };
 
   struct Buffers {
@@ -209,7 +218,7 @@ class GroupedTiled {
     float* m;      // [ng·rp] running max
     float* l;      // [ng·rp] running sum
     float* alpha;  // [ng·rp] rescale factor of the current tile
-    float* acc;    // [ng·rp, d_v_pad]
+    float* acc;    // [ng·rp, d_v_pad]; acc_t: per KV head [d_v_pad, rp]
     float* vp;     // [kT, d_v_pad] widened V tile (pack_v only)
     Index total;   // floats
   };
@@ -240,6 +249,12 @@ class GroupedTiled {
       sh.ni = std::max<Index>(1, std::min(part.i1 - part.i0, per_g));
     }
     sh.rp = round_up(sh.ni * sh.gs, kW);
+    // Decode rows (one query) in row lanes, where every row sees every key of every tile, with
+    // long value rows: the row-major kernel reads each V column block once per kPvRows rows,
+    // and MLA's 2 KiB c_kv rows map a block's tokens to few L1 sets, so it comes from L2 every
+    // time; the transposed one reads each V element once. Measured (steps alternated in one
+    // process): MLA d_v 512 3-9 % faster, MQA d_v 128 3-8 % slower, so only from kPvtMinDims.
+    sh.acc_t = sh.ni == 1 && sh.gs >= Ops::kLaneRowsMin && sh.d_v >= kPvtMinDims;
     sh.pack_v = !std::is_same<S, float>::value || p.d_v % kW != 0;
     return sh;
   }
@@ -340,23 +355,44 @@ class GroupedTiled {
       t += n;
     }
 
-    for (Index g = gb; g < ge; ++g)
-      for (Index i = ib; i < ie; ++i)
-        for (Index hh = 0; hh < gs; ++hh) {
-          const Index r = (g - gb) * rp + (i - ib) * gs + hh;
-          const Index h = g * gs + hh;
-          const float* a = b.acc + r * sh.d_v_pad;
-          if (out == nullptr) {
-            const float inv = b.l[r] > 0.f ? 1.f / b.l[r] : 0.f;
-            float* o = p.o + i * p.o_stride + h * sh.d_v;
-            for (Index j = 0; j < sh.d_v; ++j) o[j] = a[j] * inv;
-          } else {
-            const Index ro = (i - part.i0) * (part.g1 - part.g0) * gs + (h - part.g0 * gs);
-            out->m[ro] = b.m[r];
-            out->l[ro] = b.l[r];
-            std::copy(a, a + sh.d_v, out->acc + ro * out->acc_stride);
+    // Row rl of KV head g: its output (normalised) or state (m, l, unnormalised acc).
+    auto dest = [&](Index g, Index rl, float* scale) {
+      const Index r = (g - gb) * rp + rl, i = ib + rl / gs, h = g * gs + rl % gs;
+      if (out == nullptr) {
+        *scale = b.l[r] > 0.f ? 1.f / b.l[r] : 0.f;
+        return p.o + i * p.o_stride + h * sh.d_v;
+      }
+      const Index ro = (i - part.i0) * (part.g1 - part.g0) * gs + (h - part.g0 * gs);
+      out->m[ro] = b.m[r];
+      out->l[ro] = b.l[r];
+      *scale = 1.f;
+      return out->acc + ro * out->acc_stride;
+    };
+    for (Index g = gb; g < ge; ++g) {
+      const float* acc_g = b.acc + (g - gb) * rp * sh.d_v_pad;
+      if (sh.acc_t) {  // accᵀ [d_v_pad, rp] back to rows, kW × kW blocks at a time
+        alignas(64) float blk[kW * kW];
+        for (Index r0 = 0; r0 < rows_g; r0 += kW) {
+          const Index nr = std::min(kW, rows_g - r0);
+          float* o[kW];
+          float scale[kW];
+          for (Index c = 0; c < nr; ++c) o[c] = dest(g, r0 + c, &scale[c]);
+          for (Index j0 = 0; j0 < sh.d_v; j0 += kW) {
+            const Index nj = std::min(kW, sh.d_v - j0);
+            Ops::template transpose_block<float>(acc_g + j0 * rp + r0, rp, nj, nr, blk, kW);
+            for (Index c = 0; c < nr; ++c)
+              for (Index j = 0; j < nj; ++j) o[c][j0 + j] = blk[c * kW + j] * scale[c];
           }
         }
+      } else {
+        for (Index rl = 0; rl < rows_g; ++rl) {
+          float scale;
+          float* o = dest(g, rl, &scale);
+          const float* a = acc_g + rl * sh.d_v_pad;
+          for (Index j = 0; j < sh.d_v; ++j) o[j] = a[j] * scale;
+        }
+      }
+    }
   }
 
   // The cache rows step (g, tokens [off, off + n) of block blk) reads: each key part, and the
@@ -389,8 +425,10 @@ class GroupedTiled {
         rw.lanes ? ((p.k_dims[0] + kChunk - 1) / kChunk + (p.k_dims[1] + kChunk - 1) / kChunk) *
                        (rp / kW) * (kT / Ops::kLaneTokens)
                  : (n + kW - 1) / kW * nr;
-    const Index pv_points = (nr + Ops::kPvRows - 1) / Ops::kPvRows *
-                            ((sh.d_v_pad / kW + Ops::kPvCols - 1) / Ops::kPvCols);
+    const Index pv_points = sh.acc_t ? (rp / kW + Ops::kLaneVecs - 1) / Ops::kLaneVecs *
+                                           ((d_v + kPvtDims - 1) / kPvtDims)
+                                     : (nr + Ops::kPvRows - 1) / Ops::kPvRows *
+                                           ((sh.d_v_pad / kW + Ops::kPvCols - 1) / Ops::kPvCols);
     const Index per_call = (next.pending() + qk_points + pv_points - 1) / (qk_points + pv_points);
 
     // Scores of the rows that see the tile: token lanes sp[r][t], row lanes sp[t][r].
@@ -445,7 +483,10 @@ class GroupedTiled {
       v_ld = sh.d_v_pad;
     }
     const Index r0 = rw.base + rw.skip;
-    if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {  // every row sees the whole tile
+    if (sh.acc_t) {
+      pv_t(sp, rp, b.alpha + rw.base, v, v_ld, n, d_v, b.acc + rw.base * sh.d_v_pad, next,
+           per_call);
+    } else if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {  // every row sees the whole tile
       pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr, next,
          per_call);
     } else {
@@ -676,6 +717,66 @@ class GroupedTiled {
         pv_dispatch<R, C>(std::min(R, nr - r), nc, pr + r * p_rs, p_rs, p_ts, alpha + r, v + c * kW,
                           v_ld, n, acc + r * acc_ld + c * kW, acc_ld);
       }
+    }
+  }
+
+  // accᵀ [d_v, rp] = accᵀ · alpha (per row lane) + V [n, d_v]ᵀ · P [n, rp] (rows in lanes, as
+  // softmax_lanes left them): kPvtDims value dims × kLaneVecs row vectors of accumulators per
+  // call, each V element broadcast from its row (v + t·v_ld).
+  static void pv_t(const float* pt, Index rp, const float* alpha, const float* v, Index v_ld,
+                   Index n, Index d_v, float* acc, RowPrefetch& pf, Index per_call) {
+    constexpr Index VB = Ops::kLaneVecs, DB = kPvtDims;
+    const Index nv = rp / kW;
+    for (Index w = 0; w < nv; w += VB)
+      for (Index j = 0; j < d_v; j += DB) {
+        pf.issue(per_call);
+        pv_t_dispatch<static_cast<int>(DB), static_cast<int>(VB)>(
+            std::min(DB, d_v - j), std::min(VB, nv - w), pt + w * kW, rp, alpha + w * kW, v + j,
+            v_ld, n, acc + j * rp + w * kW, rp);
+      }
+  }
+
+  // pv_t_block<nd', nw'> for nd' ≤ ND, nw' ≤ NW given at run time.
+  template <int ND, int NW>
+  static void pv_t_dispatch(Index nd, Index nw, const float* pt, Index p_ld, const float* alpha,
+                            const float* v, Index v_ld, Index n, float* acc, Index acc_ld) {
+    if constexpr (ND > 0 && NW > 0) {
+      if (nw < NW)
+        pv_t_dispatch<ND, NW - 1>(nd, nw, pt, p_ld, alpha, v, v_ld, n, acc, acc_ld);
+      else if (nd < ND)
+        pv_t_dispatch<ND - 1, NW>(nd, nw, pt, p_ld, alpha, v, v_ld, n, acc, acc_ld);
+      else
+        pv_t_block<ND, NW>(pt, p_ld, alpha, v, v_ld, n, acc, acc_ld);
+    }
+  }
+
+  template <int ND, int NW>
+  static void pv_t_block(const float* pt, Index p_ld, const float* alpha, const float* v,
+                         Index v_ld, Index n, float* acc, Index acc_ld) {
+    V a[ND][NW];
+    V al[NW];
+    TPA_UNROLL
+    for (int w = 0; w < NW; ++w) al[w] = Ops::load(alpha + w * kW);
+    TPA_UNROLL
+    for (int j = 0; j < ND; ++j) {
+      TPA_UNROLL
+      for (int w = 0; w < NW; ++w) a[j][w] = Ops::mul(Ops::load(acc + j * acc_ld + w * kW), al[w]);
+    }
+    for (Index t = 0; t < n; ++t) {
+      V x[NW];
+      TPA_UNROLL
+      for (int w = 0; w < NW; ++w) x[w] = Ops::load(pt + t * p_ld + w * kW);
+      TPA_UNROLL
+      for (int j = 0; j < ND; ++j) {
+        const V vb = Ops::set1(v[t * v_ld + j]);
+        TPA_UNROLL
+        for (int w = 0; w < NW; ++w) a[j][w] = Ops::fmadd(vb, x[w], a[j][w]);
+      }
+    }
+    TPA_UNROLL
+    for (int j = 0; j < ND; ++j) {
+      TPA_UNROLL
+      for (int w = 0; w < NW; ++w) Ops::store(acc + j * acc_ld + w * kW, a[j][w]);
     }
   }
 
