@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -289,6 +290,24 @@ TEST(ContextParallelFor, RunsEveryIndexOnceAndPublishesItsWrites) {
       for (Index i = 0; i < n; ++i) EXPECT_EQ(runs[static_cast<std::size_t>(i)].load(), calls);
     }
   }
+}
+
+// The pool's idle threads poll for `spin`, then sleep on a condition variable: calls that come
+// after they fell asleep (spin 0: always; 50 µs: after the 300 µs pauses) must wake them and
+// still run every index once. A negative spin is rejected.
+TEST(ContextParallelFor, WakesSleepingThreads) {
+  using std::chrono::microseconds;
+  for (const microseconds spin : {microseconds(0), microseconds(50)}) {
+    tpa::Context ctx(3, spin);
+    std::vector<int> hits(6, 0);
+    for (int c = 0; c < 40; ++c) {
+      if (c % 4 == 0) std::this_thread::sleep_for(microseconds(300));
+      ctx.parallel_for(6, [&](Index i) { ++hits[static_cast<std::size_t>(i)]; });
+      for (int h : hits) ASSERT_EQ(h, c + 1) << "spin " << spin.count() << " us, call " << c;
+    }
+  }
+  EXPECT_THROW(tpa::Context(2, microseconds(-1)), tpa::Error);
+  EXPECT_THROW(tpa::Context(0), tpa::Error);
 }
 
 }  // namespace
