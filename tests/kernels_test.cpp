@@ -403,13 +403,14 @@ TYPED_TEST(GroupedKernel, LongPrefillPasses) {
 // value inside the key or in its own factor; decode and prefill. Decode with ≥ 8 query heads
 // per KV head and d_v ≥ 256 accumulates transposed (rows in lanes): 12 heads (padding lanes),
 // 20 heads (a partial second row vector), two KV heads in one pass, d_v 264 and 300 (partial
-// value blocks and vectors).
+// value blocks and vectors); with 40 heads a prefill pass holds one query, and accumulates
+// transposed too.
 TYPED_TEST(GroupedKernel, TwoPartKeys) {
   using B = TypeParam;
   const Shape shapes[] = {{4, 1, 512, 64, 512, true},   {6, 1, 24, 8, 24, true},
                           {6, 1, 40, 8, 16, true},      {4, 2, 24, 8, 20, false},
                           {12, 1, 256, 32, 256, true},  {20, 1, 264, 8, 264, true},
-                          {16, 2, 300, 0, 300, false}};
+                          {16, 2, 300, 0, 300, false},  {40, 1, 256, 0, 256, false}};
   for (const Shape& sh : shapes) {
     for (Index n_q : {1, 9}) {
       const Problem<float> pr(sh, 150, n_q, 32, 11u + static_cast<unsigned>(sh.d_k0));

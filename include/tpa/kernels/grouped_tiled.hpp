@@ -139,7 +139,8 @@ class RowPrefetch {
 ///  - online softmax: one vector exp per (row, tile) worth of scores, one rescale factor per row
 ///    and tile (folded into the value micro-kernel);
 ///  - acc [R × d_v] = acc·alpha + P [R × tile]·V [tile × d_v], the accumulator block in
-///    registers across the tile: with row lanes in decode, accᵀ [d_v × R] (rows in lanes, each
+///    registers across the tile: with row lanes in a one-query pass and d_v ≥ kPvtMinDims
+///    (MLA's latent value), accᵀ [d_v × R] (rows in lanes, each
 ///    V element broadcast straight from the cache row once per step and group of kLaneVecs row
 ///    vectors, P read as the softmax left it); else rows × vectors of d_v, V column blocks outer
 ///    so they stay in L1.
@@ -249,7 +250,8 @@ class GroupedTiled {
       sh.ni = std::max<Index>(1, std::min(part.i1 - part.i0, per_g));
     }
     sh.rp = round_up(sh.ni * sh.gs, kW);
-    // Decode rows (one query) in row lanes, where every row sees every key of every tile, with
+    // One-query passes (decode; prefill too when a KV head fills a pass) in row lanes, where
+    // the pass stops at its query's last key so every row sees every key of every tile, with
     // long value rows: the row-major kernel reads each V column block once per kPvRows rows,
     // and MLA's 2 KiB c_kv rows map a block's tokens to few L1 sets, so it comes from L2 every
     // time; the transposed one reads each V element once. Measured (steps alternated in one
