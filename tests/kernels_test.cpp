@@ -225,6 +225,31 @@ TYPED_TEST(BackendOps, TransposeAndWiden) {
   check_transpose<Ops, half>();
 }
 
+// load_strided for strides 1 … 5 and every lane count: the last element read ends an exact-size
+// heap allocation, so a read past it is an AddressSanitizer error.
+template <class Ops, class S>
+void check_strided() {
+  constexpr Index W = Ops::kWidth;
+  for (Index stride = 1; stride <= 5; ++stride)
+    for (Index n = 1; n <= W; ++n)
+      for (Index first = 0; first < stride; ++first) {  // start inside an interleaved row
+        const Index size = first + (n - 1) * stride + 1;
+        std::vector<S> src(static_cast<std::size_t>(size));
+        for (Index k = 0; k < size; ++k) src[k] = S(static_cast<float>(k % 53) - 20.f);
+        alignas(64) float out[W];
+        Ops::store(out, Ops::template load_strided<S>(src.data() + first, stride, n));
+        for (Index i = 0; i < W; ++i)
+          ASSERT_EQ(out[i], i < n ? static_cast<float>(src[first + i * stride]) : 0.f)
+              << "stride " << stride << ", n " << n << ", lane " << i;
+      }
+}
+TYPED_TEST(BackendOps, LoadStrided) {
+  using Ops = typename OpsOf<TypeParam>::type;
+  check_strided<Ops, float>();
+  check_strided<Ops, bfloat16>();
+  check_strided<Ops, half>();
+}
+
 // ---- grouped attention ------------------------------------------------------------------------
 
 // One attention shape. Two-part keys: k_dims[1] > 0; `v_in_key`: the value is the first key

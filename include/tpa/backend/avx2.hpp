@@ -12,6 +12,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -118,6 +119,31 @@ struct Avx2Ops {
       } else {  // bfloat16: the upper 16 bits of an f32
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
       }
+    }
+  }
+
+  /// Lanes i < n: p[i·stride] as f32; lanes ≥ n: 0. Reads only those n elements' range.
+  /// Stride 2 (the T6 ranks' interleaved head factors) is two loads and two shuffles.
+  template <class S>
+  static V load_strided(const S* p, Index stride, Index n) {
+    if (stride == 1) return load_widen<S>(p, n);
+    if constexpr (std::is_same<S, float>::value) {
+      if (stride == 2) {
+        const Index m = 2 * n - 1;  // elements p[0 … 2n−2]
+        const V lo = load_widen<float>(p, std::min<Index>(m, 8));
+        const V hi = m > 8 ? load_widen<float>(p + 8, m - 8) : zero();
+        // 128-bit lanes: lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6, then the 64-bit pairs reordered.
+        const V x = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+        return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(x), _MM_SHUFFLE(3, 1, 2, 0)));
+      }
+      const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+      const __m256i idx = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(stride)));
+      return _mm256_mask_i32gather_ps(zero(), p, idx, _mm256_castsi256_ps(mask), 4);
+    } else {
+      alignas(32) std::uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (Index i = 0; i < n; ++i) std::memcpy(&buf[i], p + i * stride, 2);
+      return load_widen<S>(reinterpret_cast<const S*>(buf), kWidth);
     }
   }
 

@@ -11,6 +11,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -78,13 +79,47 @@ struct Avx512Ops {
       return n == kWidth ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(n), p);
     } else {
       static_assert(sizeof(S) == 2, "Avx512Ops: 16-bit storage scalar expected");
-      const __m256i h = n == kWidth ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                    : _mm256_maskz_loadu_epi16(first(n), p);
-      if constexpr (std::is_same<S, half>::value) {
-        return _mm512_cvtph_ps(h);
-      } else {  // bfloat16: the upper 16 bits of an f32
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      return widen<S>(n == kWidth ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(first(n), p));
+    }
+  }
+
+  /// Lanes i < n: p[i·stride] as f32; lanes ≥ n: 0. Reads only those n elements' range.
+  /// Stride 2 (the T6 ranks' interleaved head factors) is two loads and one permute.
+  template <class S>
+  static V load_strided(const S* p, Index stride, Index n) {
+    if (stride == 1) return load_widen<S>(p, n);
+    if (stride == 2) {
+      const Index m = 2 * n - 1;  // elements p[0 … 2n−2]
+      if constexpr (std::is_same<S, float>::value) {
+        const V lo = load_widen<float>(p, std::min<Index>(m, 16));
+        const V hi = m > 16 ? load_widen<float>(p + 16, m - 16) : zero();
+        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
+                                               26, 28, 30);
+        return _mm512_permutex2var_ps(lo, even, hi);
+      } else {  // the even 16-bit elements are the low halves of the 32-bit words
+        const __m512i x = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1u << m) - 1u), p);
+        return widen<S>(_mm512_cvtepi32_epi16(x));
       }
+    }
+    if constexpr (std::is_same<S, float>::value) {
+      const __m512i idx = _mm512_mullo_epi32(
+          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+          _mm512_set1_epi32(static_cast<int>(stride)));
+      return _mm512_mask_i32gather_ps(zero(), first(n), idx, p, 4);
+    } else {
+      alignas(64) float buf[kWidth] = {};
+      for (Index i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
+      return load(buf);
+    }
+  }
+
+  template <class S>
+  static V widen(__m256i h) {
+    if constexpr (std::is_same<S, half>::value) {
+      return _mm512_cvtph_ps(h);
+    } else {  // bfloat16: the upper 16 bits of an f32
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
   }
 

@@ -75,6 +75,15 @@ struct EigenOps {
     return load(buf);
   }
 
+  /// Lanes i < n: p[i·stride] as f32; lanes ≥ n: 0.
+  template <class S>
+  static V load_strided(const S* p, Index stride, Index n) {
+    if (stride == 1) return load_widen<S>(p, n);
+    alignas(64) float buf[kWidth] = {};
+    for (Index i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
+    return load(buf);
+  }
+
   template <class S>
   static void transpose_block(const S* src, Index ld, Index rows, Index cols, float* dst,
                               Index dst_ld) {

@@ -46,27 +46,29 @@ namespace detail {
 ///
 /// A pass holds the rows (query, head) of up to kRowCap / H queries (decode: one query, H rows)
 /// and walks the key tiles (≤ T tokens inside one cache block; tiles past the causal diagonal of
-/// the pass's last query are never visited). Vectors run over the tile's tokens (token lanes).
-/// Per tile:
-///  1. A_K [T, H·R_K] is widened and transposed once into akt [H·R_K, T] (register transposes);
-///  2. scores S [rows, T], in rank space:
-///     factored query: per query, C [R_K·R_Q, T] with C[s·R_Q + r][t] = B_Q[r] · B_K(t)[s] —
-///       the [R_Q × d]·[d × (T·R_K)] product, R_Q·R_K·d multiply-adds per token — read straight
+/// the pass's last query are never visited). Softmax runs with heads in lanes (H rounded up to
+/// whole vectors, H_pad), one token at a time, so the cached A_K and A_V rows ([H, R] per token,
+/// heads interleaved with ranks) are read in place, de-interleaved by load_strided, and no
+/// statistic needs a horizontal reduction. Per tile and query that sees it:
+///  1. scores S [T, H_pad], in rank space:
+///     factored query: C [R_K·R_Q, T] with C[s·R_Q + r][t] = B_Q[r] · B_K(t)[s] — the
+///       [R_Q × d]·[d × (T·R_K)] product, R_Q·R_K·d multiply-adds per token — read straight
 ///       from the cache rows: blocks of W/2 tokens × 2 ranks accumulate W dot products in W
 ///       vector registers over d, then one shuffle tree (lane_reduce) turns them into one vector
-///       of W results, already in token lanes; then per head
-///       S[h] = Σ_s akt[h,s] ⊙ Σ_r A_Q[h,r]·C[s·R_Q + r] (H·R_K·(R_Q+1) per token);
-///     full query (K/V-only): B_K is transposed like A_K into bkt [R_K·d, T] (shared by all H
-///       rows) and S[h] = Σ_s akt[h,s] ⊙ (q_h · bkt_s), the [rows × d]·[d × T] product per s
-///       with the A_K mix folded into its epilogue.
+///       of W results; then per token S(t) = Σ_s A_K(t)[:, s] ⊙ Σ_r C[s·R_Q + r][t]·A_Qᵀ[r]
+///       (broadcast C, H·R_K·(R_Q+1) multiply-adds per token, A_Qᵀ [R_Q, H_pad] built per pass);
+///     full query (K/V-only): A_K and B_K are transposed into akt [H·R_K, T] and bkt [R_K·d, T]
+///       (tokens in lanes), S[h] = Σ_s akt[h,s] ⊙ (q_h · bkt_s) is the [rows × d]·[d × T]
+///       product per s with the A_K mix folded into its epilogue, and one register transpose
+///       per W × W block turns it into heads in lanes;
 ///     qk_scale() is folded into A_Q (or q);
-///  3. online softmax, W rows at a time: row maxima and sums by shuffle trees (no horizontal
-///     reduction per row), one vector exp per score vector, one rescale factor per row and tile
-///     (applied in 5); masked keys weigh exactly 0;
-///  4. W [rows, R_V, T] = P ⊙ A_Vᵀ (A_V transposed like A_K): the value weights p·A_V;
-///  5. acc [rows, d] = acc·alpha + W [rows × (R_V·T)] · B_V [(R_V·T) × d], B_V rows read in place
+///  2. online softmax: the tile's maximum per head (vector max over tokens), one rescale
+///     factor per head and tile (applied in 3), one vector exp per token and head vector, and
+///     the value weights W [T, R_V, H_pad] = P ⊙ A_V(t)[:, s];
+///  3. acc [H, d] = acc·alpha + Wᵀ [H × (T·R_V)] · B_V [(T·R_V) × d], B_V rows read in place
 ///     from the cache (or widened once per tile for 16-bit storage / d not a multiple of W):
 ///     a register-blocked kPvRows × kPvCols product, B_V column blocks outer so they stay in L1.
+///     Tokens past a query's causal limit (diagonal tiles of prefill) are never read.
 /// Everything accumulates in f32. While a tile computes, the next tile's factors are prefetched
 /// into L2 a few lines per micro-kernel call (RowPrefetch). A software prefetch that misses the
 /// second-level TLB is dropped, so on 4 KiB pages (KVCache blocks under 2 MiB) most of a tile's
@@ -88,10 +90,10 @@ namespace detail {
 /// at more than half their peak while the cache streams in. Measured there (one core, CPU time
 /// per token, machine shared): ≈ 155 ns with the factors in L2 (the value micro-GEMM at ≈ 85% of
 /// the FMA peak and ≈ 55% of the time; B_Q·B_K ≈ 20%, mixing and prefetch issue ≈ 12%, softmax
-/// ≈ 9%, A_K/A_V transposes ≈ 6%), ≈ 285 ns streaming from DRAM (≈ 9 GB/s per core, against
-/// ≈ 16 GB/s for a plain streaming read): the software prefetches are spread evenly over the
-/// previous tile (bursts and longer distances measured slower), and memory and compute overlap
-/// only partly.
+/// ≈ 9%, A_K/A_V transposes ≈ 6%, when softmax still ran with tokens in lanes), ≈ 285 ns
+/// streaming from DRAM (≈ 9 GB/s per core, against ≈ 16 GB/s for a plain streaming read): the
+/// software prefetches are spread evenly over the previous tile (bursts and longer distances
+/// measured slower), and memory and compute overlap only partly.
 template <class Ops, class S>
 class TpaTiled {
  public:
@@ -145,23 +147,24 @@ class TpaTiled {
   struct Shape {
     Index H = 0, d = 0, d_pad = 0;  // heads, head dim, head dim rounded up to kW
     Index RQ = 0, RK = 0, RV = 0;   // ranks (RQ = 0: full query)
+    Index H_pad = 0;                // heads rounded up to kW (heads in lanes)
     Index ni = 0;                   // queries per pass
-    Index rows_pad = 0;             // ni·H rounded up to kW (per-row statistics)
     bool pack_v = false;            // B_V is widened/padded into workspace
   };
 
+  // Per-query arrays (st, w, m, l, alpha, aq) hold query i − ib at + (i − ib)·(their size).
   struct Buffers {
-    float* aq;     // factored: [ni·H, RQ] A_Q · qk_scale
+    float* aq;     // factored: [ni][RQ, H_pad] A_Qᵀ · qk_scale (padded heads 0)
     float* q;      // full: [ni·H, d] q · qk_scale
-    float* akt;    // [H·RK, kT] A_K tile transposed
+    float* akt;    // full: [H·RK, kT] A_K tile transposed
     float* bkt;    // full: [RK·d, kT] B_K tile transposed
-    float* avt;    // [H·RV, kT] A_V tile transposed
     float* c;      // factored: [RK·RQ, kT] B_Q·B_Kᵀ of one query, row s·RQ + r
-    float* sp;     // [ni·H, kT] scores, then probabilities
-    float* w;      // [ni·H, RV, kT] value weights P ⊙ A_V
-    float* m;      // [rows_pad] running max (−FLT_MAX once a tile was seen, −inf before)
-    float* l;      // [rows_pad] running sum
-    float* alpha;  // [rows_pad] rescale factor of the current tile
+    float* sp;     // full: [ni·H, kT] scores, tokens in lanes
+    float* st;     // [ni][kT, H_pad] scores, heads in lanes
+    float* w;      // [ni][kT, RV, H_pad] value weights P ⊙ A_V
+    float* m;      // [ni][H_pad] running max (−FLT_MAX once a tile was seen, −inf before)
+    float* l;      // [ni][H_pad] running sum
+    float* alpha;  // [ni][H_pad] rescale factor of the current tile
     float* acc;    // [ni·H, d_pad]
     float* bvp;    // [kT·RV, d_pad] widened B_V tile (pack_v only)
     Index total;   // floats
@@ -177,8 +180,8 @@ class TpaTiled {
     sh.RQ = p.q_rank;
     sh.RK = p.k_rank;
     sh.RV = p.v_rank;
+    sh.H_pad = round_up(sh.H, kW);
     sh.ni = std::max<Index>(1, std::min(part.i1 - part.i0, kRowCap / sh.H));
-    sh.rows_pad = round_up(sh.ni * sh.H, kW);
     sh.pack_v = !std::is_same<S, float>::value || sh.d % kW != 0;
     return sh;
   }
@@ -193,17 +196,17 @@ class TpaTiled {
     };
     const Index rows = sh.ni * sh.H;
     const bool factored = sh.RQ > 0;
-    b.aq = take(factored ? rows * sh.RQ : 0);
+    b.aq = take(factored ? sh.ni * sh.RQ * sh.H_pad : 0);
     b.q = take(factored ? 0 : rows * sh.d);
-    b.akt = take(sh.H * sh.RK * kT);
+    b.akt = take(factored ? 0 : sh.H * sh.RK * kT);
     b.bkt = take(factored ? 0 : sh.RK * sh.d * kT);
-    b.avt = take(sh.H * sh.RV * kT);
     b.c = take(factored ? sh.RK * sh.RQ * kT : 0);
-    b.sp = take(rows * kT);
-    b.w = take(rows * sh.RV * kT);
-    b.m = take(sh.rows_pad);
-    b.l = take(sh.rows_pad);
-    b.alpha = take(sh.rows_pad);
+    b.sp = take(factored ? 0 : rows * kT);
+    b.st = take(sh.ni * kT * sh.H_pad);
+    b.w = take(sh.ni * kT * sh.RV * sh.H_pad);
+    b.m = take(sh.ni * sh.H_pad);
+    b.l = take(sh.ni * sh.H_pad);
+    b.alpha = take(sh.ni * sh.H_pad);
     b.acc = take(rows * sh.d_pad);
     b.bvp = take(sh.pack_v ? kT * sh.RV * sh.d_pad : 0);
     b.total = off;
@@ -235,21 +238,23 @@ class TpaTiled {
   // (i − ib)·H + h.
   static void pass(const P& p, const TpaPart& part, const Shape& sh, const Buffers& b, Index ib,
                    Index ie, const TpaStates* out) {
-    const Index H = sh.H, d = sh.d, RQ = sh.RQ, rows = (ie - ib) * H;
+    const Index H = sh.H, H_pad = sh.H_pad, d = sh.d, RQ = sh.RQ, rows = (ie - ib) * H;
     const float qk_scale = static_cast<float>(p.qk_scale());
     for (Index i = ib; i < ie; ++i) {
       if (RQ > 0) {
-        const float* a = p.a_q + i * p.a_q_stride;
-        float* dst = b.aq + (i - ib) * H * RQ;
-        for (Index k = 0; k < H * RQ; ++k) dst[k] = a[k] * qk_scale;
+        const float* a = p.a_q + i * p.a_q_stride;  // [H, RQ]
+        float* dst = b.aq + (i - ib) * RQ * H_pad;   // [RQ, H_pad]
+        for (Index r = 0; r < RQ; ++r)
+          for (Index h = 0; h < H_pad; ++h) dst[r * H_pad + h] = h < H ? a[h * RQ + r] * qk_scale : 0.f;
       } else {
         const float* q = p.q + i * p.q_stride;
         float* dst = b.q + (i - ib) * H * d;
         for (Index k = 0; k < H * d; ++k) dst[k] = q[k] * qk_scale;
       }
     }
-    std::fill(b.m, b.m + sh.rows_pad, -std::numeric_limits<float>::infinity());
-    std::fill(b.l, b.l + sh.rows_pad, 0.f);
+    const Index stats = (ie - ib) * H_pad;
+    std::fill(b.m, b.m + stats, -std::numeric_limits<float>::infinity());
+    std::fill(b.l, b.l + stats, 0.f);
     std::fill(b.acc, b.acc + rows * sh.d_pad, 0.f);
 
     const Index key_end = std::min(part.k1, p.q_pos0 + ie);
@@ -273,16 +278,16 @@ class TpaTiled {
     const float v_scale = static_cast<float>(p.v_scale());
     for (Index i = ib; i < ie; ++i)
       for (Index h = 0; h < H; ++h) {
-        const Index r = (i - ib) * H + h;
+        const Index r = (i - ib) * H + h, rs = (i - ib) * H_pad + h;
         const float* a = b.acc + r * sh.d_pad;
         if (out == nullptr) {
-          const float inv = b.l[r] > 0.f ? v_scale / b.l[r] : 0.f;
+          const float inv = b.l[rs] > 0.f ? v_scale / b.l[rs] : 0.f;
           float* o = p.o + i * p.o_stride + h * d;
           for (Index j = 0; j < d; ++j) o[j] = a[j] * inv;
         } else {
           const Index ro = (i - part.i0) * H + h;
-          out->m[ro] = b.m[r];
-          out->l[ro] = b.l[r];
+          out->m[ro] = b.m[rs];
+          out->l[ro] = b.l[rs];
           float* o = out->acc + ro * out->acc_stride;
           for (Index j = 0; j < d; ++j) o[j] = a[j] * v_scale;
         }
@@ -322,34 +327,27 @@ class TpaTiled {
   // of which [i_first, ie) see at least the tile's first key. Prefetches `next` on the way.
   static void tile(const P& p, const Shape& sh, const Buffers& b, Index blk, Index off, Index t0,
                    Index n, Index ib, Index ie, Index i_first, TilePrefetch& next) {
-    const Index H = sh.H, d = sh.d, RQ = sh.RQ, RK = sh.RK, RV = sh.RV;
+    const Index H = sh.H, H_pad = sh.H_pad, d = sh.d, RQ = sh.RQ, RK = sh.RK, RV = sh.RV;
     const Index ld_ak = H * RK, ld_bk = RK * d, ld_av = H * RV, ld_bv = RV * d;
     const S* ak = p.kv.factor(p.a_k_factor, blk) + off * ld_ak;
     const S* bk = p.kv.factor(p.b_k_factor, blk) + off * ld_bk;
     const S* av = p.kv.factor(p.a_v_factor, blk) + off * ld_av;
     const S* bv = p.kv.factor(p.b_v_factor, blk) + off * ld_bv;
-    transpose_tile(ak, ld_ak, n, b.akt);
-    if (RQ == 0) transpose_tile(bk, ld_bk, n, b.bkt);
 
     const Index rows = (ie - ib) * H, skip = (i_first - ib) * H, nr = rows - skip;
+    const Index nq = ie - i_first;
     // The next tile is prefetched a few lines at each step of the loops below.
-    const Index points = (RQ > 0 ? (ie - i_first) * (RK * ((n + kW / 2 - 1) / (kW / 2)) + H)
-                                 : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
-                         (nr + kW - 1) / kW +
-                         (nr + kPvRows - 1) / kPvRows * ((sh.d_pad / kW + kPvCols - 1) / kPvCols);
+    const Index per_token = 2 * ((H_pad / kW + kChunkVecs - 1) / kChunkVecs);
+    const Index points =
+        (RQ > 0 ? nq * RK * ((n + kW / 2 - 1) / (kW / 2))
+                : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
+        nq * (per_token * ((n + kTokGroup - 1) / kTokGroup) +
+              (H + kPvRows - 1) / kPvRows * ((sh.d_pad / kW + kPvCols - 1) / kPvCols));
     const Index per_call = (next.pending() + points - 1) / points;
 
-    // Scores of the rows that see the tile.
-    if (RQ > 0) {
-      for (Index i = i_first; i < ie; ++i) {
-        factor_dots(p.b_q + i * p.b_q_stride, RQ, d, bk, ld_bk, RK, n, b.c, next, per_call);
-        const Index row0 = (i - ib) * H;
-        for (Index h = 0; h < H; ++h) {
-          next.issue(per_call);
-          mix_row(b.aq + (row0 + h) * RQ, RQ, RK, b.c, b.akt + h * RK * kT, b.sp + (row0 + h) * kT);
-        }
-      }
-    } else {
+    if (RQ == 0) {  // scores of all rows that see the tile, tokens in lanes
+      transpose_tile(ak, ld_ak, n, b.akt);
+      transpose_tile(bk, ld_bk, n, b.bkt);
       constexpr Index NR = Ops::kQkRows;
       const float* mul[NR];
       for (Index s = 0; s < RK; ++s)
@@ -361,9 +359,6 @@ class TpaTiled {
                                                     b.sp + r * kT, mul, s == 0);
         }
     }
-
-    transpose_tile(av, ld_av, n, b.avt);
-    softmax(p, sh, b, t0, n, ib, skip, rows, next, per_call);
 
     // B_V tile: in place when it is f32 with whole vectors, else widened into bvp.
     const float* vt = nullptr;
@@ -384,20 +379,138 @@ class TpaTiled {
       v_ld = RV * sh.d_pad;
       v_sd = sh.d_pad;
     }
-    if (t0 + n - 1 <= p.q_pos0 + i_first) {  // every row sees the whole tile
-      pv(b.w + skip * RV * kT, RV * kT, b.alpha + skip, vt, v_ld, v_sd, n, RV,
-         b.acc + skip * sh.d_pad, sh.d_pad, nr, next, per_call);
-    } else {
-      // Diagonal tile (prefill): each query's H rows read only the tokens it sees. A masked
-      // token's weight is 0, but 0 · a NaN or Inf value would still reach the earlier queries.
-      for (Index i = i_first; i < ie; ++i) {
-        const Index r = (i - ib) * H;
-        const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + i - t0 + 1));
-        pv(b.w + r * RV * kT, RV * kT, b.alpha + r, vt, v_ld, v_sd, count, RV,
-           b.acc + r * sh.d_pad, sh.d_pad, H, next, per_call);
+
+    for (Index i = i_first; i < ie; ++i) {
+      const Index qi = i - ib;
+      // Keys of the tile query i sees (all of them but in diagonal tiles of prefill). The value
+      // product reads no B_V row past them: 0 · a NaN or Inf value would still be NaN.
+      const Index count = std::min(n, p.q_pos0 + i - t0 + 1);  // ≥ 1
+      float* st = b.st + qi * kT * H_pad;
+      if (RQ > 0) {
+        factor_dots(p.b_q + i * p.b_q_stride, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
+        for_chunks(H_pad / kW, [&](Index v0, auto nv) {
+          scores<decltype(nv)::value>(b.aq + qi * RQ * H_pad + v0 * kW, sh, b.c, ak, v0 * kW,
+                                      count, st + v0 * kW, next, per_call);
+        });
+      } else {
+        for (Index hb = 0; hb < H; hb += kW)
+          for (Index tb = 0; tb < count; tb += kW)
+            Ops::template transpose_block<float>(b.sp + (qi * H + hb) * kT + tb, kT,
+                                                 std::min(kW, H - hb), std::min(kW, count - tb),
+                                                 st + tb * H_pad + hb, H_pad);
       }
+      float* w = b.w + qi * kT * RV * H_pad;
+      float* alpha = b.alpha + qi * H_pad;
+      for_chunks(H_pad / kW, [&](Index v0, auto nv) {
+        const Index h0 = v0 * kW;
+        softmax<decltype(nv)::value>(sh, av, h0, count, st + h0, w + h0, b.m + qi * H_pad + h0,
+                                     b.l + qi * H_pad + h0, alpha + h0, next, per_call);
+      });
+      pv(w, 1, H_pad, RV * H_pad, alpha, vt, v_ld, v_sd, count, RV, b.acc + qi * H * sh.d_pad,
+         sh.d_pad, H, next, per_call);
     }
     next.issue(next.pending());
+  }
+
+  // Head vectors per chunk of the per-token loops (scores, softmax): their accumulators stay in
+  // registers. Tokens between two prefetch issues in those loops.
+  static constexpr Index kChunkVecs = 4;
+  static constexpr Index kTokGroup = 4;
+
+  // f(v0, integral_constant<int, k>) for the chunks [v0, v0 + k) of nvec head vectors, k ≤
+  // kChunkVecs.
+  template <class F>
+  static void for_chunks(Index nvec, F&& f) {
+    for (Index v0 = 0; v0 < nvec; v0 += kChunkVecs) {
+      const Index k = std::min(kChunkVecs, nvec - v0);
+      if (k == 4) f(v0, std::integral_constant<int, 4>{});
+      else if (k == 3) f(v0, std::integral_constant<int, 3>{});
+      else if (k == 2) f(v0, std::integral_constant<int, 2>{});
+      else f(v0, std::integral_constant<int, 1>{});
+    }
+  }
+  static_assert(kChunkVecs == 4, "TpaTiled::for_chunks dispatches chunks of up to 4 vectors");
+
+  // Heads h0 … h0 + NV·kW − 1 (at least one per vector), tokens t < count of one query:
+  // st[t·H_pad + lane] = Σ_s A_K(t)[h, s] · Σ_r c[(s·RQ + r)·kT + t] · aq[r·H_pad + lane]
+  // (st, aq at the chunk's first head; ak = the tile's first A_K row). Padded heads get 0.
+  template <int NV>
+  static void scores(const float* aq, const Shape& sh, const float* c, const S* ak, Index h0,
+                     Index count, float* st, TilePrefetch& pf, Index per_call) {
+    const Index H = sh.H, H_pad = sh.H_pad, RQ = sh.RQ, RK = sh.RK, ld = H * RK;
+    Index nh[NV];
+    TPA_UNROLL
+    for (int v = 0; v < NV; ++v) nh[v] = std::min(kW, H - h0 - v * kW);
+    for (Index t = 0; t < count; ++t) {
+      if (t % kTokGroup == 0) pf.issue(per_call);
+      const S* row = ak + t * ld + h0 * RK;
+      V sc[NV];
+      TPA_UNROLL
+      for (int v = 0; v < NV; ++v) sc[v] = Ops::zero();
+      for (Index s = 0; s < RK; ++s) {
+        V u[NV];
+        TPA_UNROLL
+        for (int v = 0; v < NV; ++v) u[v] = Ops::zero();
+        const float* cs = c + s * RQ * kT + t;
+        for (Index r = 0; r < RQ; ++r) {
+          const V cb = Ops::set1(cs[r * kT]);
+          TPA_UNROLL
+          for (int v = 0; v < NV; ++v) u[v] = Ops::fmadd(cb, Ops::load(aq + r * H_pad + v * kW), u[v]);
+        }
+        TPA_UNROLL
+        for (int v = 0; v < NV; ++v)
+          sc[v] = Ops::fmadd(Ops::template load_strided<S>(row + v * kW * RK + s, RK, nh[v]), u[v],
+                             sc[v]);
+      }
+      TPA_UNROLL
+      for (int v = 0; v < NV; ++v) Ops::store(st + t * H_pad + v * kW, sc[v]);
+    }
+  }
+
+  // Online softmax of one query's heads h0 … h0 + NV·kW − 1 over tokens t < count of the tile
+  // (st, w, m, l, alpha at the chunk's first head; av = the tile's first A_V row):
+  // m ← max(m, max_t st[t]) (floored at −FLT_MAX), alpha = e^(m_old − m), p = e^(st[t] − m),
+  // l ← l·alpha + Σ_t p, w[(t·RV + s)·H_pad] = p ⊙ A_V(t)[:, s].
+  template <int NV>
+  static void softmax(const Shape& sh, const S* av, Index h0, Index count, const float* st,
+                      float* w, float* m, float* l, float* alpha, TilePrefetch& pf,
+                      Index per_call) {
+    const Index H = sh.H, H_pad = sh.H_pad, RV = sh.RV, ld = H * RV;
+    const V floor = Ops::set1(-std::numeric_limits<float>::max());
+    Index nh[NV];
+    V mx[NV], sum[NV];
+    TPA_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      nh[v] = std::min(kW, H - h0 - v * kW);
+      mx[v] = Ops::load(st + v * kW);
+      sum[v] = Ops::zero();
+    }
+    for (Index t = 1; t < count; ++t) {
+      TPA_UNROLL
+      for (int v = 0; v < NV; ++v) mx[v] = Ops::max(mx[v], Ops::load(st + t * H_pad + v * kW));
+    }
+    TPA_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const V m_old = Ops::load(m + v * kW);
+      mx[v] = Ops::max(Ops::max(m_old, mx[v]), floor);  // the new maximum
+      Ops::store(alpha + v * kW, Ops::exp(Ops::sub(m_old, mx[v])));
+      Ops::store(m + v * kW, mx[v]);
+    }
+    for (Index t = 0; t < count; ++t) {
+      if (t % kTokGroup == 0) pf.issue(per_call);
+      const S* row = av + t * ld + h0 * RV;
+      TPA_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const V e = Ops::exp(Ops::sub(Ops::load(st + t * H_pad + v * kW), mx[v]));
+        sum[v] = Ops::add(sum[v], e);
+        for (Index s = 0; s < RV; ++s)
+          Ops::store(w + (t * RV + s) * H_pad + v * kW,
+                     Ops::mul(e, Ops::template load_strided<S>(row + v * kW * RV + s, RV, nh[v])));
+      }
+    }
+    TPA_UNROLL
+    for (int v = 0; v < NV; ++v)
+      Ops::store(l + v * kW, Ops::fmadd(Ops::load(l + v * kW), Ops::load(alpha + v * kW), sum[v]));
   }
 
   // dst [cols, kT] (row c at dst + c·kT) = src [n, cols]ᵀ (row t at src + t·ld, cols = ld),
@@ -477,91 +590,6 @@ class TpaTiled {
     return lane_reduce<Ops>(acc);
   }
 
-  // sp [kT] = Σ_s akt[s] ⊙ Σ_r aq[r]·c[s·RQ + r] (c, akt rows of kT).
-  static void mix_row(const float* aq, Index RQ, Index RK, const float* c, const float* akt,
-                      float* sp) {
-    V acc[kNV];
-    TPA_UNROLL
-    for (Index v = 0; v < kNV; ++v) acc[v] = Ops::zero();
-    for (Index s = 0; s < RK; ++s) {
-      V u[kNV];
-      TPA_UNROLL
-      for (Index v = 0; v < kNV; ++v) u[v] = Ops::zero();
-      const float* cs = c + s * RQ * kT;
-      for (Index r = 0; r < RQ; ++r) {
-        const V a = Ops::set1(aq[r]);
-        TPA_UNROLL
-        for (Index v = 0; v < kNV; ++v) u[v] = Ops::fmadd(a, Ops::load(cs + r * kT + v * kW), u[v]);
-      }
-      TPA_UNROLL
-      for (Index v = 0; v < kNV; ++v)
-        acc[v] = Ops::fmadd(Ops::load(akt + s * kT + v * kW), u[v], acc[v]);
-    }
-    TPA_UNROLL
-    for (Index v = 0; v < kNV; ++v) Ops::store(sp + v * kW, acc[v]);
-  }
-
-  // Online softmax of rows [skip, rows) over the tile (tokens [t0, t0 + n)), W rows at a time:
-  // masks keys a row's query does not see, m ← max(m, row max), alpha = e^(m_old − m),
-  // sp ← e^(sp − m) (0 for masked keys), l ← l·alpha + Σ sp; then W = sp ⊙ A_Vᵀ.
-  static void softmax(const P& p, const Shape& sh, const Buffers& b, Index t0, Index n, Index ib,
-                      Index skip, Index rows, TilePrefetch& pf, Index per_call) {
-    const Index H = sh.H, RV = sh.RV;
-    const float inf = std::numeric_limits<float>::infinity();
-    const V floor = Ops::set1(-std::numeric_limits<float>::max());
-    V red[kW];
-    for (Index r0 = skip / kW * kW; r0 < rows; r0 += kW) {
-      pf.issue(per_call);
-      // Row maxima (rows outside [skip, rows) contribute −inf and a zero sum).
-      for (Index k = 0; k < kW; ++k) {
-        const Index r = r0 + k;
-        if (r < skip || r >= rows) {
-          red[k] = Ops::set1(-inf);
-          continue;
-        }
-        float* sp = b.sp + r * kT;
-        const Index count = std::min(n, p.q_pos0 + ib + r / H - t0 + 1);  // ≥ 1
-        for (Index t = count; t < kT; ++t) sp[t] = -inf;
-        V mx = Ops::load(sp);
-        TPA_UNROLL
-        for (Index v = 1; v < kNV; ++v) mx = Ops::max(mx, Ops::load(sp + v * kW));
-        red[k] = mx;
-      }
-      const V m_old = Ops::load(b.m + r0);
-      const V m_new = Ops::max(Ops::max(m_old, lane_reduce<Ops, true>(red)), floor);
-      const V alpha = Ops::exp(Ops::sub(m_old, m_new));
-      Ops::store(b.m + r0, m_new);
-      Ops::store(b.alpha + r0, alpha);
-      // Weights, their sums, and W.
-      for (Index k = 0; k < kW; ++k) {
-        const Index r = r0 + k;
-        if (r < skip || r >= rows) {
-          red[k] = Ops::zero();
-          continue;
-        }
-        float* sp = b.sp + r * kT;
-        const V mv = Ops::set1(b.m[r]);
-        V sum = Ops::zero();
-        TPA_UNROLL
-        for (Index v = 0; v < kNV; ++v) {
-          const V e = Ops::exp(Ops::sub(Ops::load(sp + v * kW), mv));
-          Ops::store(sp + v * kW, e);
-          sum = Ops::add(sum, e);
-        }
-        red[k] = sum;
-        const Index h = r % H;
-        for (Index s = 0; s < RV; ++s) {
-          const float* a = b.avt + (h * RV + s) * kT;
-          float* w = b.w + (r * RV + s) * kT;
-          TPA_UNROLL
-          for (Index v = 0; v < kNV; ++v)
-            Ops::store(w + v * kW, Ops::mul(Ops::load(sp + v * kW), Ops::load(a + v * kW)));
-        }
-      }
-      Ops::store(b.l + r0, Ops::fmadd(Ops::load(b.l + r0), alpha, lane_reduce<Ops>(red)));
-    }
-  }
-
   // rows_block<nr'> for nr' ≤ NR given at run time.
   template <int NR, bool kMix>
   static void rows_dispatch(Index nr, const float* a, Index a_ld, const float* bt, Index k,
@@ -611,43 +639,48 @@ class TpaTiled {
     }
   }
 
-  // acc [nr, acc_ld] = acc · alpha (per row) + W · B_V: W row r at w + r·w_rs holds RV runs of
-  // kT weights (rank s at + s·kT, token t at + t), B_V row (t, s) at v + t·v_ld + s·v_sd;
-  // n tokens, acc_ld / kW vectors per row. Column blocks outer: a B_V column block stays in L1.
-  static void pv(const float* w, Index w_rs, const float* alpha, const float* v, Index v_ld,
-                 Index v_sd, Index n, Index RV, float* acc, Index acc_ld, Index nr,
-                 TilePrefetch& pf, Index per_call) {
+  // acc [nr, acc_ld] = acc · alpha (per row) + W · B_V: weight (row r, rank s, token t) at
+  // w + r·w_r + s·w_s + t·w_t, B_V row (t, s) at v + t·v_ld + s·v_sd; n tokens, acc_ld / kW
+  // vectors per row. Column blocks outer: a B_V column block stays in L1.
+  static void pv(const float* w, Index w_r, Index w_s, Index w_t, const float* alpha,
+                 const float* v, Index v_ld, Index v_sd, Index n, Index RV, float* acc,
+                 Index acc_ld, Index nr, TilePrefetch& pf, Index per_call) {
     constexpr Index R = kPvRows, C = kPvCols;
     const Index nvec = acc_ld / kW;
+    const Strides st{w_r, w_s, w_t, v_ld, v_sd, n, RV, acc_ld};
     for (Index c = 0; c < nvec; c += C) {
       const Index nc = std::min(C, nvec - c);
       for (Index r = 0; r < nr; r += R) {
         pf.issue(per_call);
         pv_dispatch<static_cast<int>(R), static_cast<int>(C)>(
-            std::min(R, nr - r), nc, w + r * w_rs, w_rs, alpha + r, v + c * kW, v_ld, v_sd, n, RV,
-            acc + r * acc_ld + c * kW, acc_ld);
+            std::min(R, nr - r), nc, w + r * w_r, alpha + r, v + c * kW, acc + r * acc_ld + c * kW,
+            st);
       }
     }
   }
 
+  struct Strides {
+    Index w_r, w_s, w_t, v_ld, v_sd, n, RV, acc_ld;
+  };
+
   // pv_block<nr', nc'> for nr' ≤ NR, nc' ≤ NC given at run time.
   template <int NR, int NC>
-  static void pv_dispatch(Index nr, Index nc, const float* w, Index w_rs, const float* alpha,
-                          const float* v, Index v_ld, Index v_sd, Index n, Index RV, float* acc,
-                          Index acc_ld) {
+  static void pv_dispatch(Index nr, Index nc, const float* w, const float* alpha, const float* v,
+                          float* acc, const Strides& st) {
     if constexpr (NR > 0 && NC > 0) {
       if (nr < NR)
-        pv_dispatch<NR - 1, NC>(nr, nc, w, w_rs, alpha, v, v_ld, v_sd, n, RV, acc, acc_ld);
+        pv_dispatch<NR - 1, NC>(nr, nc, w, alpha, v, acc, st);
       else if (nc < NC)
-        pv_dispatch<NR, NC - 1>(nr, nc, w, w_rs, alpha, v, v_ld, v_sd, n, RV, acc, acc_ld);
+        pv_dispatch<NR, NC - 1>(nr, nc, w, alpha, v, acc, st);
       else
-        pv_block<NR, NC>(w, w_rs, alpha, v, v_ld, v_sd, n, RV, acc, acc_ld);
+        pv_block<NR, NC>(w, alpha, v, acc, st);
     }
   }
 
   template <int NR, int NC>
-  static void pv_block(const float* w, Index w_rs, const float* alpha, const float* v, Index v_ld,
-                       Index v_sd, Index n, Index RV, float* acc, Index acc_ld) {
+  static void pv_block(const float* w, const float* alpha, const float* v, float* acc,
+                       const Strides& st) {
+    const Index w_r = st.w_r, w_t = st.w_t, v_ld = st.v_ld, acc_ld = st.acc_ld;
     V a[NR][NC];
     TPA_UNROLL
     for (int r = 0; r < NR; ++r) {
@@ -655,16 +688,16 @@ class TpaTiled {
       TPA_UNROLL
       for (int c = 0; c < NC; ++c) a[r][c] = Ops::mul(Ops::load(acc + r * acc_ld + c * kW), al);
     }
-    for (Index s = 0; s < RV; ++s) {
-      const float* ws = w + s * kT;
-      const float* vs = v + s * v_sd;
-      for (Index t = 0; t < n; ++t) {
+    for (Index s = 0; s < st.RV; ++s) {
+      const float* ws = w + s * st.w_s;
+      const float* vs = v + s * st.v_sd;
+      for (Index t = 0; t < st.n; ++t) {
         V x[NC];
         TPA_UNROLL
         for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(vs + t * v_ld + c * kW);
         TPA_UNROLL
         for (int r = 0; r < NR; ++r) {
-          const V wb = Ops::set1(ws[r * w_rs + t]);
+          const V wb = Ops::set1(ws[r * w_r + t * w_t]);
           TPA_UNROLL
           for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(wb, x[c], a[r][c]);
         }
