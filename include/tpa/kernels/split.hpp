@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/grouped_tiled.hpp"
@@ -164,8 +166,16 @@ inline void merge_pieces(const GroupedStates* slots, Index pieces, Index rows, I
   }
 }
 
+/// Gap between two workers' workspaces (each also starts on a 4 KiB boundary). Measured on a
+/// 2-core Zen 5 with the workspaces back to back: the worker whose workspace came second ran its
+/// half of a FlashTPA decode step 30–40 % slower than the other (whichever thread it was, with
+/// the cache in L2 or streaming from DRAM); 8 KiB apart it was still ≈ 15 % slower, 64 KiB apart
+/// not measurably — presumably a core's hardware prefetchers running from its own workspace into
+/// its neighbour's, so that the two cores trade those lines.
+constexpr std::size_t kWorkspaceGapBytes = std::size_t{64} << 10;
+
 /// 2·max_w slots of partial states (m, l: `rows`; acc: rows × dim) and max_w workspaces of
-/// ws_floats, from `scratch`.
+/// ws_floats (4 KiB aligned, kWorkspaceGapBytes apart), from `scratch`.
 inline void take_split_buffers(Scratch& scratch, Index max_w, Index rows, Index dim,
                                Index ws_floats, GroupedStates** slots, float*** ws) {
   *slots = static_cast<GroupedStates*>(scratch.bytes(sizeof(GroupedStates) * 2 * max_w));
@@ -176,7 +186,12 @@ inline void take_split_buffers(Scratch& scratch, Index max_w, Index rows, Index 
     (*slots)[i].acc_stride = dim;
   }
   *ws = static_cast<float**>(scratch.bytes(sizeof(float*) * max_w));
-  for (Index w = 0; w < max_w; ++w) (*ws)[w] = scratch.floats(ws_floats);
+  const std::size_t ws_bytes = (static_cast<std::size_t>(ws_floats) * sizeof(float) + 4095) / 4096 * 4096;
+  for (Index w = 0; w < max_w; ++w) {
+    const auto at = reinterpret_cast<std::uintptr_t>(
+        scratch.bytes(kWorkspaceGapBytes + ws_bytes + 4096 - 64));
+    (*ws)[w] = reinterpret_cast<float*>(((at + kWorkspaceGapBytes + 4095) & ~std::uintptr_t{4095}));
+  }
 }
 
 }  // namespace detail
