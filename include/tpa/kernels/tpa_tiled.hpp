@@ -87,13 +87,14 @@ namespace detail {
 /// T6-like shape (H = 32, d = 128, R_Q = 6, R_K = R_V = 2, f32): 2560 B and ≈ 20.7 KFLOP per
 /// token; at 16K tokens 41.9 MB and 0.34 GFLOP, i.e. 1.32 ms at 31.8 GB/s against 0.72 ms at
 /// 470 GFLOP/s (2-core Xeon, AVX-512): memory-bound, but only by 1.8×, so the cores must run FMAs
-/// at more than half their peak while the cache streams in. Measured there (one core, CPU time
-/// per token, machine shared): ≈ 155 ns with the factors in L2 (the value micro-GEMM at ≈ 85% of
-/// the FMA peak and ≈ 55% of the time; B_Q·B_K ≈ 20%, mixing and prefetch issue ≈ 12%, softmax
-/// ≈ 9%, A_K/A_V transposes ≈ 6%, when softmax still ran with tokens in lanes), ≈ 285 ns
-/// streaming from DRAM (≈ 9 GB/s per core, against ≈ 16 GB/s for a plain streaming read): the
-/// software prefetches are spread evenly over the previous tile (bursts and longer distances
-/// measured slower), and memory and compute overlap only partly.
+/// at more than half their peak while the cache streams in. Measured on a 2-core Zen 5 (AVX-512,
+/// 228 GFLOP/s per core; rdtsc around each stage): ≈ 150 ns per token on one core with the
+/// factors in L2 (57% of the FMA peak): the value micro-GEMM ≈ 58% of the time at ≈ 80% of the
+/// peak, B_Q·B_K ≈ 21% (≈ 40%: its shuffle-tree reductions), scores ≈ 10%, softmax ≈ 10%;
+/// ≈ 185 ns streaming from DRAM on one core and ≈ 190 ns per token and core on two (16K tokens:
+/// 1.56 ms). Without the software prefetches the streaming step is 25–33% slower (and the
+/// L2-resident one 5–9% faster): they are spread evenly over the previous tile (bursts and longer
+/// distances measured slower), and memory and compute overlap only partly.
 template <class Ops, class S>
 class TpaTiled {
  public:
