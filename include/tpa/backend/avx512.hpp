@@ -94,8 +94,8 @@ struct Avx512Ops {
       if constexpr (std::is_same<S, float>::value) {
         const V lo = load_widen<float>(p, std::min<Index>(m, 16));
         const V hi = m > 16 ? load_widen<float>(p + 16, m - 16) : zero();
-        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
-                                               26, 28, 30);
+        const __m512i even =
+            _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         return _mm512_permutex2var_ps(lo, even, hi);
       } else {  // the even 16-bit elements are the low halves of the 32-bit words
         const __m512i x = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1u << m) - 1u), p);

@@ -186,10 +186,11 @@ inline void take_split_buffers(Scratch& scratch, Index max_w, Index rows, Index 
     (*slots)[i].acc_stride = dim;
   }
   *ws = static_cast<float**>(scratch.bytes(sizeof(float*) * max_w));
-  const std::size_t ws_bytes = (static_cast<std::size_t>(ws_floats) * sizeof(float) + 4095) / 4096 * 4096;
+  const std::size_t ws_bytes =
+      (static_cast<std::size_t>(ws_floats) * sizeof(float) + 4095) / 4096 * 4096;
   for (Index w = 0; w < max_w; ++w) {
-    const auto at = reinterpret_cast<std::uintptr_t>(
-        scratch.bytes(kWorkspaceGapBytes + ws_bytes + 4096 - 64));
+    const auto at =
+        reinterpret_cast<std::uintptr_t>(scratch.bytes(kWorkspaceGapBytes + ws_bytes + 4096 - 64));
     (*ws)[w] = reinterpret_cast<float*>(((at + kWorkspaceGapBytes + 4095) & ~std::uintptr_t{4095}));
   }
 }

@@ -244,9 +244,10 @@ class TpaTiled {
     for (Index i = ib; i < ie; ++i) {
       if (RQ > 0) {
         const float* a = p.a_q + i * p.a_q_stride;  // [H, RQ]
-        float* dst = b.aq + (i - ib) * RQ * H_pad;   // [RQ, H_pad]
+        float* dst = b.aq + (i - ib) * RQ * H_pad;  // [RQ, H_pad]
         for (Index r = 0; r < RQ; ++r)
-          for (Index h = 0; h < H_pad; ++h) dst[r * H_pad + h] = h < H ? a[h * RQ + r] * qk_scale : 0.f;
+          for (Index h = 0; h < H_pad; ++h)
+            dst[r * H_pad + h] = h < H ? a[h * RQ + r] * qk_scale : 0.f;
       } else {
         const float* q = p.q + i * p.q_stride;
         float* dst = b.q + (i - ib) * H * d;
@@ -390,8 +391,8 @@ class TpaTiled {
       if (RQ > 0) {
         factor_dots(p.b_q + i * p.b_q_stride, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
         for_chunks(H_pad / kW, [&](Index v0, auto nv) {
-          scores<decltype(nv)::value>(b.aq + qi * RQ * H_pad + v0 * kW, sh, b.c, ak, v0 * kW,
-                                      count, st + v0 * kW, next, per_call);
+          scores<decltype(nv)::value>(b.aq + qi * RQ * H_pad + v0 * kW, sh, b.c, ak, v0 * kW, count,
+                                      st + v0 * kW, next, per_call);
         });
       } else {
         for (Index hb = 0; hb < H; hb += kW)
@@ -424,10 +425,14 @@ class TpaTiled {
   static void for_chunks(Index nvec, F&& f) {
     for (Index v0 = 0; v0 < nvec; v0 += kChunkVecs) {
       const Index k = std::min(kChunkVecs, nvec - v0);
-      if (k == 4) f(v0, std::integral_constant<int, 4>{});
-      else if (k == 3) f(v0, std::integral_constant<int, 3>{});
-      else if (k == 2) f(v0, std::integral_constant<int, 2>{});
-      else f(v0, std::integral_constant<int, 1>{});
+      if (k == 4)
+        f(v0, std::integral_constant<int, 4>{});
+      else if (k == 3)
+        f(v0, std::integral_constant<int, 3>{});
+      else if (k == 2)
+        f(v0, std::integral_constant<int, 2>{});
+      else
+        f(v0, std::integral_constant<int, 1>{});
     }
   }
   static_assert(kChunkVecs == 4, "TpaTiled::for_chunks dispatches chunks of up to 4 vectors");
@@ -456,7 +461,8 @@ class TpaTiled {
         for (Index r = 0; r < RQ; ++r) {
           const V cb = Ops::set1(cs[r * kT]);
           TPA_UNROLL
-          for (int v = 0; v < NV; ++v) u[v] = Ops::fmadd(cb, Ops::load(aq + r * H_pad + v * kW), u[v]);
+          for (int v = 0; v < NV; ++v)
+            u[v] = Ops::fmadd(cb, Ops::load(aq + r * H_pad + v * kW), u[v]);
         }
         TPA_UNROLL
         for (int v = 0; v < NV; ++v)
@@ -653,9 +659,9 @@ class TpaTiled {
       const Index nc = std::min(C, nvec - c);
       for (Index r = 0; r < nr; r += R) {
         pf.issue(per_call);
-        pv_dispatch<static_cast<int>(R), static_cast<int>(C)>(
-            std::min(R, nr - r), nc, w + r * w_r, alpha + r, v + c * kW, acc + r * acc_ld + c * kW,
-            st);
+        pv_dispatch<static_cast<int>(R), static_cast<int>(C)>(std::min(R, nr - r), nc, w + r * w_r,
+                                                              alpha + r, v + c * kW,
+                                                              acc + r * acc_ld + c * kW, st);
       }
     }
   }
