@@ -668,6 +668,19 @@ inline const Machine& machine(int threads) {
   return m;
 }
 
+/// Read bandwidth (bytes/s) measured now: the best of `passes` passes of the read probe over
+/// 2 MiB pages on ctx's threads. Memory bandwidth on a shared host drifts by 2× within minutes
+/// (other tenants), so a benchmark that calls this right before and after its timed loop can
+/// state its fraction of the bandwidth it actually had, beside the run's best (machine()).
+inline double read_bandwidth_now(tpa::Context& ctx, int passes) {
+  const float* buf = probe_buffer(ctx, Pages::kHuge);
+  float sink = 0;
+  double best = 1e30;
+  for (int i = 0; i < passes; ++i) best = std::min(best, read_probe_pass(ctx, buf, &sink));
+  benchmark::DoNotOptimize(sink);
+  return static_cast<double>(kProbeBytes) / best;
+}
+
 // =============================================================================================
 // Results shared between benchmarks of one run (for speed-up counters)
 // =============================================================================================

@@ -28,6 +28,10 @@
 //   pct_bw         100 · GBps / read bandwidth (probe, same threads)
 //   pct_flops      100 · flops / time / FMA peak (same threads)
 //   pct_roofline   100 · max(bytes / bandwidth, flops / FMA peak) / time
+//   read_GBps      the run's read bandwidth (best of the first probe's 5 passes)
+//   read_GBps_now  the bandwidth this case had: best of 2 probe passes right before and 2 right
+//                  after its timed loop (on a shared host it drifts by up to 2× within minutes)
+//   pct_bw_now, pct_roofline_now   pct_bw and pct_roofline against read_GBps_now
 #include <sys/mman.h>
 
 #include <cmath>
@@ -249,9 +253,9 @@ template <class S>
 void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge, bool hot,
                    int threads) {
   const Machine& m = machine(threads);
-  release_probe_buffer();
   Sequences<S>& seqs = sequences<S>(c, len, huge, hot);
   tpa::Context ctx(threads);
+  double bw_now = read_bandwidth_now(ctx, 2);
   Index copy = 0;
   for (auto _ : state) {
     if (kCases[c].tpa()) {
@@ -264,7 +268,9 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
     copy = (copy + 1) % seqs.copies();
     benchmark::ClobberMemory();
   }
+  bw_now = std::max(bw_now, read_bandwidth_now(ctx, 2));
   const double n = static_cast<double>(state.iterations());
+  const Machine now{bw_now, m.flops_per_s};
   state.counters["cache_bytes"] = seqs.bytes();
   state.counters["flops"] = seqs.flops();
   state.counters["GBps"] = benchmark::Counter(seqs.bytes() * n / 1e9, benchmark::Counter::kIsRate);
@@ -276,6 +282,11 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
       100.0 * n * m.roofline_seconds(seqs.bytes(), seqs.flops()), benchmark::Counter::kIsRate);
   state.counters["read_GBps"] = m.read_bytes_per_s / 1e9;
   state.counters["peak_GFLOPs"] = m.flops_per_s / 1e9;
+  state.counters["read_GBps_now"] = bw_now / 1e9;
+  state.counters["pct_bw_now"] =
+      benchmark::Counter(100.0 * seqs.bytes() * n / bw_now, benchmark::Counter::kIsRate);
+  state.counters["pct_roofline_now"] = benchmark::Counter(
+      100.0 * n * now.roofline_seconds(seqs.bytes(), seqs.flops()), benchmark::Counter::kIsRate);
 }
 
 template <class S>
