@@ -640,6 +640,19 @@ inline std::pair<double, double> fma_probe_pass(tpa::Context& ctx, float* sink) 
   return {total, s};
 }
 
+/// Read bandwidth (bytes/s) measured now: the best of `passes` passes of the read probe over
+/// 2 MiB pages on ctx's threads. Memory bandwidth on a shared host drifts by 2× within minutes
+/// (other tenants), so a benchmark that calls this right before and after its timed loop can
+/// state its fraction of the bandwidth it actually had, beside the run's best (machine()).
+inline double read_bandwidth_now(tpa::Context& ctx, int passes) {
+  const float* buf = probe_buffer(ctx, Pages::kHuge);
+  float sink = 0;
+  double best = 1e30;
+  for (int i = 0; i < passes; ++i) best = std::min(best, read_probe_pass(ctx, buf, &sink));
+  benchmark::DoNotOptimize(sink);
+  return static_cast<double>(kProbeBytes) / best;
+}
+
 /// Per thread count: the best probe results seen in this run.
 inline std::map<int, Machine>& machines() {
   static std::map<int, Machine> m;
@@ -652,12 +665,7 @@ inline const Machine& machine(int threads) {
   Machine& m = machines()[threads];
   tpa::Context ctx(threads);
   float sink = 0;
-  if (m.read_bytes_per_s == 0) {
-    const float* buf = probe_buffer(ctx, Pages::kHuge);
-    double best = 1e30;
-    for (int i = 0; i < 5; ++i) best = std::min(best, read_probe_pass(ctx, buf, &sink));
-    m.read_bytes_per_s = static_cast<double>(kProbeBytes) / best;
-  }
+  if (m.read_bytes_per_s == 0) m.read_bytes_per_s = read_bandwidth_now(ctx, 5);
   if (m.flops_per_s == 0) {
     for (int i = 0; i < 5; ++i) {
       const auto [f, s] = fma_probe_pass(ctx, &sink);
@@ -666,19 +674,6 @@ inline const Machine& machine(int threads) {
   }
   benchmark::DoNotOptimize(sink);
   return m;
-}
-
-/// Read bandwidth (bytes/s) measured now: the best of `passes` passes of the read probe over
-/// 2 MiB pages on ctx's threads. Memory bandwidth on a shared host drifts by 2× within minutes
-/// (other tenants), so a benchmark that calls this right before and after its timed loop can
-/// state its fraction of the bandwidth it actually had, beside the run's best (machine()).
-inline double read_bandwidth_now(tpa::Context& ctx, int passes) {
-  const float* buf = probe_buffer(ctx, Pages::kHuge);
-  float sink = 0;
-  double best = 1e30;
-  for (int i = 0; i < passes; ++i) best = std::min(best, read_probe_pass(ctx, buf, &sink));
-  benchmark::DoNotOptimize(sink);
-  return static_cast<double>(kProbeBytes) / best;
 }
 
 // =============================================================================================
