@@ -599,7 +599,8 @@ class GroupedTiled {
 
   // acc[t] += k[t][j…]·q[j…] lane-wise over `dim` dims, for W token rows (the first nt real).
   template <class T>
-  TPA_ALWAYS_INLINE static void dot_block(const T* k, Index ld, Index nt, Index dim, const float* q, V* acc) {
+  TPA_ALWAYS_INLINE static void dot_block(const T* k, Index ld, Index nt, Index dim, const float* q,
+                                          V* acc) {
     if (nt == kW)
       dot_rows<T, true>(k, ld, nt, dim, q, acc);
     else
@@ -609,7 +610,8 @@ class GroupedTiled {
   // dot_block for full blocks (kFull: plain row addresses; clamping every row index to nt − 1
   // made the whole block 2.5× slower, measured in L1 on Zen 5) or a short last one.
   template <class T, bool kFull>
-  TPA_ALWAYS_INLINE static void dot_rows(const T* k, Index ld, Index nt, Index dim, const float* q, V* acc) {
+  TPA_ALWAYS_INLINE static void dot_rows(const T* k, Index ld, Index nt, Index dim, const float* q,
+                                         V* acc) {
     auto row = [&](Index t) { return k + (kFull ? t : std::min(t, nt - 1)) * ld; };
     Index j = 0;
     for (; j + kW <= dim; j += kW) {
