@@ -539,6 +539,16 @@ class GroupedTiled {
     m = m_new;
   }
 
+  // Key part `part` of KV head g at token `t` of block blk: its first element, with its size
+  // and row stride (elements) in *dim and *ld; null if the key has no such part.
+  static const S* key_part(const P& p, int part, Index g, Index blk, Index t, Index* dim,
+                           Index* ld) {
+    *dim = p.k_dims[part];
+    if (*dim == 0) return nullptr;
+    *ld = p.kv.factor_elements[p.k_factor[part]];
+    return p.kv.factor(p.k_factor[part], blk) + t * *ld + g * *dim;
+  }
+
   // s [nr, kT] (rows × tokens) = q [nr, dq_pad] · K tile [n, d_qk]ᵀ: per row and block of W
   // tokens, W accumulators over the key dims, then lane_reduce (lane t = token t). Blocks past
   // n are not computed; scores of tokens past n are masked later.
@@ -555,11 +565,9 @@ class GroupedTiled {
     if (kp != nullptr) {
       Index c0 = 0;
       for (int part = 0; part < 2; ++part) {
-        const Index dim = p.k_dims[part];
-        if (dim == 0) continue;
-        const std::size_t f = p.k_factor[part];
-        const Index ld = p.kv.factor_elements[f];
-        const S* k = p.kv.factor(f, blk) + off * ld + g * dim;
+        Index dim, ld;
+        const S* k = key_part(p, part, g, blk, off, &dim, &ld);
+        if (k == nullptr) continue;
         for (Index t = 0; t < n; ++t)
           for (Index c = 0; c < dim; c += kW)
             Ops::store(kp + ((c0 + c) / kW * kT + t) * kW,
@@ -587,11 +595,9 @@ class GroupedTiled {
           }
         } else {
           for (int part = 0; part < 2; ++part) {
-            const Index dim = p.k_dims[part];
-            if (dim == 0) continue;
-            const std::size_t f = p.k_factor[part];
-            const Index ld = p.kv.factor_elements[f];
-            const S* k = p.kv.factor(f, blk) + (off + tb * kW) * ld + g * dim;
+            Index dim, ld;
+            const S* k = key_part(p, part, g, blk, off + tb * kW, &dim, &ld);
+            if (k == nullptr) continue;
             dot_block(k, ld, nt, dim, qr, acc);
             qr += round_up(dim, kW);
           }
@@ -644,11 +650,9 @@ class GroupedTiled {
     Index j0 = 0;
     bool first = true;
     for (int part = 0; part < 2; ++part) {
-      const Index dim = p.k_dims[part];
-      if (dim == 0) continue;
-      const std::size_t f = p.k_factor[part];
-      const Index ld = p.kv.factor_elements[f];
-      const S* k = p.kv.factor(f, blk) + off * ld + g * dim;
+      Index dim, ld;
+      const S* k = key_part(p, part, g, blk, off, &dim, &ld);
+      if (k == nullptr) continue;
       for (Index jc = 0; jc < dim; jc += kChunk) {
         const Index len = std::min(kChunk, dim - jc);
         const float* q = qt + (j0 + jc) * rp;
