@@ -165,10 +165,11 @@ class GroupedTiled {
   static constexpr Index kPvtDims = Ops::kPvtDims;
   /// Value dims from which row-lane decode accumulates transposed (see shape()).
   static constexpr Index kPvtMinDims = 256;
-  /// Value vectors per call of the value micro-kernel for a single row (MHA decode): with
-  /// kPvCols (4) accumulators its FMA chains stalled on latency; 8 took MHA's tile 13% less time
-  /// with the cache in L2 (Zen 5).
+  /// Value vectors per call of the value micro-kernel for a single row (MHA decode). With
+  /// AVX-512's kPvCols (4) accumulators its FMA chains stalled on latency; 8 took MHA's tile 13%
+  /// less time with the cache in L2 (Zen 5).
   static constexpr Index kPv1Cols = Ops::kPvRows * Ops::kPvCols / 2;
+  static_assert(kPv1Cols >= 1, "GroupedTiled: kPvRows * kPvCols must be at least 2");
 
   /// Floats of workspace that run() needs for `part` (64-byte aligned storage).
   static Index workspace_floats(const P& p, const GroupedPart& part) {
@@ -227,7 +228,7 @@ class GroupedTiled {
     float* alpha;  // [ng·rp] rescale factor of the current tile
     float* acc;    // [ng·rp, d_v_pad]; acc_t: per KV head [d_v_pad, rp]
     float* vp;     // [kT, d_v_pad] widened V tile (pack_v only)
-    float* kp;     // [kT, dq_pad] K tile, widened, each key part zero-padded to kW (pack_k only)
+    float* kp;     // [dq_pad / kW, kT, kW] K tile, widened, padded like q (pack_k only)
     Index total;   // floats
   };
 
