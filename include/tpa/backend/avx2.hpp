@@ -37,6 +37,7 @@ struct Avx2Ops {
   static constexpr Index kLaneRowsMin = 4;
   static constexpr Index kPvRows = 2;  // 2 rows × 4 vectors = 8 accumulators
   static constexpr Index kPvCols = 4;
+  static constexpr Index kPv1Cols = 4;
   static constexpr Index kPvtDims = 4;  // 4 value dims × 2 row vectors = 8 accumulators
 
   static V zero() { return _mm256_setzero_ps(); }

@@ -33,8 +33,9 @@ struct Avx512Ops {
   static constexpr Index kLaneTokens = 8;  // 8 tokens × 2 row vectors = 16 accumulators
   static constexpr Index kLaneVecs = 2;
   static constexpr Index kLaneRowsMin = 8;
-  static constexpr Index kPvRows = 4;  // 4 rows × 4 vectors = 16 accumulators
+  static constexpr Index kPvRows = 6;  // 6 rows × 4 vectors = 24 accumulators
   static constexpr Index kPvCols = 4;
+  static constexpr Index kPv1Cols = 8;   // one row: 8 vectors, so its FMA chains hide latency
   static constexpr Index kPvtDims = 12;  // 12 value dims × 2 row vectors = 24 accumulators
 
   static V zero() { return _mm512_setzero_ps(); }

@@ -30,6 +30,7 @@ struct EigenOps {
   static constexpr Index kLaneRowsMin = std::max<Index>(1, kWidth / 2);
   static constexpr Index kPvRows = 2;
   static constexpr Index kPvCols = 4;
+  static constexpr Index kPv1Cols = 4;
   static constexpr Index kPvtDims = 4;
 
   static V zero() { return Eigen::internal::pset1<V>(0.f); }

@@ -115,7 +115,8 @@ class RowPrefetch {
 ///   kWidth; kTile (tokens per key tile, a multiple of kWidth and of kLaneTokens);
 ///   kLaneTokens × kLaneVecs (tokens × row vectors of the row-lane score micro-kernel);
 ///   kLaneRowsMin (rows per KV head from which the row-lane form is used); kPvRows × kPvCols
-///   (rows × vectors of the value micro-kernel); kPvtDims (value dims × kLaneVecs row vectors of
+///   (rows × vectors of the value micro-kernel); kPv1Cols (its vectors for a single row, MHA
+///   decode); kPvtDims (value dims × kLaneVecs row vectors of
 ///   the transposed one, row-lane decode); kQkRows (rows of a transposed-K score
 ///   micro-kernel: not used here, by other tiled kernels);
 ///   zero(), set1(x), load(p) (p aligned to W floats), loadu(p), store(p, v) (aligned),
@@ -168,8 +169,8 @@ class GroupedTiled {
   /// Value vectors per call of the value micro-kernel for a single row (MHA decode). With
   /// AVX-512's kPvCols (4) accumulators its FMA chains stalled on latency; 8 took MHA's tile 13%
   /// less time with the cache in L2 (Zen 5).
-  static constexpr Index kPv1Cols = Ops::kPvRows * Ops::kPvCols / 2;
-  static_assert(kPv1Cols >= 1, "GroupedTiled: kPvRows * kPvCols must be at least 2");
+  static constexpr Index kPv1Cols = Ops::kPv1Cols;
+  static_assert(kPv1Cols >= 1, "GroupedTiled: Ops::kPv1Cols must be at least 1");
 
   /// Floats of workspace that run() needs for `part` (64-byte aligned storage).
   static Index workspace_floats(const P& p, const GroupedPart& part) {

@@ -107,7 +107,7 @@ class TpaTiled {
   /// Rows (queries × heads) per pass, unless one query has more heads.
   static constexpr Index kRowCap = 128;
   /// Value micro-kernel: rows × vectors of accumulators (24 of the 32 registers with AVX-512).
-  static constexpr Index kPvRows = kW >= 16 ? 6 : Ops::kPvRows;
+  static constexpr Index kPvRows = Ops::kPvRows;
   static constexpr Index kPvCols = Ops::kPvCols;
 
   /// Floats of workspace run() needs for `part` (64-byte aligned storage). Depends on the
