@@ -32,8 +32,17 @@
 //   read_GBps_now  the bandwidth this case had: best of 2 probe passes right before and 2 right
 //                  after its timed loop (on a shared host it drifts by up to 2× within minutes)
 //   pct_bw_now, pct_roofline_now   pct_bw and pct_roofline against read_GBps_now
+//
+// Benchmarks: decode_pair/KIND_vs_MHA/cache:f32/ctx:16384/pages:huge/threads:2, the speed-up of
+// KIND over MHA with both measured in the same moments: each iteration times one MHA step and
+// one KIND step back to back (alternating which goes first), so drift of the shared host's
+// bandwidth (2× within minutes seen here) moves both alike. Counters: MHA_ms and KIND_ms (median
+// step times), speedup (MHA_ms / KIND_ms) and speedup_lo, speedup_hi (the first and third
+// quartile of the per-iteration ratios).
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -234,11 +243,14 @@ class Sequences final : public SequencesBase {
   std::vector<float> q_, o_;
 };
 
-// The sequences of the case being measured (one case in memory at a time).
+// The sequences of the case being measured (one case in memory at a time per slot: decode_pair
+// keeps MHA's in slot 1 beside the other kind's in slot 0).
 template <class S>
-Sequences<S>& sequences(std::size_t c, Index len, bool huge, bool hot) {
-  static std::unique_ptr<SequencesBase> cur;
-  static std::string key;
+Sequences<S>& sequences(std::size_t c, Index len, bool huge, bool hot, int slot = 0) {
+  static std::unique_ptr<SequencesBase> slots[2];
+  static std::string keys[2];
+  std::unique_ptr<SequencesBase>& cur = slots[slot];
+  std::string& key = keys[slot];
   const std::string k = std::to_string(c) + "/" + std::to_string(len) + "/" + (huge ? "h" : "c") +
                         (hot ? "/hot/" : "/") + scalar_name<S>();
   if (key != k) {
@@ -258,13 +270,7 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
   double bw_now = read_bandwidth_now(ctx, 2);
   Index copy = 0;
   for (auto _ : state) {
-    if (kCases[c].tpa()) {
-      const auto p = seqs.tpa_params(copy);
-      tpa::tpa_attention<tpa::Native>(ctx, &p, 1);
-    } else {
-      const auto p = seqs.params(copy);
-      tpa::grouped_attention<tpa::Native>(ctx, &p, 1);
-    }
+    step(ctx, c, seqs, copy);
     copy = (copy + 1) % seqs.copies();
     benchmark::ClobberMemory();
   }
@@ -287,6 +293,62 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
       benchmark::Counter(100.0 * seqs.bytes() * n / bw_now, benchmark::Counter::kIsRate);
   state.counters["pct_roofline_now"] = benchmark::Counter(
       100.0 * n * now.roofline_seconds(seqs.bytes(), seqs.flops()), benchmark::Counter::kIsRate);
+}
+
+// One decode step of case c over copy `copy` of its sequences.
+template <class S>
+void step(tpa::Context& ctx, std::size_t c, Sequences<S>& seqs, Index copy) {
+  if (kCases[c].tpa()) {
+    const auto p = seqs.tpa_params(copy);
+    tpa::tpa_attention<tpa::Native>(ctx, &p, 1);
+  } else {
+    const auto p = seqs.params(copy);
+    tpa::grouped_attention<tpa::Native>(ctx, &p, 1);
+  }
+}
+
+// decode_pair: MHA (case 0) and case c alternated step by step (see the file's header).
+void decode_pair(benchmark::State& state, std::size_t c, Index len, int threads) {
+  Sequences<float>& mha = sequences<float>(0, len, true, false, 1);
+  Sequences<float>& other = sequences<float>(c, len, true, false, 0);
+  tpa::Context ctx(threads);
+  std::vector<double> t_mha, t_other;
+  Index copy_mha = 0, copy_other = 0;
+  auto timed = [&](std::size_t kase, Sequences<float>& seqs, Index& copy) {
+    const auto t0 = std::chrono::steady_clock::now();
+    step(ctx, kase, seqs, copy);
+    benchmark::ClobberMemory();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    copy = (copy + 1) % seqs.copies();
+    return s;
+  };
+  for (auto _ : state) {
+    double a, b;
+    if (t_mha.size() % 2 == 0) {
+      a = timed(0, mha, copy_mha);
+      b = timed(c, other, copy_other);
+    } else {
+      b = timed(c, other, copy_other);
+      a = timed(0, mha, copy_mha);
+    }
+    state.SetIterationTime(a + b);
+    t_mha.push_back(a);
+    t_other.push_back(b);
+  }
+  if (t_mha.empty()) return;
+  std::vector<double> ratio(t_mha.size());
+  for (std::size_t i = 0; i < ratio.size(); ++i) ratio[i] = t_mha[i] / t_other[i];
+  auto quantile = [](std::vector<double> v, double q) {
+    const auto k = static_cast<std::ptrdiff_t>(q * static_cast<double>(v.size() - 1) + 0.5);
+    std::nth_element(v.begin(), v.begin() + k, v.end());
+    return v[static_cast<std::size_t>(k)];
+  };
+  const double mha_s = quantile(t_mha, 0.5), other_s = quantile(t_other, 0.5);
+  state.counters["MHA_ms"] = 1e3 * mha_s;
+  state.counters[std::string(kCases[c].name) + "_ms"] = 1e3 * other_s;
+  state.counters["speedup"] = mha_s / other_s;
+  state.counters["speedup_lo"] = quantile(ratio, 0.25);
+  state.counters["speedup_hi"] = quantile(ratio, 0.75);
 }
 
 template <class S>
@@ -324,6 +386,18 @@ void register_all() {
       register_scalar<float>(c, len, true, threads, true);
     }
   }
+  // Every other kind against MHA, steps alternated: f32, 2 MiB pages, 2 threads.
+  for (std::size_t c = 1; c < std::size(kCases); ++c)
+    for (Index len : kContexts) {
+      const std::string name = std::string("decode_pair/") + kCases[c].name +
+                               "_vs_MHA/cache:f32/ctx:" + std::to_string(len) +
+                               "/pages:huge/threads:2";
+      benchmark::RegisterBenchmark(name.c_str(),
+                                   [=](benchmark::State& s) { decode_pair(s, c, len, 2); })
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(2.0);
+    }
 }
 
 }  // namespace
