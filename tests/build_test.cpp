@@ -9,7 +9,7 @@
 #include <string>
 #include <type_traits>
 
-namespace {
+namespace build_test {
 
 TEST(BuildTest, ErrorIsARuntimeErrorCarryingItsMessage) {
   static_assert(std::is_base_of_v<std::runtime_error, tpa::Error>);
@@ -90,4 +90,4 @@ TEST(BuildTest, TestDataDirExists) {
   EXPECT_TRUE(std::filesystem::is_directory(dir)) << dir;
 }
 
-}  // namespace
+}  // namespace build_test

@@ -13,7 +13,7 @@ using tpa::FactorRows;
 using tpa::Index;
 using tpa::KVCache;
 
-namespace {
+namespace cache_test {
 
 CacheLayout kv_layout(Index g, Index d) {
   return CacheLayout("GQA", {{"K", g, d, true}, {"V", g, d, false}});
@@ -220,4 +220,4 @@ TEST(KVCache, HalfWidthStorageRoundsOnAppend) {
   EXPECT_NEAR(static_cast<float>(view.token(1, 0)[0]), 0.1f, 0.1f * (1.f / 256));
 }
 
-}  // namespace
+}  // namespace cache_test

@@ -24,7 +24,7 @@
 #include "../examples/t6_model.hpp"
 #include "test_util.hpp"
 
-namespace {
+namespace checkpoint_test {
 
 using tpa::Index;
 using tpa::io::DType;
@@ -621,4 +621,4 @@ TEST(CheckpointModel, TiedFileWithBothNamesMustAgree) {
             std::string::npos);
 }
 
-}  // namespace
+}  // namespace checkpoint_test

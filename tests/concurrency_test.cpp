@@ -16,7 +16,7 @@
 
 #include "test_util.hpp"
 
-namespace {
+namespace concurrency_test {
 
 using tpa::Index;
 using tpa::SeqId;
@@ -310,4 +310,4 @@ TEST(ContextParallelFor, WakesSleepingThreads) {
   EXPECT_THROW(tpa::Context(0), tpa::Error);
 }
 
-}  // namespace
+}  // namespace concurrency_test

@@ -18,7 +18,7 @@
 using tpa::Index;
 using tpa::io::SafetensorsFile;
 
-namespace {
+namespace fixtures_test {
 
 // README: "A float32 implementation should match every stored output to an absolute error of
 // about 1e-5 (stored values are O(1))".
@@ -318,4 +318,4 @@ TEST(Fixtures, T6InferDecode) {
   check_fixture("t6_infer_decode", layer, f, prompt, final_cache, "y_full");
 }
 
-}  // namespace
+}  // namespace fixtures_test

@@ -17,7 +17,7 @@ using tpa_test::random_tensor;
 using tpa_test::rel_err;
 using tpa_test::rows;
 
-namespace {
+namespace gqa_test {
 
 // Naive SPEC.md GQA in double: causal attention over x [T, D] at positions 0 … T−1.
 std::vector<double> gqa_reference(const GqaConfig& c, const GqaWeights& w,
@@ -359,4 +359,4 @@ TEST(GqaValidation, InvalidConfigsAndWeightsThrow) {
   EXPECT_THROW(tpa::Context(0), tpa::Error);
 }
 
-}  // namespace
+}  // namespace gqa_test

@@ -47,7 +47,7 @@
 
 #include "test_util.hpp"
 
-namespace {
+namespace half_cache_test {
 
 using tpa::bfloat16;
 using tpa::half;
@@ -477,4 +477,4 @@ TYPED_TEST(HalfCache, TpaKvOnly) {
   check_tpa<TypeParam, half>(true);
 }
 
-}  // namespace
+}  // namespace half_cache_test

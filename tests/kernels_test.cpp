@@ -36,7 +36,7 @@
 #include "tpa/runtime/context.hpp"
 
 namespace tpa {
-namespace {
+namespace kernels_test {
 
 using tpa_test::BackendName;
 using tpa_test::Backends;
@@ -531,5 +531,5 @@ TEST(GroupedKernel, RejectsInconsistentCalls) {
 
 TEST(GroupedKernel, CompiledBackends) { tpa_test::check_compiled_backends(); }
 
-}  // namespace
+}  // namespace kernels_test
 }  // namespace tpa

@@ -16,7 +16,7 @@
 #error "TPA_TEST_DATA_DIR must be defined to the tests/data directory"
 #endif
 
-namespace {
+namespace mla_fixture_test {
 
 using tpa::Index;
 using tpa::MlaForm;
@@ -198,4 +198,4 @@ TEST(MlaFixtureTest, PrefillThenTokenByTokenForwardReproducesY) {
   }
 }
 
-}  // namespace
+}  // namespace mla_fixture_test

@@ -12,7 +12,7 @@
 #include <tpa/tpa.hpp>
 #include <vector>
 
-namespace {
+namespace mla_test {
 
 using tpa::Index;
 using tpa::MlaConfig;
@@ -714,4 +714,4 @@ TEST(MlaTest, NoCacheForwardChecksItsInputs) {
   EXPECT_NO_THROW(layer.forward(ctx, rows(x, 0, 6, 32), out_rows(y, 0, 6, 32)));
 }
 
-}  // namespace
+}  // namespace mla_test

@@ -17,7 +17,7 @@
 
 #include "test_util.hpp"
 
-namespace {
+namespace nonfinite_test {
 
 using tpa::Index;
 using tpa::KVCache;
@@ -175,4 +175,4 @@ INSTANTIATE_TEST_SUITE_P(Threads, NonFinite, ::testing::Values(1, 2),
                            return std::to_string(i.param) + "thread";
                          });
 
-}  // namespace
+}  // namespace nonfinite_test

@@ -12,7 +12,7 @@ using tpa::RopeConfig;
 using tpa::RopeStyle;
 using tpa::RopeTable;
 
-namespace {
+namespace rope_test {
 
 RopeTable table(RopeStyle style, tpa::Index dim, tpa::Index rotary = 0, double base = 10000.0) {
   RopeConfig c;
@@ -160,4 +160,4 @@ TEST(Rope, UnknownStyleThrows) {
   EXPECT_THROW(RopeTable(c, 8), tpa::Error);
 }
 
-}  // namespace
+}  // namespace rope_test

@@ -22,7 +22,7 @@
 #error "TPA_TEST_DATA_DIR must be defined to the tests/data directory"
 #endif
 
-namespace {
+namespace safetensors_test {
 
 using tpa::Index;
 using tpa::io::DType;
@@ -759,4 +759,4 @@ TEST(SafetensorsMalformed, SingleByteCorruptionNeverCrashes) {
   }
 }
 
-}  // namespace
+}  // namespace safetensors_test

@@ -27,7 +27,7 @@
 
 #include "test_util.hpp"
 
-namespace {
+namespace stress_test {
 
 using tpa::Index;
 using tpa::SeqId;
@@ -268,4 +268,4 @@ TEST(Stress, SingleRowStepsAreBitIdenticalToRunningAlone) {
   }
 }
 
-}  // namespace
+}  // namespace stress_test

@@ -39,7 +39,7 @@
 #include "tpa/runtime/context.hpp"
 
 namespace tpa {
-namespace {
+namespace tpa_kernels_test {
 
 using tpa_test::BackendName;
 using tpa_test::Backends;
@@ -372,5 +372,5 @@ TEST(TpaKernel, RejectsInconsistentCalls) {
 
 TEST(TpaKernel, CompiledBackends) { tpa_test::check_compiled_backends(); }
 
-}  // namespace
+}  // namespace tpa_kernels_test
 }  // namespace tpa

@@ -18,7 +18,7 @@ using tpa_test::random_tensor;
 using tpa_test::rel_err;
 using tpa_test::rows;
 
-namespace {
+namespace tpa_layer_test {
 
 using Tpa = tpa::TensorProductAttention<>;  // Native backend, float cache: what users get.
 
@@ -671,4 +671,4 @@ TEST(TpaErrors, BadCallsThrowAndLeaveTheCacheUnchanged) {
   }
 }
 
-}  // namespace
+}  // namespace tpa_layer_test
