@@ -736,7 +736,7 @@ TEST(ConfigErrors, HugeAndNegativeSizesNameTheValueAndTheRule) {
   m.qk_rope_head_dim = kIndexMax;
   m.v_head_dim = 4;
   expect_message<tpa::MultiHeadLatentAttention<>>(
-      m, {"qk_nope_head_dim (9223372036854775807) would hold more than 2^40"});
+      m, {"qk_nope_head_dim (9223372036854775807) must be <= 2^40"});
 }
 
 // ---------------------------------------------------------------------------------------------

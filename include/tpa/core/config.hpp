@@ -33,10 +33,11 @@ inline bool product_at_most(Index limit, std::initializer_list<Index> factors) {
 }
 
 /// \throws Error unless the product of `factors` (each ≥ 0) is at most kMaxConfigElements;
-/// `what` names the weight and how its size is computed.
+/// `what` names the weight and how its size is computed (or the one field).
 inline void check_elements(const char* who, const char* what,
                            std::initializer_list<Index> factors) {
   if (product_at_most(kMaxConfigElements, factors)) return;
+  if (factors.size() == 1) fail(who, ": ", what, " (", *factors.begin(), ") must be <= 2^40");
   std::ostringstream os;
   const char* sep = "";
   for (const Index f : factors) {
