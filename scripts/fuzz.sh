@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds every libFuzzer target tests/fuzz/*.cpp with clang (-fsanitize=fuzzer,address,undefined,
-# warnings as errors; TPA_JOBS builds at a time) and runs each for a bounded time. The safetensors
-# target is seeded with the test fixtures (tests/data/*.safetensors) and a few small hand-made
-# files; the others start from their own corpus. Exits non-zero if any target fails to build or
+# warnings as errors; TPA_JOBS builds at a time) and runs each for a bounded time. Every target is
+# seeded with the reproducers kept in the repository, tests/fuzz/corpus/<target>/ (written by
+# tests/fuzz/make_corpus.py); the safetensors target also with the test fixtures
+# (tests/data/*.safetensors) and a few small hand-made files. Exits non-zero if any target fails to build or
 # finds a crash, leak, timeout or out-of-memory; the reproducer is left under
 # <build>/artifacts/<target>/ (replay: <build>/<target> <reproducer>).
 #   TPA_FUZZ_SECONDS=<s>     run time per target (default 60)
@@ -43,6 +44,7 @@ write_seed() {
 seed_corpus() {
   local dir="$1" t="$2"
   mkdir -p "$dir"
+  if [[ -d "$repo/tests/fuzz/corpus/$t" ]]; then cp "$repo/tests/fuzz/corpus/$t"/* "$dir"/; fi
   [[ "$t" == fuzz_safetensors ]] || return 0
   cp "$repo"/tests/data/*.safetensors "$dir"/ 2>/dev/null || true
   write_seed "$dir/seed_empty" '{}' ''

@@ -17,6 +17,8 @@ inline void eigen_assert_failed() { eigen_malloc_failures.fetch_add(1); }
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -199,6 +201,29 @@ TEST(AllocTest, CountersSeeAllocations) {
   auto* v = new std::vector<int>(100);
   delete v;
   EXPECT_GE(alloc_test::news.load() - before, 2);
+}
+
+// max_blocks is only a bound (issue 27): the cache's per-block bookkeeping grows when new
+// blocks are allocated, never when an append takes a block that is already allocated. A cache
+// that may hold 2^31 − 1 blocks, warmed up to 200 blocks and emptied, then serves appends of
+// single tokens (taking a free block every 8th) without any operator new.
+TEST(AllocTest, AppendsTakingFreeBlocksAllocateNothingWithAHugeMaxBlocks) {
+  const CacheLayout layout("GQA", {{"K", 2, 8, true}, {"V", 2, 8, false}});
+  KVCache<float> cache({layout}, 8, std::numeric_limits<std::int32_t>::max());
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 2> kv = random_rows(1600, 32, 7);
+  const FactorRows warm[2] = {{kv.data(), 32}, {kv.data() + 16, 32}};
+  cache.append(a, 0, 1600, warm);  // 200 blocks: the bookkeeping grew several times
+  cache.free_sequence(a);
+  const SeqId b = cache.add_sequence();  // reuses a's handle and its block table's capacity
+  const long before = alloc_test::news.load();
+  for (Index i = 0; i < 1600; ++i) {
+    const FactorRows rows[2] = {{kv.data() + i * 32, 32}, {kv.data() + i * 32 + 16, 32}};
+    cache.append(b, 0, 1, rows);
+  }
+  EXPECT_EQ(alloc_test::news.load() - before, 0) << "operator new calls in appends";
+  EXPECT_EQ(cache.allocated_blocks(), 200);
+  EXPECT_EQ(cache.length(b), 1600);
 }
 
 TEST(AllocTest, GqaDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_nothing(2); }

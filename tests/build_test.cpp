@@ -84,6 +84,34 @@ TEST(BuildTest, TensorAliasIsRowMajor) {
   EXPECT_EQ(x.data()[3], 1.0f);
 }
 
+// tpa::is_backend tells backend tags from other types; every layer and Kernels<B> static_assert
+// it (issue 27: TensorProductAttention<float> failed deep inside the kernels). Avx2 and Avx512
+// are declared on every build; `enabled` says whether the flags enable them (using a disabled
+// one fails to compile, naming the flags).
+TEST(BuildTest, BackendTagsAreBackends) {
+  static_assert(tpa::is_backend<tpa::Reference>::value);
+  static_assert(tpa::is_backend_v<tpa::Portable>);
+  static_assert(tpa::is_backend_v<tpa::Avx2>);
+  static_assert(tpa::is_backend_v<tpa::Avx512>);
+  static_assert(tpa::is_backend_v<tpa::Native>);
+  static_assert(tpa::Native::enabled && tpa::Portable::enabled && tpa::Reference::enabled);
+  static_assert(!tpa::is_backend_v<float>);
+  static_assert(!tpa::is_backend_v<int>);
+  static_assert(!tpa::is_backend_v<tpa::Kernels<tpa::Reference>>);
+  static_assert(!tpa::is_backend_v<tpa::Tensor<float, 2>>);
+#if defined(TPA_HAVE_AVX2)
+  static_assert(tpa::Avx2::enabled);
+#else
+  static_assert(!tpa::Avx2::enabled);
+#endif
+#if defined(TPA_HAVE_AVX512)
+  static_assert(tpa::Avx512::enabled && std::is_same_v<tpa::Native, tpa::Avx512>);
+#else
+  static_assert(!tpa::Avx512::enabled);
+#endif
+  SUCCEED() << "native backend: " << tpa::Native::name;
+}
+
 TEST(BuildTest, TestDataDirExists) {
   const std::filesystem::path dir(TPA_TEST_DATA_DIR);
   EXPECT_TRUE(dir.is_absolute()) << dir;

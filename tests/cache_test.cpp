@@ -4,6 +4,7 @@
 
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "test_util.hpp"
@@ -151,6 +152,58 @@ TEST(KVCache, UnknownSequenceAndLayerThrow) {
   EXPECT_THROW(c.check_layout("test", 0, kv_layout(2, 4)), tpa::Error);
   EXPECT_NO_THROW(c.check_layout("test", 0, kv_layout(1, 4)));
   EXPECT_EQ(c.length(b), 0);
+}
+
+// blocks_needed is public (the README uses it): an unknown sequence or layer, or a negative
+// count, throws instead of reading out of bounds (issue 27).
+TEST(KVCache, BlocksNeededChecksItsArguments) {
+  KVCache<float> c({kv_layout(1, 4)}, 4, 3);
+  const auto a = c.add_sequence();
+  append(c, a, 0, 3);
+  EXPECT_EQ(c.blocks_needed(a, 0, 1), 0);
+  EXPECT_EQ(c.blocks_needed(a, 0, 2), 1);
+  auto expect_error = [](auto&& call, const char* what) {
+    try {
+      call();
+      ADD_FAILURE() << what << ": no error";
+    } catch (const tpa::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  expect_error([&] { (void)c.blocks_needed(a + 1, 0, 1); }, "sequence 1 is not a live sequence");
+  expect_error([&] { (void)c.blocks_needed(-7, 0, 1); }, "sequence -7 is not a live sequence");
+  expect_error([&] { (void)c.blocks_needed(a, 1, 1); }, "layer (1) is not in [0, 1)");
+  expect_error([&] { (void)c.blocks_needed(a, -1, 1); }, "layer (-1)");
+  expect_error([&] { (void)c.blocks_needed(a, 0, -1); }, "n (-1) must be >= 0");
+  c.free_sequence(a);
+  expect_error([&] { (void)c.blocks_needed(a, 0, 1); }, "not a live sequence");
+}
+
+// max_blocks is a bound, not a reservation: a cache that may hold 2^31 − 1 blocks costs nothing
+// until blocks are allocated (it reserved bookkeeping for all of them and threw std::bad_alloc,
+// issue 27), and its bookkeeping grows with the blocks in use.
+TEST(KVCache, MaxBlocksIsABoundNotAReservation) {
+  KVCache<float> c({kv_layout(1, 4)}, 4, std::numeric_limits<std::int32_t>::max());
+  EXPECT_EQ(c.max_blocks(), std::numeric_limits<std::int32_t>::max());
+  EXPECT_EQ(c.allocated_blocks(), 0);
+  EXPECT_EQ(c.bytes_reserved(), 0u);
+  const auto a = c.add_sequence();
+  append(c, a, 0, 4 * 100 + 1);  // 101 blocks: the bookkeeping grows several times
+  EXPECT_EQ(c.allocated_blocks(), 101);
+  expect_contents(c, a, 0);
+  const auto b = c.add_sequence();
+  append(c, b, 0, 7);
+  expect_contents(c, a, 0);
+  expect_contents(c, b, 0);
+  c.free_sequence(a);
+  EXPECT_EQ(c.free_blocks(), 101);
+  append(c, b, 0, 40);  // from the free list
+  EXPECT_EQ(c.allocated_blocks(), 103);
+  expect_contents(c, b, 0);
+  EXPECT_EQ(c.release_free_blocks(), 91);
+  EXPECT_EQ(c.allocated_blocks(), 12);
+  c.reserve_blocks(20);
+  EXPECT_EQ(c.allocated_blocks(), 20);
 }
 
 TEST(KVCache, InvalidConstructionThrows) {

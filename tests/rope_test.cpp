@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "test_util.hpp"
@@ -136,6 +137,41 @@ TEST(Rope, InvalidConfigsThrow) {
     EXPECT_NE(std::string(e.what()).find("(5)"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("even"), std::string::npos) << e.what();
   }
+}
+
+// A table past kMaxRopeTableBytes (1 GiB) is rejected by validate(), naming the value, before
+// anything is allocated: 2^61 positions of head dim 16 overflowed the table size and crashed
+// the layer constructor, 2^60 threw std::length_error, 2^40 std::bad_alloc (issue 27).
+TEST(Rope, TablesPastTheBoundThrowNamingMaxPositions) {
+  RopeConfig c;
+  for (const tpa::Index n : {tpa::Index(1) << 61, tpa::Index(1) << 60, tpa::Index(1) << 40,
+                             std::numeric_limits<tpa::Index>::max()}) {
+    c.max_positions = n;
+    try {
+      RopeTable t(c, 16);
+      ADD_FAILURE() << n << ": no error";
+    } catch (const tpa::Error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("rope.max_positions (" + std::to_string(n) + ")"), std::string::npos)
+          << what;
+      EXPECT_NE(what.find("at most 1 GiB, i.e. at most 16777216 positions"), std::string::npos)
+          << what;
+    }
+  }
+  // The bound itself: 2^30 bytes of cos and sin for rotary dim 16 is 2^24 positions; rotary
+  // dim 2 (and 0, counted as 2) allows 2^27.
+  c.max_positions = tpa::Index(1) << 24;
+  EXPECT_NO_THROW(c.validate("test", 16));
+  c.max_positions += 1;
+  EXPECT_THROW(c.validate("test", 16), tpa::Error);
+  c.max_positions = tpa::Index(1) << 27;
+  EXPECT_NO_THROW(c.validate("test", 2));
+  EXPECT_NO_THROW(c.validate("test", 0));
+  c.max_positions += 1;
+  EXPECT_THROW(c.validate("test", 2), tpa::Error);
+  // A negative vector size is rejected too (it validated with rotary_dim 0 before).
+  c.max_positions = 16;
+  EXPECT_THROW(c.validate("test", -4), tpa::Error);
 }
 
 TEST(Rope, PositionsPastTheTableThrow) {

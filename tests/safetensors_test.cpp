@@ -551,13 +551,28 @@ TEST(SafetensorsMalformed, HeaderNotJsonOrNotAnObject) {
   expect_rejected(make_file("hello world", data), {"not valid JSON"});
   expect_rejected(make_file("{} {}", data), {"not valid JSON"});
   expect_rejected(make_file("{\"\xff\":1}", data), {"not valid JSON"});
-  expect_rejected(make_file(std::string("{\"a\0\":1}", 8), data), {"not valid JSON"});
+  expect_rejected(make_file(std::string("{\"a\0\":1}", 8), data), {"NUL byte at header offset 3"});
   expect_rejected(make_file("[1, 2]  ", data), {"not a JSON object", "array"});
   expect_rejected(make_file("\"str\"", data), {"not a JSON object", "string"});
   expect_rejected(make_file("42", data), {"not a JSON object"});
   expect_rejected(make_file("null", data), {"not a JSON object"});
   expect_rejected(make_file(std::string(200, '[') + std::string(200, ']'), data),
                   {"nested deeper"});
+}
+
+// A NUL byte anywhere in the header is rejected, naming its offset: as padding after the JSON
+// value it was accepted (issue 27); the format pads with spaces.
+TEST(SafetensorsMalformed, NulBytesInTheHeaderAreRejected) {
+  const Bytes data = data_of(two_tensors());
+  std::string h = header_of(two_tensors());
+  h.erase(h.find_last_not_of(' ') + 1);
+  expect_rejected(make_file(h + std::string(3, '\0'), data),
+                  {"NUL byte at header offset " + std::to_string(h.size()),
+                   "file offset " + std::to_string(h.size() + 8)});
+  expect_rejected(make_file(h + "  " + std::string(1, '\0') + "     ", data),
+                  {"NUL byte at header offset " + std::to_string(h.size() + 2)});
+  expect_rejected(make_file(std::string(1, '\0') + h, data), {"NUL byte at header offset 0"});
+  EXPECT_EQ(error_of(make_file(h + "   ", data)), "");  // space padding stays valid
 }
 
 TEST(SafetensorsMalformed, EntryStructure) {

@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
@@ -201,6 +202,14 @@ TEST(CacheErrors, EveryThrowingMemberChangesNothing) {
       {"append full", "cache is full", [](CacheFixture& f) { append(f.c, f.b, 0, 22, 9); }},
       {"append full other layer", "cache is full",
        [](CacheFixture& f) { append(f.c, f.a, 1, 24, 9); }},
+      {"blocks_needed unknown", "sequence 42 is not a live",
+       [](CacheFixture& f) { (void)f.c.blocks_needed(42, 0, 1); }},
+      {"blocks_needed freed", "not a live",
+       [](CacheFixture& f) { (void)f.c.blocks_needed(f.gone, 0, 1); }},
+      {"blocks_needed layer", "layer (2)",
+       [](CacheFixture& f) { (void)f.c.blocks_needed(f.a, 2, 1); }},
+      {"blocks_needed negative", "n (-3) must be >= 0",
+       [](CacheFixture& f) { (void)f.c.blocks_needed(f.a, 0, -3); }},
   };
   for (const auto& k : cases) {
     CacheFixture f;
@@ -259,6 +268,33 @@ TEST(CacheFaults, OutOfMemoryChangesNothing) {
   for (const auto& k : cases) {
     const long failures = fault_sweep<F>(k.first, k.second);
     EXPECT_GE(failures, 1) << k.first << ": no allocation to fail";
+  }
+}
+
+// The per-block bookkeeping grows with the blocks allocated (issue 27: it was reserved for
+// max_blocks up front). A call that needs a new block id past the bookkeeping's capacity (16 ids
+// here, of at most 64) grows it; a failure anywhere in that changes nothing either.
+TEST(CacheFaults, BookkeepingGrowthChangesNothingOnOutOfMemory) {
+  struct F {
+    KVCache<float> c{{kv_layout(2, 4), kv_layout(1, 4)}, 4, 64};
+    SeqId a, b;
+    F() {
+      a = c.add_sequence();
+      b = c.add_sequence();
+      append(c, a, 0, 4 * 15, 1);  // 15 blocks
+      append(c, b, 0, 3, 3);       // the 16th
+    }
+    State now() const { return state(c, {a, b}); }
+  };
+  const std::vector<std::pair<const char*, std::function<void(F&)>>> cases = {
+      {"append past 16 ids", [](F& f) { append(f.c, f.b, 0, 4 * 3, 5); }},
+      {"reserve_blocks 40", [](F& f) { f.c.reserve_blocks(40); }},
+      {"ensure_free_blocks 30", [](F& f) { f.c.ensure_free_blocks(30); }},
+      {"reserve_tokens", [](F& f) { f.c.reserve_tokens(f.a, 4 * 40); }},
+  };
+  for (const auto& k : cases) {
+    const long failures = fault_sweep<F>(k.first, k.second);
+    EXPECT_GE(failures, 2) << k.first << ": the bookkeeping did not grow";
   }
 }
 
@@ -481,6 +517,8 @@ TEST(LayerFaults, OutOfMemoryChangesNothing) {
 // Configs, weights, small objects
 // ---------------------------------------------------------------------------------------------
 
+constexpr Index kIndexMax = std::numeric_limits<Index>::max();
+
 // A valid TPA config: d_model 16, 2 heads of 4, ranks 2, 2, 1.
 tpa::TpaConfig small_tpa() {
   tpa::TpaConfig t;
@@ -508,6 +546,8 @@ void expect_invalid(const char* kind, const Cfg& good, const Weights& w,
     m.second(c);
     const Cfg& cc = c;  // validate() is const, and the constructors take const Cfg&
     EXPECT_THROW(cc.validate(), tpa::Error);
+    // random() validates before it computes a size from the config (issue 27).
+    EXPECT_THROW((void)Weights::random(cc, 1), tpa::Error);
     Weights wc = w;
     EXPECT_THROW({ Layer layer(c, wc); }, tpa::Error);
   }
@@ -526,6 +566,11 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
       {"rope.rotary_dim -2", [](tpa::RopeConfig& r) { r.rotary_dim = -2; }},
       {"rope.rotary_dim odd", [](tpa::RopeConfig& r) { r.rotary_dim = 3; }},
       {"rope.rotary_dim too big", [](tpa::RopeConfig& r) { r.rotary_dim = 64; }},
+      // Tables past kMaxRopeTableBytes (2^61 overflowed the table size, issue 27).
+      {"rope.max_positions 2^61", [](tpa::RopeConfig& r) { r.max_positions = Index(1) << 61; }},
+      {"rope.max_positions 2^60", [](tpa::RopeConfig& r) { r.max_positions = Index(1) << 60; }},
+      {"rope.max_positions 2^40", [](tpa::RopeConfig& r) { r.max_positions = Index(1) << 40; }},
+      {"rope.max_positions max", [](tpa::RopeConfig& r) { r.max_positions = kIndexMax; }},
   };
   auto with_rope = [&rope](auto muts) {
     for (const auto& r : rope) muts.push_back({r.first, [f = r.second](auto& c) { f(c.rope); }});
@@ -541,7 +586,17 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
                    {"n_kv_heads divides", [](tpa::GqaConfig& c) { c.n_kv_heads = 3; }},
                    {"softmax_scale < 0", [](tpa::GqaConfig& c) { c.softmax_scale = -1; }},
                    {"softmax_scale nan", [](tpa::GqaConfig& c) { c.softmax_scale = NAN; }},
-                   {"norm_eps", [](tpa::GqaConfig& c) { c.norm_eps = 0; }}}));
+                   {"norm_eps", [](tpa::GqaConfig& c) { c.norm_eps = 0; }},
+                   {"norm_eps inf", [](tpa::GqaConfig& c) { c.norm_eps = INFINITY; }},
+                   {"n_heads -4", [](tpa::GqaConfig& c) { c.n_heads = -4; }},
+                   {"n_heads 2^62", [](tpa::GqaConfig& c) { c.n_heads = Index(1) << 62; }},
+                   {"head_dim 2^62", [](tpa::GqaConfig& c) { c.head_dim = Index(1) << 62; }},
+                   {"d_model max", [](tpa::GqaConfig& c) { c.d_model = kIndexMax; }},
+                   {"weights 2^41", [](tpa::GqaConfig& c) {
+                      c.n_heads = Index(1) << 20;
+                      c.head_dim = Index(1) << 10;
+                      c.d_model = Index(1) << 11;
+                    }}}));
   {
     tpa::GqaConfig c = g;
     EXPECT_THROW({ tpa::MultiHeadAttention<> l(c, tpa::GqaWeights::random(g, 1)); }, tpa::Error);
@@ -569,7 +624,13 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
                    {"k_rank", [](tpa::TpaConfig& c) { c.k_rank = 0; }},
                    {"v_rank", [](tpa::TpaConfig& c) { c.v_rank = -3; }},
                    {"softmax_scale", [](tpa::TpaConfig& c) { c.softmax_scale = INFINITY; }},
-                   {"norm_eps", [](tpa::TpaConfig& c) { c.norm_eps = -1; }}}));
+                   {"norm_eps", [](tpa::TpaConfig& c) { c.norm_eps = -1; }},
+                   {"norm_eps inf", [](tpa::TpaConfig& c) { c.norm_eps = INFINITY; }},
+                   {"n_heads 2^62", [](tpa::TpaConfig& c) { c.n_heads = Index(1) << 62; }},
+                   {"head_dim max", [](tpa::TpaConfig& c) { c.head_dim = kIndexMax; }},
+                   {"k_rank 2^62", [](tpa::TpaConfig& c) { c.k_rank = Index(1) << 62; }},
+                   {"q_rank 2^50", [](tpa::TpaConfig& c) { c.q_rank = Index(1) << 50; }},
+                   {"d_model 2^40", [](tpa::TpaConfig& c) { c.d_model = Index(1) << 40; }}}));
 
   tpa::MlaConfig m;
   m.d_model = 16;
@@ -591,6 +652,21 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
                    {"v_head_dim", [](tpa::MlaConfig& c) { c.v_head_dim = 0; }},
                    {"softmax_scale", [](tpa::MlaConfig& c) { c.softmax_scale = -2; }},
                    {"norm_eps", [](tpa::MlaConfig& c) { c.norm_eps = NAN; }},
+                   {"norm_eps inf", [](tpa::MlaConfig& c) { c.norm_eps = INFINITY; }},
+                   {"n_heads 2^62", [](tpa::MlaConfig& c) { c.n_heads = Index(1) << 62; }},
+                   {"d_n + d_R overflow", [](tpa::MlaConfig& c) {
+                      c.qk_nope_head_dim = kIndexMax;
+                      c.qk_rope_head_dim = kIndexMax - 1;
+                    }},
+                   {"kv_lora_rank 2^62",
+                    [](tpa::MlaConfig& c) { c.kv_lora_rank = Index(1) << 62; }},
+                   {"q_lora_rank 2^41", [](tpa::MlaConfig& c) { c.q_lora_rank = Index(1) << 41; }},
+                   {"absorbed 2^41", [](tpa::MlaConfig& c) {
+                      c.n_heads = Index(1) << 20;
+                      c.kv_lora_rank = Index(1) << 10;
+                      c.d_model = Index(1) << 11;
+                      c.q_lora_rank = 1;
+                    }},
                    {"form", [](tpa::MlaConfig& c) { c.form = static_cast<tpa::MlaForm>(7); }}}));
 
   EXPECT_THROW(tpa::Context(0), tpa::Error);
@@ -600,6 +676,67 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
   EXPECT_THROW(tpa::RopeTable(r, 4), tpa::Error);
   const tpa::RopeTable table(tpa::RopeConfig{}, 4);
   EXPECT_THROW(table.check_positions("t", table.max_positions(), 1), tpa::Error);
+}
+
+// The reproducers of issue 27 throw tpa::Error naming the value and the rule, from validate(),
+// from Weights::random (before it allocates or multiplies anything) and so from
+// `Layer(cfg, Weights::random(cfg, seed))`.
+template <class Layer, class Cfg>
+void expect_message(const Cfg& c, const std::vector<std::string>& parts) {
+  for (int from = 0; from < 2; ++from) {
+    try {
+      if (from == 0) {
+        c.validate();
+      } else {
+        const Layer layer(c, Layer::Weights::random(c, 7));
+      }
+      ADD_FAILURE() << parts[0] << ": no error";
+    } catch (const tpa::Error& e) {
+      for (const auto& p : parts)
+        EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(ConfigErrors, HugeAndNegativeSizesNameTheValueAndTheRule) {
+  tpa::GqaConfig g;
+  g.d_model = 16;
+  g.n_heads = 4;
+  g.head_dim = 16;
+  using Gqa = tpa::GroupedQueryAttention<>;
+  tpa::GqaConfig c = g;
+  c.rope.max_positions = Index(1) << 61;
+  expect_message<Gqa>(c, {"rope.max_positions (2305843009213693952)", "at most 16777216"});
+  c = g;
+  c.n_heads = -4;
+  expect_message<Gqa>(c, {"n_heads (-4) must be >= 1"});
+  c = g;
+  c.n_heads = Index(1) << 62;
+  expect_message<Gqa>(c, {"n_heads x head_dim x d_model (4611686018427387904 x 16 x 16)",
+                          "more than 2^40 elements"});
+  c = g;
+  c.n_kv_heads = -1;
+  expect_message<Gqa>(c, {"n_kv_heads (-1) must be >= 0 (0 means n_heads"});
+  c = g;
+  c.norm_eps = INFINITY;
+  expect_message<Gqa>(c, {"norm_eps (inf) must be finite and > 0"});
+
+  tpa::TpaConfig t = small_tpa();
+  t.norm_eps = INFINITY;
+  expect_message<tpa::TensorProductAttention<>>(t, {"norm_eps (inf) must be finite and > 0"});
+  t = small_tpa();
+  t.k_rank = Index(1) << 62;
+  expect_message<tpa::TensorProductAttention<>>(t, {"W_A weight", "4611686018427387904"});
+
+  tpa::MlaConfig m;
+  m.d_model = 16;
+  m.n_heads = 2;
+  m.kv_lora_rank = 4;
+  m.qk_nope_head_dim = kIndexMax;
+  m.qk_rope_head_dim = kIndexMax;
+  m.v_head_dim = 4;
+  expect_message<tpa::MultiHeadLatentAttention<>>(
+      m, {"qk_nope_head_dim (9223372036854775807) must be <= 2^40"});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,11 +4,18 @@
 // sizes are small, a layer is built from random weights (for that config, or for a mutated one,
 // whose shapes may not match) and run: a forward without cache, then a prefill and a decode
 // through a KVCache. Anything else (a crash, a sanitizer report, another exception type, a
-// validated config whose layer cannot be built) is a bug. Sizes that would allocate more than a
-// few MiB are only validated, never built.
+// validated config whose layer cannot be built) is a bug. Every config flows end to end: one
+// that does not validate must make Weights::random and the layer constructor throw tpa::Error
+// too, before allocating (issue 27: huge or negative sizes reached Eigen and the RoPE table);
+// one that validates with small sizes is built and run, with caches whose max_blocks may be as
+// large as 2^31 − 1 (a bound, not a reservation). Sizes that would allocate more than a few MiB
+// are only validated, never built. Reproducers of past bugs are in tests/fuzz/corpus/fuzz_config
+// (scripts/fuzz.sh seeds the corpus from there); build with -DTPA_FUZZ_TRACE to print, per
+// input, which config was made and why it was rejected.
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <cstddef>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <iterator>
@@ -91,9 +98,32 @@ bool may_throw(F&& f) {
   try {
     f();
     return true;
-  } catch (const tpa::Error&) {
+  } catch (const tpa::Error& e) {
+#ifdef TPA_FUZZ_TRACE
+    std::fprintf(stderr, "  tpa::Error: %s\n", e.what());
+#else
+    (void)e;
+#endif
     return false;
   }
+}
+
+// A config that does not validate makes Weights::random and the layer constructor throw
+// tpa::Error as well (never std::bad_alloc, an Eigen assertion or a crash). Returns whether it
+// validates.
+template <class Layer, class Config>
+bool validates_end_to_end(const char* kind, const Config& c) {
+#ifdef TPA_FUZZ_TRACE
+  std::fprintf(stderr, "%s: d_model %lld n_heads %lld rope.max_positions %lld norm_eps %g\n",
+               kind, static_cast<long long>(c.d_model), static_cast<long long>(c.n_heads),
+               static_cast<long long>(c.rope.max_positions), static_cast<double>(c.norm_eps));
+#else
+  (void)kind;
+#endif
+  if (may_throw([&] { c.validate(); })) return true;
+  CHECK(!may_throw([&] { (void)Layer::Weights::random(c, 1); }));
+  CHECK(!may_throw([&] { const Layer layer(c, Layer::Weights::random(c, 1)); }));
+  return false;
 }
 
 tpa::Tensor<float, 2> input(FuzzedDataProvider& in, Index n, Index d) {
@@ -112,11 +142,18 @@ void exercise(const Layer& layer, FuzzedDataProvider& in, Index d_model) {
   const tpa::Tensor<float, 2> x = input(in, n, d_model);
   tpa::Tensor<float, 2> y(n, d_model);
   may_throw([&] { layer.forward(ctx, x, y); });
-  tpa::KVCache<float> cache({layer.cache_layout()}, in.ConsumeIntegralInRange<Index>(1, 4), 8);
+  const Index block_tokens = in.ConsumeIntegralInRange<Index>(1, 4);
+  const Index max_blocks = in.ConsumeBool() ? 8 : std::numeric_limits<std::int32_t>::max();
+  tpa::KVCache<float> cache({layer.cache_layout()}, block_tokens, max_blocks);
   const tpa::SeqId seq = cache.add_sequence();
   may_throw([&] { layer.forward(ctx, x, y, cache, 0, seq); });
   tpa::Tensor<float, 2> x1 = input(in, 1, d_model), y1(1, d_model);
   may_throw([&] { layer.decode(ctx, x1, y1, cache, 0, {seq}); });
+  // Queries of any sequence and layer, live or not.
+  const auto other = static_cast<tpa::SeqId>(in.ConsumeIntegralInRange<int>(-1, 2));
+  const int layer_index = in.ConsumeIntegralInRange<int>(-1, 1);
+  may_throw([&] { CHECK(cache.blocks_needed(other, layer_index, 1) >= 0); });
+  may_throw([&] { (void)cache.length(other, layer_index); });
 }
 
 // Builds Layer from cfg and weights made for `wcfg` (cfg itself, or a mutation of it).
@@ -161,7 +198,7 @@ tpa::GqaConfig gqa_field(FuzzedDataProvider& in) {
 
 void fuzz_gqa(FuzzedDataProvider& in) {
   const tpa::GqaConfig c = gqa_field(in);
-  if (!may_throw([&] { c.validate(); })) return;
+  if (!validates_end_to_end<tpa::GroupedQueryAttention<>>("gqa", c)) return;
   if (!(small(c.d_model, 32) && small(c.n_heads, 4) && small(c.n_kv_heads, 4) &&
         small(c.head_dim, 16) && small_rope(c.rope)))
     return;
@@ -185,7 +222,7 @@ void fuzz_mla(FuzzedDataProvider& in) {
   c.softmax_scale = float_field(in, 0.25f);
   c.norm_eps = float_field(in, 1e-6f);
   c.form = static_cast<tpa::MlaForm>(in.ConsumeIntegralInRange<int>(-1, 3));
-  if (!may_throw([&] { c.validate(); })) return;
+  if (!validates_end_to_end<tpa::MultiHeadLatentAttention<>>("mla", c)) return;
   if (!(small(c.d_model, 32) && small(c.n_heads, 4) && small(c.q_lora_rank, 16) &&
         small(c.kv_lora_rank, 16) && small(c.qk_nope_head_dim, 8) &&
         small(c.qk_rope_head_dim, 8) && small(c.v_head_dim, 8) && small_rope(c.rope)))
@@ -211,7 +248,7 @@ void fuzz_tpa(FuzzedDataProvider& in) {
   c.softmax_scale = float_field(in, 0.25f);
   c.head_norm = in.ConsumeBool();
   c.norm_eps = float_field(in, 1e-5f);
-  if (!may_throw([&] { c.validate(); })) return;
+  if (!validates_end_to_end<tpa::TensorProductAttention<>>("tpa", c)) return;
   if (!(small(c.d_model, 32) && small(c.n_heads, 4) && small(c.head_dim, 16) &&
         small(c.q_rank, 6) && small(c.k_rank, 4) && small(c.v_rank, 4) && small_rope(c.rope)))
     return;
@@ -240,8 +277,9 @@ void fuzz_cache(FuzzedDataProvider& in) {
     (void)l.describe();
   }
   const Index block_tokens = index_field(in);
-  // The cache reserves its bookkeeping for max_blocks up front: keep that small.
-  const Index max_blocks = in.ConsumeIntegralInRange<Index>(-1, 64);
+  // Any max_blocks: it is a bound, nothing is reserved for it (it threw std::bad_alloc for
+  // 2^31 − 1 when the bookkeeping was reserved up front).
+  const Index max_blocks = index_field(in);
   std::unique_ptr<tpa::KVCache<tpa::bfloat16>> cache;
   if (!may_throw([&] {
         cache = std::make_unique<tpa::KVCache<tpa::bfloat16>>(layouts, block_tokens, max_blocks);
@@ -263,9 +301,23 @@ void fuzz_cache(FuzzedDataProvider& in) {
     CHECK(cache->length(seq, layer) == n);
     CHECK(cache->bytes_used() == static_cast<std::size_t>(n) * cache->bytes_per_token(layer));
   }
-  may_throw([&] { cache->reserve_tokens(seq, index_field(in)); });
+  // Reservations of more than 64 blocks are only tried where they cannot fit (they throw before
+  // allocating): max_blocks may be huge.
+  const Index tokens = index_field(in);
+  if (tokens < 0 || tokens / block_tokens <= 64 || tokens / block_tokens > cache->max_blocks())
+    may_throw([&] { cache->reserve_tokens(seq, tokens); });
+  // Members taking a sequence and a layer, on any of them (blocks_needed read out of bounds).
+  const auto any_seq = static_cast<tpa::SeqId>(in.ConsumeIntegralInRange<int>(-1, 2));
+  const int any_layer = in.ConsumeIntegralInRange<int>(-1, 3);
+  const Index any_n = index_field(in);
+  may_throw([&] { CHECK(cache->blocks_needed(any_seq, any_layer, any_n) >= 0); });
+  may_throw([&] { (void)cache->length(any_seq, any_layer); });
+  may_throw([&] { (void)cache->view(any_seq, any_layer); });
+  may_throw([&] { (void)cache->bytes_per_token(any_layer); });
   cache->free_sequence(seq);
   CHECK(cache->bytes_used() == 0);
+  cache->release_free_blocks();
+  CHECK(cache->bytes_reserved() == 0);
 }
 
 }  // namespace

@@ -9,6 +9,8 @@ namespace tpa {
 /// backend header specialises it, deriving from its parent's set, so a kernel a backend does not
 /// specialise falls back to its parent's (ultimately Reference's).
 template <class Backend>
-struct Kernels : Kernels<typename Backend::Parent> {};
+struct Kernels : Kernels<typename detail::ParentOf<Backend>::type> {
+  static_assert(detail::RequireBackend<Backend>::value);
+};
 
 }  // namespace tpa

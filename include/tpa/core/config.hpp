@@ -1,13 +1,53 @@
 // Configuration structs of the attention kinds, with validation.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 #include "tpa/core/error.hpp"
 #include "tpa/core/tensor.hpp"
 
 namespace tpa {
+
+/// Most elements one weight matrix (or one folded weight, or one token's cached factors) of a
+/// config may hold: 2^40. validate() rejects configs past it, so that no size computed from the
+/// config's fields can overflow.
+inline constexpr Index kMaxConfigElements = Index(1) << 40;
+
+/// Most bytes the RoPE table (cos and sin, float) of a config may take: 1 GiB, i.e.
+/// rope.max_positions × max(rotary dim, 2) × 4 ≤ 2^30 (e.g. 2M positions for rotary dim 128).
+inline constexpr Index kMaxRopeTableBytes = Index(1) << 30;
+
+namespace detail {
+
+/// Whether the product of `factors` (each ≥ 0) is at most `limit`; computed without overflow.
+inline bool product_at_most(Index limit, std::initializer_list<Index> factors) {
+  Index p = 1;
+  for (const Index f : factors) {
+    if (f != 0 && p > limit / f) return false;
+    p *= f;
+  }
+  return p <= limit;
+}
+
+/// \throws Error unless the product of `factors` (each ≥ 0) is at most kMaxConfigElements;
+/// `what` names the weight and how its size is computed (or the one field).
+inline void check_elements(const char* who, const char* what,
+                           std::initializer_list<Index> factors) {
+  if (product_at_most(kMaxConfigElements, factors)) return;
+  if (factors.size() == 1) fail(who, ": ", what, " (", *factors.begin(), ") must be <= 2^40");
+  std::ostringstream os;
+  const char* sep = "";
+  for (const Index f : factors) {
+    os << sep << f;
+    sep = " x ";
+  }
+  fail(who, ": ", what, " (", os.str(), ") would hold more than 2^40 elements");
+}
+
+}  // namespace detail
 
 /// How the rotary part of a vector is split into pairs and which way it turns (SPEC.md, RoPE).
 enum class RopeStyle {
@@ -30,15 +70,18 @@ struct RopeConfig {
   RopeStyle style = RopeStyle::kHalfSplitReversed;
   double base = 10000.0;
   Index rotary_dim = 0;        ///< r: number of leading dims that rotate (even); 0 = all of them
-  Index max_positions = 4096;  ///< table length: positions 0 … max_positions−1 are valid
+  Index max_positions = 4096;  ///< table length: positions 0 … max_positions−1 are valid;
+                               ///< at most 2^28 / max(rotary dim, 2) (kMaxRopeTableBytes)
 
   /// Rotary dim for vectors of size `dim`: rotary_dim, or dim when rotary_dim is 0.
   Index resolved_dim(Index dim) const { return rotary_dim == 0 ? dim : rotary_dim; }
 
-  /// \throws Error if style is not a RopeStyle value, base ≤ 0, max_positions < 1, or the
+  /// \throws Error if style is not a RopeStyle value, base ≤ 0, max_positions < 1, the
   /// resolved rotary dim is odd, negative or larger than `dim` (the size of the vectors it
-  /// rotates). `who` prefixes the message.
+  /// rotates, ≥ 0), or the table (max_positions × rotary dim floats) would exceed
+  /// kMaxRopeTableBytes (1 GiB). `who` prefixes the message.
   void validate(const char* who, Index dim) const {
+    TPA_CHECK(dim >= 0, who, ": the rotated head dim (", dim, ") must be >= 0");
     TPA_CHECK(style == RopeStyle::kHalfSplit || style == RopeStyle::kHalfSplitReversed ||
                   style == RopeStyle::kInterleaved,
               who, ": rope.style (", static_cast<int>(style), ") is not a RopeStyle value");
@@ -49,6 +92,11 @@ struct RopeConfig {
     TPA_CHECK(r % 2 == 0, who, ": rotary dim (", r, ") must be even");
     TPA_CHECK(r <= dim, who, ": rope.rotary_dim (", r, ") is larger than the rotated head dim (",
               dim, ")");
+    const Index max_rows = kMaxRopeTableBytes / static_cast<Index>(sizeof(float)) /
+                           std::max<Index>(r, 2);
+    TPA_CHECK(max_positions <= max_rows, who, ": rope.max_positions (", max_positions,
+              ") is too large: its RoPE table (max_positions x rotary dim ", r,
+              " floats) may take at most 1 GiB, i.e. at most ", max_rows, " positions");
   }
 };
 
@@ -74,12 +122,17 @@ struct GqaConfig {
     TPA_CHECK(d_model >= 1, who, ": d_model (", d_model, ") must be >= 1");
     TPA_CHECK(n_heads >= 1, who, ": n_heads (", n_heads, ") must be >= 1");
     TPA_CHECK(head_dim >= 1, who, ": head_dim (", head_dim, ") must be >= 1");
-    TPA_CHECK(n_kv_heads >= 0, who, ": n_kv_heads (", n_kv_heads, ") must be >= 1");
+    TPA_CHECK(n_kv_heads >= 0, who, ": n_kv_heads (", n_kv_heads,
+              ") must be >= 0 (0 means n_heads, i.e. MHA)");
     TPA_CHECK(n_heads % kv_heads() == 0, who, ": n_heads (", n_heads,
               ") is not a multiple of n_kv_heads (", kv_heads(), ")");
+    // c_q and c_proj hold H·d·D elements (c_k and c_v, with G ≤ H, no more).
+    detail::check_elements(who, "c_q.weight: n_heads x head_dim x d_model",
+                           {n_heads, head_dim, d_model});
     TPA_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0.f, who, ": softmax_scale (",
               softmax_scale, ") must be finite and >= 0 (0 = 1/sqrt(head_dim))");
-    TPA_CHECK(norm_eps > 0.f, who, ": norm_eps (", norm_eps, ") must be > 0");
+    TPA_CHECK(std::isfinite(norm_eps) && norm_eps > 0.f, who, ": norm_eps (", norm_eps,
+              ") must be finite and > 0");
     rope.validate(who, head_dim);
   }
 };
@@ -127,10 +180,32 @@ struct MlaConfig {
     TPA_CHECK(qk_rope_head_dim >= 1, who, ": qk_rope_head_dim (", qk_rope_head_dim,
               ") must be >= 1");
     TPA_CHECK(v_head_dim >= 1, who, ": v_head_dim (", v_head_dim, ") must be >= 1");
+    // Each size alone first, so that the sums below cannot overflow; then every weight (and
+    // the absorbed form's folded ones).
+    detail::check_elements(who, "q_lora_rank", {q_lora_rank});
+    detail::check_elements(who, "kv_lora_rank", {kv_lora_rank});
+    detail::check_elements(who, "qk_nope_head_dim", {qk_nope_head_dim});
+    detail::check_elements(who, "qk_rope_head_dim", {qk_rope_head_dim});
+    detail::check_elements(who, "v_head_dim", {v_head_dim});
+    const Index d_in = std::max(d_model, q_lora_rank);
+    detail::check_elements(who, "q_a_proj.weight: q_lora_rank x d_model", {q_lora_rank, d_model});
+    detail::check_elements(who, "q_proj.weight: n_heads x (qk_nope_head_dim + qk_rope_head_dim) x "
+                           "max(d_model, q_lora_rank)", {n_heads, qk_head_dim(), d_in});
+    detail::check_elements(who, "kv_a_proj_with_mqa.weight: (kv_lora_rank + qk_rope_head_dim) x "
+                           "d_model", {kv_lora_rank + qk_rope_head_dim, d_model});
+    detail::check_elements(who, "kv_b_proj.weight: n_heads x (qk_nope_head_dim + v_head_dim) x "
+                           "kv_lora_rank", {n_heads, qk_nope_head_dim + v_head_dim, kv_lora_rank});
+    detail::check_elements(who, "c_proj.weight: d_model x n_heads x v_head_dim",
+                           {d_model, n_heads, v_head_dim});
+    detail::check_elements(who, "absorbed query weight: n_heads x (kv_lora_rank + "
+                           "qk_rope_head_dim) x max(d_model, q_lora_rank)",
+                           {n_heads, kv_lora_rank + qk_rope_head_dim, d_in});
+    detail::check_elements(who, "absorbed output weight: d_model x n_heads x kv_lora_rank",
+                           {d_model, n_heads, kv_lora_rank});
     TPA_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0.f, who, ": softmax_scale (",
               softmax_scale, ") must be finite and >= 0 (0 = 1/sqrt(d_n + d_R))");
     TPA_CHECK(std::isfinite(norm_eps) && norm_eps > 0.f, who, ": norm_eps (", norm_eps,
-              ") must be > 0");
+              ") must be finite and > 0");
     TPA_CHECK(form == MlaForm::kAuto || form == MlaForm::kAbsorbed || form == MlaForm::kExplicit,
               who, ": form (", static_cast<int>(form), ") is not an MlaForm value");
     rope.validate(who, qk_rope_head_dim);
@@ -176,9 +251,22 @@ struct TpaConfig {
     }
     TPA_CHECK(k_rank >= 1, who, ": k_rank (", k_rank, ") must be >= 1");
     TPA_CHECK(v_rank >= 1, who, ": v_rank (", v_rank, ") must be >= 1");
+    // Every weight, and one token's cached factors; each size is then ≤ 2^40, so the sums in
+    // cache_elements_per_token() cannot overflow either.
+    const Index q = kv_only ? 0 : q_rank;
+    const Index rank = std::max({q, k_rank, v_rank});
+    detail::check_elements(who, "c_q / c_proj weight: n_heads x head_dim x d_model",
+                           {n_heads, head_dim, d_model});
+    detail::check_elements(who, "W_A weight: n_heads x max rank x d_model",
+                           {n_heads, rank, d_model});
+    detail::check_elements(who, "W_B weight: max rank x head_dim x d_model",
+                           {rank, head_dim, d_model});
+    detail::check_elements(who, "cached factors per token: (k_rank + v_rank) x (n_heads + "
+                           "head_dim)", {k_rank + v_rank, n_heads + head_dim});
     TPA_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0.f, who, ": softmax_scale (",
               softmax_scale, ") must be finite and >= 0 (0 = 1/sqrt(head_dim))");
-    TPA_CHECK(norm_eps > 0.f, who, ": norm_eps (", norm_eps, ") must be > 0");
+    TPA_CHECK(std::isfinite(norm_eps) && norm_eps > 0.f, who, ": norm_eps (", norm_eps,
+              ") must be finite and > 0");
     rope.validate(who, head_dim);
   }
 };

@@ -3,7 +3,9 @@
 // Format: u64 little-endian header length N, N bytes of UTF-8 JSON mapping tensor names to
 // {"dtype", "shape", "data_offsets": [begin, end]} plus an optional "__metadata__" object of
 // string -> string, then the data section. Offsets are relative to the data section, which must
-// be covered exactly by the tensors (no gaps, no overlaps, no trailing bytes).
+// be covered exactly by the tensors (no gaps, no overlaps, no trailing bytes). The reader rejects
+// a header that contains a NUL byte anywhere (the format pads the header with spaces; NUL is
+// not JSON, though the JSON parser would stop at one after the value), naming its offset.
 #pragma once
 
 #include <fcntl.h>
@@ -400,6 +402,13 @@ class SafetensorsFile {
     data_ = base + 8 + n;
     data_size_ = size - 8 - static_cast<std::size_t>(n);
 
+    // NUL is never valid JSON (inside a string it must be escaped), but the JSON parser stops
+    // at one after the value, so padding with NULs instead of spaces was accepted.
+    if (const void* nul = std::memchr(hbegin, 0, static_cast<std::size_t>(n))) {
+      const auto at = static_cast<std::size_t>(static_cast<const char*>(nul) - hbegin);
+      fail("header contains a NUL byte at header offset ", at, " (file offset ", at + 8,
+           "); the header is JSON, padded with spaces");
+    }
     detail::HeaderChecker checker(where_);
     nlohmann::json header;
     try {

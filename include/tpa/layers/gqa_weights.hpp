@@ -18,8 +18,10 @@ struct GqaWeights {
   Matrix<float> c_proj;   ///< c_proj.weight [D, H·d]
   Eigen::VectorXf subln;  ///< subln.weight  [d], only used when cfg.head_norm
 
-  /// Seeded random weights for `cfg` (deterministic for a given seed and standard library).
+  /// Seeded random weights for `cfg` (deterministic for a given seed and standard library;
+  /// \throws Error, before allocating anything, if `cfg` is invalid).
   static GqaWeights random(const GqaConfig& cfg, std::uint64_t seed) {
+    cfg.validate("GqaWeights::random");  // before any size is computed from cfg
     std::mt19937_64 rng(seed);
     GqaWeights w;
     const Index H = cfg.n_heads, G = cfg.kv_heads(), d = cfg.head_dim, D = cfg.d_model;
@@ -31,8 +33,10 @@ struct GqaWeights {
     return w;
   }
 
-  /// \throws Error naming the first weight whose shape does not match `cfg`.
+  /// \throws Error if `cfg` is invalid, or naming the first weight whose shape does not match
+  /// `cfg`.
   void check(const GqaConfig& cfg, const char* who) const {
+    cfg.validate(who);  // the products below are bounded only for a valid cfg
     const Index H = cfg.n_heads, G = cfg.kv_heads(), d = cfg.head_dim, D = cfg.d_model;
     detail::check_shape(who, "c_q.weight", c_q, H * d, D);
     detail::check_shape(who, "c_k.weight", c_k, G * d, D);

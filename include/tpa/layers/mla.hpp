@@ -49,6 +49,8 @@ namespace tpa {
 /// \tparam CacheScalar storage type of the KV cache it reads and writes.
 template <class Backend = Native, class CacheScalar = float>
 class MultiHeadLatentAttention {
+  static_assert(detail::RequireBackend<Backend>::value);  // one clear error on misuse
+
  public:
   using Config = MlaConfig;
   using Weights = MlaWeights;

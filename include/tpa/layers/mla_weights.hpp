@@ -27,9 +27,11 @@ struct MlaWeights {
   Matrix<float> kv_b_proj;           ///< kv_b_proj.weight [H·(d_n+d_v), d_c]
   Matrix<float> c_proj;              ///< c_proj.weight [D, H·d_v]
 
-  /// Seeded random weights for `cfg` (deterministic for a given seed and standard library):
+  /// Seeded random weights for `cfg` (deterministic for a given seed and standard library;
+  /// \throws Error, before allocating anything, if `cfg` is invalid):
   /// projections U(±1/sqrt(in)), norm weights 1 + U(±0.1).
   static MlaWeights random(const MlaConfig& cfg, std::uint64_t seed) {
+    cfg.validate("MlaWeights::random");  // before any size is computed from cfg
     std::mt19937_64 rng(seed);
     MlaWeights w;
     const Index D = cfg.d_model, H = cfg.n_heads, d_cq = cfg.q_lora_rank;
@@ -49,9 +51,11 @@ struct MlaWeights {
     return w;
   }
 
-  /// \throws Error naming the first weight whose shape does not match `cfg`, or a query weight
-  /// that is set although `cfg.q_lora_rank` selects the other query path.
+  /// \throws Error if `cfg` is invalid, or naming the first weight whose shape does not match
+  /// `cfg`, or a query weight that is set although `cfg.q_lora_rank` selects the other query
+  /// path.
   void check(const MlaConfig& cfg, const char* who) const {
+    cfg.validate(who);  // the products below are bounded only for a valid cfg
     const Index D = cfg.d_model, H = cfg.n_heads, d_cq = cfg.q_lora_rank;
     const Index d_c = cfg.kv_lora_rank, d_qk = cfg.qk_head_dim(), d_R = cfg.qk_rope_head_dim;
     const Index d_n = cfg.qk_nope_head_dim, d_v = cfg.v_head_dim;

@@ -42,6 +42,8 @@ namespace tpa {
 /// \tparam CacheScalar storage type of the KV cache it reads and writes.
 template <class Backend = Native, class CacheScalar = float>
 class TensorProductAttention {
+  static_assert(detail::RequireBackend<Backend>::value);  // one clear error on misuse
+
  public:
   using Config = TpaConfig;
   using Weights = TpaWeights;

@@ -27,10 +27,12 @@ struct TpaWeights {
   Matrix<float> c_proj;   ///< c_proj.weight      [D, H·d]
   Eigen::VectorXf subln;  ///< subln.weight       [d], only used when head_norm
 
-  /// Seeded random weights for `cfg` (deterministic for a given seed and standard library):
+  /// Seeded random weights for `cfg` (deterministic for a given seed and standard library;
+  /// \throws Error, before allocating anything, if `cfg` is invalid):
   /// U(−1/sqrt(D), 1/sqrt(D)) for the projections, 1 + U(−0.1, 0.1) for subln. Only the weights
   /// the config uses are filled; the others stay empty.
   static TpaWeights random(const TpaConfig& cfg, std::uint64_t seed) {
+    cfg.validate("TpaWeights::random");  // before any size is computed from cfg
     std::mt19937_64 rng(seed);
     TpaWeights w;
     const Index H = cfg.n_heads, d = cfg.head_dim, D = cfg.d_model;
@@ -49,10 +51,11 @@ struct TpaWeights {
     return w;
   }
 
-  /// \throws Error naming the first weight `cfg` uses whose shape does not match it. Weights the
-  /// config does not use (W_A_q/W_B_q when kv_only, c_q otherwise, subln without head_norm) are
-  /// not checked.
+  /// \throws Error if `cfg` is invalid, or naming the first weight `cfg` uses whose shape does
+  /// not match it. Weights the config does not use (W_A_q/W_B_q when kv_only, c_q otherwise,
+  /// subln without head_norm) are not checked.
   void check(const TpaConfig& cfg, const char* who) const {
+    cfg.validate(who);  // the products below are bounded only for a valid cfg
     const Index H = cfg.n_heads, d = cfg.head_dim, D = cfg.d_model;
     if (cfg.kv_only) {
       detail::check_shape(who, "c_qkv.c_q.weight", c_q, H * d, D);
