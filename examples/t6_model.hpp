@@ -11,6 +11,10 @@
 // default). All layers share one tpa::KVCache; the model is a template over the attention layer
 // type, so every kind runs the same code.
 //
+// checkpoint_config() reads the config of a checkpoint written by the paper's code from its
+// __metadata__ (tests/data/t6_tiny.safetensors); Sampling / Sampler pick the next token greedily
+// or by seeded temperature / top-k / top-p sampling.
+//
 // This header is part of the examples, not of the library: tpa provides attention layers; the
 // embedding, norms, MLP and sampling here are the few lines a user writes around them.
 #pragma once
@@ -25,6 +29,7 @@
 #include <string>
 #include <tpa/io/checkpoint.hpp>
 #include <tpa/tpa.hpp>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -138,7 +143,158 @@ inline void rms_norm(const Matrix<float>& x, float eps, Matrix<float>& y) {
   }
 }
 
+/// The integer metadata value `key` of `file`, which must be decimal digits (no sign, space or
+/// exponent) for a value in [lo, hi]. \throws tpa::Error naming the key if it is missing or not.
+inline Index metadata_int(const tpa::io::SafetensorsFile& file, const std::string& key, Index lo,
+                          Index hi) {
+  const auto& meta = file.metadata();
+  const auto it = meta.find(key);
+  TPA_CHECK(it != meta.end(), "t6::checkpoint_config: checkpoint metadata has no key '", key, "'");
+  const std::string& v = it->second;
+  bool ok = !v.empty() && v.size() <= 18;
+  Index x = 0;
+  for (char c : v) {
+    ok = ok && c >= '0' && c <= '9';
+    if (ok) x = x * 10 + (c - '0');
+  }
+  TPA_CHECK(ok && x >= lo && x <= hi, "t6::checkpoint_config: metadata '", key, "' is '",
+            tpa::io::detail::clip(v), "', expected an integer in [", lo, ", ", hi, "]");
+  return x;
+}
+
 }  // namespace detail
+
+/// Largest value checkpoint_config() accepts for a size in the metadata (n_embd, vocab_size,
+/// block_size, …): the file is untrusted, and its sizes decide what is allocated.
+inline constexpr Index kMaxMetadataSize = Index{1} << 20;
+
+/// \brief The config of a checkpoint of model/T6.py's GPT (the T6 repository's own training
+/// code), from its __metadata__: `n_layer`, `n_embd`, `n_head`, `head_dim` (n_embd / n_head if
+/// absent), `rank` (R_K = R_V), `q_rank`, `vocab_size`, and `block_size` (the context it was
+/// trained on) as rope.max_positions. The rest is what model/T6.py hard-codes: RoPE half-split,
+/// rotation by −θ, base 10000 over the full head dim (tables in float), F.rms_norm without
+/// weight, SwiGLU MLP of floor(8/3 · n_embd), tied lm_head, no head norm.
+/// \tparam Attn a TensorProductAttention<Backend, CacheScalar>.
+/// \throws tpa::Error naming the metadata key that is missing or not a valid integer, or the
+/// rule the values break together. (The tensors are checked when Model::load_weights reads them.)
+template <class Attn>
+ModelConfig<Attn> checkpoint_config(const tpa::io::SafetensorsFile& file) {
+  static_assert(
+      std::is_same<typename Attn::Config, tpa::TpaConfig>::value,
+      "t6::checkpoint_config: model/T6.py checkpoints hold TensorProductAttention layers");
+  using detail::metadata_int;
+  const Index kMax = kMaxMetadataSize;
+  ModelConfig<Attn> cfg;
+  cfg.n_layers = metadata_int(file, "n_layer", 1, 4096);
+  cfg.vocab = metadata_int(file, "vocab_size", 1, kMax);
+  tpa::TpaConfig& a = cfg.attn;
+  a.d_model = metadata_int(file, "n_embd", 1, kMax);
+  a.n_heads = metadata_int(file, "n_head", 1, a.d_model);
+  if (file.metadata().count("head_dim") != 0) {
+    a.head_dim = metadata_int(file, "head_dim", 1, kMax);
+  } else {
+    TPA_CHECK(a.d_model % a.n_heads == 0,
+              "t6::checkpoint_config: metadata has no 'head_dim' and "
+              "n_embd (",
+              a.d_model, ") is not a multiple of n_head (", a.n_heads, ")");
+    a.head_dim = a.d_model / a.n_heads;
+  }
+  a.q_rank = metadata_int(file, "q_rank", 1, kMax);
+  a.k_rank = a.v_rank = metadata_int(file, "rank", 1, kMax);
+  a.kv_only = false;
+  a.head_norm = false;
+  a.rope.style = tpa::RopeStyle::kHalfSplitReversed;
+  a.rope.base = 10000.0;
+  a.rope.rotary_dim = 0;  // the full head dim
+  a.rope.max_positions = metadata_int(file, "block_size", 1, kMax);
+  cfg.mlp_hidden = 0;  // floor(8/3 · n_embd)
+  cfg.tied = true;
+  cfg.validate();
+  return cfg;
+}
+
+/// How Sampler picks the next token from the logits.
+struct Sampling {
+  float temperature = 0.f;  ///< 0: greedy (argmax); else the logits are divided by it
+  Index top_k = 0;          ///< keep only the k most likely tokens (0: all)
+  float top_p = 1.f;        ///< keep the fewest most likely tokens whose probability is >= top_p
+  std::uint64_t seed = 1;   ///< of the sampler's std::mt19937_64
+
+  bool greedy() const { return temperature == 0.f; }
+
+  /// \throws tpa::Error naming the bad field.
+  void validate() const {
+    TPA_CHECK(std::isfinite(temperature) && temperature >= 0.f, "t6::Sampling: temperature (",
+              temperature, ") must be finite and >= 0 (0 = greedy)");
+    TPA_CHECK(top_k >= 0, "t6::Sampling: top_k (", top_k, ") must be >= 0 (0 = all tokens)");
+    TPA_CHECK(top_p > 0.f && top_p <= 1.f, "t6::Sampling: top_p (", top_p, ") must be in (0, 1]");
+  }
+};
+
+/// \brief Picks tokens from logits as a Sampling says. Seeded: the same seed, settings and logits
+/// give the same tokens (std::mt19937_64 is fully specified; the draws are converted to doubles
+/// here, not by a standard distribution, whose algorithm is up to the library).
+class Sampler {
+ public:
+  /// \throws tpa::Error if `s` is invalid.
+  explicit Sampler(const Sampling& s) : s_(s), rng_(s.seed) { s_.validate(); }
+
+  const Sampling& sampling() const { return s_; }
+
+  /// Greedy: the most likely token (lowest id on ties). Otherwise: softmax(logits / T) over the
+  /// top_k most likely tokens (ties broken by lower id), cut to the shortest prefix whose
+  /// probability reaches top_p (at least one token), renormalized and drawn from.
+  Token operator()(const Eigen::VectorXf& logits) {
+    const Index V = logits.size();
+    TPA_CHECK(V >= 1, "t6::Sampler: no logits");
+    if (s_.greedy()) return argmax(logits);
+    order_.resize(static_cast<std::size_t>(V));
+    for (Index i = 0; i < V; ++i) order_[static_cast<std::size_t>(i)] = static_cast<Token>(i);
+    std::stable_sort(order_.begin(), order_.end(),
+                     [&](Token a, Token b) { return logits[a] > logits[b]; });
+    const std::size_t k =
+        s_.top_k > 0 ? static_cast<std::size_t>(std::min<Index>(s_.top_k, V)) : order_.size();
+    const double inv_t = 1.0 / static_cast<double>(s_.temperature);
+    const double top = static_cast<double>(logits[order_[0]]) * inv_t;
+    prob_.resize(k);
+    double total = 0;
+    for (std::size_t i = 0; i < k; ++i) {
+      prob_[i] = std::exp(static_cast<double>(logits[order_[i]]) * inv_t - top);
+      total += prob_[i];
+    }
+    std::size_t n = k;  // top-p: the shortest prefix reaching top_p of the total
+    if (s_.top_p < 1.f) {
+      double sum = 0;
+      for (n = 0; n < k;) {
+        sum += prob_[n++];
+        if (sum >= static_cast<double>(s_.top_p) * total) break;
+      }
+      total = sum;
+    }
+    // A uniform double in [0, total) from the top 53 bits of one draw.
+    const double u = static_cast<double>(rng_() >> 11) * (1.0 / 9007199254740992.0) * total;
+    double acc = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      acc += prob_[i];
+      if (u < acc) return order_[i];
+    }
+    return order_[n - 1];  // u within rounding of total
+  }
+
+  /// The most likely token, the lowest id on ties.
+  static Token argmax(const Eigen::VectorXf& v) {
+    Index best = 0;
+    for (Index i = 1; i < v.size(); ++i)
+      if (v[i] > v[best]) best = i;
+    return static_cast<Token>(best);
+  }
+
+ private:
+  Sampling s_;
+  std::mt19937_64 rng_;
+  std::vector<Token> order_;
+  std::vector<double> prob_;
+};
 
 /// Wall-clock seconds spent in prefill and decode by Model::generate.
 struct Timing {
@@ -307,21 +463,25 @@ class Model {
     return logits.row(0).transpose();
   }
 
-  /// \brief Greedy generation: prefills `prompt` into `seq`, then appends the most likely token
-  /// (lowest id on ties) `n_new` times, feeding each back. Returns the `n_new` new tokens; the
-  /// cache then holds prompt.size() + n_new − 1 tokens of `seq`.
+  /// \brief Generation: prefills `prompt` into `seq`, then picks a token `n_new` times, feeding
+  /// each back: greedily (the most likely token, lowest id on ties) by default, or as `sampling`
+  /// says (seeded). Returns the `n_new` new tokens; the cache then holds
+  /// prompt.size() + n_new − 1 tokens of `seq`.
+  /// \throws tpa::Error as forward(), or if `sampling` is invalid.
   std::vector<Token> generate(tpa::Context& ctx, const std::vector<Token>& prompt, Index n_new,
-                              Cache& cache, tpa::SeqId seq, Timing* timing = nullptr) const {
+                              Cache& cache, tpa::SeqId seq, Timing* timing = nullptr,
+                              const Sampling& sampling = {}) const {
     using Clock = std::chrono::steady_clock;
+    Sampler pick(sampling);
     std::vector<Token> out;
     if (n_new <= 0) return out;
     const auto t0 = Clock::now();
     Eigen::VectorXf logits = forward(ctx, prompt, cache, seq);
     const auto t1 = Clock::now();
-    out.push_back(argmax(logits));
+    out.push_back(pick(logits));
     for (Index i = 1; i < n_new; ++i) {
       logits = forward(ctx, {out.back()}, cache, seq);
-      out.push_back(argmax(logits));
+      out.push_back(pick(logits));
     }
     const auto t2 = Clock::now();
     if (timing != nullptr) {
@@ -333,12 +493,7 @@ class Model {
     return out;
   }
 
-  static Token argmax(const Eigen::VectorXf& v) {
-    Index best = 0;
-    for (Index i = 1; i < v.size(); ++i)
-      if (v[i] > v[best]) best = i;
-    return static_cast<Token>(best);
-  }
+  static Token argmax(const Eigen::VectorXf& v) { return Sampler::argmax(v); }
 
  private:
   static void check(const Matrix<float>& m, const std::string& name, Index rows, Index cols) {
