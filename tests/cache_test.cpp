@@ -42,14 +42,14 @@ void expect_contents(const KVCache<float>& c, tpa::SeqId s, int layer) {
   const auto v = c.view(s, layer);
   for (std::size_t f = 0; f < c.layout(layer).num_factors(); ++f)
     for (Index t = 0; t < v.n_tokens; ++t)
-      for (Index j = 0; j < v.factor_elements[f]; ++j)
-        ASSERT_EQ(v.token(f, t)[j], value(layer, static_cast<int>(f), t, j))
+      for (Index j = 0; j < v.elements(f); ++j)
+        ASSERT_EQ(v.at(f, t, j), value(layer, static_cast<int>(f), t, j))
             << "layer " << layer << " factor " << f << " token " << t;
   // Block-wise access sees the same rows contiguously.
   Index t = 0;
   for (Index b = 0; b < v.num_blocks(); ++b)
     for (Index i = 0; i < v.block_len(b); ++i, ++t)
-      ASSERT_EQ(v.factor(1, b)[i * v.factor_elements[1]], value(layer, 1, t, 0));
+      ASSERT_EQ(v.row(1, b, 0)[i * v.token_stride(1)], value(layer, 1, t, 0));
   EXPECT_EQ(t, v.n_tokens);
 }
 
@@ -215,9 +215,9 @@ TEST(KVCache, HalfWidthStorageRoundsOnAppend) {
   const FactorRows rows[2] = {{k, 2}, {v, 2}};
   c.append(a, 0, 1, rows);
   const auto view = c.view(a, 0);
-  EXPECT_EQ(static_cast<float>(view.token(0, 0)[0]), 1.f);
-  EXPECT_EQ(static_cast<float>(view.token(0, 0)[1]), -3.f);
-  EXPECT_NEAR(static_cast<float>(view.token(1, 0)[0]), 0.1f, 0.1f * (1.f / 256));
+  EXPECT_EQ(static_cast<float>(view.at(0, 0, 0)), 1.f);
+  EXPECT_EQ(static_cast<float>(view.at(0, 0, 1)), -3.f);
+  EXPECT_NEAR(static_cast<float>(view.at(1, 0, 0)), 0.1f, 0.1f * (1.f / 256));
 }
 
 }  // namespace

@@ -342,7 +342,7 @@ struct Problem {
             for (Index e = 0; e < p.k_dims[part]; ++e, ++j) {
               const double x =
                   static_cast<double>(qh[j]) *
-                  static_cast<float>(p.kv.token(p.k_factor[part], t)[g * p.k_dims[part] + e]);
+                  static_cast<float>(p.kv.row_at(p.k_factor[part], t, g)[e]);
               dot += x;
               sigma += std::abs(x);
             }
@@ -357,7 +357,7 @@ struct Problem {
           double o = 0, dev = 0, mag = 0;
           auto v = [&](Index t) {
             return static_cast<double>(
-                static_cast<float>(p.kv.token(p.v_factor, t)[g * p.d_v + j]));
+                static_cast<float>(p.kv.row_at(p.v_factor, t, g)[j]));
           };
           for (Index t = 0; t < n_keys; ++t) o += w[static_cast<std::size_t>(t)] / l * v(t);
           for (Index t = 0; t < n_keys; ++t) {

@@ -64,10 +64,10 @@ class GroupedQueryAttention {
     detail::Segment seg{-1, 0, n, 0};
     Buffers b = project(ctx, x, &seg, 1);
     const float* base[1] = {b.kv};
-    const Index offsets[2] = {0, n * kv_width()};
-    const Index elements[2] = {kv_width(), kv_width()};
-    const auto p =
-        params<float>(b, seg, detail::contiguous_view<float>(base, offsets, elements, n));
+    const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
+    const FactorPlace places[2] = {FactorPlace::token_major(0, G, d),
+                                   FactorPlace::token_major(n * kv_width(), G, d)};
+    const auto p = params<float>(b, seg, detail::contiguous_view<float>(base, places, n));
     grouped_attention<Backend>(ctx, &p, 1);
     finish(ctx, b, n, y);
   }
