@@ -43,10 +43,9 @@
 // Benchmarks: decode_order/KIND/cache:C/ctx:16384/pages:huge/threads:2 (MHA, GQA8; f32, bf16),
 // the same case with its K and V placed token-major (all KV heads' rows of a token together: one
 // head's tile is block_tokens rows G·d elements apart) and head-major (one head's tile is one
-// contiguous run, as GroupedQueryAttention's cache_layout() asks), steps alternated as in
-// decode_pair. Counters: token_ms, head_ms (median step times), speedup (token_ms / head_ms),
-// speedup_lo and speedup_hi (quartiles of the per-iteration ratios). decode_kernel and
-// decode_pair place grouped K/V head-major.
+// contiguous run), steps alternated as in decode_pair. Counters: token_ms, head_ms (median step
+// times), speedup (token_ms / head_ms), speedup_lo and speedup_hi (quartiles of the
+// per-iteration ratios). decode_kernel and decode_pair place K/V token-major, as the layers do.
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -96,10 +95,10 @@ struct FreeDeleter {
 };
 
 // The per-token factors of a case: one key part or two, then the value unless it is in the key,
-// placed in `order` (as GroupedQueryAttention's cache_layout(), head-major, by default; with one
+// placed in `order` (as GroupedQueryAttention's cache_layout(), token-major, by default; with one
 // KV head both orders place alike); TPA's A_K, B_K, A_V, B_V, token-major (as the layer's).
 std::vector<tpa::FactorSpec> factors(const DecodeCase& c,
-                                     tpa::TileOrder order = tpa::TileOrder::kHeadMajor) {
+                                     tpa::TileOrder order = tpa::TileOrder::kTokenMajor) {
   if (c.tpa())
     return {{"A_K", c.H, c.r_k, false},
             {"B_K", c.r_k, c.d_k0, true},
@@ -249,7 +248,7 @@ class Sequences final : public SequencesBase {
 // slot 1 beside the head-major one in slot 0).
 template <class S>
 Sequences<S>& sequences(std::size_t c, Index len, bool huge, bool hot, int slot = 0,
-                        tpa::TileOrder order = tpa::TileOrder::kHeadMajor) {
+                        tpa::TileOrder order = tpa::TileOrder::kTokenMajor) {
   static std::unique_ptr<SequencesBase> slots[2];
   static std::string keys[2];
   std::unique_ptr<SequencesBase>& cur = slots[slot];

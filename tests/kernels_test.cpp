@@ -266,7 +266,7 @@ struct Shape {
 
 // A sequence of n_tokens cached tokens of one shape (appended in uneven chunks, so blocks fill
 // across calls and the last one is partial), and n_q queries at the end of it. K and V are
-// placed in `order` (head-major, as GroupedQueryAttention's cache_layout(), by default).
+// placed in `order` (token-major, as GroupedQueryAttention's cache_layout(), by default).
 template <class S>
 struct Problem {
   Shape shape;
@@ -279,7 +279,7 @@ struct Problem {
   std::vector<double> tol;   // per-element tolerance (see the top of the file)
 
   Problem(const Shape& sh, Index n_tokens_, Index n_q_, Index block_tokens, unsigned seed,
-          TileOrder order = TileOrder::kHeadMajor)
+          TileOrder order = TileOrder::kTokenMajor)
       : shape(sh), n_q(n_q_), n_tokens(n_tokens_) {
     const Index G = sh.n_kv_heads;
     std::vector<FactorSpec> f = {{"K0", G, sh.d_k0, true, order}};
