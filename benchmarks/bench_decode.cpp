@@ -39,6 +39,14 @@
 // bandwidth (2× within minutes seen here) moves both alike. Counters: MHA_ms and KIND_ms (median
 // step times), speedup (MHA_ms / KIND_ms) and speedup_lo, speedup_hi (the first and third
 // quartile of the per-iteration ratios).
+//
+// Benchmarks: decode_order/KIND/cache:C/ctx:16384/pages:huge/threads:2 (MHA, GQA8; f32, bf16),
+// the same case with its K and V placed token-major (all KV heads' rows of a token together: one
+// head's tile is block_tokens rows G·d elements apart) and head-major (one head's tile is one
+// contiguous run, as GroupedQueryAttention's cache_layout() asks), steps alternated as in
+// decode_pair. Counters: token_ms, head_ms (median step times), speedup (token_ms / head_ms),
+// speedup_lo and speedup_hi (quartiles of the per-iteration ratios). decode_kernel and
+// decode_pair place grouped K/V head-major.
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -87,17 +95,19 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// The per-token factors of a case: one key part or two, then the value unless it is in the key;
-// TPA's A_K, B_K, A_V, B_V.
-std::vector<tpa::FactorSpec> factors(const DecodeCase& c) {
+// The per-token factors of a case: one key part or two, then the value unless it is in the key,
+// placed in `order` (as GroupedQueryAttention's cache_layout(), head-major, by default; with one
+// KV head both orders place alike); TPA's A_K, B_K, A_V, B_V, token-major (as the layer's).
+std::vector<tpa::FactorSpec> factors(const DecodeCase& c,
+                                     tpa::TileOrder order = tpa::TileOrder::kHeadMajor) {
   if (c.tpa())
     return {{"A_K", c.H, c.r_k, false},
             {"B_K", c.r_k, c.d_k0, true},
             {"A_V", c.H, c.r_v, false},
             {"B_V", c.r_v, c.d_k0, false}};
-  std::vector<tpa::FactorSpec> f = {{"K0", c.G, c.d_k0, true}};
-  if (c.d_k1 > 0) f.push_back({"K1", c.G, c.d_k1, true});
-  if (!c.v_in_key) f.push_back({"V", c.G, c.d_v, false});
+  std::vector<tpa::FactorSpec> f = {{"K0", c.G, c.d_k0, true, order}};
+  if (c.d_k1 > 0) f.push_back({"K1", c.G, c.d_k1, true, order});
+  if (!c.v_in_key) f.push_back({"V", c.G, c.d_v, false, order});
   return f;
 }
 
@@ -110,8 +120,9 @@ struct SequencesBase {
 template <class S>
 class Sequences final : public SequencesBase {
  public:
-  Sequences(const DecodeCase& c, Index len, bool huge, bool hot) : c_(c), len_(len) {
-    const auto f = factors(c);
+  Sequences(const DecodeCase& c, Index len, bool huge, bool hot, tpa::TileOrder order)
+      : c_(c), len_(len) {
+    const auto f = factors(c, order);
     const tpa::CacheLayout layout(c.name, f);
     const Index ept = layout.elements_per_token();
     constexpr Index es = sizeof(S);
@@ -123,15 +134,7 @@ class Sequences final : public SequencesBase {
       src[i].resize(static_cast<std::size_t>(len * f[i].elements()));
       randomize(src[i].data(), static_cast<Index>(src[i].size()), 11 + i);
     }
-    std::vector<std::vector<S>> src_s(f.size());  // src rounded to S, as the cache stores it
-    for (std::size_t i = 0; i < f.size(); ++i)
-      for (float x : src[i]) src_s[i].push_back(static_cast<S>(x));
-    offsets_.resize(f.size());
-    elements_.resize(f.size());
-    for (std::size_t i = 0; i < f.size(); ++i) {
-      offsets_[i] = kBlock * layout.factor_offset(i);
-      elements_[i] = f[i].elements();
-    }
+    for (std::size_t i = 0; i < f.size(); ++i) places_.push_back(layout.place(i, kBlock));
     const Index n_blocks = (len + kBlock - 1) / kBlock;
     for (Index b = 0; b < n_blocks; ++b) table_.push_back(static_cast<std::int32_t>(b));
     for (Index k = 0; k < copies_; ++k) {
@@ -155,11 +158,10 @@ class Sequences final : public SequencesBase {
 #endif
         bases_.emplace_back();
         for (Index b = 0; b < n_blocks; ++b) bases_.back().push_back(p + b * kBlock * ept);
-        for (Index t = 0; t < len; ++t)
+        for (Index t = 0; t < len; ++t)  // placed as KVCache::append places them
           for (std::size_t i = 0; i < f.size(); ++i)
-            std::memcpy(p + (t / kBlock) * kBlock * ept + offsets_[i] + (t % kBlock) * elements_[i],
-                        src_s[i].data() + t * elements_[i],
-                        static_cast<std::size_t>(elements_[i] * es));
+            tpa::detail::store_factor(places_[i], p + (t / kBlock) * kBlock * ept, t % kBlock,
+                                      src[i].data() + t * f[i].elements());
       }
     }
     if (huge) {
@@ -167,8 +169,7 @@ class Sequences final : public SequencesBase {
         tpa::SeqView<S> v;
         v.block_base = bases_[static_cast<std::size_t>(k)].data();
         v.table = table_.data();
-        v.factor_offset = offsets_.data();
-        v.factor_elements = elements_.data();
+        v.places = places_.data();
         v.n_tokens = len;
         v.block_tokens = kBlock;
         views_.push_back(v);
@@ -238,24 +239,27 @@ class Sequences final : public SequencesBase {
   std::vector<std::unique_ptr<S, FreeDeleter>> arenas_;
   std::vector<std::vector<const S*>> bases_;
   std::vector<std::int32_t> table_;
-  std::vector<Index> offsets_, elements_;
+  std::vector<tpa::FactorPlace> places_;
   std::vector<tpa::SeqView<S>> views_;
   std::vector<float> q_, o_;
 };
 
 // The sequences of the case being measured (one case in memory at a time per slot: decode_pair
-// keeps MHA's in slot 1 beside the other kind's in slot 0).
+// keeps MHA's in slot 1 beside the other kind's in slot 0, decode_order the token-major copy in
+// slot 1 beside the head-major one in slot 0).
 template <class S>
-Sequences<S>& sequences(std::size_t c, Index len, bool huge, bool hot, int slot = 0) {
+Sequences<S>& sequences(std::size_t c, Index len, bool huge, bool hot, int slot = 0,
+                        tpa::TileOrder order = tpa::TileOrder::kHeadMajor) {
   static std::unique_ptr<SequencesBase> slots[2];
   static std::string keys[2];
   std::unique_ptr<SequencesBase>& cur = slots[slot];
   std::string& key = keys[slot];
   const std::string k = std::to_string(c) + "/" + std::to_string(len) + "/" + (huge ? "h" : "c") +
-                        (hot ? "/hot/" : "/") + scalar_name<S>();
+                        (hot ? "/hot/" : "/") + scalar_name<S>() +
+                        (order == tpa::TileOrder::kHeadMajor ? "/head" : "/token");
   if (key != k) {
     cur.reset();
-    cur = std::make_unique<Sequences<S>>(kCases[c], len, huge, hot);
+    cur = std::make_unique<Sequences<S>>(kCases[c], len, huge, hot, order);
     key = k;
   }
   return static_cast<Sequences<S>&>(*cur);
@@ -307,48 +311,87 @@ void step(tpa::Context& ctx, std::size_t c, Sequences<S>& seqs, Index copy) {
   }
 }
 
-// decode_pair: MHA (case 0) and case c alternated step by step (see the file's header).
-void decode_pair(benchmark::State& state, std::size_t c, Index len, int threads) {
-  Sequences<float>& mha = sequences<float>(0, len, true, false, 1);
-  Sequences<float>& other = sequences<float>(c, len, true, false, 0);
-  tpa::Context ctx(threads);
-  std::vector<double> t_mha, t_other;
-  Index copy_mha = 0, copy_other = 0;
-  auto timed = [&](std::size_t kase, Sequences<float>& seqs, Index& copy) {
+// Times step_a() and step_b() back to back in every iteration (alternating which goes first) and
+// reports their median times as counters name_a_ms and name_b_ms, the ratio of the medians
+// (a / b) as `speedup`, and the first and third quartiles of the per-iteration ratios as
+// speedup_lo and speedup_hi.
+template <class A, class B>
+void alternate(benchmark::State& state, const std::string& name_a, A&& step_a,
+               const std::string& name_b, B&& step_b) {
+  std::vector<double> t_a, t_b;
+  auto timed = [](auto& step) {
     const auto t0 = std::chrono::steady_clock::now();
-    step(ctx, kase, seqs, copy);
+    step();
     benchmark::ClobberMemory();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    copy = (copy + 1) % seqs.copies();
-    return s;
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
   for (auto _ : state) {
     double a, b;
-    if (t_mha.size() % 2 == 0) {
-      a = timed(0, mha, copy_mha);
-      b = timed(c, other, copy_other);
+    if (t_a.size() % 2 == 0) {
+      a = timed(step_a);
+      b = timed(step_b);
     } else {
-      b = timed(c, other, copy_other);
-      a = timed(0, mha, copy_mha);
+      b = timed(step_b);
+      a = timed(step_a);
     }
     state.SetIterationTime(a + b);
-    t_mha.push_back(a);
-    t_other.push_back(b);
+    t_a.push_back(a);
+    t_b.push_back(b);
   }
-  if (t_mha.empty()) return;
-  std::vector<double> ratio(t_mha.size());
-  for (std::size_t i = 0; i < ratio.size(); ++i) ratio[i] = t_mha[i] / t_other[i];
+  if (t_a.empty()) return;
+  std::vector<double> ratio(t_a.size());
+  for (std::size_t i = 0; i < ratio.size(); ++i) ratio[i] = t_a[i] / t_b[i];
   auto quantile = [](std::vector<double> v, double q) {
     const auto k = static_cast<std::ptrdiff_t>(q * static_cast<double>(v.size() - 1) + 0.5);
     std::nth_element(v.begin(), v.begin() + k, v.end());
     return v[static_cast<std::size_t>(k)];
   };
-  const double mha_s = quantile(t_mha, 0.5), other_s = quantile(t_other, 0.5);
-  state.counters["MHA_ms"] = 1e3 * mha_s;
-  state.counters[std::string(kCases[c].name) + "_ms"] = 1e3 * other_s;
-  state.counters["speedup"] = mha_s / other_s;
+  const double a_s = quantile(t_a, 0.5), b_s = quantile(t_b, 0.5);
+  state.counters[name_a + "_ms"] = 1e3 * a_s;
+  state.counters[name_b + "_ms"] = 1e3 * b_s;
+  state.counters["speedup"] = a_s / b_s;
   state.counters["speedup_lo"] = quantile(ratio, 0.25);
   state.counters["speedup_hi"] = quantile(ratio, 0.75);
+}
+
+// decode_pair: MHA (case 0) and case c alternated step by step (see the file's header).
+void decode_pair(benchmark::State& state, std::size_t c, Index len, int threads) {
+  Sequences<float>& mha = sequences<float>(0, len, true, false, 1);
+  Sequences<float>& other = sequences<float>(c, len, true, false, 0);
+  tpa::Context ctx(threads);
+  Index copy_mha = 0, copy_other = 0;
+  alternate(
+      state, "MHA",
+      [&] {
+        step(ctx, 0, mha, copy_mha);
+        copy_mha = (copy_mha + 1) % mha.copies();
+      },
+      kCases[c].name,
+      [&] {
+        step(ctx, c, other, copy_other);
+        copy_other = (copy_other + 1) % other.copies();
+      });
+}
+
+// decode_order: case c with its K and V token-major and head-major (TileOrder), steps
+// alternated (see the file's header).
+template <class S>
+void decode_order(benchmark::State& state, std::size_t c, Index len, int threads) {
+  Sequences<S>& head = sequences<S>(c, len, true, false, 0, tpa::TileOrder::kHeadMajor);
+  Sequences<S>& token = sequences<S>(c, len, true, false, 1, tpa::TileOrder::kTokenMajor);
+  tpa::Context ctx(threads);
+  Index copy_head = 0, copy_token = 0;
+  alternate(
+      state, "token",
+      [&] {
+        step(ctx, c, token, copy_token);
+        copy_token = (copy_token + 1) % token.copies();
+      },
+      "head",
+      [&] {
+        step(ctx, c, head, copy_head);
+        copy_head = (copy_head + 1) % head.copies();
+      });
 }
 
 template <class S>
@@ -398,6 +441,26 @@ void register_all() {
           ->Unit(benchmark::kMillisecond)
           ->MinTime(2.0);
     }
+  // Token-major against head-major K/V (the kinds with several KV heads), steps alternated:
+  // f32 and bf16, 2 MiB pages, 2 threads.
+  for (std::size_t c = 0; c < std::size(kCases); ++c) {
+    if (kCases[c].tpa() || kCases[c].G <= 1) continue;
+    for (Index len : kContexts) {
+      auto reg = [&](auto scalar) {
+        using S = decltype(scalar);
+        const std::string name = std::string("decode_order/") + kCases[c].name + "/cache:" +
+                                 scalar_name<S>() + "/ctx:" + std::to_string(len) +
+                                 "/pages:huge/threads:2";
+        benchmark::RegisterBenchmark(name.c_str(),
+                                     [=](benchmark::State& s) { decode_order<S>(s, c, len, 2); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->MinTime(2.0);
+      };
+      reg(float{});
+      reg(tpa::bfloat16{});
+    }
+  }
 }
 
 }  // namespace

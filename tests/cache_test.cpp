@@ -16,8 +16,9 @@ using tpa::KVCache;
 
 namespace cache_test {
 
-CacheLayout kv_layout(Index g, Index d) {
-  return CacheLayout("GQA", {{"K", g, d, true}, {"V", g, d, false}});
+// K [g, d] and V [g, d], placed like GroupedQueryAttention's (head-major) unless told otherwise.
+CacheLayout kv_layout(Index g, Index d, tpa::TileOrder order = tpa::TileOrder::kHeadMajor) {
+  return CacheLayout("GQA", {{"K", g, d, true, order}, {"V", g, d, false, order}});
 }
 
 // Appends n tokens whose factor f element e of token i is value(layer, f, pos, e).
@@ -43,14 +44,14 @@ void expect_contents(const KVCache<float>& c, tpa::SeqId s, int layer) {
   const auto v = c.view(s, layer);
   for (std::size_t f = 0; f < c.layout(layer).num_factors(); ++f)
     for (Index t = 0; t < v.n_tokens; ++t)
-      for (Index j = 0; j < v.factor_elements[f]; ++j)
-        ASSERT_EQ(v.token(f, t)[j], value(layer, static_cast<int>(f), t, j))
+      for (Index j = 0; j < v.elements(f); ++j)
+        ASSERT_EQ(v.at(f, t, j), value(layer, static_cast<int>(f), t, j))
             << "layer " << layer << " factor " << f << " token " << t;
   // Block-wise access sees the same rows contiguously.
   Index t = 0;
   for (Index b = 0; b < v.num_blocks(); ++b)
     for (Index i = 0; i < v.block_len(b); ++i, ++t)
-      ASSERT_EQ(v.factor(1, b)[i * v.factor_elements[1]], value(layer, 1, t, 0));
+      ASSERT_EQ(v.row(1, b, 0)[i * v.token_stride(1)], value(layer, 1, t, 0));
   EXPECT_EQ(t, v.n_tokens);
 }
 
@@ -74,8 +75,13 @@ TEST(KVCache, BytesPerTokenAreExact) {
   EXPECT_EQ(c.bytes_reserved(), 0u);
 }
 
-TEST(KVCache, AppendStoresFactorsAcrossBlocksAndLayers) {
-  KVCache<float> c({kv_layout(2, 3), kv_layout(1, 5)}, 4, 16);
+class KVCacheOrders : public ::testing::TestWithParam<tpa::TileOrder> {};
+INSTANTIATE_TEST_SUITE_P(TileOrder, KVCacheOrders,
+                         ::testing::Values(tpa::TileOrder::kTokenMajor,
+                                           tpa::TileOrder::kHeadMajor));
+
+TEST_P(KVCacheOrders, AppendStoresFactorsAcrossBlocksAndLayers) {
+  KVCache<float> c({kv_layout(2, 3, GetParam()), kv_layout(1, 5, GetParam())}, 4, 16);
   const auto a = c.add_sequence(), b = c.add_sequence();
   append(c, a, 0, 3);
   append(c, b, 0, 6);
@@ -261,6 +267,114 @@ TEST(KVCache, EnsureFreeBlocksMakesTheNextAppendsAllocationFree) {
   expect_contents(c, a, 0);
 }
 
+// Where append places factors inside a block, by address arithmetic through SeqView: head-major,
+// head g's rows of a block's tokens are one contiguous run (token_stride = d), the heads' runs
+// follow each other (row_stride = block_tokens·d) and V's region follows K's; token-major, a
+// token's rows are adjacent (row_stride = d, token_stride = G·d). Both store the same values.
+TEST(KVCache, HeadMajorPlacesEachHeadsTileContiguously) {
+  const Index G = 3, d = 5, bt = 4, T = 10;
+  for (auto order : {tpa::TileOrder::kHeadMajor, tpa::TileOrder::kTokenMajor}) {
+    const bool hm = order == tpa::TileOrder::kHeadMajor;
+    SCOPED_TRACE(hm ? "head-major" : "token-major");
+    // A TPA-like token-major layer first, so the GQA layer's region starts inside the block.
+    const CacheLayout tpa_like("T", {{"A", 2, 3, false}});
+    KVCache<float> c({tpa_like, kv_layout(G, d, order)}, bt, 8);
+    const auto s = c.add_sequence();
+    std::vector<float> k(static_cast<std::size_t>(T * G * d)), v(k.size()), a(T * 6);
+    for (std::size_t i = 0; i < k.size(); ++i) {
+      k[i] = static_cast<float>(i);
+      v[i] = -static_cast<float>(i) - 1;
+    }
+    for (Index t0 = 0; t0 < T; t0 += 3) {  // uneven chunks across block ends
+      const Index n = std::min<Index>(3, T - t0);
+      const FactorRows kv[2] = {{k.data() + t0 * G * d, G * d}, {v.data() + t0 * G * d, G * d}};
+      const FactorRows ar[1] = {{a.data() + t0 * 6, 6}};
+      c.append(s, 0, n, ar);
+      c.append(s, 1, n, kv);
+    }
+    const auto view = c.view(s, 1);
+    EXPECT_EQ(view.row_stride(0), hm ? bt * d : d);
+    EXPECT_EQ(view.token_stride(0), hm ? d : G * d);
+    for (Index b = 0; b < view.num_blocks(); ++b) {
+      const float* k0 = view.row(0, b, 0);
+      EXPECT_EQ(view.row(1, b, 0), k0 + bt * G * d) << "V's region follows K's";
+      for (Index g = 0; g < G; ++g) {
+        const float* tile = view.row(0, b, g);
+        if (hm) {
+          EXPECT_EQ(tile, k0 + g * bt * d) << "head " << g << " block " << b;
+        } else {
+          EXPECT_EQ(tile, k0 + g * d) << "head " << g << " block " << b;
+        }
+        for (Index i = 0; i < view.block_len(b); ++i) {
+          const Index t = b * bt + i;
+          // Head-major: token i of the tile right after token i − 1, no gap.
+          EXPECT_EQ(view.row_at(0, t, g), tile + i * (hm ? d : G * d));
+          EXPECT_EQ(view.row_at(1, t, g), view.row(1, b, g) + i * (hm ? d : G * d));
+          for (Index j = 0; j < d; ++j) {
+            ASSERT_EQ(view.row_at(0, t, g)[j], k[static_cast<std::size_t>((t * G + g) * d + j)]);
+            ASSERT_EQ(view.row_at(1, t, g)[j], v[static_cast<std::size_t>((t * G + g) * d + j)]);
+            ASSERT_EQ(view.at(0, t, g * d + j), k[static_cast<std::size_t>((t * G + g) * d + j)]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The layers' layouts: MHA/GQA/MQA place K and V head-major; TPA's factors and MLA's latents
+// (read whole per token) stay token-major. A GQA layer's cache built by forward() holds head g's
+// tile of every block as one run of block_len·d elements.
+TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
+  tpa::GqaConfig gc;
+  gc.d_model = 32;
+  gc.n_heads = 4;
+  gc.n_kv_heads = 2;
+  gc.head_dim = 8;
+  const tpa::GroupedQueryAttention<tpa::Native> gqa(gc, tpa::GqaWeights::random(gc, 1));
+  for (std::size_t f = 0; f < 2; ++f)
+    EXPECT_EQ(gqa.cache_layout().factor(f).order, tpa::TileOrder::kHeadMajor) << f;
+  tpa::TpaConfig tc;
+  tc.d_model = 32;
+  tc.n_heads = 4;
+  tc.head_dim = 8;
+  tc.q_rank = 2;
+  tc.k_rank = 2;
+  tc.v_rank = 2;
+  const tpa::TensorProductAttention<tpa::Native> tpa_layer(tc, tpa::TpaWeights::random(tc, 1));
+  for (std::size_t f = 0; f < 4; ++f)
+    EXPECT_EQ(tpa_layer.cache_layout().factor(f).order, tpa::TileOrder::kTokenMajor) << f;
+  tpa::MlaConfig mc;
+  mc.d_model = 32;
+  mc.n_heads = 2;
+  mc.kv_lora_rank = 16;
+  mc.qk_nope_head_dim = 8;
+  mc.qk_rope_head_dim = 8;
+  mc.v_head_dim = 8;
+  const tpa::MultiHeadLatentAttention<tpa::Native> mla(mc, tpa::MlaWeights::random(mc, 1));
+  for (std::size_t f = 0; f < 2; ++f)
+    EXPECT_EQ(mla.cache_layout().factor(f).order, tpa::TileOrder::kTokenMajor) << f;
+
+  const Index bt = 4, T = 11, G = 2, d = 8;
+  KVCache<float> c({gqa.cache_layout()}, bt, 8);
+  const auto s = c.add_sequence();
+  tpa::Context ctx(1);
+  const auto x = tpa_test::random_tensor(T, 32, 5);
+  tpa::Tensor<float, 2> y(T, 32);
+  gqa.forward(ctx, x, y, c, 0, s);
+  const auto view = c.view(s, 0);
+  for (std::size_t f = 0; f < 2; ++f)
+    for (Index b = 0; b < view.num_blocks(); ++b)
+      for (Index g = 0; g < G; ++g)
+        for (Index i = 0; i < view.block_len(b); ++i)
+          EXPECT_EQ(view.row_at(f, b * bt + i, g), view.row(f, b, g) + i * d);
+  EXPECT_EQ(view.row(0, 0, 1), view.row(0, 0, 0) + bt * d);
+  // Other placements of the same factors are other layouts: the layer rejects such a cache.
+  KVCache<float> token_major({kv_layout(G, d, tpa::TileOrder::kTokenMajor)}, bt, 8);
+  const auto s2 = token_major.add_sequence();
+  EXPECT_THROW(gqa.forward(ctx, x, y, token_major, 0, s2), tpa::Error);
+  EXPECT_EQ(token_major.length(s2), 0);
+}
+
 TEST(KVCache, HalfWidthStorageRoundsOnAppend) {
   KVCache<tpa::bfloat16> c({kv_layout(1, 2)}, 4, 2);
   const auto a = c.add_sequence();
@@ -268,9 +382,9 @@ TEST(KVCache, HalfWidthStorageRoundsOnAppend) {
   const FactorRows rows[2] = {{k, 2}, {v, 2}};
   c.append(a, 0, 1, rows);
   const auto view = c.view(a, 0);
-  EXPECT_EQ(static_cast<float>(view.token(0, 0)[0]), 1.f);
-  EXPECT_EQ(static_cast<float>(view.token(0, 0)[1]), -3.f);
-  EXPECT_NEAR(static_cast<float>(view.token(1, 0)[0]), 0.1f, 0.1f * (1.f / 256));
+  EXPECT_EQ(static_cast<float>(view.at(0, 0, 0)), 1.f);
+  EXPECT_EQ(static_cast<float>(view.at(0, 0, 1)), -3.f);
+  EXPECT_NEAR(static_cast<float>(view.at(1, 0, 0)), 0.1f, 0.1f * (1.f / 256));
 }
 
 }  // namespace cache_test

@@ -247,8 +247,8 @@ TEST(ReserveTokens, TakesBlocksUpFrontAndFreesThem) {
   cache.append(a, 1, 7, rows);
   EXPECT_EQ(cache.block_table(a), table);
   EXPECT_EQ(cache.bytes_used(), 19u * 8 * sizeof(float));
-  EXPECT_EQ(cache.view(a, 0).token(0, 11)[7], static_cast<float>(11 * 8 + 7));
-  EXPECT_EQ(cache.view(a, 1).token(0, 6)[0], static_cast<float>(6 * 8));
+  EXPECT_EQ(cache.view(a, 0).at(0, 11, 7), static_cast<float>(11 * 8 + 7));
+  EXPECT_EQ(cache.view(a, 1).at(0, 6, 0), static_cast<float>(6 * 8));
 
   // Too many blocks, a negative count, a dead sequence: Error, nothing changes.
   const auto before = tpa_test::snapshot(cache, {a, b});

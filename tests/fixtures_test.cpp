@@ -123,12 +123,12 @@ double cache_err(const tpa::SeqView<S>& view, std::size_t factor, const Safetens
   const std::vector<float> stored = f.read_f32(name);
   const Index L = info.shape.at(1);
   const Index per_token = info.numel() / (info.shape.at(0) * L);
-  EXPECT_EQ(per_token, view.factor_elements[factor]) << name;
+  EXPECT_EQ(per_token, view.elements(factor)) << name;
   EXPECT_EQ(L, view.n_tokens) << name;
   double m = 0;
   for (Index t = 0; t < std::min(L, view.n_tokens); ++t)
     for (Index e = 0; e < per_token; ++e)
-      m = std::max(m, std::abs(static_cast<double>(static_cast<float>(view.token(factor, t)[e])) -
+      m = std::max(m, std::abs(static_cast<double>(static_cast<float>(view.at(factor, t, e))) -
                                static_cast<double>(
                                    stored[static_cast<std::size_t>((b * L + t) * per_token + e)])));
   return m;

@@ -186,8 +186,8 @@ TYPED_TEST(GqaLayer, PreRotatedCacheEqualsRotatingAtReadTime) {
       }
       tpa_test::rope_ref(k, 8, t, c.rope.style, c.rope.base);
       for (Index i = 0; i < 8; ++i) {
-        EXPECT_NEAR(view.token(0, t)[g * 8 + i], k[i], 1e-5) << "K t " << t;
-        EXPECT_NEAR(view.token(1, t)[g * 8 + i], v[i], 1e-5) << "V t " << t;
+        EXPECT_NEAR(view.row_at(0, t, g)[i], k[i], 1e-5) << "K t " << t;
+        EXPECT_NEAR(view.row_at(1, t, g)[i], v[i], 1e-5) << "V t " << t;
       }
     }
   }

@@ -150,12 +150,13 @@ void for_each_projection(const Inputs& in, const float* w, Index D, Index r0, In
     }
 }
 
-// Calls f(token pointer) for every token of factor f of both sequences of the float cache.
+// Calls f(at) for every token of factor f of both sequences of the float cache, at(e) the
+// token's element e (row-major in the factor's [rows, cols]).
 template <class F>
 void for_each_token(const KVCache<float>& cache, std::size_t factor, F&& f) {
   for (SeqId seq : {SeqId{0}, SeqId{1}}) {
     const auto view = cache.view(seq, 0);
-    for (Index t = 0; t < view.n_tokens; ++t) f(view.token(factor, t));
+    for (Index t = 0; t < view.n_tokens; ++t) f([&](Index e) { return view.at(factor, t, e); });
   }
 }
 
@@ -238,14 +239,14 @@ void check_grouped(const std::string& what, Index kv_heads) {
       for_each_projection(in, w.c_q.data(), c.d_model, h * d, d,
                           [&](const double* q) { b.q_norm = std::max(b.q_norm, norm2(q, d)); });
     std::vector<double> k(static_cast<std::size_t>(d));
-    for_each_token(cache, 0, [&](const float* t) {
+    for_each_token(cache, 0, [&](const auto& t) {
       for (Index g = 0; g < G; ++g) {
-        for (Index j = 0; j < d; ++j) k[static_cast<std::size_t>(j)] = t[g * d + j];
+        for (Index j = 0; j < d; ++j) k[static_cast<std::size_t>(j)] = t(g * d + j);
         b.k_norm = std::max(b.k_norm, norm2(k.data(), d));
       }
     });
-    for_each_token(cache, 1, [&](const float* t) {
-      for (Index j = 0; j < G * d; ++j) b.v_max = std::max(b.v_max, std::abs(double(t[j])));
+    for_each_token(cache, 1, [&](const auto& t) {
+      for (Index j = 0; j < G * d; ++j) b.v_max = std::max(b.v_max, std::abs(double(t(j))));
     });
     b.w_out = inf_norm(w.c_proj.data(), c.d_model, H * d);
     b.d_qk = d;
@@ -295,10 +296,10 @@ void check_mla(tpa::MlaForm form) {
       for (Index t = 0; t < view.n_tokens; ++t) {
         std::vector<double> k(static_cast<std::size_t>(d_c + d_R));
         for (Index j = 0; j < d_c; ++j) {
-          k[static_cast<std::size_t>(j)] = view.token(0, t)[j];
-          b.v_max = std::max(b.v_max, std::abs(double(view.token(0, t)[j])));
+          k[static_cast<std::size_t>(j)] = view.at(0, t, j);
+          b.v_max = std::max(b.v_max, std::abs(double(view.at(0, t, j))));
         }
-        for (Index j = 0; j < d_R; ++j) k[static_cast<std::size_t>(d_c + j)] = view.token(1, t)[j];
+        for (Index j = 0; j < d_R; ++j) k[static_cast<std::size_t>(d_c + j)] = view.at(1, t, j);
         b.k_norm = std::max(b.k_norm, norm2(k.data(), d_c + d_R));
       }
     }
@@ -377,11 +378,11 @@ void check_tpa(bool kv_only) {
                      for (Index j = 0; j < d; ++j) {
                        double sk = 0, sv = 0;
                        for (Index r = 0; r < RK; ++r)
-                         sk += std::abs(double(view.token(0, t)[h * RK + r])) *
-                               std::abs(double(view.token(1, t)[r * d + j]));
+                         sk += std::abs(double(view.at(0, t, h * RK + r))) *
+                               std::abs(double(view.at(1, t, r * d + j)));
                        for (Index r = 0; r < RV; ++r)
-                         sv += std::abs(double(view.token(2, t)[h * RV + r])) *
-                               std::abs(double(view.token(3, t)[r * d + j]));
+                         sv += std::abs(double(view.at(2, t, h * RV + r))) *
+                               std::abs(double(view.at(3, t, r * d + j)));
                        kb[static_cast<std::size_t>(j)] = sk / RK;
                        b.v_max = std::max(b.v_max, sv / RV);
                      }

@@ -265,7 +265,8 @@ struct Shape {
 };
 
 // A sequence of n_tokens cached tokens of one shape (appended in uneven chunks, so blocks fill
-// across calls and the last one is partial), and n_q queries at the end of it.
+// across calls and the last one is partial), and n_q queries at the end of it. K and V are
+// placed in `order` (head-major, as GroupedQueryAttention's cache_layout(), by default).
 template <class S>
 struct Problem {
   Shape shape;
@@ -277,12 +278,13 @@ struct Problem {
   std::vector<float> o_ref;  // Reference output
   std::vector<double> tol;   // per-element tolerance (see the top of the file)
 
-  Problem(const Shape& sh, Index n_tokens_, Index n_q_, Index block_tokens, unsigned seed)
+  Problem(const Shape& sh, Index n_tokens_, Index n_q_, Index block_tokens, unsigned seed,
+          TileOrder order = TileOrder::kHeadMajor)
       : shape(sh), n_q(n_q_), n_tokens(n_tokens_) {
     const Index G = sh.n_kv_heads;
-    std::vector<FactorSpec> f = {{"K0", G, sh.d_k0, true}};
-    if (sh.d_k1 > 0) f.push_back({"K1", G, sh.d_k1, true});
-    if (!sh.v_in_key) f.push_back({"V", G, sh.d_v, false});
+    std::vector<FactorSpec> f = {{"K0", G, sh.d_k0, true, order}};
+    if (sh.d_k1 > 0) f.push_back({"K1", G, sh.d_k1, true, order});
+    if (!sh.v_in_key) f.push_back({"V", G, sh.d_v, false, order});
     CacheLayout layout("test", f);
     cache = std::make_unique<KVCache<S>>(std::vector<CacheLayout>{layout}, block_tokens,
                                          n_tokens / block_tokens + 2);
@@ -342,7 +344,7 @@ struct Problem {
             for (Index e = 0; e < p.k_dims[part]; ++e, ++j) {
               const double x =
                   static_cast<double>(qh[j]) *
-                  static_cast<float>(p.kv.token(p.k_factor[part], t)[g * p.k_dims[part] + e]);
+                  static_cast<float>(p.kv.row_at(p.k_factor[part], t, g)[e]);
               dot += x;
               sigma += std::abs(x);
             }
@@ -357,7 +359,7 @@ struct Problem {
           double o = 0, dev = 0, mag = 0;
           auto v = [&](Index t) {
             return static_cast<double>(
-                static_cast<float>(p.kv.token(p.v_factor, t)[g * p.d_v + j]));
+                static_cast<float>(p.kv.row_at(p.v_factor, t, g)[j]));
           };
           for (Index t = 0; t < n_keys; ++t) o += w[static_cast<std::size_t>(t)] / l * v(t);
           for (Index t = 0; t < n_keys; ++t) {
@@ -516,6 +518,65 @@ TYPED_TEST(GroupedKernel, ExtremeScores) {
   EXPECT_LE(pr.error(run<B>(pr, 2, 3)), 1.0);
 }
 
+// The placement of K and V inside a block (TileOrder) changes addresses, not arithmetic: the same
+// tokens token-major and head-major give bit-identical outputs, for every backend, f32 and
+// 16-bit storage, decode and prefill, one and two threads (split-K included), with blocks of 24
+// tokens (tiles cut at block ends) and of 64 (whole tiles).
+template <class B, class S>
+void check_orders_agree() {
+  const Shape shapes[] = {{8, 8, 64, 0, 64, false},  // MHA: one row per KV head
+                          {8, 2, 72, 0, 72, false},  // GQA: packed K tile
+                          {16, 2, 40, 0, 40, false}, // GQA: 8 rows per KV head
+                          {4, 2, 24, 8, 20, false},  // two-part keys, d_v < d_k
+                          {8, 1, 64, 0, 64, false}}; // MQA: both orders place alike
+  for (const Shape& sh : shapes)
+    for (Index block : {24, 64})
+      for (Index n_q : {1, 7}) {
+        const Problem<S> tok(sh, 150, n_q, block, 17u, TileOrder::kTokenMajor);
+        const Problem<S> head(sh, 150, n_q, block, 17u, TileOrder::kHeadMajor);
+        SCOPED_TRACE(sh.name() + " block " + std::to_string(block) + " n_q " +
+                     std::to_string(n_q));
+        EXPECT_TRUE(tok.o_ref == head.o_ref) << "Reference";
+        for (int threads : {1, 2}) {
+          const std::vector<float> a = run<B>(tok, threads, threads);
+          const std::vector<float> b = run<B>(head, threads, threads);
+          EXPECT_TRUE(a == b) << threads << " threads";
+          EXPECT_LE(head.error(b), 1.0) << threads << " threads";
+        }
+      }
+}
+TYPED_TEST(GroupedKernel, TileOrdersGiveIdenticalOutputs) {
+  check_orders_agree<TypeParam, float>();
+  check_orders_agree<TypeParam, bfloat16>();
+}
+
+// Decode over a head-major cache equals prefill over it: each token's query as its own decode
+// call (n_q 1, q_pos0 t) against all of them in one prefill call (n_q = n_tokens), both within
+// the f32 bound of the Reference and of each other.
+TYPED_TEST(GroupedKernel, HeadMajorDecodeStepsEqualPrefill) {
+  using B = TypeParam;
+  for (const Shape& sh : {Shape{8, 8, 64, 0, 64, false}, Shape{8, 2, 40, 0, 40, false},
+                          Shape{8, 1, 72, 0, 72, false}}) {
+    const Index T = 70;
+    const Problem<float> pr(sh, T, T, 16, 23u, TileOrder::kHeadMajor);
+    SCOPED_TRACE(sh.name());
+    const std::vector<float> prefill = run<B>(pr, 2, 2);
+    EXPECT_LE(pr.error(prefill), 1.0) << "prefill";
+    std::vector<float> decode(pr.o_ref.size(), std::numeric_limits<float>::quiet_NaN());
+    Context ctx(2);
+    const Index q_row = sh.n_heads * (sh.d_k0 + sh.d_k1), o_row = sh.n_heads * sh.d_v;
+    for (Index t = 0; t < T; ++t) {
+      auto p = pr.params(decode.data() + t * o_row);
+      p.q = pr.q.data() + t * q_row;
+      p.n_q = 1;
+      p.q_pos0 = t;
+      grouped_attention<B>(ctx, &p, 1);
+    }
+    EXPECT_LE(pr.error(decode), 1.0) << "decode";
+    EXPECT_LE(tpa_test::tol_ratio(decode, prefill, pr.tol), 1.0) << "decode vs prefill";
+  }
+}
+
 TEST(GroupedKernel, RejectsInconsistentCalls) {
   const Problem<float> pr({4, 2, 8, 0, 8, false}, 10, 1, 4, 1u);
   std::vector<float> o(pr.o_ref.size());
@@ -525,6 +586,13 @@ TEST(GroupedKernel, RejectsInconsistentCalls) {
   EXPECT_THROW(grouped_attention<Native>(ctx, &p, 1), Error);
   p = pr.params(o.data());
   p.q_pos0 = 10;  // the query's own token is not cached
+  EXPECT_THROW(grouped_attention<Native>(ctx, &p, 1), Error);
+  p = pr.params(o.data());
+  p.k_dims[0] = 9;  // wider than the cached K rows
+  EXPECT_THROW(grouped_attention<Native>(ctx, &p, 1), Error);
+  p = pr.params(o.data());
+  p.n_heads = 8;
+  p.n_kv_heads = 4;  // the cached K and V have 2 rows (KV heads)
   EXPECT_THROW(grouped_attention<Native>(ctx, &p, 1), Error);
   EXPECT_TRUE(std::all_of(o.begin(), o.end(), [](float x) { return x == 0.f; }));
 }

@@ -173,9 +173,9 @@ void prefill_then_decode(const MlaFixture& fx, MlaForm f, Index prompt, bool bat
     const tpa::SeqView<float> v = cache.view(seqs[static_cast<std::size_t>(b)], 0);
     ASSERT_EQ(v.n_tokens, fx.T);
     for (Index t = 0; t < fx.T; ++t) {
-      EXPECT_LE(max_abs_diff(v.token(0, t), ckv.data() + (b * fx.T + t) * d_c, d_c), kAbsTol)
+      EXPECT_LE(max_abs_diff(v.row_at(0, t, 0), ckv.data() + (b * fx.T + t) * d_c, d_c), kAbsTol)
           << "c_kv' of batch " << b << " token " << t;
-      EXPECT_LE(max_abs_diff(v.token(1, t), kpe.data() + (b * fx.T + t) * d_R, d_R), kAbsTol)
+      EXPECT_LE(max_abs_diff(v.row_at(1, t, 0), kpe.data() + (b * fx.T + t) * d_R, d_R), kAbsTol)
           << "k_pe of batch " << b << " token " << t;
     }
   }

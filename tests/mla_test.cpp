@@ -241,8 +241,7 @@ std::vector<float> snapshot(const tpa::KVCache<S>& cache, tpa::SeqId seq, int la
   const tpa::SeqView<S> v = cache.view(seq, layer);
   for (Index t = 0; t < v.n_tokens; ++t)
     for (std::size_t f = 0; f < 2; ++f)
-      for (Index j = 0; j < v.factor_elements[f]; ++j)
-        out.push_back(static_cast<float>(v.token(f, t)[j]));
+      for (Index j = 0; j < v.elements(f); ++j) out.push_back(static_cast<float>(v.at(f, t, j)));
   return out;
 }
 
@@ -299,8 +298,8 @@ TEST(MlaTest, CachedPrefillMatchesNaiveAndCachesLatents) {
       const tpa::SeqView<float> v = cache.view(s, 0);
       std::vector<float> ckv, kpe;
       for (Index t = 0; t < T; ++t) {
-        ckv.insert(ckv.end(), v.token(0, t), v.token(0, t) + c.cfg.kv_lora_rank);
-        kpe.insert(kpe.end(), v.token(1, t), v.token(1, t) + c.cfg.qk_rope_head_dim);
+        ckv.insert(ckv.end(), v.row_at(0, t, 0), v.row_at(0, t, 0) + c.cfg.kv_lora_rank);
+        kpe.insert(kpe.end(), v.row_at(1, t, 0), v.row_at(1, t, 0) + c.cfg.qk_rope_head_dim);
       }
       EXPECT_LE(rel_err(ckv, ref.c_kv), kTol);
       EXPECT_LE(rel_err(kpe, ref.k_pe), kTol);

@@ -140,8 +140,9 @@ bool same_mark(const tpa::Scratch::Mark& a, const tpa::Scratch::Mark& b) {
 // KVCache
 // ---------------------------------------------------------------------------------------------
 
-tpa::CacheLayout kv_layout(Index g, Index d) {
-  return tpa::CacheLayout("GQA", {{"K", g, d, true}, {"V", g, d, false}});
+tpa::CacheLayout kv_layout(Index g, Index d) {  // as GroupedQueryAttention's: head-major
+  return tpa::CacheLayout("GQA", {{"K", g, d, true, tpa::TileOrder::kHeadMajor},
+                                  {"V", g, d, false, tpa::TileOrder::kHeadMajor}});
 }
 
 void append(KVCache<float>& c, SeqId s, int layer, Index n, std::uint64_t seed) {

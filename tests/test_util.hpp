@@ -80,8 +80,8 @@ CacheSnapshot<S> snapshot(const tpa::KVCache<S>& cache, const std::vector<tpa::S
       const auto view = cache.view(id, l);
       for (std::size_t f = 0; f < cache.layout(l).num_factors(); ++f)
         for (Index t = 0; t < view.n_tokens; ++t)
-          for (Index e = 0; e < view.factor_elements[f]; ++e)
-            data.push_back(static_cast<float>(view.token(f, t)[e]));
+          for (Index e = 0; e < view.elements(f); ++e)
+            data.push_back(static_cast<float>(view.at(f, t, e)));
     }
     s.lengths.push_back(len);
     s.tables.push_back(cache.block_table(id));

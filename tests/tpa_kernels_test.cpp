@@ -130,7 +130,7 @@ struct Problem {
     const Index H = p.n_heads, d = p.head_dim, RQ = p.q_rank, RK = p.k_rank, RV = p.v_rank;
     const double lambda = 8, qk_scale = p.qk_scale(), v_scale = p.v_scale();
     auto at = [&](std::size_t f, Index t, Index k) {
-      return static_cast<double>(static_cast<float>(p.kv.token(f, t)[k]));
+      return static_cast<double>(static_cast<float>(p.kv.at(f, t, k)));
     };
     std::vector<double> tol(o_ref.size());
     std::vector<double> w, qh(static_cast<std::size_t>(d)), v, vabs;

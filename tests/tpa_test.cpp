@@ -349,9 +349,11 @@ void check_gqa_identity(Index H, Index G) {
   const auto q = random_tensor(n_q, H * d, 300 + G);     // [n_q, H, d], taken as rotated
   const Index group = H / G;
 
-  // GQA cache: K [G, d], V [G, d].
-  tpa::KVCache<float> gqa_cache({tpa::CacheLayout("GQA", {{"K", G, d, true}, {"V", G, d, false}})},
-                                4, 16);
+  // GQA cache: K [G, d], V [G, d], head-major (as GroupedQueryAttention places them).
+  tpa::KVCache<float> gqa_cache(
+      {tpa::CacheLayout("GQA", {{"K", G, d, true, tpa::TileOrder::kHeadMajor},
+                                {"V", G, d, false, tpa::TileOrder::kHeadMajor}})},
+      4, 16);
   const auto gs = gqa_cache.add_sequence();
   const tpa::FactorRows gqa_rows[2] = {{keys.data(), G * d}, {values.data(), G * d}};
   gqa_cache.append(gs, 0, T, gqa_rows);

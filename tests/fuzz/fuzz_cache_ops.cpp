@@ -114,7 +114,7 @@ std::vector<float> read_token(const Cache& cache, SeqId seq, int layer, Index t)
   const auto v = cache.view(seq, layer);
   std::vector<float> out;
   for (std::size_t f = 0; f < cache.layout(layer).num_factors(); ++f)
-    out.insert(out.end(), v.token(f, t), v.token(f, t) + v.factor_elements[f]);
+    for (Index e = 0; e < v.elements(f); ++e) out.push_back(v.at(f, t, e));
   return out;
 }
 

@@ -32,7 +32,7 @@ struct Kernels<Reference> {
           for (int part = 0; part < 2; ++part) {
             const Index dim = p.k_dims[part];
             if (dim == 0) continue;
-            const S* k = p.kv.token(p.k_factor[part], t) + g * dim;
+            const S* k = p.kv.row_at(p.k_factor[part], t, g);
             for (Index j = 0; j < dim; ++j, ++qi)
               s += static_cast<double>(q[qi]) * static_cast<double>(static_cast<float>(k[j]));
           }
@@ -48,7 +48,7 @@ struct Kernels<Reference> {
         }
         std::fill(acc.begin(), acc.end(), 0.0);
         for (Index t = 0; t < n_keys; ++t) {
-          const S* v = p.kv.token(p.v_factor, t) + g * p.d_v;
+          const S* v = p.kv.row_at(p.v_factor, t, g);
           const double w = score[static_cast<std::size_t>(t)];
           for (Index j = 0; j < p.d_v; ++j)
             acc[static_cast<std::size_t>(j)] += w * static_cast<double>(static_cast<float>(v[j]));
@@ -103,11 +103,10 @@ struct Kernels<Reference> {
           }
         }
         for (Index t = 0; t < keys; ++t) {
-          const S* a_k = p.kv.token(p.a_k_factor, t) + h * RK;
-          const S* b_k = p.kv.token(p.b_k_factor, t);
+          const S* a_k = p.kv.row_at(p.a_k_factor, t, h);
           for (Index j = 0; j < d; ++j) {
             double sk = 0;
-            for (Index r = 0; r < RK; ++r) sk += at(a_k, r) * at(b_k, r * d + j);
+            for (Index r = 0; r < RK; ++r) sk += at(a_k, r) * at(p.kv.row_at(p.b_k_factor, t, r), j);
             row[sz(j)] = sk / static_cast<double>(RK);
           }
           for (Index b = 0; b < nb; ++b) {
@@ -131,11 +130,10 @@ struct Kernels<Reference> {
         }
         std::fill(acc.begin(), acc.end(), 0.0);
         for (Index t = 0; t < keys; ++t) {
-          const S* a_v = p.kv.token(p.a_v_factor, t) + h * RV;
-          const S* b_v = p.kv.token(p.b_v_factor, t);
+          const S* a_v = p.kv.row_at(p.a_v_factor, t, h);
           for (Index j = 0; j < d; ++j) {
             double sv = 0;
-            for (Index r = 0; r < RV; ++r) sv += at(a_v, r) * at(b_v, r * d + j);
+            for (Index r = 0; r < RV; ++r) sv += at(a_v, r) * at(p.kv.row_at(p.b_v_factor, t, r), j);
             row[sz(j)] = sv / static_cast<double>(RV);
           }
           for (Index b = 0; b < nb; ++b) {

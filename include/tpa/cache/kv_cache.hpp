@@ -29,31 +29,70 @@ namespace tpa {
 using SeqId = std::int32_t;
 
 /// \brief Read-only view of the cached tokens of one sequence in one layer, as the kernels read
-/// them: tokens live in blocks of `block_tokens`; inside a block, each factor is stored
-/// contiguously, token-major. Holds only pointers into the cache (no allocation); valid until
-/// the cache is next modified.
+/// them: tokens live in blocks of `block_tokens`; inside a block, each factor is placed per its
+/// FactorPlace (token-major, or head-major: one row's tile contiguous). Read it through row() /
+/// row_at() / at(), never by assuming a placement. Holds only pointers into the cache (no
+/// allocation); valid until the cache is next modified.
 template <class Scalar>
 struct SeqView {
   const Scalar* const* block_base = nullptr;  ///< start of each block's region for this layer
   const std::int32_t* table = nullptr;        ///< block ids of the sequence, in token order
-  const Index* factor_offset = nullptr;       ///< per factor: element offset inside a block
-  const Index* factor_elements = nullptr;     ///< per factor: elements per token
+  const FactorPlace* places = nullptr;        ///< per factor: its placement inside a block
   Index n_tokens = 0;
   Index block_tokens = 0;
 
   Index num_blocks() const { return (n_tokens + block_tokens - 1) / block_tokens; }
   /// Tokens held by the i-th block of the sequence.
   Index block_len(Index i) const { return std::min(block_tokens, n_tokens - i * block_tokens); }
-  /// Factor f of the first token of the i-th block: block_len(i) rows of
-  /// factor_elements[f] elements each, contiguous.
-  const Scalar* factor(std::size_t f, Index i) const {
-    return block_base[table[i]] + factor_offset[f];
+
+  const FactorPlace& place(std::size_t f) const { return places[f]; }
+  /// Elements per token of factor f (rows · cols).
+  Index elements(std::size_t f) const { return places[f].elements(); }
+  Index rows(std::size_t f) const { return places[f].rows; }
+  Index cols(std::size_t f) const { return places[f].cols; }
+  /// Elements between consecutive rows (e.g. KV heads) of one token's factor f.
+  Index row_stride(std::size_t f) const { return places[f].row_stride; }
+  /// Elements between consecutive tokens of one row of factor f.
+  Index token_stride(std::size_t f) const { return places[f].token_stride; }
+
+  /// Row r of factor f of the first token of the i-th block: block_len(i) rows of cols(f)
+  /// elements each, token_stride(f) apart (contiguous when head-major).
+  const Scalar* row(std::size_t f, Index i, Index r) const {
+    return block_base[table[i]] + places[f].offset + r * places[f].row_stride;
   }
-  /// Factor f of token t (0 ≤ t < n_tokens).
-  const Scalar* token(std::size_t f, Index t) const {
-    return factor(f, t / block_tokens) + (t % block_tokens) * factor_elements[f];
+  /// Row r of factor f of token t (0 ≤ t < n_tokens): cols(f) contiguous elements.
+  const Scalar* row_at(std::size_t f, Index t, Index r) const {
+    return row(f, t / block_tokens, r) + (t % block_tokens) * places[f].token_stride;
+  }
+  /// Element e (row-major in [rows, cols]) of factor f of token t.
+  Scalar at(std::size_t f, Index t, Index e) const {
+    const Index c = places[f].cols;
+    return row_at(f, t, e / c)[e % c];
   }
 };
+
+namespace detail {
+
+/// Writes one token's factor (src row-major [rows, cols]) into place `fp` of a block region, as
+/// the block's token t, rounded to Scalar.
+template <class Scalar>
+void store_factor(const FactorPlace& fp, Scalar* region, Index t, const float* src) {
+  Scalar* dst = region + fp.offset + t * fp.token_stride;
+  auto copy = [](Scalar* d, const float* s, Index n) {
+    if constexpr (std::is_same<Scalar, float>::value) {
+      std::memcpy(d, s, static_cast<std::size_t>(n) * sizeof(float));
+    } else {
+      for (Index j = 0; j < n; ++j) d[j] = Scalar(s[j]);
+    }
+  };
+  if (fp.token_contiguous()) {
+    copy(dst, src, fp.elements());
+  } else {
+    for (Index r = 0; r < fp.rows; ++r) copy(dst + r * fp.row_stride, src + r * fp.cols, fp.cols);
+  }
+}
+
+}  // namespace detail
 
 /// Source rows of one factor for an append: token i's factor starts at data + i·stride.
 struct FactorRows {
@@ -64,7 +103,7 @@ struct FactorRows {
 /// \brief Paged KV cache for all layers of a model (DESIGN.md, "Factorized KV cache").
 ///
 /// A pool of blocks of `block_tokens` tokens; each block holds every layer's factors for those
-/// tokens. Each sequence owns a block table shared by all layers and one length per layer, so a
+/// tokens, each factor placed per its FactorSpec::order (TileOrder). Each sequence owns a block table shared by all layers and one length per layer, so a
 /// model's layers append to the same sequence one after another. Blocks are allocated on first
 /// use (or up front with reserve_blocks), returned to a free list when a sequence is freed, and
 /// never moved. Values are stored as `Scalar` (float, bfloat16 or half), rounded once on append.
@@ -122,10 +161,8 @@ class KVCache {
                 "than 2^57 elements");
       LayerInfo info;
       info.block_offset = offset;
-      for (std::size_t f = 0; f < l.num_factors(); ++f) {
-        info.factor_offset.push_back(block_tokens_ * l.factor_offset(f));
-        info.factor_elements.push_back(l.factor(f).elements());
-      }
+      for (std::size_t f = 0; f < l.num_factors(); ++f)
+        info.places.push_back(l.place(f, block_tokens_));
       offset += block_tokens_ * l.elements_per_token();
       layers_.push_back(std::move(info));
     }
@@ -317,8 +354,9 @@ class KVCache {
   }
 
   /// Appends n tokens to `seq` in `layer`: factor f of token i is read from
-  /// rows[f].data + i·rows[f].stride (elements of the factor, row-major) and rounded to Scalar.
-  /// `rows` has one entry per factor of the layer's layout.
+  /// rows[f].data + i·rows[f].stride (elements of the factor, row-major) and rounded to Scalar,
+  /// then placed per the factor's TileOrder. `rows` has one entry per factor of the layer's
+  /// layout.
   /// \throws Error as check_append; std::bad_alloc if block storage cannot be allocated. Either
   /// way the cache is unchanged.
   void append(SeqId seq, int layer, Index n, const FactorRows* rows) {
@@ -335,16 +373,9 @@ class KVCache {
       Scalar* block = blocks_[static_cast<std::size_t>(
                           s.blocks[static_cast<std::size_t>(t / block_tokens_)])].get() +
                       info.block_offset;
-      for (std::size_t f = 0; f < info.factor_offset.size(); ++f) {
-        const Index e = info.factor_elements[f];
-        Scalar* dst = block + info.factor_offset[f] + (t % block_tokens_) * e;
-        const float* src = rows[f].data + i * rows[f].stride;
-        if constexpr (std::is_same<Scalar, float>::value) {
-          std::memcpy(dst, src, static_cast<std::size_t>(e) * sizeof(float));
-        } else {
-          for (Index j = 0; j < e; ++j) dst[j] = Scalar(src[j]);
-        }
-      }
+      for (std::size_t f = 0; f < info.places.size(); ++f)
+        detail::store_factor(info.places[f], block, t % block_tokens_,
+                             rows[f].data + i * rows[f].stride);
     }
     s.len[l] = start + n;
   }
@@ -382,8 +413,7 @@ class KVCache {
     SeqView<Scalar> v;
     v.block_base = layer_base_[l].data();
     v.table = s.blocks.data();
-    v.factor_offset = layers_[l].factor_offset.data();
-    v.factor_elements = layers_[l].factor_elements.data();
+    v.places = layers_[l].places.data();
     v.n_tokens = s.len[l];
     v.block_tokens = block_tokens_;
     return v;
@@ -397,9 +427,8 @@ class KVCache {
 
  private:
   struct LayerInfo {
-    Index block_offset = 0;              // elements from a block's start to this layer's region
-    std::vector<Index> factor_offset;    // elements from the region's start to each factor
-    std::vector<Index> factor_elements;  // elements per token of each factor
+    Index block_offset = 0;           // elements from a block's start to this layer's region
+    std::vector<FactorPlace> places;  // each factor's placement inside the region
   };
   struct Sequence {
     bool active = false;

@@ -45,6 +45,20 @@ void check_grouped_call(const GroupedAttentionParams<S>& p, Index c) {
             p.q_pos0 + p.n_q - 1, " need that many cached tokens, the view has ", p.kv.n_tokens);
   TPA_CHECK(p.n_q == 0 || (p.q != nullptr && p.o != nullptr && p.kv.block_tokens >= 1),
             "grouped_attention: call ", c, ": null q/o or an empty cache view");
+  if (p.n_q == 0) return;
+  TPA_CHECK(p.kv.places != nullptr, "grouped_attention: call ", c, ": the cache view is empty");
+  for (int part = 0; part < 2; ++part) {
+    if (p.k_dims[part] == 0) continue;
+    const std::size_t f = p.k_factor[part];
+    TPA_CHECK(p.kv.rows(f) == p.n_kv_heads && p.kv.cols(f) >= p.k_dims[part],
+              "grouped_attention: call ", c, ": key part ", part, " needs ", p.n_kv_heads,
+              " rows (KV heads) of at least ", p.k_dims[part], " elements, cached factor ", f,
+              " is [", p.kv.rows(f), ", ", p.kv.cols(f), "]");
+  }
+  TPA_CHECK(p.kv.rows(p.v_factor) == p.n_kv_heads && p.kv.cols(p.v_factor) >= p.d_v,
+            "grouped_attention: call ", c, ": the value needs ", p.n_kv_heads,
+            " rows (KV heads) of at least ", p.d_v, " elements, cached factor ", p.v_factor,
+            " is [", p.kv.rows(p.v_factor), ", ", p.kv.cols(p.v_factor), "]");
 }
 
 }  // namespace detail

@@ -51,8 +51,9 @@ struct GroupedStates {
 namespace detail {
 
 /// Software prefetch (into L2) of the cache rows of the next step, issued a few lines at a
-/// time while the current step computes: the rows of one KV head are page-strided, which the
-/// hardware prefetchers follow poorly.
+/// time while the current step computes: in a token-major factor the rows of one KV head are
+/// page-strided, which the hardware prefetchers follow poorly; a head-major tile is one run,
+/// but each step starts a new stream (another KV head, another block).
 class RowPrefetch {
  public:
   /// Adds `rows` rows of `bytes` bytes, row r at base + r·stride bytes (rows that touch each
@@ -415,13 +416,12 @@ class GroupedTiled {
       const Index dim = p.k_dims[part];
       if (dim == 0) continue;
       const std::size_t f = p.k_factor[part];
-      const Index ld = p.kv.factor_elements[f];
-      pf.add(p.kv.factor(f, blk) + off * ld + g * dim, ld * Index(sizeof(S)),
-             dim * Index(sizeof(S)), n);
+      const Index ld = p.kv.token_stride(f);
+      pf.add(p.kv.row(f, blk, g) + off * ld, ld * Index(sizeof(S)), dim * Index(sizeof(S)), n);
     }
     if (!(p.v_factor == p.k_factor[0] && sh.d_v <= p.k_dims[0])) {
-      const Index ld = p.kv.factor_elements[p.v_factor];
-      pf.add(p.kv.factor(p.v_factor, blk) + off * ld + g * sh.d_v, ld * Index(sizeof(S)),
+      const Index ld = p.kv.token_stride(p.v_factor);
+      pf.add(p.kv.row(p.v_factor, blk, g) + off * ld, ld * Index(sizeof(S)),
              sh.d_v * Index(sizeof(S)), n);
     }
   }
@@ -480,8 +480,8 @@ class GroupedTiled {
     // V tile: in place when it is f32 with whole vectors, else widened into vp. (Copying
     // tiles whose power-of-two row stride crowds L1 sets, e.g. MLA's 2 KiB c_kv rows, gained
     // nothing measurable: the copy costs what the conflicts do.)
-    const Index v_src_ld = p.kv.factor_elements[p.v_factor];
-    const S* v_src = p.kv.factor(p.v_factor, blk) + off * v_src_ld + g * d_v;
+    const Index v_src_ld = p.kv.token_stride(p.v_factor);
+    const S* v_src = p.kv.row(p.v_factor, blk, g) + off * v_src_ld;
     const float* v = nullptr;
     Index v_ld = 0;
     if constexpr (std::is_same<S, float>::value) {
@@ -547,8 +547,8 @@ class GroupedTiled {
                            Index* ld) {
     *dim = p.k_dims[part];
     if (*dim == 0) return nullptr;
-    *ld = p.kv.factor_elements[p.k_factor[part]];
-    return p.kv.factor(p.k_factor[part], blk) + t * *ld + g * *dim;
+    *ld = p.kv.token_stride(p.k_factor[part]);
+    return p.kv.row(p.k_factor[part], blk, g) + t * *ld;
   }
 
   // s [nr, kT] (rows × tokens) = q [nr, dq_pad] · K tile [n, d_qk]ᵀ: per row and block of W
@@ -558,8 +558,8 @@ class GroupedTiled {
   // each block, so with kp non-null the tile is first copied (widened, q's padding) into
   // kp [dq_pad / W][kT][W], tokens past n zero: every load of the product is then at a fixed
   // offset from one pointer. Measured in L1 on Zen 5, 4 rows × 32 tokens × 128 dims: 932 TSC
-  // ticks in place (16 row addresses), 375 from such a layout; and K rows in the cache are
-  // often a multiple of 4 KiB apart (GQA-8, d 128), which puts a block's rows in one L1 set.
+  // ticks in place (16 row addresses), 375 from such a layout; and in a token-major cache K rows
+  // are often a multiple of 4 KiB apart (GQA-8, d 128), which puts a block's rows in one L1 set.
   static void qk_dot(const P& p, const Shape& sh, Index g, Index blk, Index off, Index n,
                      const float* q, Index nr, float* s, float* kp, RowPrefetch& pf,
                      Index per_call) {

@@ -14,10 +14,11 @@ namespace tpa {
 /// `n_heads / n_kv_heads` consecutive query heads sharing one KV head (MHA, GQA, MQA, and MLA
 /// in its absorbed form).
 ///
-/// The key of KV head g at token t is the concatenation of up to two parts: part j is
-/// k_dims[j] elements at kv.token(k_factor[j], t) + g·k_dims[j]. The value is d_v elements at
-/// kv.token(v_factor, t) + g·d_v. Query i (0 ≤ i < n_q) sits at position q_pos0 + i and sees
-/// keys 0 … q_pos0 + i, all of which must be cached (q_pos0 + n_q ≤ kv.n_tokens).
+/// The key of KV head g at token t is the concatenation of up to two parts: part j is the first
+/// k_dims[j] elements of row g of factor k_factor[j], kv.row_at(k_factor[j], t, g). The value is
+/// the first d_v elements of kv.row_at(v_factor, t, g). Those factors have n_kv_heads rows (one
+/// per KV head) in any placement (TileOrder). Query i (0 ≤ i < n_q) sits at position q_pos0 + i
+/// and sees keys 0 … q_pos0 + i, all of which must be cached (q_pos0 + n_q ≤ kv.n_tokens).
 template <class S>
 struct GroupedAttentionParams {
   const float* q = nullptr;  ///< [n_q, n_heads, d_qk], token i at q + i·q_stride
@@ -44,7 +45,8 @@ struct GroupedAttentionParams {
 /// cache, and a fast kernel should not build them (DESIGN.md, "Kernels", FlashTPA order).
 ///
 /// Key/value side. Token t of `kv` (0 ≤ t < kv.n_tokens) holds four factors, each row-major
-/// at kv.token(factor, t):
+/// and contiguous per token (TileOrder::kTokenMajor, or a single row; the kernels read a
+/// token's factor whole), row r at kv.row_at(factor, t, r):
 ///
 ///     A_K [n_heads, k_rank]    factor a_k_factor
 ///     B_K [k_rank, head_dim]   factor b_k_factor (already rotated to position t)
@@ -120,8 +122,8 @@ struct TpaAttentionParams {
   double v_scale() const { return 1.0 / static_cast<double>(v_rank); }
 
   /// \throws Error if the sizes are inconsistent: a null pointer the query mode needs, a rank
-  /// or size < 1, a cached factor whose element count does not match its shape, or
-  /// q_pos0 + n_q > kv.n_tokens. `who` prefixes the message. O(1).
+  /// or size < 1, a cached factor whose shape does not match or that is not contiguous per
+  /// token, or q_pos0 + n_q > kv.n_tokens. `who` prefixes the message. O(1).
   void check(const char* who) const {
     TPA_CHECK(n_q >= 0 && q_pos0 >= 0, who, ": n_q (", n_q, ") and q_pos0 (", q_pos0,
               ") must be >= 0");
@@ -137,16 +139,23 @@ struct TpaAttentionParams {
     } else {
       TPA_CHECK(q != nullptr, who, ": full query (q_rank 0) needs q");
     }
-    TPA_CHECK(kv.factor_elements != nullptr, who, ": kv view is empty");
-    TPA_CHECK(kv.factor_elements[a_k_factor] == n_heads * k_rank &&
-                  kv.factor_elements[b_k_factor] == k_rank * head_dim &&
-                  kv.factor_elements[a_v_factor] == n_heads * v_rank &&
-                  kv.factor_elements[b_v_factor] == v_rank * head_dim,
-              who, ": cached factor sizes (", kv.factor_elements[a_k_factor], ", ",
-              kv.factor_elements[b_k_factor], ", ", kv.factor_elements[a_v_factor], ", ",
-              kv.factor_elements[b_v_factor], ") do not match A_K [", n_heads, ", ", k_rank,
-              "], B_K [", k_rank, ", ", head_dim, "], A_V [", n_heads, ", ", v_rank, "], B_V [",
-              v_rank, ", ", head_dim, "]");
+    TPA_CHECK(kv.places != nullptr, who, ": kv view is empty");
+    auto shape_is = [&](std::size_t f, Index rows, Index cols) {
+      return kv.rows(f) == rows && kv.cols(f) == cols;
+    };
+    TPA_CHECK(shape_is(a_k_factor, n_heads, k_rank) && shape_is(b_k_factor, k_rank, head_dim) &&
+                  shape_is(a_v_factor, n_heads, v_rank) && shape_is(b_v_factor, v_rank, head_dim),
+              who, ": cached factor shapes ([", kv.rows(a_k_factor), ", ", kv.cols(a_k_factor),
+              "], [", kv.rows(b_k_factor), ", ", kv.cols(b_k_factor), "], [",
+              kv.rows(a_v_factor), ", ", kv.cols(a_v_factor), "], [", kv.rows(b_v_factor), ", ",
+              kv.cols(b_v_factor), "]) do not match A_K [", n_heads, ", ", k_rank, "], B_K [",
+              k_rank, ", ", head_dim, "], A_V [", n_heads, ", ", v_rank, "], B_V [", v_rank, ", ",
+              head_dim, "]");
+    TPA_CHECK(kv.place(a_k_factor).token_contiguous() &&
+                  kv.place(b_k_factor).token_contiguous() &&
+                  kv.place(a_v_factor).token_contiguous() &&
+                  kv.place(b_v_factor).token_contiguous(),
+              who, ": the cached factors must be contiguous per token (TileOrder::kTokenMajor)");
   }
 };
 

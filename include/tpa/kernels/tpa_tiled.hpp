@@ -224,7 +224,7 @@ class TpaTiled {
       const std::size_t f[4] = {p.a_k_factor, p.b_k_factor, p.a_v_factor, p.b_v_factor};
       for (int i = 0; i < 4; ++i) {
         const Index bytes = n * e[i] * Index(sizeof(S));
-        (i < 3 ? k : v).add(p.kv.factor(f[i], blk) + off * e[i], bytes, bytes, 1);
+        (i < 3 ? k : v).add(p.kv.row(f[i], blk, 0) + off * e[i], bytes, bytes, 1);
       }
     }
     Index pending() const { return k.pending() + v.pending(); }
@@ -305,7 +305,7 @@ class TpaTiled {
     const Index e[4] = {sh.H * sh.RK, sh.RK * sh.d, sh.H * sh.RV, sh.RV * sh.d};
     const std::size_t f[4] = {p.a_k_factor, p.b_k_factor, p.a_v_factor, p.b_v_factor};
     for (int i = 0; i < 4; ++i) {
-      const S* first = p.kv.factor(f[i], blk) + off * e[i];
+      const S* first = p.kv.row(f[i], blk, 0) + off * e[i];
       auto a = reinterpret_cast<std::uintptr_t>(first);
       const std::uintptr_t end = a + static_cast<std::uintptr_t>(n * e[i]) * sizeof(S);
       for (; a < end; a = (a + 4096) & ~std::uintptr_t{4095}) {
@@ -331,10 +331,10 @@ class TpaTiled {
                    Index n, Index ib, Index ie, Index i_first, TilePrefetch& next) {
     const Index H = sh.H, H_pad = sh.H_pad, d = sh.d, RQ = sh.RQ, RK = sh.RK, RV = sh.RV;
     const Index ld_ak = H * RK, ld_bk = RK * d, ld_av = H * RV, ld_bv = RV * d;
-    const S* ak = p.kv.factor(p.a_k_factor, blk) + off * ld_ak;
-    const S* bk = p.kv.factor(p.b_k_factor, blk) + off * ld_bk;
-    const S* av = p.kv.factor(p.a_v_factor, blk) + off * ld_av;
-    const S* bv = p.kv.factor(p.b_v_factor, blk) + off * ld_bv;
+    const S* ak = p.kv.row(p.a_k_factor, blk, 0) + off * ld_ak;
+    const S* bk = p.kv.row(p.b_k_factor, blk, 0) + off * ld_bk;
+    const S* av = p.kv.row(p.a_v_factor, blk, 0) + off * ld_av;
+    const S* bv = p.kv.row(p.b_v_factor, blk, 0) + off * ld_bv;
 
     const Index rows = (ie - ib) * H, skip = (i_first - ib) * H, nr = rows - skip;
     const Index nq = ie - i_first;

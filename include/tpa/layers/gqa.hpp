@@ -53,7 +53,9 @@ class GroupedQueryAttention {
   /// Name of the kind: "MHA", "GQA" or "MQA".
   const std::string& kind() const { return kind_; }
 
-  /// What one token stores in this layer's cache: K [G, d] (rotated) and V [G, d].
+  /// What one token stores in this layer's cache: K [G, d] (rotated) and V [G, d], each
+  /// head-major in a block (TileOrder::kHeadMajor: KV head g's rows of the block's tokens are
+  /// one contiguous run).
   CacheLayout cache_layout() const { return layout_; }
 
   /// Causal attention over the given tokens alone (positions 0 … tokens−1), no cache.
@@ -66,10 +68,10 @@ class GroupedQueryAttention {
     detail::Segment seg{-1, 0, n, 0};
     Buffers b = project(ctx, x, &seg, 1);
     const float* base[1] = {b.kv};
-    const Index offsets[2] = {0, n * kv_width()};
-    const Index elements[2] = {kv_width(), kv_width()};
-    const auto p =
-        params<float>(b, seg, detail::contiguous_view<float>(base, offsets, elements, n));
+    const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
+    const FactorPlace places[2] = {FactorPlace::token_major(0, G, d),
+                                   FactorPlace::token_major(n * kv_width(), G, d)};
+    const auto p = params<float>(b, seg, detail::contiguous_view<float>(base, places, n));
     grouped_attention<Backend>(ctx, &p, 1);
     finish(ctx, b, n, y);
   }
@@ -108,7 +110,11 @@ class GroupedQueryAttention {
     w_.check(cfg_, who);
     rope_ = RopeTable(cfg_.rope, cfg_.head_dim);
     const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
-    layout_ = CacheLayout(kind_, {{"K", G, d, true}, {"V", G, d, false}});
+    // Head-major: the kernels read each KV head's rows separately, and so find a head's tile of
+    // a block in one contiguous run (token-major rows of all heads put one head's rows G·d
+    // elements apart, which the hardware prefetchers do not follow).
+    layout_ = CacheLayout(kind_, {{"K", G, d, true, TileOrder::kHeadMajor},
+                                  {"V", G, d, false, TileOrder::kHeadMajor}});
   }
 
  private:

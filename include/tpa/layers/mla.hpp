@@ -105,9 +105,10 @@ class MultiHeadLatentAttention {
     Buffers b = allocate(ctx, n, form, &seg, 1);
     project(ctx, x, b, form, &seg, 1);
     const float* base[1] = {b.lat};
-    const Index offsets[2] = {0, n * cfg_.kv_lora_rank};
-    const Index elements[2] = {cfg_.kv_lora_rank, cfg_.qk_rope_head_dim};
-    attend<float>(ctx, b, form, seg, detail::contiguous_view<float>(base, offsets, elements, n));
+    const FactorPlace places[2] = {FactorPlace::token_major(0, 1, cfg_.kv_lora_rank),
+                                   FactorPlace::token_major(n * cfg_.kv_lora_rank, 1,
+                                                            cfg_.qk_rope_head_dim)};
+    attend<float>(ctx, b, form, seg, detail::contiguous_view<float>(base, places, n));
     finish(ctx, b, form, y);
   }
 
@@ -384,9 +385,9 @@ class MultiHeadLatentAttention {
     for (Index t0 = 0; t0 < L; t0 += kGather) {
       const Index n = std::min(kGather, L - t0);
       for (Index t = 0; t < n; ++t) {
-        const S* c = lat.token(0, t0 + t);
+        const S* c = lat.row_at(0, t0 + t, 0);
         for (Index j = 0; j < d_c; ++j) b.gather[t * d_c + j] = static_cast<float>(c[j]);
-        const S* r = lat.token(1, t0 + t);
+        const S* r = lat.row_at(1, t0 + t, 0);
         for (Index h = 0; h < H; ++h) {
           float* k_pe = keys + ((t0 + t) * H + h) * d_qk + d_n;
           for (Index j = 0; j < d_R; ++j) k_pe[j] = static_cast<float>(r[j]);
@@ -401,8 +402,8 @@ class MultiHeadLatentAttention {
       }
     }
     const float* base[1] = {b.kv};
-    const Index offsets[2] = {0, L * H * d_qk};
-    const Index elements[2] = {H * d_qk, H * d_v};
+    const FactorPlace places[2] = {FactorPlace::token_major(0, H, d_qk),
+                                   FactorPlace::token_major(L * H * d_qk, H, d_v)};
     GroupedAttentionParams<float> p;
     p.q = b.q + seg.row0 * H * d_qk;
     p.q_stride = H * d_qk;
@@ -417,7 +418,7 @@ class MultiHeadLatentAttention {
     p.v_factor = 1;
     p.d_v = d_v;
     p.scale = cfg_.scale();
-    p.kv = detail::contiguous_view<float>(base, offsets, elements, L);
+    p.kv = detail::contiguous_view<float>(base, places, L);
     grouped_attention<Backend>(ctx, &p, 1);
   }
 

@@ -94,8 +94,12 @@ class TensorProductAttention {
     detail::Segment seg{-1, 0, n, 0};
     Buffers b = project(ctx, x, &seg, 1);
     const float* base[1] = {b.kv};
-    const auto p =
-        params<float>(b, seg, detail::contiguous_view<float>(base, b.kv_offset, elements_, n));
+    FactorPlace places[4];
+    for (std::size_t f = 0; f < 4; ++f) {
+      const FactorSpec& spec = layout_.factor(f);
+      places[f] = FactorPlace::token_major(b.kv_offset[f], spec.rows, spec.cols);
+    }
+    const auto p = params<float>(b, seg, detail::contiguous_view<float>(base, places, n));
     tpa_attention<Backend>(ctx, &p, 1);
     finish(ctx, b, n, y);
   }

@@ -192,17 +192,15 @@ inline void rms_norm_rows(float* v, Index rows, Index dim, const float* weight, 
   }
 }
 
-/// A SeqView over `n` tokens stored contiguously in one block (the no-cache forward):
-/// factor f of token t at base + offsets[f] + t·elements[f].
+/// A SeqView over `n` tokens stored contiguously in one block (the no-cache forward): factor f
+/// is places[f] (typically FactorPlace::token_major: token t at base + offset + t·rows·cols).
 template <class S>
-SeqView<S> contiguous_view(const S* const* base, const Index* offsets, const Index* elements,
-                           Index n) {
+SeqView<S> contiguous_view(const S* const* base, const FactorPlace* places, Index n) {
   static const std::int32_t kTable[1] = {0};
   SeqView<S> v;
   v.block_base = base;
   v.table = kTable;
-  v.factor_offset = offsets;
-  v.factor_elements = elements;
+  v.places = places;
   v.n_tokens = n;
   v.block_tokens = n;
   return v;
