@@ -40,7 +40,10 @@ inline void check_io(const char* who, const ConstTensorView<float, 2>& x,
 /// Checks that every segment can be appended to `cache` (live, distinct sequences; layout; room
 /// in the pool for all of them together; positions inside the RoPE table), fills each segment's
 /// pos0 with the sequence's current length, and returns the new blocks the appends will take
-/// (CacheCall allocates them). Changes nothing.
+/// (CacheCall allocates them), copies of shared blocks included. Changes nothing. The count is
+/// an upper bound when several sequences of the call hold the same shared block (a parent and
+/// its fork decoded together): each counts a copy, though a block held by r sequences needs at
+/// most r − 1 copies; so such a call may be refused as not fitting by a block or so.
 template <class S>
 Index plan_cache_call(const char* who, const KVCache<S>& cache, int layer,
                       const CacheLayout& layout, const RopeTable& rope, Segment* segs,
