@@ -215,7 +215,7 @@ TEST(AllocTest, AppendsTakingFreeBlocksAllocateNothingWithAHugeMaxBlocks) {
   const FactorRows warm[2] = {{kv.data(), 32}, {kv.data() + 16, 32}};
   cache.append(a, 0, 1600, warm);  // 200 blocks: the bookkeeping grew several times
   cache.free_sequence(a);
-  const SeqId b = cache.add_sequence();  // reuses a's handle and its block table's capacity
+  const SeqId b = cache.add_sequence();  // reuses a's slot and its block table's capacity
   const long before = alloc_test::news.load();
   for (Index i = 0; i < 1600; ++i) {
     const FactorRows rows[2] = {{kv.data() + i * 32, 32}, {kv.data() + i * 32 + 16, 32}};
@@ -234,6 +234,57 @@ TEST(AllocTest, TpaDecodeAllocatesNothingAfterWarmUp) { check_tpa_decode_allocat
 
 TEST(AllocTest, TpaKvOnlyDecodeAllocatesNothingAfterWarmUp) {
   check_tpa_decode_allocates_nothing(true);
+}
+
+// Serving with forks (issue 24): fork a prefilled sequence whose last block is partly filled,
+// decode a batch of it and the fork (the parent's write copies the shared block), prefill a
+// token of the fork, free the fork and truncate the parent back — after warm-up, with free
+// blocks in the pool, none of it allocates.
+TEST(AllocTest, ForkCopyOnWriteAndTruncateAllocateNothingAfterWarmUp) {
+  GqaConfig cfg;
+  cfg.d_model = 64;
+  cfg.n_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.head_dim = 16;
+  cfg.rope.max_positions = 1024;
+  const GroupedQueryAttention<Native> layer(cfg, GqaWeights::random(cfg, 1));
+  KVCache<float> cache({layer.cache_layout()}, kBlock, 64);
+  cache.reserve_blocks(32);
+  const SeqId a = cache.add_sequence();
+  constexpr Index kPrompt = 200;  // 12.5 blocks
+  fill(cache, a, cfg, kPrompt, 2);
+  Context ctx(2);
+  const Tensor<float, 2> x1 = random_rows(1, cfg.d_model, 4), xb = random_rows(2, cfg.d_model, 5);
+  Tensor<float, 2> y1(1, cfg.d_model), yb(2, cfg.d_model);
+  std::vector<SeqId> batch(2);
+  Index copies = 0;
+  auto step = [&] {
+    const SeqId f = cache.fork(a);
+    copies += cache.copies_needed(a, 0, 1);
+    batch[0] = a;
+    batch[1] = f;
+    layer.decode(ctx, xb, yb, cache, 0, batch);
+    layer.forward(ctx, x1, y1, cache, 0, f);
+    cache.free_sequence(f);
+    cache.truncate(a, kPrompt);
+  };
+  for (Index i = 0; i < kWarm; ++i) step();
+  const std::size_t scratch_before = ctx.scratch().capacity();
+  const std::size_t cache_before = cache.bytes_reserved();
+  const long news_before = alloc_test::news.load();
+  const long eigen_before = alloc_test::eigen_malloc_failures.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  for (Index i = 0; i < kSteps; ++i) step();
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(alloc_test::news.load() - news_before, 0) << "operator new calls";
+  EXPECT_EQ(alloc_test::eigen_malloc_failures.load() - eigen_before, 0) << "Eigen heap allocations";
+  EXPECT_EQ(ctx.scratch().capacity(), scratch_before) << "the scratch arena grew";
+  EXPECT_EQ(cache.bytes_reserved(), cache_before) << "the cache allocated blocks";
+  EXPECT_EQ(copies, kWarm + kSteps);  // every step copied the shared last block
+  EXPECT_EQ(cache.length(a), kPrompt);
+  EXPECT_EQ(cache.num_sequences(), 1);
+  EXPECT_EQ(cache.bytes_used(), static_cast<std::size_t>(kPrompt) * cache.bytes_per_token());
+  for (Index i = 0; i < yb.size(); ++i) ASSERT_TRUE(std::isfinite(yb.data()[i]));
 }
 
 }  // namespace

@@ -105,21 +105,29 @@ class ConcurrencyTest : public ::testing::Test {
   ConcurrencyTest() : layer_(make_layer<Layer>()) {}
 
   // A cache holding every sequence's prompt (prefilled here, on one thread), each sequence
-  // with room for all its decode steps reserved.
-  Cache prefilled(std::vector<SeqId>& seqs) {
+  // with room for all its decode steps reserved. `forked`: the second half of the sequences are
+  // forks of the first half (sharing their prompts' blocks), and the room is reserved after the
+  // forks, which copies the shared blocks the decode steps will write into.
+  Cache prefilled(std::vector<SeqId>& seqs, bool forked = false) {
     Cache cache(std::vector<tpa::CacheLayout>(kLayers, layer_.cache_layout()), kBlockTokens, 256);
     tpa::Context ctx(1);
     seqs.clear();
     for (int s = 0; s < kSeqs; ++s) {
+      if (forked && s >= kSeqs / 2) {
+        seqs.push_back(cache.fork(seqs[static_cast<std::size_t>(s - kSeqs / 2)]));
+        continue;
+      }
       const SeqId id = cache.add_sequence();
       seqs.push_back(id);
-      cache.reserve_tokens(id, prompt_len(s) + kSteps);
+      if (!forked) cache.reserve_tokens(id, prompt_len(s) + kSteps);
       tpa::Tensor<float, 2> x = in_.prompt[static_cast<std::size_t>(s)], y(prompt_len(s), kD);
       for (int l = 0; l < kLayers; ++l) {
         layer_.forward(ctx, x, y, cache, l, id);
         x = y;
       }
     }
+    if (forked)
+      for (SeqId id : seqs) cache.reserve_tokens(id, cache.length(id, 0) + kSteps);
     return cache;
   }
 
@@ -213,6 +221,58 @@ TYPED_TEST(ConcurrencyTest, ConcurrentDecodeEqualsSequential) {
   EXPECT_EQ(cache.bytes_used(), used);
 
   // Bit-identical to the sequential run: outputs and cached contents.
+  for (int s = 0; s < kSeqs; ++s) {
+    const auto& a = out[static_cast<std::size_t>(s)];
+    const auto& b = ref[static_cast<std::size_t>(s)];
+    ASSERT_EQ(a.size(), static_cast<std::size_t>(kSteps * kD));
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "sequence " << s;
+  }
+  EXPECT_TRUE(tpa_test::snapshot(cache, seqs).contents ==
+              tpa_test::snapshot(ref_cache, seqs_ref).contents);
+}
+
+// Forked sequences (README, "Thread safety"): reserve_tokens on a fork and on its parent copies
+// the blocks they share that their appends would write into, so that they too decode
+// concurrently without taking a block; strict reservation mode would turn a missed copy into an
+// error rather than a race. Parents run on threads 0 and 1, their forks on threads 2 and 3.
+TYPED_TEST(ConcurrencyTest, ForkedSequencesDecodeConcurrentlyAfterReserveTokens) {
+  std::vector<SeqId> seqs_ref;
+  auto ref_cache = this->prefilled(seqs_ref, true);
+  ref_cache.set_strict_reservation(true);
+  Outputs ref(kSeqs);
+  for (int t = 0; t < kThreads; ++t) {
+    tpa::Context ctx(this->context_threads(t));
+    this->run_thread(t, ctx, ref_cache, seqs_ref, ref);
+  }
+
+  std::vector<SeqId> seqs;
+  auto cache = this->prefilled(seqs, true);
+  cache.set_strict_reservation(true);
+  // Sequence 1's prompt (8 tokens) fills two blocks, which its fork (5) still shares.
+  ASSERT_EQ(prompt_len(1), 8);
+  EXPECT_EQ(cache.block_table(seqs[1])[0], cache.block_table(seqs[5])[0]);
+  EXPECT_EQ(cache.block_table(seqs[1])[1], cache.block_table(seqs[5])[1]);
+  const Index blocks_before = cache.allocated_blocks();
+  const Index available_before = cache.available_blocks();
+  const std::size_t used_before = cache.bytes_used();
+  Outputs out(kSeqs);
+  {
+    std::atomic<int> ready{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        tpa::Context ctx(this->context_threads(t));
+        ready.fetch_add(1);
+        while (ready.load() < kThreads) std::this_thread::yield();  // start together
+        this->run_thread(t, ctx, cache, seqs, out);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  EXPECT_EQ(cache.allocated_blocks(), blocks_before);
+  EXPECT_EQ(cache.available_blocks(), available_before);
+  EXPECT_EQ(cache.bytes_used(), used_before + kSeqs * kSteps * cache.bytes_per_token());
   for (int s = 0; s < kSeqs; ++s) {
     const auto& a = out[static_cast<std::size_t>(s)];
     const auto& b = ref[static_cast<std::size_t>(s)];

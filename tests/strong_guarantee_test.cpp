@@ -12,6 +12,12 @@
 //   KVCache reserve_blocks / ensure_free_blocks /
 //     reserve_tokens (over the pool, bad_alloc)             here, CacheErrors + CacheFaults
 //   KVCache append (seq, layer, full, bad_alloc)            here + cache_test
+//   KVCache truncate / fork (length, stale handle,
+//     bad_alloc), strict reservation, copy on write into a
+//     shared block (full, bad_alloc)                        here, CacheErrors + CacheFaults
+//                                                           + ForkErrors (+ cache_test)
+//   Layer calls on forked sequences (copy on write),
+//     strict reservation                                    here, LayerErrors + LayerFaults
 //   Layer forward(ctx, x, y[, cache, layer, seq]) and
 //     decode(…, seqs) for GQA, MHA, MQA, TPA, TPA-KV, MLA
 //     absorbed / explicit: shapes, empty x, unknown or
@@ -210,6 +216,27 @@ TEST(CacheErrors, EveryThrowingMemberChangesNothing) {
        [](CacheFixture& f) { (void)f.c.blocks_needed(f.a, 2, 1); }},
       {"blocks_needed negative", "n (-3) must be >= 0",
        [](CacheFixture& f) { (void)f.c.blocks_needed(f.a, 0, -3); }},
+      {"truncate past a layer", "n_tokens (1) exceeds the length of sequence 1 (slot 1, "
+       "generation 0) in layer 1 (0)", [](CacheFixture& f) { f.c.truncate(f.b, 1); }},
+      {"truncate past every layer", "exceeds the length",
+       [](CacheFixture& f) { f.c.truncate(f.a, 6); }},
+      {"truncate negative", "n_tokens (-1) must be >= 0",
+       [](CacheFixture& f) { f.c.truncate(f.a, -1); }},
+      {"truncate freed", "(slot 2, generation 0) is not a live sequence of this cache: it was "
+       "freed", [](CacheFixture& f) { f.c.truncate(f.gone, 0); }},
+      {"fork freed", "not a live", [](CacheFixture& f) { (void)f.c.fork(f.gone); }},
+      {"fork unknown", "sequence 42", [](CacheFixture& f) { (void)f.c.fork(42); }},
+      {"copies_needed freed", "not a live",
+       [](CacheFixture& f) { (void)f.c.copies_needed(f.gone, 0, 1); }},
+      {"block_refs", "block (8) is not in", [](CacheFixture& f) { (void)f.c.block_refs(8); }},
+      {"strict append", "strict reservation", [](CacheFixture& f) {
+         f.c.set_strict_reservation(true);
+         append(f.c, f.b, 0, 2, 9);
+       }},
+      {"strict check_append", "strict reservation", [](CacheFixture& f) {
+         f.c.set_strict_reservation(true);
+         f.c.check_append("t", f.a, 1, kv_layout(1, 4), 4);
+       }},
   };
   for (const auto& k : cases) {
     CacheFixture f;
@@ -223,6 +250,48 @@ TEST(CacheErrors, EveryThrowingMemberChangesNothing) {
     }
     EXPECT_TRUE(f.now() == before) << k.name;
   }
+}
+
+// A fork of a (5 tokens in both layers: block 1 is shared and partly filled) and a pool with no
+// block left: every append into the shared block needs a copy that cannot be had.
+struct ForkFixture {
+  KVCache<float> c{{kv_layout(2, 4), kv_layout(1, 4)}, 4, 3};
+  SeqId a, b, fk;
+  ForkFixture() {
+    a = c.add_sequence();
+    b = c.add_sequence();
+    append(c, a, 0, 5, 1);
+    append(c, a, 1, 5, 3);
+    append(c, b, 0, 2, 5);
+    fk = c.fork(a);
+  }
+  State now() const { return state(c, {a, b, fk}); }
+};
+
+TEST(ForkErrors, CopyOnWriteIntoAFullPoolChangesNothing) {
+  const std::vector<std::pair<const char*, std::function<void(ForkFixture&)>>> cases = {
+      {"append to the fork", [](ForkFixture& f) { append(f.c, f.fk, 0, 1, 9); }},
+      {"append to the parent", [](ForkFixture& f) { append(f.c, f.a, 1, 2, 9); }},
+      {"reserve_tokens on the fork", [](ForkFixture& f) { f.c.reserve_tokens(f.fk, 6); }},
+      {"strict: the copy needs a block", [](ForkFixture& f) {
+         f.c.set_strict_reservation(true);
+         append(f.c, f.fk, 1, 1, 9);
+       }},
+  };
+  for (const auto& k : cases) {
+    ForkFixture f;
+    EXPECT_EQ(f.c.available_blocks(), 0);
+    EXPECT_EQ(f.c.blocks_needed(f.fk, 0, 1), 1);
+    const State before = f.now();
+    EXPECT_THROW(k.second(f), tpa::Error) << k.first;
+    EXPECT_TRUE(f.now() == before) << k.first;
+  }
+  // Appends that write only into blocks of their own still work.
+  ForkFixture f;
+  append(f.c, f.b, 0, 2, 9);
+  f.c.truncate(f.fk, 4);  // block 1 leaves the fork: the parent owns it alone again
+  append(f.c, f.a, 0, 3, 9);
+  EXPECT_EQ(f.c.length(f.a, 0), 8);
 }
 
 // Runs `call` on fresh fixtures with the n-th allocation failing, n = 0, 1, … until it
@@ -264,6 +333,30 @@ TEST(CacheFaults, OutOfMemoryChangesNothing) {
       {"reserve_tokens", [](F& f) { f.c.reserve_tokens(f.b, 20); }},
       {"append 2 blocks", [](F& f) { append(f.c, f.a, 0, 11, 11); }},
       {"append after release", [](F& f) { append(f.c, f.b, 1, 16, 13); }},
+  };
+  for (const auto& k : cases) {
+    const long failures = fault_sweep<F>(k.first, k.second);
+    EXPECT_GE(failures, 1) << k.first << ": no allocation to fail";
+  }
+}
+
+// fork() needs a slot (no freed one here) and copies on write need a block (the free list is
+// empty): out of memory in either changes nothing.
+TEST(CacheFaults, ForkAndCopyOnWriteChangeNothingOnOutOfMemory) {
+  struct F : CacheFixture {
+    SeqId fk;
+    F() {
+      (void)c.add_sequence();  // takes gone's slot
+      fk = c.fork(a);
+      c.release_free_blocks();
+    }
+    State now() const { return state(c, {a, b, fk}); }
+  };
+  const std::vector<std::pair<const char*, std::function<void(F&)>>> cases = {
+      {"fork", [](F& f) { (void)f.c.fork(f.b); }},
+      {"append copies", [](F& f) { append(f.c, f.fk, 0, 1, 11); }},
+      {"append copies and takes", [](F& f) { append(f.c, f.a, 1, 7, 12); }},
+      {"reserve_tokens copies", [](F& f) { f.c.reserve_tokens(f.fk, 12); }},
   };
   for (const auto& k : cases) {
     const long failures = fault_sweep<F>(k.first, k.second);
@@ -435,6 +528,10 @@ std::vector<LayerCase> layer_cases() {
          Tensor2 x = random_tensor(1, kD, 1), y(1, kD);
          f.layer->decode(f.ctx, x, y, f.other, 0, {f.o});
        }},
+      // c holds no block: its token needs one, which strict mode refuses.
+      {"strict reservation", "strict reservation",
+       [](LayerFixture& f) { f.cache.set_strict_reservation(true); },
+       [](LayerFixture& f) { dec(f, 2, {f.a, f.c}); }},
   };
 }
 
@@ -498,6 +595,17 @@ struct BoundaryFixture : FaultFixture {
   }
 };
 
+// ... and a fork of a (5 tokens: block 1 shared, partly filled): a decode of a and the fork
+// copies block 1 (for a; the fork then owns the original) and a prefill of the fork copies it.
+struct ForkedFixture : FaultFixture {
+  SeqId fk;
+  ForkedFixture() {
+    fk = cache.fork(a);
+    cache.release_free_blocks();
+  }
+  State now() const { return state(cache, {a, b, c, fk}); }
+};
+
 TEST(LayerFaults, OutOfMemoryChangesNothing) {
   for (const AnyLayer& l : kinds()) {
     g_fault_layer = &l;
@@ -508,6 +616,12 @@ TEST(LayerFaults, OutOfMemoryChangesNothing) {
                 3);
       EXPECT_GE(fault_sweep<BoundaryFixture>(
                     "decode batch", [](LayerFixture& f) { dec(f, 3, {f.a, f.b, f.c}); }),
+                2);
+      EXPECT_GE(fault_sweep<ForkedFixture>("decode with a fork",
+                                           [](ForkedFixture& f) { dec(f, 3, {f.b, f.a, f.fk}); }),
+                2);
+      EXPECT_GE(fault_sweep<ForkedFixture>("prefill of a fork",
+                                           [](ForkedFixture& f) { fwd(f, 6, f.fk); }),
                 2);
     }
   }

@@ -1,8 +1,11 @@
 // libFuzzer target: a random sequence of KVCache operations (add_sequence, free_sequence, raw
-// append, reserve_tokens, reserve_blocks, ensure_free_blocks, and prefill/decode calls of a small
-// GQA, MLA or TPA layer through the cache), valid and invalid, checked after every step against a
-// simple model of what the cache must hold: the live sequences, each one's length per layer and
-// block-table size, the exact contents of every cached token, bytes_used and available_blocks.
+// append, reserve_tokens, reserve_blocks, ensure_free_blocks, truncate, fork, strict reservation
+// on and off, and prefill/decode calls of a small GQA, MLA or TPA layer through the cache), valid
+// and invalid (stale handles included), checked after every step against a simple model of what
+// the cache must hold: the live sequences, each one's length per layer and block table (which
+// blocks it shares with which forks: the model names blocks itself, and its names must map one to
+// one onto the cache's block ids), reference counts, the exact contents of every cached token,
+// bytes_used (each stored token once) and available_blocks.
 // A call predicted to fail must throw tpa::Error and change nothing (bytes_reserved included); a
 // call predicted to succeed must not throw. Any mismatch traps.
 #include <fuzzer/FuzzedDataProvider.h>
@@ -88,24 +91,55 @@ const AnyLayer& layer_of_kind(int kind) {
 // What the cache must hold.
 struct Model {
   struct Seq {
-    Index table = 0;                                 // blocks in its table
+    std::vector<int> table;                           // the model's names of its blocks
     std::vector<std::vector<float>> tokens[kLayers];  // per layer, per token: all factors
+    Index len(int l) const { return static_cast<Index>(tokens[l].size()); }
   };
   std::map<SeqId, Seq> seqs;
+  std::vector<SeqId> freed;  // handles of freed sequences (stale)
   Index block_tokens = 1, max_blocks = 1;
   std::size_t elems = 0;  // elements per token per layer (both layers have the same layout)
+  int next_block = 0;     // the next block name
+  bool strict = false;
 
-  Index in_use() const {
+  // Sequences holding block b.
+  Index refs(int b) const {
     Index n = 0;
-    for (const auto& s : seqs) n += s.second.table;
+    for (const auto& s : seqs)
+      n += static_cast<Index>(std::count(s.second.table.begin(), s.second.table.end(), b));
     return n;
+  }
+  Index in_use() const {
+    std::set<int> b;
+    for (const auto& s : seqs) b.insert(s.second.table.begin(), s.second.table.end());
+    return static_cast<Index>(b.size());
   }
   Index available() const { return max_blocks - in_use(); }
   Index blocks_for(Index tokens) const { return (tokens + block_tokens - 1) / block_tokens; }
-  // New blocks appending n tokens to layer l of s takes.
+  // Shared blocks among table indices [first, last) of s.
+  Index shared(const Seq& s, Index first, Index last) const {
+    Index n = 0;
+    for (Index i = first; i < std::min<Index>(last, static_cast<Index>(s.table.size())); ++i)
+      n += refs(s.table[static_cast<std::size_t>(i)]) > 1;
+    return n;
+  }
+  // Blocks appending n tokens to layer l of s takes: new ones and copies of shared ones.
   Index need(const Seq& s, int l, Index n) const {
-    return std::max<Index>(
-        0, blocks_for(static_cast<Index>(s.tokens[l].size()) + n) - s.table);
+    const Index end = blocks_for(s.len(l) + n);
+    return std::max<Index>(0, end - static_cast<Index>(s.table.size())) +
+           (n > 0 ? shared(s, s.len(l) / block_tokens, end) : 0);
+  }
+  // Makes s's blocks [first, last) its own (copy on write) and gives it `end` blocks at least.
+  void own(Seq& s, Index first, Index last, Index end) {
+    for (Index i = first; i < std::min<Index>(last, static_cast<Index>(s.table.size())); ++i)
+      if (refs(s.table[static_cast<std::size_t>(i)]) > 1) s.table[static_cast<std::size_t>(i)] = next_block++;
+    while (static_cast<Index>(s.table.size()) < end) s.table.push_back(next_block++);
+  }
+  // After appending n tokens to layer l of s (before its tokens are recorded).
+  void appended(Seq& s, int l, Index n) {
+    if (n == 0) return;
+    const Index end = blocks_for(s.len(l) + n);
+    own(s, s.len(l) / block_tokens, end, end);
   }
 };
 
@@ -125,23 +159,34 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 void check_against(const Cache& cache, const Model& m) {
   CHECK(cache.num_sequences() == static_cast<Index>(m.seqs.size()));
   CHECK(cache.available_blocks() == m.available());
-  std::size_t used = 0;
-  std::set<std::int32_t> blocks;
+  CHECK(cache.strict_reservation() == m.strict);
+  std::map<int, std::int32_t> name_to_id;  // must be one to one
+  std::map<std::int32_t, int> id_to_name;
+  std::set<std::pair<std::int32_t, Index>> slots[kLayers];  // (block, token slot) holding a token
   for (const auto& [id, s] : m.seqs) {
     CHECK(cache.contains(id));
     const auto& table = cache.block_table(id);
-    CHECK(static_cast<Index>(table.size()) == s.table);
-    for (auto b : table) CHECK(blocks.insert(b).second);  // no block in two tables
+    CHECK(table.size() == s.table.size());
+    for (std::size_t i = 0; i < table.size(); ++i) {
+      CHECK(name_to_id.emplace(s.table[i], table[i]).first->second == table[i]);
+      CHECK(id_to_name.emplace(table[i], s.table[i]).first->second == s.table[i]);
+      CHECK(cache.block_refs(table[i]) == m.refs(s.table[i]));
+    }
     for (int l = 0; l < kLayers; ++l) {
-      const Index len = static_cast<Index>(s.tokens[l].size());
+      const Index len = s.len(l);
       CHECK(cache.length(id, l) == len);
       CHECK(cache.view(id, l).n_tokens == len);
-      used += static_cast<std::size_t>(len) * cache.bytes_per_token(l);
-      for (Index t = 0; t < len; ++t)
+      for (Index t = 0; t < len; ++t) {
+        slots[l].insert({table[static_cast<std::size_t>(t / m.block_tokens)], t % m.block_tokens});
         CHECK(same_bits(read_token(cache, id, l, t), s.tokens[l][static_cast<std::size_t>(t)]));
+      }
     }
   }
+  for (SeqId id : m.freed) CHECK(!cache.contains(id));
+  std::size_t used = 0;
+  for (int l = 0; l < kLayers; ++l) used += slots[l].size() * cache.bytes_per_token(l);
   CHECK(cache.bytes_used() == used);
+  CHECK(cache.free_blocks() == cache.allocated_blocks() - m.in_use());
 }
 
 // Runs op; it must throw tpa::Error iff !expect_ok. On a throw, the cache must be as before.
@@ -160,13 +205,16 @@ bool run(Cache& cache, const Model& m, bool expect_ok, Op op) {
   return true;
 }
 
-// A sequence id: usually a live one, sometimes a dead or out-of-range one.
+// A sequence id: usually a live one, sometimes a freed (stale), dead or out-of-range one.
 SeqId pick_seq(FuzzedDataProvider& in, const Model& m) {
-  if (!m.seqs.empty() && in.ConsumeIntegralInRange<int>(0, 7) != 0) {
+  const int k = in.ConsumeIntegralInRange<int>(0, 7);
+  if (!m.seqs.empty() && k >= 2) {
     auto it = m.seqs.begin();
     std::advance(it, in.ConsumeIntegralInRange<std::size_t>(0, m.seqs.size() - 1));
     return it->first;
   }
+  if (!m.freed.empty() && k == 1)
+    return m.freed[in.ConsumeIntegralInRange<std::size_t>(0, m.freed.size() - 1)];
   return in.ConsumeIntegralInRange<SeqId>(-2, 40);
 }
 
@@ -179,13 +227,13 @@ tpa::Tensor<float, 2> input_rows(FuzzedDataProvider& in, Index n) {
 
 // After a successful layer call: the new tokens' stored contents become the model's.
 void record_new_tokens(const Cache& cache, Model& m, SeqId seq, int layer, Index n) {
+  m.appended(m.seqs[seq], layer, n);
   auto& toks = m.seqs[seq].tokens[layer];
   const Index start = static_cast<Index>(toks.size());
   for (Index t = start; t < start + n; ++t) {
     toks.push_back(read_token(cache, seq, layer, t));
     for (float v : toks.back()) CHECK(std::isfinite(v));  // finite inputs, finite projections
   }
-  m.seqs[seq].table = std::max(m.seqs[seq].table, m.blocks_for(start + n));
 }
 
 }  // namespace
@@ -202,7 +250,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   tpa::Context ctx(1);
 
   for (int step = 0; step < 64 && in.remaining_bytes() > 0; ++step) {
-    switch (in.ConsumeIntegralInRange<int>(0, 7)) {
+    switch (in.ConsumeIntegralInRange<int>(0, 10)) {
       case 0: {  // add_sequence: a handle no live sequence has
         const SeqId id = cache.add_sequence();
         CHECK(m.seqs.count(id) == 0);
@@ -211,8 +259,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       }
       case 1: {  // free_sequence
         const SeqId id = pick_seq(in, m);
-        if (run(cache, m, m.seqs.count(id) == 1, [&] { cache.free_sequence(id); }))
+        if (run(cache, m, m.seqs.count(id) == 1, [&] { cache.free_sequence(id); })) {
           m.seqs.erase(id);
+          m.freed.push_back(id);
+        }
         break;
       }
       case 2: {  // raw append of arbitrary bit patterns (NaN, Inf, denormals included)
@@ -230,24 +280,35 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         for (std::size_t f = 0; f < layout.num_factors(); ++f)
           rows.push_back({src.data() + layout.factor_offset(f), static_cast<Index>(m.elems)});
         const bool ok = m.seqs.count(id) && l >= 0 && l < kLayers && n >= 0 &&
-                        m.need(m.seqs[id], l, n) <= m.available();
+                        m.need(m.seqs[id], l, n) <= m.available() &&
+                        !(m.strict && m.need(m.seqs[id], l, n) > 0);
         if (run(cache, m, ok, [&] { cache.append(id, l, n, rows.data()); })) {
           auto& s = m.seqs[id];
+          m.appended(s, l, n);
           for (Index i = 0; i < n; ++i)
             s.tokens[l].emplace_back(src.begin() + i * static_cast<Index>(m.elems),
                                      src.begin() + (i + 1) * static_cast<Index>(m.elems));
-          s.table = std::max(s.table, m.blocks_for(static_cast<Index>(s.tokens[l].size())));
         }
         break;
       }
       case 3: {  // reserve_tokens
         const SeqId id = pick_seq(in, m);
         const Index tokens = in.ConsumeIntegralInRange<Index>(-1, 4 * m.block_tokens);
-        const bool ok = m.seqs.count(id) && tokens >= 0 &&
-                        std::max<Index>(0, m.blocks_for(tokens) - m.seqs[id].table) <=
-                            m.available();
-        if (run(cache, m, ok, [&] { cache.reserve_tokens(id, tokens); }))
-          m.seqs[id].table = std::max(m.seqs[id].table, m.blocks_for(tokens));
+        bool ok = m.seqs.count(id) && tokens >= 0;
+        Index first = m.blocks_for(tokens);  // first block an append up to `tokens` writes
+        if (ok) {
+          const auto& s = m.seqs[id];
+          for (int l = 0; l < kLayers; ++l)
+            if (s.len(l) < tokens) first = std::min(first, s.len(l) / m.block_tokens);
+          ok = std::max<Index>(0, m.blocks_for(tokens) - static_cast<Index>(s.table.size())) +
+                   m.shared(s, first, m.blocks_for(tokens)) <=
+               m.available();
+        }
+        if (run(cache, m, ok, [&] { cache.reserve_tokens(id, tokens); })) {
+          m.own(m.seqs[id], first, m.blocks_for(tokens), m.blocks_for(tokens));
+          for (int l = 0; l < kLayers; ++l)  // appends up to `tokens` now take no block
+            CHECK(cache.blocks_needed(id, l, std::max<Index>(0, tokens - m.seqs[id].len(l))) == 0);
+        }
         break;
       }
       case 4: {  // storage only: contents, tables and available blocks stay the same
@@ -270,10 +331,41 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         if (ok) {
           const auto& s = m.seqs[id];
           ok = static_cast<Index>(s.tokens[l].size()) + n <= kMaxPositions &&
-               m.need(s, l, n) <= m.available();
+               m.need(s, l, n) <= m.available() && !(m.strict && m.need(s, l, n) > 0);
         }
         if (run(cache, m, ok, [&] { layer.forward(ctx, x, y, cache, l, id); }))
           record_new_tokens(cache, m, id, l, n);
+        break;
+      }
+      case 8: {  // truncate
+        const SeqId id = pick_seq(in, m);
+        const Index n = in.ConsumeIntegralInRange<Index>(-1, 3 * m.block_tokens);
+        bool ok = m.seqs.count(id) && n >= 0;
+        if (ok)
+          for (int l = 0; l < kLayers; ++l) ok = ok && n <= m.seqs[id].len(l);
+        if (run(cache, m, ok, [&] { cache.truncate(id, n); })) {
+          auto& s = m.seqs[id];
+          for (auto& t : s.tokens) t.resize(static_cast<std::size_t>(n));
+          s.table.resize(static_cast<std::size_t>(m.blocks_for(n)));
+        }
+        break;
+      }
+      case 9: {  // fork
+        const SeqId id = pick_seq(in, m);
+        const bool ok = m.seqs.count(id) == 1;
+        SeqId child = -1;
+        if (run(cache, m, ok, [&] { child = cache.fork(id); })) {
+          CHECK(m.seqs.count(child) == 0 && child != id);
+          Model::Seq c = m.seqs[id];
+          c.table.resize(static_cast<std::size_t>(
+              m.blocks_for(std::max(c.len(0), c.len(1)))));
+          m.seqs[child] = c;
+        }
+        break;
+      }
+      case 10: {  // strict reservation on or off
+        m.strict = in.ConsumeBool();
+        cache.set_strict_reservation(m.strict);
         break;
       }
       default: {  // decode: one token for each of 0–3 sequences (repeats and dead ones possible)
@@ -292,7 +384,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             break;
           }
           const auto& s = m.seqs[id];
-          ok = static_cast<Index>(s.tokens[l].size()) + 1 <= kMaxPositions;
+          ok = static_cast<Index>(s.tokens[l].size()) + 1 <= kMaxPositions &&
+               !(m.strict && m.need(s, l, 1) > 0);
+          // A copy counted for each holder of a shared block in the call: an upper bound.
           need += m.need(s, l, 1);
         }
         ok = ok && need <= m.available();

@@ -9,6 +9,8 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <string>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -25,8 +27,13 @@
 
 namespace tpa {
 
-/// Handle of a sequence in a KVCache.
-using SeqId = std::int32_t;
+/// Handle of a sequence in a KVCache. Opaque: compare handles, store them, pass them back; do
+/// not compute with them. (Today the low 32 bits hold the sequence's slot and the bits above
+/// them a generation number that free_sequence() advances, so a handle kept after its sequence
+/// was freed is recognized as stale — it throws tpa::Error — even once the slot is reused. The
+/// first sequence of each slot has generation 0, so its handle equals the slot index. Handles
+/// are never negative.)
+using SeqId = std::int64_t;
 
 /// \brief Read-only view of the cached tokens of one sequence in one layer, as the kernels read
 /// them: tokens live in blocks of `block_tokens`; inside a block, each factor is placed per its
@@ -121,6 +128,16 @@ struct FactorRows {
 /// Blocks of 2 MiB or more are 2 MiB aligned and, on Linux, advised to transparent huge pages
 /// (madvise MADV_HUGEPAGE; a failure is ignored): fewer TLB misses when decode streams them.
 ///
+/// Serving (README, "Serving"): truncate(seq, n) drops a sequence's tokens past n in every layer
+/// (speculative decoding: append k draft tokens, verify, drop the rejected ones; undoing a model
+/// step that failed in a later layer). fork(seq) starts a sequence that shares the parent's blocks
+/// by reference count; a shared block is copied on the first write into it (copy on write: an
+/// append into the parent's partly filled last block, from either side, takes a block from the
+/// pool for the copy, and blocks_needed() counts it). A block returns to the free list when no
+/// sequence holds it any more. Handles carry a generation number: a handle used after its
+/// sequence was freed throws, even once its slot is reused. With set_strict_reservation(true),
+/// an append that would take a block from the pool (a new block or a copy) throws instead.
+///
 /// Every throwing member leaves the cache exactly as it was: contents, block tables, lengths,
 /// bytes_used() and bytes_reserved() (on std::bad_alloc too: storage allocated by the failing
 /// call is released again).
@@ -129,8 +146,12 @@ struct FactorRows {
 /// calls with this cache) for distinct sequences may run concurrently with each other, and with
 /// const calls about other sequences, as long as none of them takes a block from the pool
 /// (blocks_needed() is 0, e.g. after reserve_tokens()): such an append writes only its own
-/// sequence's blocks and length. bytes_used() reads every sequence. Every other non-const call,
-/// and an append that takes blocks, needs exclusive access to the cache.
+/// sequence's blocks and length. A copy on write takes a block too: an append into a block the
+/// sequence shares with a fork (or its parent) needs exclusive access, but reserve_tokens() makes
+/// those copies up front, so appends within a reservation stay safe on forked sequences too.
+/// Strict reservation mode (set_strict_reservation) makes an append that would take a block
+/// throw instead of racing. bytes_used() reads every sequence. Every other non-const call, and an
+/// append that takes blocks, needs exclusive access to the cache.
 ///
 /// \tparam Scalar storage type of the cached factors.
 template <class Scalar = float>
@@ -200,13 +221,32 @@ class KVCache {
   std::size_t bytes_per_token(int layer) const {
     return static_cast<std::size_t>(layout(layer).elements_per_token()) * sizeof(Scalar);
   }
-  /// Bytes holding cached tokens: Σ over sequences and layers of length × bytes per token.
+  /// Bytes holding cached tokens, each stored token counted once: Σ over layers of
+  /// bytes_per_token(layer) × the number of distinct (block, token slot) pairs that hold a token
+  /// of that layer cached by at least one live sequence. Without forks: Σ over sequences and
+  /// layers of length × bytes per token. A block shared by forked sequences counts once, with
+  /// the most tokens any of its holders has cached in it (their cached tokens in a shared block
+  /// are a common prefix of it). Reserved room holds no token and counts nothing.
   std::size_t bytes_used() const {
     std::size_t n = 0;
-    for (const auto& s : seqs_) {
+    for (std::size_t si = 0; si < seqs_.size(); ++si) {
+      const Sequence& s = seqs_[si];
       if (!s.active) continue;
-      for (std::size_t l = 0; l < layers_.size(); ++l)
-        n += static_cast<std::size_t>(s.len[l]) * bytes_per_token(static_cast<int>(l));
+      for (std::size_t i = 0; i < s.blocks.size(); ++i) {
+        const std::int32_t b = s.blocks[i];
+        const bool shared = refs_[static_cast<std::size_t>(b)] > 1;
+        // A shared block sits at the same table index in every holder (fork copies a prefix
+        // of the table, a copy on write replaces in place, truncate cuts the end): count it
+        // once, with its first holder, taking the most tokens of any holder per layer.
+        if (shared && holds(0, si, i, b)) continue;
+        for (std::size_t l = 0; l < layers_.size(); ++l) {
+          Index t = tokens_in_block(s, i, l);
+          if (shared)
+            for (std::size_t sj = si + 1; sj < seqs_.size(); ++sj)
+              if (holds(sj, sj + 1, i, b)) t = std::max(t, tokens_in_block(seqs_[sj], i, l));
+          n += static_cast<std::size_t>(t) * bytes_per_token(static_cast<int>(l));
+        }
+      }
     }
     return n;
   }
@@ -251,59 +291,104 @@ class KVCache {
     return n;
   }
 
-  /// Starts an empty sequence and returns its handle. Handles of freed sequences are reused.
-  SeqId add_sequence() {
-    if (!free_seqs_.empty()) {
-      const SeqId id = free_seqs_.back();
-      Sequence& s = seqs_[static_cast<std::size_t>(id)];
-      s.active = true;
-      free_seqs_.pop_back();
-      return id;
+  /// Starts an empty sequence and returns its handle. Slots of freed sequences are reused, with
+  /// the next generation number (a different handle; see SeqId).
+  SeqId add_sequence() { return handle(new_slot(0)); }
+
+  /// Starts a sequence holding the same tokens as `seq` in every layer, sharing its blocks (no
+  /// token is copied; each shared block's reference count goes up). The first append into a
+  /// shared block, by either sequence, copies it (copy on write, one block from the pool); blocks
+  /// `seq` reserved beyond its tokens are not shared. Returns the new sequence's handle.
+  /// \throws Error if `seq` is not live; std::bad_alloc. Either way the cache is unchanged.
+  SeqId fork(SeqId seq) {
+    check_seq("KVCache::fork", seq);
+    const Index parent_len = max_length(seq_ref(seq));
+    const auto shared = static_cast<std::size_t>(blocks_for(parent_len));
+    const std::size_t slot = new_slot(shared);  // may throw: nothing changed
+    Sequence& p = seq_ref(seq);                 // seqs_ may have grown
+    Sequence& c = seqs_[slot];
+    c.len = p.len;  // same size: no allocation
+    for (std::size_t i = 0; i < shared; ++i) {
+      c.blocks.push_back(p.blocks[i]);  // capacity reserved by new_slot
+      ++refs_[static_cast<std::size_t>(p.blocks[i])];
     }
-    TPA_CHECK(seqs_.size() < static_cast<std::size_t>(INT32_MAX), "KVCache: too many sequences");
-    Sequence s;
-    s.active = true;
-    s.len.assign(layers_.size(), 0);
-    s.blocks.reserve(static_cast<std::size_t>(std::min<Index>(max_blocks_, 1024)));
-    // Room for every handle on free_seqs_ first (free_sequence cannot throw), then the push:
-    // either may throw std::bad_alloc with nothing observable changed.
-    free_seqs_.reserve(seqs_.size() + 1);
-    seqs_.push_back(std::move(s));
-    return static_cast<SeqId>(seqs_.size() - 1);
+    return handle(slot);
   }
 
+  /// Cuts `seq` back to its first `n_tokens` tokens in every layer; blocks past the last one
+  /// still needed (including room reserved with reserve_tokens) leave the sequence's table and
+  /// return to the free list unless a fork still holds them. Use: drop rejected draft tokens
+  /// (speculative decoding), or undo a model step that failed in a later layer (see README,
+  /// "Serving"). Needs exclusive access to the cache.
+  /// \throws Error if `seq` is not live, n_tokens < 0 or n_tokens exceeds the sequence's length in
+  /// some layer (nothing changes then).
+  void truncate(SeqId seq, Index n_tokens) {
+    check_seq("KVCache::truncate", seq);
+    TPA_CHECK(n_tokens >= 0, "KVCache::truncate: n_tokens (", n_tokens, ") must be >= 0");
+    Sequence& s = seq_ref(seq);
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      TPA_CHECK(n_tokens <= s.len[l], "KVCache::truncate: n_tokens (", n_tokens,
+                ") exceeds the length of sequence ", describe(seq), " in layer ", l, " (",
+                s.len[l], ")");
+    std::fill(s.len.begin(), s.len.end(), n_tokens);
+    drop_blocks(s, static_cast<std::size_t>(blocks_for(n_tokens)));
+  }
+
+  /// Strict reservation mode: when on, an append (or layer call) that would take a block from
+  /// the pool — a new block, or a copy of a shared one — throws tpa::Error instead, so serving
+  /// code that appends concurrently fails loudly rather than racing; reserve_tokens() is then the
+  /// only way a sequence gets blocks. Off by default. Needs exclusive access to the cache.
+  void set_strict_reservation(bool on) noexcept { strict_ = on; }
+  bool strict_reservation() const noexcept { return strict_; }
+
   /// Takes blocks from the pool into `seq`'s block table until it has room for `tokens` tokens
-  /// in every layer, so appends up to that length take no block (see "Thread safety"). Unused
-  /// blocks return to the pool with free_sequence().
+  /// in every layer, and copies the blocks it shares with forks that appends up to that length
+  /// would write into, so such appends take no block (see "Thread safety"). Unused blocks return
+  /// to the pool with free_sequence() or truncate().
   /// \throws Error if `seq` is not live, tokens < 0 or the pool lacks the blocks;
   /// std::bad_alloc. Either way the cache is unchanged.
   void reserve_tokens(SeqId seq, Index tokens) {
     check_seq("KVCache::reserve_tokens", seq);
     TPA_CHECK(tokens >= 0, "KVCache::reserve_tokens: tokens (", tokens, ") must be >= 0");
-    Sequence& s = seqs_[static_cast<std::size_t>(seq)];
-    const Index need = std::max<Index>(
+    Sequence& s = seq_ref(seq);
+    const Index fresh = std::max<Index>(
         0, blocks_for(tokens) - static_cast<Index>(s.blocks.size()));
+    const auto copies_end = std::min(s.blocks.size(), static_cast<std::size_t>(blocks_for(tokens)));
+    std::size_t first = copies_end;  // first block an append up to `tokens` writes, any layer
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      if (s.len[l] < tokens) first = std::min(first, static_cast<std::size_t>(s.len[l] / block_tokens_));
+    const Index copies = shared_in(s, first, copies_end);
+    const Index need = fresh + copies;
     TPA_CHECK(need <= available_blocks(), "KVCache::reserve_tokens: room for ", tokens,
-              " tokens in sequence ", seq, " needs ", need, " new blocks but only ",
-              available_blocks(), " of max_blocks (", max_blocks_, ") are available");
-    take_blocks(s, need);
+              " tokens in sequence ", describe(seq), " needs ", need, " new blocks (", copies,
+              " of them copies of shared blocks) but only ", available_blocks(),
+              " of max_blocks (", max_blocks_, ") are available");
+    s.blocks.reserve(s.blocks.size() + static_cast<std::size_t>(fresh));
+    grow_free_list(need);  // strong; nothing below throws
+    for (std::size_t i = first; i < copies_end; ++i) (void)copy_if_shared(s, i);
+    take_blocks(s, fresh);
   }
 
   /// Ends a sequence: its blocks return to the free list and its handle becomes invalid.
   /// \throws Error if `seq` is not a live sequence.
+  /// Blocks a fork still holds stay with it. A stale handle (its sequence already freed, its
+  /// slot perhaps reused) throws and frees nothing.
   void free_sequence(SeqId seq) {
     check_seq("KVCache::free_sequence", seq);
-    Sequence& s = seqs_[static_cast<std::size_t>(seq)];
-    for (auto b : s.blocks) free_.push_back(b);
-    s.blocks.clear();
+    Sequence& s = seq_ref(seq);
+    drop_blocks(s, 0);
     std::fill(s.len.begin(), s.len.end(), 0);
     s.active = false;
-    free_seqs_.push_back(seq);
+    s.generation = (s.generation + 1) & kMaxGeneration;
+    free_seqs_.push_back(static_cast<std::int32_t>(slot_of(seq)));
   }
 
+  /// Whether `seq` is the handle of a live sequence (false for a freed one, even if its slot
+  /// was reused).
   bool contains(SeqId seq) const {
-    return seq >= 0 && static_cast<std::size_t>(seq) < seqs_.size() &&
-           seqs_[static_cast<std::size_t>(seq)].active;
+    if (seq < 0 || slot_of(seq) >= seqs_.size()) return false;
+    const Sequence& s = seqs_[slot_of(seq)];
+    return s.active && s.generation == generation_of(seq);
   }
   /// Live sequences.
   Index num_sequences() const {
@@ -314,7 +399,7 @@ class KVCache {
   Index length(SeqId seq, int layer = 0) const {
     check_seq("KVCache::length", seq);
     check_layer("KVCache::length", layer);
-    return seqs_[static_cast<std::size_t>(seq)].len[static_cast<std::size_t>(layer)];
+    return seq_ref(seq).len[static_cast<std::size_t>(layer)];
   }
 
   /// New blocks that appending n ≥ 0 tokens to `seq` in `layer` would take (the largest Index
@@ -324,10 +409,31 @@ class KVCache {
     check_seq("KVCache::blocks_needed", seq);
     check_layer("KVCache::blocks_needed", layer);
     TPA_CHECK(n >= 0, "KVCache::blocks_needed: n (", n, ") must be >= 0");
-    const Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    const Sequence& s = seq_ref(seq);
     const Index len = s.len[static_cast<std::size_t>(layer)];
     if (n > std::numeric_limits<Index>::max() - len) return std::numeric_limits<Index>::max();
-    return std::max<Index>(0, blocks_for(len + n) - static_cast<Index>(s.blocks.size()));
+    return std::max<Index>(0, blocks_for(len + n) - static_cast<Index>(s.blocks.size())) +
+           copies_needed(seq, layer, n);
+  }
+
+  /// Of blocks_needed(seq, layer, n): the copies of shared blocks (copy on write) the append
+  /// would make. \throws Error as blocks_needed.
+  Index copies_needed(SeqId seq, int layer, Index n) const {
+    check_seq("KVCache::copies_needed", seq);
+    check_layer("KVCache::copies_needed", layer);
+    TPA_CHECK(n >= 0, "KVCache::copies_needed: n (", n, ") must be >= 0");
+    const Sequence& s = seq_ref(seq);
+    if (n == 0) return 0;
+    const auto r = write_range(s, static_cast<std::size_t>(layer), n);
+    return shared_in(s, r.first, r.second);
+  }
+
+  /// Sequences holding block `block` (0: on the free list or without storage); for tests and
+  /// diagnostics. \throws Error if `block` is not a block id of this cache.
+  Index block_refs(std::int32_t block) const {
+    TPA_CHECK(block >= 0 && static_cast<std::size_t>(block) < refs_.size(),
+              "KVCache::block_refs: block (", block, ") is not in [0, ", refs_.size(), ")");
+    return refs_[static_cast<std::size_t>(block)];
   }
 
   /// \throws Error unless `seq` is live, `layer` exists, `layout` is that layer's layout, n ≥ 0
@@ -339,8 +445,13 @@ class KVCache {
     check_layout(who, layer, layout);
     TPA_CHECK(n >= 0, who, ": cannot append a negative number of tokens (", n, ")");
     const Index need = blocks_needed(seq, layer, n);
+    TPA_CHECK(!strict_ || need == 0, who, ": strict reservation: appending ", n,
+              " tokens to sequence ", describe(seq), " in layer ", layer, " needs ", need,
+              " blocks from the pool (", copies_needed(seq, layer, n),
+              " of them copies of shared blocks) beyond its reservation; reserve them first "
+              "with reserve_tokens");
     TPA_CHECK(need <= available_blocks(), who, ": the cache is full: appending ", n,
-              " tokens to sequence ", seq, " needs ", need, " new blocks but only ",
+              " tokens to sequence ", describe(seq), " needs ", need, " new blocks but only ",
               available_blocks(), " of max_blocks (", max_blocks_, ") are available");
   }
 
@@ -362,10 +473,18 @@ class KVCache {
   void append(SeqId seq, int layer, Index n, const FactorRows* rows) {
     check_layer("KVCache::append", layer);  // before layouts_[layer] is read
     check_append("KVCache::append", seq, layer, layouts_[static_cast<std::size_t>(layer)], n);
-    Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    Sequence& s = seq_ref(seq);
     const auto l = static_cast<std::size_t>(layer);
     // Take blocks first (all or nothing), then copy: nothing below can throw.
-    take_blocks(s, blocks_needed(seq, layer, n));
+    const Index copies = copies_needed(seq, layer, n);
+    const Index fresh = blocks_needed(seq, layer, n) - copies;
+    s.blocks.reserve(s.blocks.size() + static_cast<std::size_t>(fresh));
+    grow_free_list(fresh + copies);
+    if (copies > 0) {
+      const auto r = write_range(s, l, n);
+      for (std::size_t i = r.first; i < r.second; ++i) (void)copy_if_shared(s, i);
+    }
+    take_blocks(s, fresh);
     const LayerInfo& info = layers_[l];
     const Index start = s.len[l];
     for (Index i = 0; i < n; ++i) {
@@ -385,12 +504,44 @@ class KVCache {
   /// the free list, last first, so that the list is as before the appends). For layer calls
   /// (detail::CacheCall), which guarantee that nothing else changed `seq` since. Cannot throw.
   void undo_append(SeqId seq, int layer, Index length, std::size_t table_size) noexcept {
-    Sequence& s = seqs_[static_cast<std::size_t>(seq)];
-    while (s.blocks.size() > table_size) {
-      free_.push_back(s.blocks.back());
-      s.blocks.pop_back();
-    }
+    Sequence& s = seq_ref(seq);
+    drop_blocks(s, table_size);
     s.len[static_cast<std::size_t>(layer)] = length;
+  }
+
+  /// One copy on write made by unshare(): table index and the shared block it replaced.
+  struct Unshared {
+    std::size_t index;
+    std::int32_t block;
+  };
+
+  /// Copies the shared blocks that appending n tokens to `seq` in `layer` would write into
+  /// (copy on write), recording each in `log` (room for copies_needed(seq, layer, n) entries);
+  /// returns how many it made. The free list must hold that many blocks (ensure_free_blocks).
+  /// For layer calls (detail::CacheCall), which undo it with undo_unshare. Cannot throw.
+  Index unshare(SeqId seq, int layer, Index n, Unshared* log) noexcept {
+    Sequence& s = seq_ref(seq);
+    if (n <= 0) return 0;
+    const auto r = write_range(s, static_cast<std::size_t>(layer), n);
+    Index made = 0;
+    for (std::size_t i = r.first; i < r.second; ++i) {
+      const std::int32_t old = s.blocks[i];
+      if (copy_if_shared(s, i)) log[made++] = Unshared{i, old};
+    }
+    return made;
+  }
+
+  /// Undoes unshare(seq, ..., log) returning `count`: each copy goes back to the free list (last
+  /// first) and the shared block into the table. Cannot throw.
+  void undo_unshare(SeqId seq, const Unshared* log, Index count) noexcept {
+    Sequence& s = seq_ref(seq);
+    for (Index k = count - 1; k >= 0; --k) {
+      const std::int32_t copy = s.blocks[log[k].index];
+      refs_[static_cast<std::size_t>(copy)] = 0;
+      free_.push_back(copy);
+      s.blocks[log[k].index] = log[k].block;
+      ++refs_[static_cast<std::size_t>(log[k].block)];
+    }
   }
 
   /// Releases the storage of the newest free blocks until at most `allocated` blocks hold
@@ -408,7 +559,7 @@ class KVCache {
   SeqView<Scalar> view(SeqId seq, int layer) const {
     check_layer("KVCache::view", layer);
     check_seq("KVCache::view", seq);
-    const Sequence& s = seqs_[static_cast<std::size_t>(seq)];
+    const Sequence& s = seq_ref(seq);
     const auto l = static_cast<std::size_t>(layer);
     SeqView<Scalar> v;
     v.block_base = layer_base_[l].data();
@@ -422,7 +573,7 @@ class KVCache {
   /// Block ids of `seq`, in token order (for tests and diagnostics).
   const std::vector<std::int32_t>& block_table(SeqId seq) const {
     check_seq("KVCache::block_table", seq);
-    return seqs_[static_cast<std::size_t>(seq)].blocks;
+    return seq_ref(seq).blocks;
   }
 
  private:
@@ -432,9 +583,11 @@ class KVCache {
   };
   struct Sequence {
     bool active = false;
-    std::vector<std::int32_t> blocks;
-    std::vector<Index> len;  // per layer
+    std::int64_t generation = 0;      // of the slot's current (or next, when free) sequence
+    std::vector<std::int32_t> blocks;  // block ids; a block may be shared with forks
+    std::vector<Index> len;            // per layer
   };
+  static constexpr std::int64_t kMaxGeneration = INT32_MAX;  // generations wrap at 2^31
   // Storage of one block: aligned operator new (so allocation failures can be injected in
   // tests like any other), freed with the same alignment.
   struct BlockDeleter {
@@ -455,7 +608,106 @@ class KVCache {
               ") is not in [0, ", num_layers(), ")");
   }
   void check_seq(const char* who, SeqId seq) const {
-    TPA_CHECK(contains(seq), who, ": sequence ", seq, " is not a live sequence of this cache");
+    if (contains(seq)) return;
+    if (seq >= 0 && slot_of(seq) < seqs_.size())
+      ::tpa::detail::fail(who, ": sequence ", describe(seq), " is not a live sequence of this cache: it was "
+                "freed (its slot now holds generation ", seqs_[slot_of(seq)].generation,
+                seqs_[slot_of(seq)].active ? ", live" : ", not started", ")");
+    ::tpa::detail::fail(who, ": sequence ", seq, " is not a live sequence of this cache");
+  }
+
+  static std::size_t slot_of(SeqId seq) {
+    return static_cast<std::size_t>(static_cast<std::uint64_t>(seq) & 0xffffffffu);
+  }
+  static std::int64_t generation_of(SeqId seq) { return seq >> 32; }
+  SeqId handle(std::size_t slot) const {
+    return static_cast<SeqId>((seqs_[slot].generation << 32) | static_cast<std::int64_t>(slot));
+  }
+  // "5 (slot 5, generation 0)": a handle as error messages name it.
+  static std::string describe(SeqId seq) {
+    return std::to_string(seq) + " (slot " + std::to_string(slot_of(seq)) + ", generation " +
+           std::to_string(generation_of(seq)) + ")";
+  }
+  Sequence& seq_ref(SeqId seq) { return seqs_[slot_of(seq)]; }
+  const Sequence& seq_ref(SeqId seq) const { return seqs_[slot_of(seq)]; }
+
+  // A slot for a new sequence (a freed one if there is one), marked live, empty, with room for
+  // `table` block ids in its table. Strong guarantee.
+  std::size_t new_slot(std::size_t table) {
+    if (!free_seqs_.empty()) {
+      const auto slot = static_cast<std::size_t>(free_seqs_.back());
+      seqs_[slot].blocks.reserve(table);  // may throw: nothing changed
+      seqs_[slot].active = true;
+      free_seqs_.pop_back();
+      return slot;
+    }
+    TPA_CHECK(seqs_.size() < static_cast<std::size_t>(INT32_MAX), "KVCache: too many sequences");
+    Sequence s;
+    s.active = true;
+    s.len.assign(layers_.size(), 0);
+    s.blocks.reserve(std::max(table, static_cast<std::size_t>(std::min<Index>(max_blocks_, 1024))));
+    // Room for every slot on free_seqs_ first (free_sequence cannot throw), then the push:
+    // either may throw std::bad_alloc with nothing observable changed.
+    free_seqs_.reserve(seqs_.size() + 1);
+    seqs_.push_back(std::move(s));
+    return seqs_.size() - 1;
+  }
+
+  static Index max_length(const Sequence& s) { return *std::max_element(s.len.begin(), s.len.end()); }
+
+  // Tokens of layer l that s holds in its i-th block.
+  Index tokens_in_block(const Sequence& s, std::size_t i, std::size_t l) const {
+    return std::clamp<Index>(s.len[l] - static_cast<Index>(i) * block_tokens_, 0, block_tokens_);
+  }
+  // Whether a live sequence in slots [from, to) holds block b at table index i.
+  bool holds(std::size_t from, std::size_t to, std::size_t i, std::int32_t b) const {
+    for (std::size_t sj = from; sj < to; ++sj) {
+      const Sequence& o = seqs_[sj];
+      if (o.active && o.blocks.size() > i && o.blocks[i] == b) return true;
+    }
+    return false;
+  }
+
+  // Table indices [first, second) of s's existing blocks that appending n ≥ 1 tokens to layer l
+  // writes into.
+  std::pair<std::size_t, std::size_t> write_range(const Sequence& s, std::size_t l, Index n) const {
+    const Index len = s.len[l];
+    const auto first = static_cast<std::size_t>(len / block_tokens_);
+    const Index end = n > std::numeric_limits<Index>::max() - len
+                          ? std::numeric_limits<Index>::max() / block_tokens_
+                          : blocks_for(len + n);
+    const auto last = std::min(s.blocks.size(), static_cast<std::size_t>(end));
+    return {first, std::max(first, last)};
+  }
+  // Blocks among s.blocks[first, last) that other sequences hold too.
+  Index shared_in(const Sequence& s, std::size_t first, std::size_t last) const {
+    Index n = 0;
+    for (std::size_t i = first; i < last; ++i)
+      if (refs_[static_cast<std::size_t>(s.blocks[i])] > 1) ++n;
+    return n;
+  }
+  // Copy on write: if s's i-th block is shared, replaces it with a copy taken from the free list
+  // (which must not be empty) and returns true. Cannot throw.
+  bool copy_if_shared(Sequence& s, std::size_t i) noexcept {
+    const auto old = static_cast<std::size_t>(s.blocks[i]);
+    if (refs_[old] <= 1) return false;
+    const std::int32_t copy = free_.back();
+    free_.pop_back();
+    std::memcpy(blocks_[static_cast<std::size_t>(copy)].get(), blocks_[old].get(),
+                static_cast<std::size_t>(block_elements_) * sizeof(Scalar));
+    --refs_[old];
+    refs_[static_cast<std::size_t>(copy)] = 1;
+    s.blocks[i] = copy;
+    return true;
+  }
+  // Shrinks s's table to `keep` blocks, last first; a block nobody else holds goes to the free
+  // list. Cannot throw (free_ has room for every id).
+  void drop_blocks(Sequence& s, std::size_t keep) noexcept {
+    while (s.blocks.size() > keep) {
+      const auto b = static_cast<std::size_t>(s.blocks.back());
+      if (--refs_[b] == 0) free_.push_back(s.blocks.back());
+      s.blocks.pop_back();
+    }
   }
 
   // Moves `need` blocks from the pool (the free list, after allocating what it lacks) to the
@@ -466,6 +718,7 @@ class KVCache {
     grow_free_list(need);
     for (Index i = 0; i < need; ++i) {  // cannot throw: capacity reserved above
       s.blocks.push_back(free_.back());
+      refs_[static_cast<std::size_t>(free_.back())] = 1;
       free_.pop_back();
     }
   }
@@ -499,6 +752,7 @@ class KVCache {
     free_.reserve(cap);
     empty_.reserve(cap);
     blocks_.reserve(cap);
+    refs_.reserve(cap);
     id_capacity_ = cap;
   }
 
@@ -522,6 +776,7 @@ class KVCache {
     } else {
       id = static_cast<std::int32_t>(blocks_.size());
       blocks_.emplace_back();
+      refs_.push_back(0);
       for (auto& base : layer_base_) base.push_back(nullptr);
     }
     for (std::size_t l = 0; l < layers_.size(); ++l)
@@ -549,8 +804,10 @@ class KVCache {
   std::vector<std::int32_t> free_;   // ids with storage that no sequence holds
   std::vector<std::int32_t> empty_;  // ids whose storage was released
   std::size_t id_capacity_ = 0;      // ids every per-id vector above has capacity for
+  std::vector<Index> refs_;          // [block id] sequences holding it (0: free or no storage)
   std::vector<Sequence> seqs_;
-  std::vector<SeqId> free_seqs_;
+  std::vector<std::int32_t> free_seqs_;  // free slots
+  bool strict_ = false;                  // strict reservation mode
 };
 
 }  // namespace tpa

@@ -40,7 +40,10 @@ inline void check_io(const char* who, const ConstTensorView<float, 2>& x,
 /// Checks that every segment can be appended to `cache` (live, distinct sequences; layout; room
 /// in the pool for all of them together; positions inside the RoPE table), fills each segment's
 /// pos0 with the sequence's current length, and returns the new blocks the appends will take
-/// (CacheCall allocates them). Changes nothing.
+/// (CacheCall allocates them), copies of shared blocks included. Changes nothing. The count is
+/// an upper bound when several sequences of the call hold the same shared block (a parent and
+/// its fork decoded together): each counts a copy, though a block held by r sequences needs at
+/// most r − 1 copies; so such a call may be refused as not fitting by a block or so.
 template <class S>
 Index plan_cache_call(const char* who, const KVCache<S>& cache, int layer,
                       const CacheLayout& layout, const RopeTable& rope, Segment* segs,
@@ -63,9 +66,10 @@ Index plan_cache_call(const char* who, const KVCache<S>& cache, int layer,
 }
 
 /// \brief The cache side of one layer call after plan_cache_call: allocates the blocks the
-/// appends will take (so they cannot fail), and unless commit() is called before it is
-/// destroyed — an exception (std::bad_alloc from scratch or a GEMM) after some appends — undoes
-/// the appends and releases the blocks it allocated: the strong guarantee for the whole call.
+/// appends will take (so they cannot fail) and copies the shared blocks they will write into
+/// (copy on write), and unless commit() is called before it is destroyed — an exception
+/// (std::bad_alloc from scratch or a GEMM) after some appends — undoes the appends and the
+/// copies and releases the blocks it allocated: the strong guarantee for the whole call.
 /// Its bookkeeping lives in ctx's scratch (create it inside the call's ScratchGuard).
 template <class S>
 class CacheCall {
@@ -74,16 +78,38 @@ class CacheCall {
             Index blocks)
       : cache_(cache), layer_(layer), segs_(segs), n_segs_(n_segs),
         allocated_(cache.allocated_blocks()) {
+    // All scratch first (it may throw), then the blocks (strong), then nothing throws.
     tables_ = static_cast<std::size_t*>(
         ctx.scratch().bytes(sizeof(std::size_t) * static_cast<std::size_t>(n_segs)));
-    for (Index i = 0; i < n_segs; ++i) tables_[i] = cache.block_table(segs[i].seq).size();
+    copies_ = static_cast<Index*>(
+        ctx.scratch().bytes(sizeof(Index) * static_cast<std::size_t>(n_segs)));
+    Index copies = 0;
+    for (Index i = 0; i < n_segs; ++i) {
+      tables_[i] = cache.block_table(segs[i].seq).size();
+      copies += cache.copies_needed(segs[i].seq, layer, segs[i].n);
+    }
+    using Unshared = typename KVCache<S>::Unshared;
+    log_ = copies == 0 ? nullptr
+                       : static_cast<Unshared*>(ctx.scratch().bytes(
+                             sizeof(Unshared) * static_cast<std::size_t>(copies)));
     cache.ensure_free_blocks(blocks);  // strong: nothing to undo if it throws
+    Index made = 0;
+    for (Index i = 0; i < n_segs; ++i) {
+      copies_[i] = cache.unshare(segs[i].seq, layer, segs[i].n, log_ + made);
+      made += copies_[i];
+    }
     armed_ = true;
   }
   ~CacheCall() {
     if (!armed_) return;
     for (Index i = n_segs_ - 1; i >= 0; --i)
       cache_.undo_append(segs_[i].seq, layer_, segs_[i].pos0, tables_[i]);
+    Index made = 0;
+    for (Index i = 0; i < n_segs_; ++i) made += copies_[i];
+    for (Index i = n_segs_ - 1; i >= 0; --i) {
+      made -= copies_[i];
+      cache_.undo_unshare(segs_[i].seq, log_ + made, copies_[i]);
+    }
     cache_.undo_allocation(allocated_);
   }
   CacheCall(const CacheCall&) = delete;
@@ -99,6 +125,8 @@ class CacheCall {
   Index n_segs_;
   Index allocated_;
   std::size_t* tables_ = nullptr;
+  Index* copies_ = nullptr;                           // copies unshare() made, per segment
+  typename KVCache<S>::Unshared* log_ = nullptr;      // their undo records, segment after segment
   bool armed_ = false;
 };
 
