@@ -1,0 +1,4 @@
+// The Portable backend's kernel instantiations declared in kernel_instances.hpp.
+#include "kernel_instances.hpp"
+
+TPA_TEST_KERNELS(, tpa::Portable)
