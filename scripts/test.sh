@@ -5,9 +5,11 @@
 #   tsan      the tests labelled `threads`, RelWithDebInfo under ThreadSanitizer
 #   fuzz      every libFuzzer target in tests/fuzz/ for TPA_FUZZ_SECONDS each (scripts/fuzz.sh)
 #   portable  all tests, Release without -march=native (the Portable and Reference backends only)
-#   bench     builds the benchmarks (release preset) and runs each once on a small case
-# The default, the README's test command, runs `release asan` (the release stage leaves the
-# benchmarks out of its build); CI (.ci/run) runs it and then `tsan fuzz portable bench`.
+#   bench     builds the benchmarks and every example (release preset), runs the benchmarks on a
+#             small case
+# The default, the README's test command, runs `release asan` (the release stage leaves out the
+# benchmarks and the examples no test runs); CI (.ci/run) runs it and then
+# `tsan fuzz portable bench`.
 #   TPA_TEST_STAGES="a b"   only these stages, in this order; "all" for every stage
 #   TPA_SKIP_SANITIZERS=1   only the release stage
 #   TPA_JOBS=<n>            parallel build/test jobs (default 2)
@@ -45,11 +47,12 @@ run_preset() {
 for stage in $stages; do
   stage_start=$SECONDS
   case "$stage" in
-    release) run_preset release -DTPA_BUILD_BENCHMARKS=OFF ;;
-    asan | tsan | portable) run_preset "$stage" ;;
+    release) run_preset release -DTPA_BUILD_BENCHMARKS=OFF -DTPA_EXAMPLES_TESTED_ONLY=ON ;;
+    asan | tsan) run_preset "$stage" ;;
+    portable) run_preset portable -DTPA_BUILD_BENCHMARKS=OFF -DTPA_EXAMPLES_TESTED_ONLY=ON ;;
     bench)
-      cmake --preset release -DTPA_BUILD_BENCHMARKS=ON
-      cmake --build --preset release --parallel "$jobs" --target bench_attention bench_decode
+      cmake --preset release -DTPA_BUILD_BENCHMARKS=ON -DTPA_EXAMPLES_TESTED_ONLY=OFF
+      cmake --build --preset release --parallel "$jobs"
       build/release/benchmarks/bench_attention --benchmark_min_time=0.01 \
         --benchmark_filter='^(cache_size/medium/|decode/medium/TPA/ctx:1024/batch:1/threads:1/)'
       build/release/benchmarks/bench_decode --benchmark_list_tests >/dev/null
