@@ -716,21 +716,10 @@ Agreement teacher_forced(const t6::Model<Attn>& model, const ReferenceText& r, i
   return a;
 }
 
-// Every backend compiled in, the double-precision Reference included.
-using ModelBackends = ::testing::Types<tpa::Reference, tpa::Portable
-#if defined(TPA_HAVE_AVX2)
-                                       ,
-                                       tpa::Avx2
-#endif
-#if defined(TPA_HAVE_AVX512)
-                                       ,
-                                       tpa::Avx512
-#endif
-                                       >;
-
+// Every compiled backend, the double-precision Reference included.
 template <class B>
 class T6Tiny : public ::testing::Test {};
-TYPED_TEST_SUITE(T6Tiny, ModelBackends, tpa_test::BackendName);
+TYPED_TEST_SUITE(T6Tiny, tpa_test::AllBackends, tpa_test::BackendName);
 
 // The f32 cache matches every logit to 1e-4 of the largest |logit| and picks the reference's
 // token at every step. The bf16 and f16 caches are reported, not checked (their rounding of the

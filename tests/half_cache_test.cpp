@@ -402,17 +402,7 @@ template <class B>
 class HalfCache : public ::testing::Test {};
 
 // Reference too: the 16-bit reads of every backend, the scalar one included.
-using Backends = ::testing::Types<tpa::Reference, tpa::Portable
-#if defined(TPA_HAVE_AVX2)
-                                  ,
-                                  tpa::Avx2
-#endif
-#if defined(TPA_HAVE_AVX512)
-                                  ,
-                                  tpa::Avx512
-#endif
-                                  >;
-TYPED_TEST_SUITE(HalfCache, Backends, tpa_test::BackendName);
+TYPED_TEST_SUITE(HalfCache, tpa_test::AllBackends, tpa_test::BackendName);
 
 TYPED_TEST(HalfCache, Mha) {
   check_grouped<TypeParam, bfloat16>("MHA", 4);

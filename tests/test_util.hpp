@@ -182,6 +182,18 @@ using Backends = ::testing::Types<tpa::Portable
                                   tpa::Avx512
 #endif
                                   >;
+/// Every backend compiled in, the double-precision Reference included (tests of whole layers
+/// and models, where Reference is one more backend under test).
+using AllBackends = ::testing::Types<tpa::Reference, tpa::Portable
+#if defined(TPA_HAVE_AVX2)
+                                     ,
+                                     tpa::Avx2
+#endif
+#if defined(TPA_HAVE_AVX512)
+                                     ,
+                                     tpa::Avx512
+#endif
+                                     >;
 /// Names the typed tests after the backend.
 struct BackendName {
   template <class B>
