@@ -111,10 +111,10 @@ class GroupedQueryAttention {
     const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
     // Token-major. Head-major K/V (TileOrder::kHeadMajor: a KV head's tile of a block in one
     // run) was measured no faster with GroupedTiled as it is (bench_decode decode_order, steps
-    // of both placements alternated, 16K, 2 threads, 2-core Xeon): GQA-8 f32 head/token step
-    // time 1.13-1.20 (slower), bf16 0.92-0.98; MHA f32 1.0, bf16 1.1-1.2. Without the kernel's
-    // software prefetch head-major was 1.2x faster, so the prefetch, tuned for page-strided
-    // rows, is what decides; revisit with it.
+    // of both placements alternated, 16K, 2 threads, 2-core AMD EPYC, Zen 4): GQA-8 f32
+    // head/token step time 1.13-1.20 (slower), bf16 0.92-0.98; MHA f32 1.0, bf16 1.1-1.2.
+    // Without the kernel's software prefetch head-major was 1.2x faster, so the prefetch, tuned
+    // for page-strided rows, is what decides; revisit with it.
     layout_ = CacheLayout(kind_, {{"K", G, d, true}, {"V", G, d, false}});
   }
 
