@@ -110,9 +110,10 @@ struct Extra {
   std::vector<Index> shape;
   std::vector<float> values;
 };
-SafetensorsFile rewrite(const SafetensorsFile& src, const std::set<std::string>& drop,
-                        const std::map<std::string, Extra>& add = {}) {
-  SafetensorsWriter out;
+// The tensors of `src` (as F32) without those in `drop`, plus `add`, into `out`; returns the file
+// `out` writes.
+SafetensorsFile copy_tensors(const SafetensorsFile& src, const std::set<std::string>& drop,
+                             const std::map<std::string, Extra>& add, SafetensorsWriter& out) {
   for (const std::string& name : src.names()) {
     if (drop.count(name)) continue;
     const std::vector<float> v = src.read_f32(name);
@@ -121,6 +122,11 @@ SafetensorsFile rewrite(const SafetensorsFile& src, const std::set<std::string>&
   for (const auto& kv : add)
     out.add(kv.first, DType::kF32, kv.second.shape, kv.second.values.data());
   return SafetensorsFile::from_bytes(out.bytes());
+}
+SafetensorsFile rewrite(const SafetensorsFile& src, const std::set<std::string>& drop,
+                        const std::map<std::string, Extra>& add = {}) {
+  SafetensorsWriter out;
+  return copy_tensors(src, drop, add, out);
 }
 
 Extra zeros(std::vector<Index> shape) {
@@ -791,14 +797,7 @@ SafetensorsFile tiny_variant(const std::map<std::string, std::string>& set,
   for (const auto& kv : src.metadata())
     if (!unset.count(kv.first)) out.set_metadata(kv.first, kv.second);
   for (const auto& kv : set) out.set_metadata(kv.first, kv.second);
-  for (const std::string& name : src.names()) {
-    if (drop.count(name)) continue;
-    const std::vector<float> v = src.read_f32(name);
-    out.add(name, DType::kF32, src.info(name).shape, v.data());
-  }
-  for (const auto& kv : add)
-    out.add(kv.first, DType::kF32, kv.second.shape, kv.second.values.data());
-  return SafetensorsFile::from_bytes(out.bytes());
+  return copy_tensors(src, drop, add, out);
 }
 
 // Loads a file as the example does: config from the metadata, then the weights.
