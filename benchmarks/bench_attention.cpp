@@ -16,6 +16,7 @@
 //                                   output projection) for B sequences holding L tokens, in
 //                                   layer 0 of a cache whose blocks are ≥ 2 MiB like a whole
 //                                   model's (see cache_layers())
+//   decode_bf16/..., decode_f16/... the same with a bfloat16 / half cache (batch 1, 2 threads)
 //   prefill/SHAPE/KIND/tokens:N/threads:T
 //                                   one layer's call on an N-token prompt (empty sequence)
 //   probe_end/...                   the roofline probes again, last
@@ -27,13 +28,17 @@
 //   us_per_step       decode: wall time of one step, µs
 //   tokens_per_s      tokens produced (decode: B per step) or consumed (prefill) per second
 //   pct_roofline      100 · roofline time / measured time, roofline time = max(bytes / read
-//                     bandwidth, FLOPs / FMA peak) from this run's probes at the same thread count
+//                     bandwidth, FLOPs / FMA peak). decode: against the probes taken right before
+//                     and right after the case (read_GBps_now, GFLOPS_now: best of 2 passes of
+//                     each, both sides); other cases: this run's probes at the same thread count
 //                     (above 100 when the data stayed in the CPU caches between calls)
 //   model_bytes, model_flops
 //                     the byte and FLOP model of the call (its roofline inputs), so a report can
 //                     recompute the fraction with other probe figures
-//   speedup_vs_mha    MHA time / this kind's time, same shape, context, batch and threads
+//   speedup_vs_mha    MHA time / this kind's time, same shape, cache scalar, context, batch and
+//                     threads
 //   speedup_vs_eigen  Eigen baseline time / library time, same kind and case
+//   speedup_vs_f32    16-bit decode: the f32 cache's time / this one's, same kind and case
 //   fixed_us          decode: the same call with one visible key per sequence (projections,
 //                     append, overhead), measured once per kind, batch and threads
 //   attn_us, attn_pct_roofline
@@ -111,15 +116,17 @@ F& fixture(const std::string& key, const Make& make) {
   return static_cast<F&>(*slot);
 }
 
-/// B sequences of `ctx` tokens in layer 0 of a KVCache<float> (with cache_layers() layers),
-/// and the decode inputs.
+/// B sequences of `ctx` tokens in layer 0 of a KVCache<S> (with cache_layers() layers), and
+/// the decode inputs.
+template <class S>
 class LibDecode final : public Fixture {
  public:
   LibDecode(const AnyLayer& layer, Index ctx, Index batch)
       : layer_(layer),
         ctx_(ctx),
         slack_(decode_slack(ctx)),
-        layers_(cache_layers(4.0 * static_cast<double>(layer.cache_layout().elements_per_token()))),
+        layers_(cache_layers(static_cast<double>(sizeof(S)) *
+                             static_cast<double>(layer.cache_layout().elements_per_token()))),
         cache_(std::vector<tpa::CacheLayout>(static_cast<std::size_t>(layers_),
                                              layer.cache_layout()),
                kBlockTokens,
@@ -159,7 +166,7 @@ class LibDecode final : public Fixture {
  private:
   const AnyLayer& layer_;
   Index ctx_, slack_, layers_;
-  tpa::KVCache<float> cache_;
+  tpa::KVCache<S> cache_;
   RandomFactors src_;
   std::vector<tpa::SeqId> seqs_;
   tpa::Tensor<float, 2> x_, y_;
@@ -373,14 +380,16 @@ void decode_eigen(benchmark::State& state, DecodeCase c) {
 
 /// Seconds of a decode step whose sequences hold no earlier token (one visible key): the fixed
 /// part of a step (projections, RoPE, append, call overhead). Measured once per (shape, kind,
-/// batch, threads) on its own small cache, outside any timed region, median of 15 steps.
+/// cache scalar, batch, threads) on its own small cache, outside any timed region, median of
+/// 15 steps.
+template <class S>
 double fixed_step_seconds(const AnyLayer& l, const DecodeCase& c, tpa::Context& ctx) {
   const std::string key = "decode_fixed/" + shapes()[c.shape].name + "/" + kind_name(c.kind) +
-                          "/batch:" + std::to_string(c.batch) +
+                          "/" + scalar_name<S>() + "/batch:" + std::to_string(c.batch) +
                           "/threads:" + std::to_string(c.threads);
   const auto it = results().find(key);
   if (it != results().end()) return it->second;
-  tpa::KVCache<float> cache({l.cache_layout()}, kBlockTokens, c.batch);
+  tpa::KVCache<S> cache({l.cache_layout()}, kBlockTokens, c.batch);
   std::vector<tpa::SeqId> seqs(static_cast<std::size_t>(c.batch));
   tpa::Tensor<float, 2> x(c.batch, l.d_model()), y(c.batch, l.d_model());
   randomize(x.data(), x.size(), 17);
@@ -398,18 +407,26 @@ double fixed_step_seconds(const AnyLayer& l, const DecodeCase& c, tpa::Context& 
   return results()[key] = times[times.size() / 2];
 }
 
+/// "decode" for an f32 cache, "decode_bf16" and "decode_f16" for 16-bit ones.
+template <class S>
+std::string decode_name() {
+  return std::is_same_v<S, float> ? std::string("decode") : std::string("decode_") + scalar_name<S>();
+}
+
+template <class S>
 void decode(benchmark::State& state, DecodeCase c) {
-  const Machine& m = machine(c.threads);
-  release_probe_buffer();
   const AnyLayer& l = layer(c.shape, c.kind);
-  const std::string fkey = case_key({c.shape, c.kind, c.ctx, c.batch, 0}, "decode", c.kind);
-  auto& f =
-      fixture<LibDecode>(fkey, [&] { return std::make_unique<LibDecode>(l, c.ctx, c.batch); });
+  const std::string what = decode_name<S>();
+  const std::string fkey = case_key({c.shape, c.kind, c.ctx, c.batch, 0}, what.c_str(), c.kind);
+  auto& f = fixture<LibDecode<S>>(
+      fkey, [&] { return std::make_unique<LibDecode<S>>(l, c.ctx, c.batch); });
   tpa::Context ctx(c.threads);
   f.prepare();
   f.step(ctx);  // warm-up (scratch arena, thread pool)
+  NowProbes probes(ctx);
   const double sec = timed_decode_steps(state, f, ctx);
-  results()[case_key(c, "decode", c.kind)] = sec;
+  const Machine now = probes.finish();
+  results()[case_key(c, what.c_str(), c.kind)] = sec;
   const double B = static_cast<double>(f.batch()), keys = f.mean_keys();
   const double bpt = static_cast<double>(f.bytes_per_token());
   const double cache_bytes = B * keys * bpt;
@@ -421,21 +438,25 @@ void decode(benchmark::State& state, DecodeCase c) {
   cnt["weight_bytes"] = bytes_counter(weight_bytes);
   cnt["us_per_step"] = sec * 1e6;
   cnt["tokens_per_s"] = B / sec;
-  cnt["pct_roofline"] = 100 * m.roofline_seconds(weight_bytes + cache_bytes, flops) / sec;
+  cnt["pct_roofline"] = 100 * now.roofline_seconds(weight_bytes + cache_bytes, flops) / sec;
+  cnt["read_GBps_now"] = now.read_bytes_per_s / 1e9;
+  cnt["GFLOPS_now"] = now.flops_per_s / 1e9;
   cnt["model_bytes"] = bytes_counter(weight_bytes + cache_bytes);
   cnt["model_flops"] = flops;
   // The attention part alone: the step minus its fixed part, against the cache-only roofline.
-  const double fixed = fixed_step_seconds(l, c, ctx), attn = sec - fixed;
+  const double fixed = fixed_step_seconds<S>(l, c, ctx), attn = sec - fixed;
   cnt["fixed_us"] = fixed * 1e6;
   if (attn >= 0.2 * sec) {
     cnt["attn_us"] = attn * 1e6;
     cnt["attn_pct_roofline"] =
-        100 * m.roofline_seconds(cache_bytes, B * keys * l.decode_flops_per_key()) / attn;
+        100 * now.roofline_seconds(cache_bytes, B * keys * l.decode_flops_per_key()) / attn;
   }
-  const auto mha = results().find(case_key(c, "decode", Kind::kMHA));
+  const auto mha = results().find(case_key(c, what.c_str(), Kind::kMHA));
   if (mha != results().end()) cnt["speedup_vs_mha"] = mha->second / sec;
   const auto eig = results().find(case_key(c, "decode_eigen", c.kind));
   if (eig != results().end()) cnt["speedup_vs_eigen"] = eig->second / sec;
+  const auto f32 = results().find(case_key(c, "decode", c.kind));
+  if (!std::is_same_v<S, float> && f32 != results().end()) cnt["speedup_vs_f32"] = f32->second / sec;
 }
 
 /// An empty one-layer cache with room for `tokens`, and a random prompt.
@@ -595,7 +616,17 @@ void register_all() {
                 skipped.push_back(name);
                 continue;
               }
-              benchmark::RegisterBenchmark(name.c_str(), eigen ? decode_eigen : decode, c)
+              benchmark::RegisterBenchmark(name.c_str(), eigen ? decode_eigen : decode<float>, c)
+                  ->UseRealTime()
+                  ->Unit(benchmark::kMicrosecond);
+              // 16-bit caches at batch 1 and 2 threads (half the bytes of the f32 case).
+              if (eigen || batch != 1 || t != 2) continue;
+              benchmark::RegisterBenchmark(case_key(c, "decode_bf16", k).c_str(),
+                                           decode<tpa::bfloat16>, c)
+                  ->UseRealTime()
+                  ->Unit(benchmark::kMicrosecond);
+              benchmark::RegisterBenchmark(case_key(c, "decode_f16", k).c_str(),
+                                           decode<tpa::half>, c)
                   ->UseRealTime()
                   ->Unit(benchmark::kMicrosecond);
             }

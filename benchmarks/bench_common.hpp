@@ -180,6 +180,13 @@ inline const std::vector<Shape>& shapes() {
 //
 // Roofline time = max(bytes / measured read bandwidth, FLOPs / measured FMA peak).
 
+/// The short name of a cache scalar in benchmark names: f32, bf16, f16.
+template <class S>
+const char* scalar_name() {
+  return std::is_same<S, float>::value ? "f32" : std::is_same<S, tpa::bfloat16>::value ? "bf16"
+                                                                                       : "f16";
+}
+
 /// Eigen-baseline sizes: the materialised cache a hand-written layer keeps per token.
 struct BaselineDims {
   Index kv_heads = 0;  // heads stored in the materialised cache (H for MLA/TPA)
@@ -196,9 +203,15 @@ class AnyLayer {
   virtual Index d_model() const = 0;
   virtual Index n_heads() const = 0;
 
-  /// One decode step: row b of x [B, D] is the next token of seqs[b].
+  /// One decode step: row b of x [B, D] is the next token of seqs[b]. 16-bit caches go to a
+  /// copy of the layer (same weights) built on first use.
   virtual void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
                       tpa::KVCache<float>& cache, const std::vector<tpa::SeqId>& seqs) const = 0;
+  virtual void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
+                      tpa::KVCache<tpa::bfloat16>& cache,
+                      const std::vector<tpa::SeqId>& seqs) const = 0;
+  virtual void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
+                      tpa::KVCache<tpa::half>& cache, const std::vector<tpa::SeqId>& seqs) const = 0;
   /// Appends x [n, D] to `seq` (prefill / chunked prefill).
   virtual void forward(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
                        tpa::KVCache<float>& cache, tpa::SeqId seq) const = 0;
@@ -236,12 +249,30 @@ inline void rope_rows(const tpa::RopeTable& rope, tpa::Matrix<float>& m, const I
   for (Index b = 0; b < m.rows(); ++b) rope.rotate(m.row(b).data() + offset, pos[b], rows, stride);
 }
 
+/// Layer type L with its cache scalar replaced by S (L<Backend, float> → L<Backend, S>).
+template <class L, class S>
+struct WithCache;
+template <template <class, class> class T, class B, class S0, class S>
+struct WithCache<T<B, S0>, S> {
+  using type = T<B, S>;
+};
+
 /// The part of AnyLayer every kind implements alike, over a layer of type L with random
 /// weights (seed 42): the calls go to layer 0 of the cache.
 template <class L>
 class LayerOf : public AnyLayer {
  public:
   explicit LayerOf(const typename L::Config& cfg) : layer_(cfg, L::Weights::random(cfg, 42)) {}
+
+  void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
+              tpa::KVCache<tpa::bfloat16>& cache,
+              const std::vector<tpa::SeqId>& seqs) const override {
+    with_cache(bf16_).decode(ctx, x, y, cache, 0, seqs);
+  }
+  void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
+              tpa::KVCache<tpa::half>& cache, const std::vector<tpa::SeqId>& seqs) const override {
+    with_cache(f16_).decode(ctx, x, y, cache, 0, seqs);
+  }
 
   tpa::CacheLayout cache_layout() const override { return layer_.cache_layout(); }
   Index d_model() const override { return cfg().d_model; }
@@ -260,6 +291,17 @@ class LayerOf : public AnyLayer {
  protected:
   const typename L::Config& cfg() const { return layer_.config(); }
   L layer_;
+
+ private:
+  template <class S>
+  using Layer = typename WithCache<L, S>::type;
+  template <class T>
+  const T& with_cache(std::unique_ptr<T>& slot) const {
+    if (!slot) slot = std::make_unique<T>(cfg(), layer_.weights());
+    return *slot;
+  }
+  mutable std::unique_ptr<Layer<tpa::bfloat16>> bf16_;
+  mutable std::unique_ptr<Layer<tpa::half>> f16_;
 };
 
 // ---- MHA / GQA / MQA ----
@@ -586,9 +628,15 @@ inline double read_probe_pass(tpa::Context& ctx, const float* buf, float* sink) 
   return s;
 }
 
-/// FMAs per FMA-probe loop iteration and thread: 16 independent accumulators of `lanes` floats
-/// (two FMA ports × 4-cycle latency need ≥ 8 in flight).
+/// FMAs per FMA-probe loop iteration and thread: independent accumulators of `lanes` floats
+/// (two FMA ports × 4-cycle latency need ≥ 8 in flight), all register-resident with the two
+/// operands: 16 of AVX-512's 32 registers; 12 of AVX2's 16 (16 accumulators spill there and read
+/// 67 instead of 116 GFLOP/s per core on a Zen 4, a 1.7× overstated % of roofline).
+#if defined(__AVX512F__) || !(defined(__AVX2__) && defined(__FMA__))
 constexpr int kFmaAccumulators = 16;
+#else
+constexpr int kFmaAccumulators = 12;
+#endif
 constexpr std::int64_t kFmaIterations = 1 << 22;
 
 /// Register-blocked FMA loop of one thread; returns FLOPs done (2 per lane per FMA).
@@ -652,6 +700,42 @@ inline double read_bandwidth_now(tpa::Context& ctx, int passes) {
   benchmark::DoNotOptimize(sink);
   return static_cast<double>(kProbeBytes) / best;
 }
+
+/// FP32 FMA rate (FLOP/s) measured now: the best of `passes` FMA-probe passes on ctx's threads
+/// (the FMA clock moves with other tenants too).
+inline double fma_peak_now(tpa::Context& ctx, int passes) {
+  float sink = 0;
+  double best = 0;
+  for (int i = 0; i < passes; ++i) {
+    const auto [f, s] = fma_probe_pass(ctx, &sink);
+    best = std::max(best, f / s);
+  }
+  benchmark::DoNotOptimize(sink);
+  return best;
+}
+
+/// \brief The machine as one benchmark case had it: probes taken right before its timed loop
+/// (constructor) and right after (finish()), the best of each kept, so the case's % of roofline
+/// is against what it could have had around its own run, never only against the run's first
+/// probes (a bandwidth drop between the two would print > 100 %).
+class NowProbes {
+ public:
+  explicit NowProbes(tpa::Context& ctx, int passes = 2) : ctx_(ctx), passes_(passes) { take(); }
+  /// Probes again after the timed loop; returns {best bandwidth, best FMA rate}.
+  Machine finish() {
+    take();
+    return m_;
+  }
+
+ private:
+  void take() {
+    m_.read_bytes_per_s = std::max(m_.read_bytes_per_s, read_bandwidth_now(ctx_, passes_));
+    m_.flops_per_s = std::max(m_.flops_per_s, fma_peak_now(ctx_, passes_));
+  }
+  tpa::Context& ctx_;
+  int passes_;
+  Machine m_;
+};
 
 /// Per thread count: the best probe results seen in this run.
 inline std::map<int, Machine>& machines() {

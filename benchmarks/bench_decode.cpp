@@ -29,9 +29,11 @@
 //   pct_flops      100 · flops / time / FMA peak (same threads)
 //   pct_roofline   100 · max(bytes / bandwidth, flops / FMA peak) / time
 //   read_GBps      the run's read bandwidth (best of the first probe's 5 passes)
-//   read_GBps_now  the bandwidth this case had: best of 2 probe passes right before and 2 right
-//                  after its timed loop (on a shared host it drifts by up to 2× within minutes)
-//   pct_bw_now, pct_roofline_now   pct_bw and pct_roofline against read_GBps_now
+//   read_GBps_now, GFLOPs_now
+//                  the bandwidth and FMA rate this case had: best of 2 probe passes of each right
+//                  before and 2 right after its timed loop (NowProbes; on a shared host both
+//                  drift by up to 2× within minutes)
+//   pct_bw_now, pct_roofline_now   pct_bw and pct_roofline against those "now" probes
 //
 // Benchmarks: decode_pair/KIND_vs_MHA/cache:f32/ctx:16384/pages:huge/threads:2, the speed-up of
 // KIND over MHA with both measured in the same moments: each iteration times one MHA step and
@@ -83,12 +85,6 @@ const DecodeCase kCases[] = {{"MHA", 32, 32, 128, 0, 128, false},
 const Index kContexts[] = {16384};
 constexpr Index kBlock = 64;
 constexpr double kWorkingSetBytes = 1.2e9;  // > 2 × L3
-
-template <class S>
-const char* scalar_name() {
-  return std::is_same<S, float>::value ? "f32" : std::is_same<S, tpa::bfloat16>::value ? "bf16"
-                                                                                       : "f16";
-}
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -270,16 +266,15 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
   const Machine& m = machine(threads);
   Sequences<S>& seqs = sequences<S>(c, len, huge, hot);
   tpa::Context ctx(threads);
-  double bw_now = read_bandwidth_now(ctx, 2);
+  NowProbes probes(ctx);
   Index copy = 0;
   for (auto _ : state) {
     step(ctx, c, seqs, copy);
     copy = (copy + 1) % seqs.copies();
     benchmark::ClobberMemory();
   }
-  bw_now = std::max(bw_now, read_bandwidth_now(ctx, 2));
+  const Machine now = probes.finish();
   const double n = static_cast<double>(state.iterations());
-  const Machine now{bw_now, m.flops_per_s};
   state.counters["cache_bytes"] = seqs.bytes();
   state.counters["flops"] = seqs.flops();
   state.counters["GBps"] = benchmark::Counter(seqs.bytes() * n / 1e9, benchmark::Counter::kIsRate);
@@ -291,9 +286,10 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
       100.0 * n * m.roofline_seconds(seqs.bytes(), seqs.flops()), benchmark::Counter::kIsRate);
   state.counters["read_GBps"] = m.read_bytes_per_s / 1e9;
   state.counters["peak_GFLOPs"] = m.flops_per_s / 1e9;
-  state.counters["read_GBps_now"] = bw_now / 1e9;
-  state.counters["pct_bw_now"] =
-      benchmark::Counter(100.0 * seqs.bytes() * n / bw_now, benchmark::Counter::kIsRate);
+  state.counters["read_GBps_now"] = now.read_bytes_per_s / 1e9;
+  state.counters["GFLOPs_now"] = now.flops_per_s / 1e9;
+  state.counters["pct_bw_now"] = benchmark::Counter(
+      100.0 * seqs.bytes() * n / now.read_bytes_per_s, benchmark::Counter::kIsRate);
   state.counters["pct_roofline_now"] = benchmark::Counter(
       100.0 * n * now.roofline_seconds(seqs.bytes(), seqs.flops()), benchmark::Counter::kIsRate);
 }

@@ -58,12 +58,15 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
     if (has[b, k] && val[b, k] > x) x = val[b, k]
     return x
   }
-  # % of roofline of row n from its byte/FLOP model and the run'"'"'s best probes; the binary'"'"'s own
-  # pct_roofline (first probes only) where the model counters are missing.
-  function roofline(n,    t, r) {
-    if (has[n, "model_bytes"] && has[n, "us_per_step"] && bw > 0 && fma > 0) {
-      t = val[n, "model_bytes"] / (bw * 1e9)
-      r = val[n, "model_flops"] / (fma * 1e9)
+  # % of roofline of row n from its byte/FLOP model and the probes taken right around it
+  # (read_GBps_now, GFLOPS_now), else the run'"'"'s best probes; the binary'"'"'s own pct_roofline
+  # where the model counters are missing.
+  function roofline(n,    t, r, b, f) {
+    b = has[n, "read_GBps_now"] ? val[n, "read_GBps_now"] : bw
+    f = has[n, "GFLOPS_now"] ? val[n, "GFLOPS_now"] : fma
+    if (has[n, "model_bytes"] && has[n, "us_per_step"] && b > 0 && f > 0) {
+      t = val[n, "model_bytes"] / (b * 1e9)
+      r = val[n, "model_flops"] / (f * 1e9)
       if (r > t) t = r
       return sprintf("%.0f %%", 100 * t / (val[n, "us_per_step"] * 1e-6))
     }
@@ -80,7 +83,8 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
                "GFLOPS_best")
     bw4k = "probe/read_bw_4k_pages/threads:" threads
     if (bw > 0) {
-      printf("Roofline inputs (%d threads, best of this run'"'"'s probes): read bandwidth %.1f GB/s " \
+      printf("Roofline inputs (%d threads, best of this run'"'"'s probes; each decode row'"'"'s %% of " \
+             "roofline is against probes taken right before and after it): read bandwidth %.1f GB/s " \
              "(2 MiB pages%s), FP32 FMA peak %.0f GFLOP/s\n\n", threads, bw,
              has[bw4k, "read_GBps_best"] ? sprintf("; %.1f GB/s over 4 KiB pages",
                                                    val[bw4k, "read_GBps_best"]) : "",
@@ -115,6 +119,31 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
              get(d, "speedup_vs_mha", "%.2f×", 1),
              get(d, "speedup_vs_eigen", "%.2f×", 1),
              roofline(d)) > table
+    }
+    # 16-bit caches beside f32, where the run has them.
+    any16 = 0
+    for (i = 1; i <= nk; ++i)
+      for (st = 1; st <= 2; ++st)
+        if (has["decode_" (st == 1 ? "bf16" : "f16") "/" shape "/" kinds[i] "/ctx:" table_ctx \
+                "/batch:" batch "/threads:" threads, "us_per_step"]) any16 = 1
+    if (any16) {
+      printf("\nDecode with 16-bit caches (same case; speed-up vs f32 is the f32 row'"'"'s time / " \
+             "this one'"'"'s, ideally 2× where the step is bound by reading the cache)\n\n") > table
+      printf("| kind | cache | bytes/token/layer | decode µs/step @%s | speed-up vs f32 | " \
+             "speed-up vs MHA | %% of roofline |\n", ctx_label(table_ctx)) > table
+      printf("|---|---|---:|---:|---:|---:|---:|\n") > table
+      for (i = 1; i <= nk; ++i) {
+        for (st = 1; st <= 2; ++st) {
+          sn = st == 1 ? "bf16" : "f16"
+          d = "decode_" sn "/" shape "/" kinds[i] "/ctx:" table_ctx "/batch:" batch \
+              "/threads:" threads
+          if (!has[d, "us_per_step"]) continue
+          printf("| %s | %s | %s | %s | %s | %s | %s |\n", kinds[i], sn,
+                 human(val[d, "bytes_per_token"]), get(d, "us_per_step", "%.0f", 1),
+                 get(d, "speedup_vs_f32", "%.2f×", 1), get(d, "speedup_vs_mha", "%.2f×", 1),
+                 roofline(d)) > table
+        }
+      }
     }
     close(table)
     if (rows == 0) {
