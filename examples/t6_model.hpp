@@ -20,7 +20,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -162,6 +164,30 @@ inline Index metadata_int(const tpa::io::SafetensorsFile& file, const std::strin
   return x;
 }
 
+/// The real metadata value `key` of `file`: a decimal number (as Python's repr writes a float,
+/// e.g. "0.999", "1e-3") or a fraction "a/b" of two such numbers, finite and in [lo, hi].
+/// \throws tpa::Error naming the key if it is not.
+inline double metadata_real(const tpa::io::SafetensorsFile& file, const std::string& key,
+                            double lo, double hi) {
+  const std::string& v = file.metadata_value(key);
+  auto number = [](const std::string& t, double& x) {
+    if (t.empty() || t.size() > 40 || std::isspace(static_cast<unsigned char>(t[0]))) return false;
+    char* end = nullptr;
+    x = std::strtod(t.c_str(), &end);
+    return end == t.c_str() + t.size() && std::isfinite(x);
+  };
+  double x = 0, den = 1;
+  const auto slash = v.find('/');
+  bool ok = slash == std::string::npos
+                ? number(v, x)
+                : number(v.substr(0, slash), x) && number(v.substr(slash + 1), den) && den != 0;
+  if (ok) x /= den;
+  ok = ok && std::isfinite(x) && x >= lo && x <= hi;
+  TPA_CHECK(ok, "t6::checkpoint_config: metadata '", key, "' is '", tpa::io::detail::clip(v),
+            "', expected a number in [", lo, ", ", hi, "]");
+  return x;
+}
+
 }  // namespace detail
 
 /// Largest value checkpoint_config() accepts for a size in the metadata (n_embd, vocab_size,
@@ -173,7 +199,12 @@ inline constexpr Index kMaxMetadataSize = Index{1} << 20;
 /// absent), `rank` (R_K = R_V), `q_rank`, `vocab_size`, and `block_size` (the context it was
 /// trained on) as rope.max_positions. The rest is what model/T6.py hard-codes: RoPE half-split,
 /// rotation by −θ, base 10000 over the full head dim (tables in float), F.rms_norm without
-/// weight, SwiGLU MLP of floor(8/3 · n_embd), tied lm_head, no head norm.
+/// weight, SwiGLU MLP of floor(8/3 · n_embd), tied lm_head, no head norm. A checkpoint of
+/// model/T6_partialrope_decay.py (the same GPT with partial RoPE and decay) has two more
+/// GPTConfig fields, read when present: `rope_partial_factor` f in [0, 1] (rotary dim
+/// 2·⌊⌊head_dim·f⌋/2⌋ as that file computes it; 0 rotates nothing: RoPE off) and
+/// `rope_decay_base` in (0, 1] (rope.decay_base). Their defaults there (1/3, 0.999) differ from
+/// model/T6.py's behaviour (1, no decay), which is what their absence gives here.
 /// \tparam Attn a TensorProductAttention<Backend, CacheScalar>.
 /// \throws tpa::Error naming the metadata key that is missing or not a valid integer, or the
 /// rule the values break together. (The tensors are checked when Model::load_weights reads them.)
@@ -207,6 +238,15 @@ ModelConfig<Attn> checkpoint_config(const tpa::io::SafetensorsFile& file) {
   a.rope.base = 10000.0;
   a.rope.rotary_dim = 0;  // the full head dim
   a.rope.max_positions = metadata_int(file, "block_size", 1, kMax);
+  if (file.metadata().count("rope_partial_factor") != 0) {
+    const double f = detail::metadata_real(file, "rope_partial_factor", 0.0, 1.0);
+    a.rope.rotary_dim = static_cast<Index>(static_cast<double>(a.head_dim) * f) / 2 * 2;
+    if (a.rope.rotary_dim == 0) a.rope.style = tpa::RopeStyle::kNone;
+  }
+  if (file.metadata().count("rope_decay_base") != 0 && a.rope.style != tpa::RopeStyle::kNone) {
+    a.rope.decay_base = detail::metadata_real(file, "rope_decay_base",
+                                              std::numeric_limits<double>::denorm_min(), 1.0);
+  }
   cfg.mlp_hidden = 0;  // floor(8/3 · n_embd)
   cfg.tied = true;
   cfg.validate();

@@ -154,12 +154,14 @@ void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequence
 
 // GQA decode of one sequence and of a batch of two, with long enough contexts that the work is
 // split over both threads (KV heads for GQA, split-K for MQA).
-void check_decode_allocates_nothing(Index n_kv_heads) {
+// `rope` as given (RoPE variants: decay, off).
+void check_decode_allocates_nothing(Index n_kv_heads, tpa::RopeConfig rope = {}) {
   GqaConfig cfg;
   cfg.d_model = 256;
   cfg.n_heads = 16;
   cfg.n_kv_heads = n_kv_heads;
   cfg.head_dim = 64;
+  cfg.rope = rope;
   cfg.rope.max_positions = 8192;
   const GroupedQueryAttention<Native> layer(cfg, GqaWeights::random(cfg, 1));
   TwoSequences s(layer.cache_layout());
@@ -169,8 +171,8 @@ void check_decode_allocates_nothing(Index n_kv_heads) {
 }
 
 // TPA (T6, or K/V-only) decode of one sequence (split-K over both threads) and of a batch of two,
-// after the caches hold random factors.
-void check_tpa_decode_allocates_nothing(bool kv_only) {
+// after the caches hold random factors. `variants`: sigmoid factors and partial RoPE with decay.
+void check_tpa_decode_allocates_nothing(bool kv_only, bool variants = false) {
   TpaConfig cfg;
   cfg.d_model = 256;
   cfg.n_heads = 16;
@@ -180,6 +182,11 @@ void check_tpa_decode_allocates_nothing(bool kv_only) {
   cfg.v_rank = 2;
   cfg.kv_only = kv_only;
   cfg.rope.max_positions = 8192;
+  if (variants) {
+    cfg.factor_activation = tpa::FactorActivation::kSigmoid;
+    cfg.rope.rotary_dim = 32;
+    cfg.rope.decay_base = 0.999;
+  }
   const TensorProductAttention<Native> layer(cfg, TpaWeights::random(cfg, 1));
   TwoSequences s(layer.cache_layout());
   for (const auto& [seq, len] : {std::pair<SeqId, Index>{s.a, kLenA}, {s.b, kLenB}}) {
@@ -234,6 +241,20 @@ TEST(AllocTest, TpaDecodeAllocatesNothingAfterWarmUp) { check_tpa_decode_allocat
 
 TEST(AllocTest, TpaKvOnlyDecodeAllocatesNothingAfterWarmUp) {
   check_tpa_decode_allocates_nothing(true);
+}
+
+// The per-layer variants of issue 25 act when a token is projected, from tables built at
+// construction: RoPE with decay, RoPE off, sigmoid factors allocate nothing either.
+TEST(AllocTest, VariantDecodeStepsAllocateNothingAfterWarmUp) {
+  tpa::RopeConfig decay;
+  decay.rotary_dim = 16;
+  decay.decay_base = 0.99;
+  check_decode_allocates_nothing(2, decay);
+  tpa::RopeConfig off;
+  off.style = tpa::RopeStyle::kNone;
+  check_decode_allocates_nothing(1, off);
+  check_tpa_decode_allocates_nothing(false, true);
+  check_tpa_decode_allocates_nothing(true, true);
 }
 
 // Serving with forks (issue 24): fork a prefilled sequence whose last block is partly filled,

@@ -839,6 +839,36 @@ TEST(T6TinyCheckpoint, BadMetadataIsNamed) {
   EXPECT_NE(ranks.find("c_qkv.W_A_k.weight"), std::string::npos) << ranks;
 }
 
+// model/T6_partialrope_decay.py's GPTConfig fields, when the metadata has them: partial RoPE
+// (rotary dim 2·⌊⌊head_dim·f⌋/2⌋, f = 0: RoPE off) and decay; bad values are named.
+TEST(T6TinyCheckpoint, PartialRopeAndDecayFromTheMetadata) {
+  using Attn = tpa::TensorProductAttention<>;
+  const auto partial = t6::checkpoint_config<Attn>(
+      tiny_variant({{"rope_partial_factor", "0.3333333333333333"}, {"rope_decay_base", "0.999"}},
+                   {}));
+  EXPECT_EQ(partial.attn.rope.rotary_dim, 10);  // int(32 / 3) = 10
+  EXPECT_EQ(partial.attn.rope.decay_base, 0.999);
+  EXPECT_EQ(partial.attn.rope.style, tpa::RopeStyle::kHalfSplitReversed);
+  const auto quarter = t6::checkpoint_config<Attn>(tiny_variant({{"rope_partial_factor", "1/4"}}, {}));
+  EXPECT_EQ(quarter.attn.rope.rotary_dim, 8);
+  EXPECT_EQ(quarter.attn.rope.decay_base, 1.0);
+  const auto off = t6::checkpoint_config<Attn>(
+      tiny_variant({{"rope_partial_factor", "0"}, {"rope_decay_base", "0.9"}}, {}));
+  EXPECT_EQ(off.attn.rope.style, tpa::RopeStyle::kNone);
+  EXPECT_EQ(off.attn.rope.decay_base, 1.0);  // nothing rotates, so nothing decays
+  EXPECT_NO_THROW(load_tiny(tiny_variant({{"rope_partial_factor", "0.5"}, {"rope_decay_base", "0.99"}}, {})));
+  for (const auto& [key, bad] : std::vector<std::pair<std::string, std::string>>{
+           {"rope_partial_factor", "1.5"}, {"rope_partial_factor", "x"}, {"rope_partial_factor", ""},
+           {"rope_partial_factor", " 0.5"}, {"rope_partial_factor", "1/0"},
+           {"rope_decay_base", "0"}, {"rope_decay_base", "1.01"}, {"rope_decay_base", "nan"},
+           {"rope_decay_base", "-0.5"}, {"rope_decay_base", "0.9x"}}) {
+    const std::string msg = error_of([&] { load_tiny(tiny_variant({{key, bad}}, {})); });
+    EXPECT_NE(msg.find("metadata '" + key + "' is '" + bad + "', expected a number in"),
+              std::string::npos)
+        << msg;
+  }
+}
+
 TEST(T6TinyCheckpoint, MissingAndMisShapedTensorsAreNamed) {
   EXPECT_NO_THROW(load_tiny(tiny_variant({}, {})));
   for (const char* name : {"transformer.wte.weight", "transformer.h.2.attn.c_qkv.W_B_q.weight",

@@ -56,6 +56,9 @@ tpa::RopeConfig meta_rope(const SafetensorsFile& f) {
   r.base = std::stod(f.metadata_value("rope_base"));
   r.rotary_dim = meta_int(f, "rope_dim");
   r.max_positions = meta_int(f, "seq_len");
+  // RoPE with decay (model/T6_partialrope_decay.py): the key its GPTConfig names it by.
+  if (f.metadata().count("rope_decay_base") != 0)
+    r.decay_base = std::stod(f.metadata_value("rope_decay_base"));
   return r;
 }
 
@@ -223,6 +226,40 @@ void check_rope_tables(const char* fixture, const tpa::RopeTable& rope, const Sa
     }
   EXPECT_LE(m, kRopeTol);
   std::printf("[   info   ] %s: max |rope table diff| %.2e\n", fixture, m);
+  EXPECT_EQ(rope.has_decay(), f.contains("rope_decay"));
+  if (!f.contains("rope_decay")) return;
+  // decay_base^θ in (0, 1]: the same bound as cos and sin (both round a double to f32).
+  const auto decay = f.tensor<2>("rope_decay");
+  ASSERT_EQ(decay.dimension(0), cos.dimension(0));
+  ASSERT_EQ(decay.dimension(1), cos.dimension(1));
+  double md = 0;
+  for (Index p = 0; p < decay.dimension(0); ++p)
+    for (Index i = 0; i < decay.dimension(1); ++i)
+      md = std::max(md, std::abs(static_cast<double>(decay(p, i)) - rope.decay_row(p)[i]));
+  EXPECT_LE(md, kRopeTol);
+  std::printf("[   info   ] %s: max |rope decay table diff| %.2e\n", fixture, md);
+}
+
+// The stored `<name>_prerope` [B, T, rows, d] through the layer's RopeTable (rotation, then decay)
+// against the stored `<name>` (after RoPE): max |diff| over every row of every token.
+double rope_rows_err(const tpa::RopeTable& rope, const SafetensorsFile& f, const std::string& name) {
+  const auto pre = f.tensor<4>(name + "_prerope");
+  const auto post = f.tensor<4>(name);
+  const Index B = pre.dimension(0), T = pre.dimension(1), R = pre.dimension(2),
+              d = pre.dimension(3);
+  EXPECT_EQ(d, rope.dim());
+  std::vector<float> row(static_cast<std::size_t>(R * d));
+  double m = 0;
+  for (Index b = 0; b < B; ++b)
+    for (Index t = 0; t < T; ++t) {
+      const float* src = pre.data() + ((b * T + t) * R) * d;
+      std::copy(src, src + R * d, row.begin());
+      rope.rotate(row.data(), t, R, d);
+      const float* want = post.data() + ((b * T + t) * R) * d;
+      for (Index e = 0; e < R * d; ++e)
+        m = std::max(m, std::abs(static_cast<double>(row[static_cast<std::size_t>(e)]) - want[e]));
+    }
+  return m;
 }
 
 TEST(Fixtures, T6SharpAttention) {
@@ -257,6 +294,29 @@ TEST(Fixtures, GqaTwoKvHeads) {
   EXPECT_FLOAT_EQ(layer.config().softmax_scale, 0.25f);
   check_rope_tables("gqa_kv2", layer.rope(), f);
   check_fixture("gqa_kv2", layer, f, 9, {{0, "k"}, {1, "v"}});
+}
+
+// model/T6_partialrope_decay.py: half-split reversed RoPE on the first 8 of 24 dims of each B_q /
+// B_k row, the rotated dims also × decay_base^θ[t,i] with decay_base 0.9 (metadata
+// `rope_decay_base`). The layer is built from the metadata like the other T6 fixtures.
+TEST(Fixtures, T6PartialRopeDecay) {
+  const auto f = open_fixture("t6_partialrope_decay");
+  const auto layer = tpa_layer(f);
+  EXPECT_EQ(layer.kind(), "TPA");
+  EXPECT_EQ(layer.config().rope.style, tpa::RopeStyle::kHalfSplitReversed);
+  EXPECT_EQ(layer.config().rope.rotary_dim, 8);
+  EXPECT_EQ(layer.config().rope.decay_base, 0.9);
+  EXPECT_EQ(layer.config().q_rank, 6);
+  EXPECT_EQ(layer.config().head_dim, 24);
+  check_rope_tables("t6_partialrope_decay", layer.rope(), f);
+  // The stored B_q and B_k, after rotation and decay, from the stored ones before.
+  const double bq = rope_rows_err(layer.rope(), f, "B_q");
+  const double bk = rope_rows_err(layer.rope(), f, "B_k");
+  EXPECT_LE(bq, kAbsTol) << "B_q";
+  EXPECT_LE(bk, kAbsTol) << "B_k";
+  std::printf("[   info   ] t6_partialrope_decay: max |err| B_q %.2e, B_k %.2e\n", bq, bk);
+  check_fixture("t6_partialrope_decay", layer, f, 7,
+                {{0, "A_k"}, {1, "B_k"}, {2, "A_v"}, {3, "B_v"}});
 }
 
 // T6_infer.py: interleaved RoPE, base 500000; 12 prompt tokens then 4 decode steps, with the

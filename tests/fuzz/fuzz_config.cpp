@@ -82,10 +82,11 @@ float float_field(FuzzedDataProvider& in, float typical) {
 
 tpa::RopeConfig rope_field(FuzzedDataProvider& in) {
   tpa::RopeConfig r;
-  r.style = static_cast<tpa::RopeStyle>(in.ConsumeIntegralInRange<int>(-1, 3));
+  r.style = static_cast<tpa::RopeStyle>(in.ConsumeIntegralInRange<int>(-1, 4));
   r.base = in.ConsumeBool() ? 10000.0 : static_cast<double>(float_field(in, 500.f));
   r.rotary_dim = index_field(in);
   r.max_positions = index_field(in);
+  r.decay_base = in.ConsumeBool() ? 1.0 : static_cast<double>(float_field(in, 0.9f));
   return r;
 }
 

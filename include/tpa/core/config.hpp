@@ -54,6 +54,8 @@ enum class RopeStyle {
   kHalfSplit,          ///< pairs (x_i, x_{i+r/2}), angle +p·θ_i (HF LLaMA / GPT-NeoX)
   kHalfSplitReversed,  ///< pairs (x_i, x_{i+r/2}), angle −p·θ_i (model/T6.py, llama-gqa.py)
   kInterleaved,        ///< pairs (x_{2i}, x_{2i+1}), angle +p·θ_i (model/T6_infer.py, Meta LLaMA)
+  kNone,               ///< RoPE off (NoPE layers, ALiBi models): nothing rotates, and positions
+                       ///< are bounded only by the cache, not by a table
 };
 
 inline const char* rope_style_name(RopeStyle s) {
@@ -61,30 +63,62 @@ inline const char* rope_style_name(RopeStyle s) {
     case RopeStyle::kHalfSplit: return "half-split";
     case RopeStyle::kHalfSplitReversed: return "half-split-reversed";
     case RopeStyle::kInterleaved: return "interleaved";
+    case RopeStyle::kNone: return "none";
   }
   return "unknown";
 }
 
 /// Rotary position embedding settings. θ_i = base^(−2i/r), i = 0 … r/2−1.
 struct RopeConfig {
-  RopeStyle style = RopeStyle::kHalfSplitReversed;
+  RopeStyle style = RopeStyle::kHalfSplitReversed;  ///< kNone turns RoPE off for the layer
   double base = 10000.0;
   Index rotary_dim = 0;        ///< r: number of leading dims that rotate (even); 0 = all of them
   Index max_positions = 4096;  ///< table length: positions 0 … max_positions−1 are valid;
-                               ///< at most 2^28 / max(rotary dim, 2) (kMaxRopeTableBytes)
+                               ///< at most 2^28 / max(rotary dim, 2) (kMaxRopeTableBytes);
+                               ///< ignored (no bound) when style is kNone
+  // RoPE with decay (model/T6_partialrope_decay.py, llama-gqa-partialrope-decay.py).
+  double decay_base = 1.0;  ///< the rotated dims of every query- and key-side row at position p
+                            ///< are also multiplied by decay_base^(p·θ_i); in (0, 1], 1 = off
 
-  /// Rotary dim for vectors of size `dim`: rotary_dim, or dim when rotary_dim is 0.
-  Index resolved_dim(Index dim) const { return rotary_dim == 0 ? dim : rotary_dim; }
+  /// Rotary dim for vectors of size `dim`: rotary_dim, or dim when rotary_dim is 0; 0 when RoPE
+  /// is off (style kNone).
+  Index resolved_dim(Index dim) const {
+    if (style == RopeStyle::kNone) return 0;
+    return rotary_dim == 0 ? dim : rotary_dim;
+  }
+  /// Whether the rotated dims decay with the position (decay_base ≠ 1).
+  bool has_decay() const { return decay_base != 1.0; }
+  /// Floats the RoPE table keeps per position: cos and sin (r/2 each), and with decay the decay
+  /// factors (r/2 more); 0 when RoPE is off.
+  Index table_floats_per_position(Index dim) const {
+    const Index r = resolved_dim(dim);
+    return has_decay() ? r + r / 2 : r;
+  }
 
-  /// \throws Error if style is not a RopeStyle value, base ≤ 0, max_positions < 1, the
-  /// resolved rotary dim is odd, negative or larger than `dim` (the size of the vectors it
-  /// rotates, ≥ 0), or the table (max_positions × rotary dim floats) would exceed
-  /// kMaxRopeTableBytes (1 GiB). `who` prefixes the message.
+  /// \throws Error if style is not a RopeStyle value; if decay_base is not finite or not in
+  /// (0, 1] (or ≠ 1 with RoPE off); and unless RoPE is off (kNone, whose other fields are then
+  /// ignored): if base ≤ 0, max_positions < 1, the resolved rotary dim is odd, negative or larger
+  /// than `dim` (the size of the vectors it rotates, ≥ 0), or the table (max_positions ×
+  /// table_floats_per_position floats) would exceed kMaxRopeTableBytes (1 GiB). `who` prefixes
+  /// the message.
   void validate(const char* who, Index dim) const {
     TPA_CHECK(dim >= 0, who, ": the rotated head dim (", dim, ") must be >= 0");
     TPA_CHECK(style == RopeStyle::kHalfSplit || style == RopeStyle::kHalfSplitReversed ||
-                  style == RopeStyle::kInterleaved,
+                  style == RopeStyle::kInterleaved || style == RopeStyle::kNone,
               who, ": rope.style (", static_cast<int>(style), ") is not a RopeStyle value");
+    // decay_base^(p·θ) = exp(p·θ·ln decay_base): ln needs a base > 0, and a base > 1 would grow
+    // without bound with the position (overflow to inf); NaN/inf give no factor at all.
+    TPA_CHECK(std::isfinite(decay_base) && decay_base > 0 && decay_base <= 1, who,
+              ": rope.decay_base (", decay_base,
+              ") must be finite and in (0, 1] (1 = no decay): the rotated dims at position p are "
+              "multiplied by decay_base^(p*theta_i), which needs a base > 0 and would grow "
+              "without bound for a base > 1");
+    if (style == RopeStyle::kNone) {
+      TPA_CHECK(!has_decay(), who, ": rope.decay_base (", decay_base,
+                ") must be 1 when rope.style is none: decay scales the rotated dims, and "
+                "nothing rotates");
+      return;
+    }
     TPA_CHECK(std::isfinite(base) && base > 0, who, ": rope.base (", base, ") must be > 0");
     TPA_CHECK(max_positions >= 1, who, ": rope.max_positions (", max_positions, ") must be >= 1");
     TPA_CHECK(rotary_dim >= 0, who, ": rope.rotary_dim (", rotary_dim, ") must be >= 0");
@@ -92,11 +126,12 @@ struct RopeConfig {
     TPA_CHECK(r % 2 == 0, who, ": rotary dim (", r, ") must be even");
     TPA_CHECK(r <= dim, who, ": rope.rotary_dim (", r, ") is larger than the rotated head dim (",
               dim, ")");
-    const Index max_rows = kMaxRopeTableBytes / static_cast<Index>(sizeof(float)) /
-                           std::max<Index>(r, 2);
+    const Index per_position = std::max<Index>(table_floats_per_position(dim), 2);
+    const Index max_rows = kMaxRopeTableBytes / static_cast<Index>(sizeof(float)) / per_position;
     TPA_CHECK(max_positions <= max_rows, who, ": rope.max_positions (", max_positions,
-              ") is too large: its RoPE table (max_positions x rotary dim ", r,
-              " floats) may take at most 1 GiB, i.e. at most ", max_rows, " positions");
+              ") is too large: its RoPE table (max_positions x ", per_position,
+              " floats: cos and sin", has_decay() ? " and decay" : "", " for rotary dim ", r,
+              ") may take at most 1 GiB, i.e. at most ", max_rows, " positions");
   }
 };
 
@@ -106,7 +141,7 @@ struct GqaConfig {
   Index n_heads = 0;     ///< H: query heads
   Index n_kv_heads = 0;  ///< G: key/value heads; H % G == 0. 0 means H (MHA)
   Index head_dim = 0;    ///< d: size of each query, key and value head
-  RopeConfig rope;
+  RopeConfig rope;            ///< on every q and k head (with decay, if any); kNone: off
   float softmax_scale = 0.f;  ///< 0 means 1/sqrt(head_dim)
   bool head_norm = false;     ///< per-head RMSNorm of the outputs (weight `subln.weight` [d])
   float norm_eps = 1e-5f;
@@ -158,6 +193,8 @@ struct MlaConfig {
   Index qk_rope_head_dim = 0;  ///< d_R: per-head query dims and shared key dims with RoPE (cached)
   Index v_head_dim = 0;        ///< d_v: per-head value size
   RopeConfig rope;             ///< rotates the first rope.resolved_dim(d_R) dims of q_pe and k_pe
+                               ///< (with decay, if any); with style kNone q_pe and k_pe stay
+                               ///< unrotated: a position-free key part shared by all heads
   float softmax_scale = 0.f;   ///< 0 means 1/sqrt(d_n + d_R)
   float norm_eps = 1e-6f;      ///< eps of q_a_layernorm and kv_a_layernorm
   MlaForm form = MlaForm::kAuto;  ///< both forms give the same outputs (up to rounding)
@@ -212,6 +249,21 @@ struct MlaConfig {
   }
 };
 
+/// What TensorProductAttention applies to its contextual head factors A_Q, A_K, A_V right after
+/// their projection (before the 1/R scaling; the cache holds the activated A_K and A_V).
+enum class FactorActivation {
+  kNone,     ///< A = W_A x (model/T6.py)
+  kSigmoid,  ///< A = σ(W_A x) = 1 / (1 + e^−(W_A x)) (the T6 repository's decode/*_sigmoid.py)
+};
+
+inline const char* factor_activation_name(FactorActivation a) {
+  switch (a) {
+    case FactorActivation::kNone: return "none";
+    case FactorActivation::kSigmoid: return "sigmoid";
+  }
+  return "unknown";
+}
+
 /// \brief Configuration of TensorProductAttention (SPEC.md, "TPA"): the T6 layer and its
 /// K/V-only variant.
 ///
@@ -230,6 +282,9 @@ struct TpaConfig {
   float softmax_scale = 0.f;  ///< 0 means 1/sqrt(head_dim)
   bool head_norm = false;     ///< per-head RMSNorm of the outputs (weight `subln.weight` [d])
   float norm_eps = 1e-5f;
+  /// Activation of the head factors A_Q, A_K, A_V (kv_only: A_K, A_V), applied before use and
+  /// before caching: q_h = (1/R_Q) Σ_r σ(A_Q[h,r]) B_Q[r] with kSigmoid.
+  FactorActivation factor_activation = FactorActivation::kNone;
 
   float scale() const {
     return softmax_scale != 0.f ? softmax_scale : 1.f / std::sqrt(static_cast<float>(head_dim));
@@ -267,6 +322,10 @@ struct TpaConfig {
               softmax_scale, ") must be finite and >= 0 (0 = 1/sqrt(head_dim))");
     TPA_CHECK(std::isfinite(norm_eps) && norm_eps > 0.f, who, ": norm_eps (", norm_eps,
               ") must be finite and > 0");
+    TPA_CHECK(factor_activation == FactorActivation::kNone ||
+                  factor_activation == FactorActivation::kSigmoid,
+              who, ": factor_activation (", static_cast<int>(factor_activation),
+              ") is not a FactorActivation value");
     rope.validate(who, head_dim);
   }
 };

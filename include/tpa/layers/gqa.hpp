@@ -22,6 +22,10 @@ namespace tpa {
 /// \brief Grouped-query attention (SPEC.md, "MHA, GQA, MQA"): H query heads, G key/value heads,
 /// query head h reads KV head h / (H/G). The cache stores, per token, the rotated keys
 /// K [G, d] and the values V [G, d].
+/// RoPE variants (cfg.rope): decay_base < 1 also scales the rotated dims of q and k by
+/// decay_base^(p·θ_i) (the cached K carries its decay); style kNone rotates nothing and bounds
+/// positions only by the cache. Both act when a token is projected, never in the attention
+/// kernels, so a decode step's attention costs the same with them on or off.
 ///
 /// All calls take x [tokens, d_model] and write y [tokens, d_model]. A call that throws
 /// (tpa::Error, or std::bad_alloc) leaves the layer and the cache unchanged. A layer is immutable

@@ -26,6 +26,10 @@ namespace tpa {
 /// k_h = [W_UK,h c_kv' | k_pe], v_h = W_UV,h c_kv'; causal softmax attention per head with
 /// scale 1/sqrt(d_n + d_R); y = W_O [o_1 … o_H]. The cache stores, per token, only
 /// c_kv' [1, d_c] and the rotated k_pe [1, d_R] — never per-head keys or values.
+/// RoPE variants (cfg.rope) act on q_pe and k_pe when a token is projected: decay_base < 1 also
+/// scales their rotated dims by decay_base^(p·θ_i) (k_pe is cached with its decay); style kNone
+/// leaves them unrotated (d_R is still ≥ 1: a position-free key part shared by all heads) and
+/// bounds positions only by the cache.
 ///
 /// Two equivalent forms (MlaConfig::form):
 /// - absorbed: q_lat_h = W_UK,hᵀ q_nope_h and attention directly over the cached latents with

@@ -2,6 +2,7 @@
 // variant.
 #pragma once
 
+#include <cmath>
 #include <new>
 #include <string>
 #include <utility>
@@ -28,6 +29,11 @@ namespace tpa {
 /// B_Q and B_K (kv_only: the query heads and the rows of B_K). The cache stores, per token, the
 /// factors A_K [H, R_K], B_K [R_K, d] (rotated), A_V [H, R_V], B_V [R_V, d] — never per-head
 /// keys or values: (R_K + R_V)(H + d) elements per token and layer.
+/// Variants (per layer, applied once per token when it is projected, so a decode step's
+/// attention costs the same with or without them): cfg.factor_activation = kSigmoid puts every A
+/// through σ first (the cache holds σ(A_K), σ(A_V)); cfg.rope.decay_base < 1 also scales the
+/// rotated dims of B_Q / B_K rows by decay_base^(p·θ_i) (cached B_K carries its decay);
+/// cfg.rope.style = kNone rotates nothing and bounds positions only by the cache.
 ///
 /// All calls take x [tokens, d_model] and write y [tokens, d_model]. A call that throws
 /// (tpa::Error, or std::bad_alloc) leaves the layer and the cache unchanged. A layer is immutable
@@ -171,8 +177,15 @@ class TensorProductAttention {
     call.commit();
   }
 
-  // Projections of all tokens at once (one GEMM per weight), then RoPE at each token's position
-  // on the rows of B_Q (kv_only: the query heads) and of B_K.
+  // a ← σ(a) = 1 / (1 + e^−a) for n floats (FactorActivation::kSigmoid); e^−a = inf for
+  // a < −88 gives exactly 0, NaN stays NaN.
+  static void sigmoid(float* a, Index n) {
+    for (Index i = 0; i < n; ++i) a[i] = 1.f / (1.f + std::exp(-a[i]));
+  }
+
+  // Projections of all tokens at once (one GEMM per weight), the factor activation on A_Q, A_K,
+  // A_V, then RoPE (with decay, if any) at each token's position on the rows of B_Q (kv_only:
+  // the query heads) and of B_K.
   Buffers project(Context& ctx, const ConstTensorView<float, 2>& x, const detail::Segment* segs,
                   Index n_segs) const {
     const Index N = x.dimension(0), H = cfg_.n_heads, d = cfg_.head_dim, RQ = cfg_.q_rank;
@@ -200,6 +213,11 @@ class TensorProductAttention {
     } else {
       detail::project(ctx, x.data(), N,
                       {{w_.W_A_q, b.a_q}, {w_.W_B_q, b.b_q}, kv[0], kv[1], kv[2], kv[3]});
+    }
+    if (cfg_.factor_activation == FactorActivation::kSigmoid) {
+      if (!cfg_.kv_only) sigmoid(b.a_q, N * H * RQ);
+      sigmoid(b.kv + b.kv_offset[kFactorAK], N * elements_[kFactorAK]);
+      sigmoid(b.kv + b.kv_offset[kFactorAV], N * elements_[kFactorAV]);
     }
     float* b_k = b.kv + b.kv_offset[kFactorBK];
     for (Index s = 0; s < n_segs; ++s) {
