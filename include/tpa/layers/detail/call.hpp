@@ -6,12 +6,14 @@
 #include <cmath>
 #include <cstddef>
 #include <initializer_list>
+#include <new>
 #include <vector>
 
 #include "tpa/cache/kv_cache.hpp"
 #include "tpa/core/error.hpp"
 #include "tpa/core/rope.hpp"
 #include "tpa/core/tensor.hpp"
+#include "tpa/layers/chunk.hpp"
 #include "tpa/runtime/context.hpp"
 
 namespace tpa {
@@ -35,6 +37,29 @@ inline void check_io(const char* who, const ConstTensorView<float, 2>& x,
             ": y is [", y.dimension(0), ", ", y.dimension(1), "], must be x's shape [",
             x.dimension(0), ", ", x.dimension(1), "]");
   TPA_CHECK(x.data() != nullptr && y.data() != nullptr, who, ": x and y must not be null");
+}
+
+/// The segments of a ragged call's chunks, in `scratch` (consecutive rows of x, in order).
+/// \throws Error unless there is at least one chunk, each has ≥ 1 token, and the tokens add up to
+/// x's rows (the sequences are checked by plan_cache_call).
+inline Segment* chunk_segments(const char* who, Scratch& scratch, Index rows, const Chunk* chunks,
+                               Index n_chunks) {
+  TPA_CHECK(n_chunks >= 1 && chunks != nullptr, who, ": a ragged call needs at least one chunk, got ",
+            n_chunks);
+  auto* segs = static_cast<Segment*>(
+      scratch.bytes(sizeof(Segment) * static_cast<std::size_t>(n_chunks)));
+  Index row = 0;
+  for (Index i = 0; i < n_chunks; ++i) {
+    TPA_CHECK(chunks[i].tokens >= 1, who, ": chunk ", i, " (sequence ", chunks[i].seq, ") has ",
+              chunks[i].tokens, " tokens, needs at least 1");
+    TPA_CHECK(chunks[i].tokens <= rows - row, who, ": the chunks hold more tokens than x has rows (",
+              rows, "): chunk ", i, " needs rows ", row, " … ", row + chunks[i].tokens - 1);
+    segs[i] = Segment{chunks[i].seq, row, chunks[i].tokens, 0};
+    row += chunks[i].tokens;
+  }
+  TPA_CHECK(row == rows, who, ": the chunks hold ", row, " tokens, x has ", rows,
+            " rows; they must be equal");
+  return segs;
 }
 
 /// Checks that every segment can be appended to `cache` (live, distinct sequences; layout; room
@@ -130,45 +155,114 @@ class CacheCall {
   bool armed_ = false;
 };
 
-/// Output features per GEMM of project() for n ≤ 32 rows: the widest slice (≤ 256) for which
-/// both blocks Eigen's GEMM packs (sizes from its own blocking heuristic, kc × slice and
-/// kc × n) fit under EIGEN_STACK_ALLOCATION_LIMIT, so that it puts them on the stack.
-inline Index stack_gemm_cols(Index depth, Index n, Index out) {
-  Index cols = std::min<Index>(out, 256);
-  for (; cols > 8; cols /= 2) {
-    Index kc = depth, mc = cols, nc = n;
-    Eigen::internal::computeProductBlockingSizes<float, float, 1>(kc, mc, nc, Index(1));
-    if (kc * std::max(mc, nc) * Index(sizeof(float)) <= EIGEN_STACK_ALLOCATION_LIMIT) break;
+/// \brief The products y[n, out] = x[n, depth] · Wᵀ of the layers, computed so that every
+/// output element is the same float whatever the thread count, the number of rows n of the call
+/// and the row's place in it (a decode token alone, or in a ragged batch, gives the bits it gives
+/// in any other call).
+///
+/// The output features are cut into tiles of kProjectTile (a projection's last tile is narrower;
+/// the cut depends on W's shape only); each tile is one GEMM of Eigen's blocked kernel with its
+/// blocking fixed by the problem (kc from the depth alone, mc = the tile) and the rows of x
+/// padded to whole micro-panels of nr columns (the tail rows through a zero-padded copy), so that
+/// each element is always reduced by the same kernel path in the same order. Threads take whole
+/// tiles. The packed blocks come from ctx's scratch: no allocation after warm-up.
+constexpr Index kProjectTile = 128;
+
+/// Eigen's blocking with the block sizes and packing buffers given.
+class FixedGemmBlocking : public Eigen::internal::level3_blocking<float, float> {
+ public:
+  FixedGemmBlocking(float* block_a, float* block_b, Index mc, Index nc, Index kc) {
+    this->m_blockA = block_a;
+    this->m_blockB = block_b;
+    this->m_mc = mc;
+    this->m_nc = nc;
+    this->m_kc = kc;
   }
-  return cols;
+};
+
+/// Block sizes of the deterministic GEMMs for inner dimension `depth`: kc from Eigen's L1
+/// heuristic, which depends on the depth only (m and n are given as fixed values ≥ 48 so that it
+/// runs); nc columns of packed x under 256 KiB, a multiple of nr.
+struct GemmBlocks {
+  Index kc = 0, nc = 0;
+  explicit GemmBlocks(Index depth) {
+    constexpr Index nr = Eigen::internal::gebp_traits<float, float>::nr;
+    Index k = depth, m = kProjectTile, n = 4 * kProjectTile;
+    Eigen::internal::computeProductBlockingSizes<float, float, 1>(k, m, n, Index(1));
+    kc = std::max<Index>(1, std::min(k, depth));
+    nc = std::max<Index>(nr, (Index(1) << 16) / kc / nr * nr);
+  }
+};
+
+/// Per-thread buffers of the deterministic GEMMs (from scratch).
+struct GemmBuffers {
+  float* block_a;  // [kc · kProjectTile] packed W
+  float* block_b;  // [kc · nc] packed x
+  float* x_pad;    // [nr, depth] the tail rows of x, zero-padded
+  float* y_pad;    // [nr, kProjectTile] their outputs
+  GemmBuffers(Scratch& s, const GemmBlocks& blocks, Index depth) {
+    constexpr Index nr = Eigen::internal::gebp_traits<float, float>::nr;
+    block_a = s.floats(blocks.kc * kProjectTile);
+    block_b = s.floats(blocks.kc * blocks.nc);
+    x_pad = s.floats(nr * depth);
+    y_pad = s.floats(nr * kProjectTile);
+  }
+};
+
+/// y[i, c] = Σ_k x[i, k] · W[c, k] for rows i < n and the `rows` ≤ kProjectTile features c of one
+/// tile: x row-major (row stride ldx), y row-major (row stride ldy, pointing at the tile's first
+/// feature), W's element (c, k) at w[c·ldw + k] (LhsOrder RowMajor) or w[c + k·ldw] (ColMajor).
+/// Single-threaded; the result of an element depends only on the tile width, the depth and the
+/// values of its row and feature (see kProjectTile).
+template <int LhsOrder>
+void gemm_tile(const float* w, Index ldw, Index rows, Index depth, const float* x, Index ldx,
+               Index n, float* y, Index ldy, const GemmBlocks& blocks, const GemmBuffers& buf) {
+  constexpr Index nr = Eigen::internal::gebp_traits<float, float>::nr;
+  using Gemm = Eigen::internal::general_matrix_matrix_product<Index, float, LhsOrder, false, float,
+                                                              Eigen::ColMajor, false,
+                                                              Eigen::ColMajor, 1>;
+  FixedGemmBlocking blocking(buf.block_a, buf.block_b, kProjectTile, blocks.nc, blocks.kc);
+  const Index n_main = n / nr * nr, tail = n - n_main;
+  if (n_main > 0) {
+    for (Index i = 0; i < n_main; ++i) std::fill_n(y + i * ldy, rows, 0.0f);
+    Gemm::run(rows, n_main, depth, w, ldw, x, ldx, y, 1, ldy, 1.0f, blocking);
+  }
+  if (tail > 0) {
+    std::fill_n(buf.x_pad, nr * depth, 0.0f);
+    for (Index i = 0; i < tail; ++i)
+      std::copy_n(x + (n_main + i) * ldx, depth, buf.x_pad + i * depth);
+    std::fill_n(buf.y_pad, nr * rows, 0.0f);
+    Gemm::run(rows, nr, depth, w, ldw, buf.x_pad, depth, buf.y_pad, 1, rows, 1.0f, blocking);
+    for (Index i = 0; i < tail; ++i)
+      std::copy_n(buf.y_pad + i * rows, rows, y + (n_main + i) * ldy);
+  }
 }
 
-/// Output features [c0, c1) of y[n, W.rows()] = x[n, W.cols()] · Wᵀ, all row-major and
-/// contiguous, on the calling thread. Allocates nothing for n ≤ 32 (decode and decode batches);
-/// larger n (prefill) may let Eigen's GEMM allocate.
-inline void project_cols(const float* x, Index n, const ConstMatrixMap<float>& w, float* y,
-                         Index c0, Index c1) {
-  ConstMatrixMap<float> xm(x, n, w.cols());
-  MatrixMap<float> ym(y, n, w.rows());
-  if (n == 1) {  // GEMV straight into y (no temporary)
-    ym.row(0).segment(c0, c1 - c0).transpose().noalias() =
-        w.middleRows(c0, c1 - c0) * xm.row(0).transpose();
-  } else if (n <= 32) {
-    // One GEMM per slice of output features (W is still read once): one GEMM over all of W
-    // would heap-allocate its packed blocks.
-    const Index cols = stack_gemm_cols(w.cols(), n, c1 - c0);
-    for (Index c = c0; c < c1; c += cols) {
-      const Index cw = std::min(cols, c1 - c);
-      ym.middleCols(c, cw).noalias() = xm * w.middleRows(c, cw).transpose();
-    }
-  } else {
-    ym.middleCols(c0, c1 - c0).noalias() = xm * w.middleRows(c0, c1 - c0).transpose();
-  }
+/// y[n, out] = x[n, depth] · U (x, y row-major with row strides ldx, ldy; U [depth, out]
+/// row-major) on the calling thread, with the same per-element guarantee as project(ctx, …).
+inline void project_by(Scratch& scratch, const float* x, Index ldx, Index n,
+                       const ConstMatrixMap<float>& u, float* y, Index ldy) {
+  ScratchGuard guard(scratch);
+  const Index depth = u.rows(), out = u.cols();
+  const GemmBlocks blocks(depth);
+  const GemmBuffers buf(scratch, blocks, depth);
+  // Feature c of U's columns is element (c, k) = u[k·out + c]: column-major with stride out.
+  for (Index c = 0; c < out; c += kProjectTile)
+    gemm_tile<Eigen::ColMajor>(u.data() + c, out, std::min(kProjectTile, out - c), depth, x, ldx,
+                               n, y + c, ldy, blocks, buf);
 }
 
-/// y[n, W.rows()] = x[n, W.cols()] · Wᵀ on the calling thread (see project_cols).
-inline void project(const float* x, Index n, const Matrix<float>& w, float* y) {
-  project_cols(x, n, ConstMatrixMap<float>(w.data(), w.rows(), w.cols()), y, 0, w.rows());
+/// y[n, out] = x[n, depth] · Wᵀ with strided x and y (W [out, depth] row-major) on the calling
+/// thread, with the same per-element guarantee as project(ctx, …).
+inline void project_strided(Scratch& scratch, const float* x, Index ldx, Index n,
+                            const ConstMatrixMap<float>& w, float* y, Index ldy) {
+  ScratchGuard guard(scratch);
+  const Index depth = w.cols(), out = w.rows();
+  const GemmBlocks blocks(depth);
+  const GemmBuffers buf(scratch, blocks, depth);
+  for (Index c = 0; c < out; c += kProjectTile)
+    gemm_tile<Eigen::RowMajor>(w.data() + c * depth, depth, std::min(kProjectTile, out - c), depth,
+                               x, ldx, n, y + c, ldy, blocks, buf);
 }
 
 /// One product of a batched project(): y[n, w.rows()] = x · wᵀ (w row-major).
@@ -180,31 +274,43 @@ struct Projection {
 };
 
 /// Every product of `ps` over the same input x[n, d] (each y row-major and contiguous), spread
-/// over ctx's threads: the output features of all products are cut into one contiguous range per
-/// thread (multiples of 16), so each thread streams its share of the weights once. Allocates
-/// nothing for n ≤ 32.
+/// over ctx's threads by whole tiles of kProjectTile output features (contiguous runs of tiles
+/// per thread, so each thread streams its share of the weights once). Every output element is
+/// the same float with any thread count and any n (see kProjectTile). Allocates nothing after
+/// warm-up.
 inline void project(Context& ctx, const float* x, Index n, std::initializer_list<Projection> ps) {
-  constexpr Index kAlign = 16;
-  Index total = 0;
-  for (const Projection& p : ps) total += p.w.rows();
+  if (ps.size() == 0) return;
+  const Index depth = ps.begin()->w.cols();
+  Index total = 0, tiles = 0;
+  for (const Projection& p : ps) {
+    total += p.w.rows();
+    tiles += (p.w.rows() + kProjectTile - 1) / kProjectTile;
+  }
   // Below 64 K multiply-adds (256 KB of weights) waking a second thread costs about what it saves.
-  const Index cols = ps.size() ? ps.begin()->w.cols() : 0;
   const Index parts =
-      total * cols * n < (Index(1) << 16) ? 1 : std::min<Index>(ctx.threads(), total / kAlign);
+      total * depth * n < (Index(1) << 16) ? 1 : std::min<Index>(ctx.threads(), tiles);
+  Scratch& scratch = ctx.scratch();
+  ScratchGuard guard(scratch);
+  const GemmBlocks blocks(depth);
+  auto* bufs = static_cast<GemmBuffers*>(scratch.bytes(sizeof(GemmBuffers) * parts));
+  for (Index t = 0; t < parts; ++t) new (&bufs[t]) GemmBuffers(scratch, blocks, depth);
+  const auto run_tiles = [&](Index t0, Index t1, const GemmBuffers& buf) {
+    Index t = 0;
+    for (const Projection& p : ps) {
+      const Index out = p.w.rows();
+      for (Index c = 0; c < out; c += kProjectTile, ++t) {
+        if (t < t0 || t >= t1) continue;
+        gemm_tile<Eigen::RowMajor>(p.w.data() + c * depth, depth, std::min(kProjectTile, out - c),
+                                   depth, x, depth, n, p.y + c, out, blocks, buf);
+      }
+    }
+  };
   if (parts <= 1) {
-    for (const Projection& p : ps) project_cols(x, n, p.w, p.y, 0, p.w.rows());
+    run_tiles(0, tiles, bufs[0]);
     return;
   }
   ctx.parallel_for(parts, [&](Index part) {
-    const auto cut = [&](Index k) { return k == parts ? total : (k * total / parts) / kAlign * kAlign; };
-    const Index lo = cut(part), hi = cut(part + 1);
-    Index base = 0;
-    for (const Projection& p : ps) {
-      const Index r = p.w.rows();
-      const Index c0 = std::max(lo, base) - base, c1 = std::min(hi, base + r) - base;
-      if (c0 < c1) project_cols(x, n, p.w, p.y, c0, c1);
-      base += r;
-    }
+    run_tiles(part * tiles / parts, (part + 1) * tiles / parts, bufs[part]);
   });
 }
 
