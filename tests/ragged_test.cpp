@@ -77,15 +77,18 @@ std::vector<float> contents(const KVCache<float>& c, const std::vector<SeqId>& s
 const Index kHistory[4] = {3000, 130, 0, 5};
 const Chunk kShape[4] = {{0, 1}, {0, 70}, {0, 45}, {0, 3}};
 
-// A cache of one layer holding the four sequences with their histories, prefilled on ctx.
-KVCache<float> make_cache(const tpa_test::AnyLayer& k, tpa::Context& ctx, std::vector<SeqId>& seqs) {
+// A cache of one layer holding the four sequences with their histories, prefilled on ctx
+// (the first one `first` tokens long instead, for the tests that need no key pieces).
+KVCache<float> make_cache(const tpa_test::AnyLayer& k, tpa::Context& ctx, std::vector<SeqId>& seqs,
+                          Index first = kHistory[0]) {
   KVCache<float> c({k.layout}, 16, 1024);
   seqs.clear();
   for (int i = 0; i < 4; ++i) {
     seqs.push_back(c.add_sequence());
-    if (kHistory[i] == 0) continue;
-    const Tensor2 h = tpa_test::random_tensor(kHistory[i], kD, 50 + static_cast<std::uint64_t>(i));
-    Tensor2 y(kHistory[i], kD);
+    const Index n = i == 0 ? first : kHistory[i];
+    if (n == 0) continue;
+    const Tensor2 h = tpa_test::random_tensor(n, kD, 50 + static_cast<std::uint64_t>(i));
+    Tensor2 y(n, kD);
     k.forward_cached(ctx, h, y, c, 0, seqs.back());
   }
   return c;
@@ -174,7 +177,7 @@ TEST(RaggedCall, DecodeIsTheRaggedCallWithOneTokenChunks) {
     SCOPED_TRACE(k.name);
     tpa::Context ctx(2);
     std::vector<SeqId> s1, s2;
-    KVCache<float> c1 = make_cache(k, ctx, s1), c2 = make_cache(k, ctx, s2);
+    KVCache<float> c1 = make_cache(k, ctx, s1, 300), c2 = make_cache(k, ctx, s2, 300);
     const Tensor2 x = tpa_test::random_tensor(4, kD, 12);
     Tensor2 y1(4, kD), y2(4, kD);
     k.decode(ctx, x, y1, c1, 0, s1);
@@ -194,7 +197,7 @@ TEST(RaggedCall, SpeculativeVerifyAndTruncateEqualsPlainDecode) {
     SCOPED_TRACE(k.name);
     tpa::Context ctx(2);
     std::vector<SeqId> sp, ss;
-    KVCache<float> plain = make_cache(k, ctx, sp), spec = make_cache(k, ctx, ss);
+    KVCache<float> plain = make_cache(k, ctx, sp, 300), spec = make_cache(k, ctx, ss, 300);
     const Tensor2 draft = tpa_test::random_tensor(4, kD, 13);
     const Tensor2 other = tpa_test::random_tensor(1, kD, 14);
     // Speculative: [other's token for seq 0 | draft of 4 for seq 3] in one call.
@@ -232,7 +235,7 @@ TEST(RaggedCall, BadChunkListsThrowAndChangeNothing) {
     SCOPED_TRACE(k.name);
     tpa::Context ctx(2);
     std::vector<SeqId> s;
-    KVCache<float> c = make_cache(k, ctx, s);
+    KVCache<float> c = make_cache(k, ctx, s, 300);
     const SeqId stale = c.add_sequence();
     c.free_sequence(stale);
     const auto before = tpa_test::snapshot(c, s);
@@ -253,15 +256,17 @@ TEST(RaggedCall, BadChunkListsThrowAndChangeNothing) {
     expect_error({{s[0], 4}, {s[1], 2}}, "more tokens than x has rows");
     expect_error({{s[0], 2}, {s[1], 1}, {s[0], 2}}, "more than once");
     expect_error({{s[0], 2}, {stale, 3}}, std::to_string(stale));
-    // A chunk past the RoPE table (positions 4096+) after valid ones: nothing appended.
-    KVCache<float> big({k.layout}, 16, 1024);
-    const SeqId a = big.add_sequence(), b = big.add_sequence();
-    Tensor2 h(4094, kD), hy(4094, kD);
-    h.setZero();
-    k.forward_cached(ctx, h, hy, big, 0, b);
-    const auto big_before = tpa_test::snapshot(big, {a, b});
-    EXPECT_THROW(k.ragged(ctx, x, y, big, 0, {{a, 2}, {b, 3}}), tpa::Error);
-    EXPECT_TRUE(tpa_test::snapshot(big, {a, b}) == big_before);
+    // A chunk reaching past the RoPE table (positions 300 … 4096) after a valid one: nothing
+    // appended.
+    const Tensor2 xl = tpa_test::random_tensor(2 + 3797, kD, 16);
+    Tensor2 yl(2 + 3797, kD);
+    try {
+      k.ragged(ctx, xl, yl, c, 0, {{s[2], 2}, {s[0], 3797}});
+      ADD_FAILURE() << "no error past the RoPE table";
+    } catch (const tpa::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("max_positions = 4096"), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(tpa_test::snapshot(c, s) == before);
   }
 }
 

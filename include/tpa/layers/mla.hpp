@@ -223,6 +223,10 @@ class MultiHeadLatentAttention {
         wq_abs_.block(h * w + d_c, 0, d_R, din) = uq.block(h * d_qk + d_n, 0, d_R, din);
       }
     }
+    if (!fold_q_) {  // W_UK,hᵀ [d_c, d_n] per head, rows contiguous for the query products
+      uk_t_.resize(H * d_c, d_n);
+      for (Index h = 0; h < H; ++h) uk_t_.block(h * d_c, 0, d_c, d_n) = w_uk(h).transpose();
+    }
     if (fold_o_) {
       wo_abs_.resize(D, H * d_c);
       for (Index h = 0; h < H; ++h) {
@@ -346,7 +350,9 @@ class MultiHeadLatentAttention {
       return;
     }
     for (Index h = 0; h < H; ++h)
-      detail::project_by(ctx.scratch(), b.q + h * d_qk, H * d_qk, N, w_uk(h), b.qa + h * wa, H * wa);
+      detail::project_strided(b.q + h * d_qk, H * d_qk, N,
+                              ConstMatrixMap<float>(uk_t_.data() + h * d_c * d_n, d_c, d_n),
+                              b.qa + h * wa, H * wa);
     for (Index t = 0; t < N; ++t)
       for (Index h = 0; h < H; ++h)
         std::memcpy(b.qa + (t * H + h) * wa + d_c, b.q + (t * H + h) * d_qk + d_n,
@@ -490,7 +496,7 @@ class MultiHeadLatentAttention {
           continue;
         }
         for (Index h = 0; h < H; ++h)
-          detail::project_strided(ctx.scratch(), b.o_lat + r0 * H * d_c + h * d_c, H * d_c, n,
+          detail::project_strided(b.o_lat + r0 * H * d_c + h * d_c, H * d_c, n,
                                   w_uv(h), b.o + r0 * H * d_v + h * d_v, H * d_v);
       }
       detail::project(ctx, b.o + r0 * H * d_v, n, {{w_.c_proj, y.data() + r0 * D}});
@@ -506,6 +512,7 @@ class MultiHeadLatentAttention {
   bool fold_o_ = false;
   Matrix<float> wq_abs_;  // [H·(d_c+d_R), d_in]: per head W_UK,hᵀ W_UQ_nope,h, then W_UQ_pe,h
   Matrix<float> wo_abs_;  // [D, H·d_c]: per head W_O[:, h·d_v …] W_UV,h
+  Matrix<float> uk_t_;    // [H·d_c, d_n]: per head W_UK,hᵀ (when the query is not folded)
 };
 
 }  // namespace tpa

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <initializer_list>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "tpa/cache/kv_cache.hpp"
@@ -160,109 +161,88 @@ class CacheCall {
 /// and the row's place in it (a decode token alone, or in a ragged batch, gives the bits it gives
 /// in any other call).
 ///
-/// The output features are cut into tiles of kProjectTile (a projection's last tile is narrower;
-/// the cut depends on W's shape only); each tile is one GEMM of Eigen's blocked kernel with its
-/// blocking fixed by the problem (kc from the depth alone, mc = the tile) and the rows of x
-/// padded to whole micro-panels of nr columns (the tail rows through a zero-padded copy), so that
-/// each element is always reduced by the same kernel path in the same order. Threads take whole
-/// tiles. The packed blocks come from ctx's scratch: no allocation after warm-up.
+/// Each element is the dot product of its x row and W row in one fixed order: kDotLanes partial
+/// sums (lane j adds the products of k ≡ j mod kDotLanes, k ascending), added pairwise (lane
+/// j + 16 into j, then + 8, + 4, + 2, + 1), then the products of the last depth mod kDotLanes elements
+/// in order. The kernel computes blocks of kDotRows rows × kDotCols features at a time (so
+/// a weight row is read once per kDotRows rows) with that same arithmetic for every element of
+/// every block shape; threads take whole tiles of kProjectTile features.
 constexpr Index kProjectTile = 128;
+/// Partial sums per dot product: two AVX-512 vectors (or four AVX2 ones), so that each sum's
+/// dependency chain is one add every other step; with 16 lanes a single decode token's
+/// projection ran about 1.5x slower than Eigen's GEMV (latency-bound), with 32 about as fast.
+constexpr int kDotLanes = 32;
+constexpr int kDotRows = 2;
+#if defined(__AVX512F__)
+constexpr int kDotCols = 4;  // 8 dot products × 2 zmm = 16 of the 32 zmm registers
+#else
+constexpr int kDotCols = 2;  // 4 dot products × 4 ymm = all 16 ymm registers
+#endif
 
-/// Eigen's blocking with the block sizes and packing buffers given.
-class FixedGemmBlocking : public Eigen::internal::level3_blocking<float, float> {
- public:
-  FixedGemmBlocking(float* block_a, float* block_b, Index mc, Index nc, Index kc) {
-    this->m_blockA = block_a;
-    this->m_blockB = block_b;
-    this->m_mc = mc;
-    this->m_nc = nc;
-    this->m_kc = kc;
+/// y[r·ldy + c] = x_r · w_c for R rows (x row r at x + r·ldx) and C features (w row c at
+/// w + c·ldw), depth elements each, in the order described at kProjectTile.
+template <int R, int C>
+inline void dot_block(const float* x, Index ldx, const float* w, Index ldw, Index depth, float* y,
+                      Index ldy) {
+  float acc[R][C][kDotLanes];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      for (int j = 0; j < kDotLanes; ++j) acc[r][c][j] = 0.f;
+  const Index kv = depth / kDotLanes * kDotLanes;
+  for (Index k = 0; k < kv; k += kDotLanes) {
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + k;
+      for (int c = 0; c < C; ++c) {
+        const float* wc = w + c * ldw + k;
+        for (int j = 0; j < kDotLanes; ++j) acc[r][c][j] += xr[j] * wc[j];
+      }
+    }
   }
-};
-
-/// Block sizes of the deterministic GEMMs for inner dimension `depth`: kc from Eigen's L1
-/// heuristic, which depends on the depth only (m and n are given as fixed values ≥ 48 so that it
-/// runs); nc columns of packed x under 256 KiB, a multiple of nr.
-struct GemmBlocks {
-  Index kc = 0, nc = 0;
-  explicit GemmBlocks(Index depth) {
-    constexpr Index nr = Eigen::internal::gebp_traits<float, float>::nr;
-    Index k = depth, m = kProjectTile, n = 4 * kProjectTile;
-    Eigen::internal::computeProductBlockingSizes<float, float, 1>(k, m, n, Index(1));
-    kc = std::max<Index>(1, std::min(k, depth));
-    nc = std::max<Index>(nr, (Index(1) << 16) / kc / nr * nr);
-  }
-};
-
-/// Per-thread buffers of the deterministic GEMMs (from scratch).
-struct GemmBuffers {
-  float* block_a;  // [kc · kProjectTile] packed W
-  float* block_b;  // [kc · nc] packed x
-  float* x_pad;    // [nr, depth] the tail rows of x, zero-padded
-  float* y_pad;    // [nr, kProjectTile] their outputs
-  GemmBuffers(Scratch& s, const GemmBlocks& blocks, Index depth) {
-    constexpr Index nr = Eigen::internal::gebp_traits<float, float>::nr;
-    block_a = s.floats(blocks.kc * kProjectTile);
-    block_b = s.floats(blocks.kc * blocks.nc);
-    x_pad = s.floats(nr * depth);
-    y_pad = s.floats(nr * kProjectTile);
-  }
-};
-
-/// y[i, c] = Σ_k x[i, k] · W[c, k] for rows i < n and the `rows` ≤ kProjectTile features c of one
-/// tile: x row-major (row stride ldx), y row-major (row stride ldy, pointing at the tile's first
-/// feature), W's element (c, k) at w[c·ldw + k] (LhsOrder RowMajor) or w[c + k·ldw] (ColMajor).
-/// Single-threaded; the result of an element depends only on the tile width, the depth and the
-/// values of its row and feature (see kProjectTile).
-template <int LhsOrder>
-void gemm_tile(const float* w, Index ldw, Index rows, Index depth, const float* x, Index ldx,
-               Index n, float* y, Index ldy, const GemmBlocks& blocks, const GemmBuffers& buf) {
-  constexpr Index nr = Eigen::internal::gebp_traits<float, float>::nr;
-  using Gemm = Eigen::internal::general_matrix_matrix_product<Index, float, LhsOrder, false, float,
-                                                              Eigen::ColMajor, false,
-                                                              Eigen::ColMajor, 1>;
-  FixedGemmBlocking blocking(buf.block_a, buf.block_b, kProjectTile, blocks.nc, blocks.kc);
-  const Index n_main = n / nr * nr, tail = n - n_main;
-  if (n_main > 0) {
-    for (Index i = 0; i < n_main; ++i) std::fill_n(y + i * ldy, rows, 0.0f);
-    Gemm::run(rows, n_main, depth, w, ldw, x, ldx, y, 1, ldy, 1.0f, blocking);
-  }
-  if (tail > 0) {
-    std::fill_n(buf.x_pad, nr * depth, 0.0f);
-    for (Index i = 0; i < tail; ++i)
-      std::copy_n(x + (n_main + i) * ldx, depth, buf.x_pad + i * depth);
-    std::fill_n(buf.y_pad, nr * rows, 0.0f);
-    Gemm::run(rows, nr, depth, w, ldw, buf.x_pad, depth, buf.y_pad, 1, rows, 1.0f, blocking);
-    for (Index i = 0; i < tail; ++i)
-      std::copy_n(buf.y_pad + i * rows, rows, y + (n_main + i) * ldy);
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float* a = acc[r][c];
+      for (int h = kDotLanes / 2; h >= 1; h /= 2)
+        for (int j = 0; j < h; ++j) a[j] += a[j + h];
+      float s = a[0];
+      for (Index k = kv; k < depth; ++k) s += x[r * ldx + k] * w[c * ldw + k];
+      y[r * ldy + c] = s;
+    }
   }
 }
 
-/// y[n, out] = x[n, depth] · U (x, y row-major with row strides ldx, ldy; U [depth, out]
-/// row-major) on the calling thread, with the same per-element guarantee as project(ctx, …).
-inline void project_by(Scratch& scratch, const float* x, Index ldx, Index n,
-                       const ConstMatrixMap<float>& u, float* y, Index ldy) {
-  ScratchGuard guard(scratch);
-  const Index depth = u.rows(), out = u.cols();
-  const GemmBlocks blocks(depth);
-  const GemmBuffers buf(scratch, blocks, depth);
-  // Feature c of U's columns is element (c, k) = u[k·out + c]: column-major with stride out.
-  for (Index c = 0; c < out; c += kProjectTile)
-    gemm_tile<Eigen::ColMajor>(u.data() + c, out, std::min(kProjectTile, out - c), depth, x, ldx,
-                               n, y + c, ldy, blocks, buf);
+/// Rows [0, n) × features [0, cols) of y = x · Wᵀ (x rows ldx apart, W rows ldw apart, y rows
+/// ldy apart, y pointing at the first feature), on the calling thread: blocks of kDotRows rows ×
+/// kDotCols features, the remainders by blocks of one row or one feature (same arithmetic).
+inline void dot_tile(const float* x, Index ldx, Index n, const float* w, Index ldw, Index depth,
+                     Index cols, float* y, Index ldy) {
+  const Index c_main = cols / kDotCols * kDotCols;
+  for (Index i = 0; i < n; i += kDotRows) {
+    const Index rows = std::min<Index>(kDotRows, n - i);
+    const float* xi = x + i * ldx;
+    float* yi = y + i * ldy;
+    auto block = [&](auto rows_c, Index c) {
+      constexpr int Rr = decltype(rows_c)::value;
+      if (c < c_main) {
+        dot_block<Rr, kDotCols>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+      } else {
+        dot_block<Rr, 1>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+      }
+    };
+    for (Index c = 0; c < cols; c += c < c_main ? kDotCols : 1) {
+      if (rows == kDotRows) {
+        block(std::integral_constant<int, kDotRows>{}, c);
+      } else {
+        block(std::integral_constant<int, 1>{}, c);
+      }
+    }
+  }
 }
 
 /// y[n, out] = x[n, depth] · Wᵀ with strided x and y (W [out, depth] row-major) on the calling
 /// thread, with the same per-element guarantee as project(ctx, …).
-inline void project_strided(Scratch& scratch, const float* x, Index ldx, Index n,
-                            const ConstMatrixMap<float>& w, float* y, Index ldy) {
-  ScratchGuard guard(scratch);
-  const Index depth = w.cols(), out = w.rows();
-  const GemmBlocks blocks(depth);
-  const GemmBuffers buf(scratch, blocks, depth);
-  for (Index c = 0; c < out; c += kProjectTile)
-    gemm_tile<Eigen::RowMajor>(w.data() + c * depth, depth, std::min(kProjectTile, out - c), depth,
-                               x, ldx, n, y + c, ldy, blocks, buf);
+inline void project_strided(const float* x, Index ldx, Index n, const ConstMatrixMap<float>& w,
+                            float* y, Index ldy) {
+  dot_tile(x, ldx, n, w.data(), w.cols(), w.cols(), w.rows(), y, ldy);
 }
 
 /// One product of a batched project(): y[n, w.rows()] = x · wᵀ (w row-major).
@@ -276,8 +256,7 @@ struct Projection {
 /// Every product of `ps` over the same input x[n, d] (each y row-major and contiguous), spread
 /// over ctx's threads by whole tiles of kProjectTile output features (contiguous runs of tiles
 /// per thread, so each thread streams its share of the weights once). Every output element is
-/// the same float with any thread count and any n (see kProjectTile). Allocates nothing after
-/// warm-up.
+/// the same float with any thread count and any n (see kProjectTile). Allocates nothing.
 inline void project(Context& ctx, const float* x, Index n, std::initializer_list<Projection> ps) {
   if (ps.size() == 0) return;
   const Index depth = ps.begin()->w.cols();
@@ -289,28 +268,23 @@ inline void project(Context& ctx, const float* x, Index n, std::initializer_list
   // Below 64 K multiply-adds (256 KB of weights) waking a second thread costs about what it saves.
   const Index parts =
       total * depth * n < (Index(1) << 16) ? 1 : std::min<Index>(ctx.threads(), tiles);
-  Scratch& scratch = ctx.scratch();
-  ScratchGuard guard(scratch);
-  const GemmBlocks blocks(depth);
-  auto* bufs = static_cast<GemmBuffers*>(scratch.bytes(sizeof(GemmBuffers) * parts));
-  for (Index t = 0; t < parts; ++t) new (&bufs[t]) GemmBuffers(scratch, blocks, depth);
-  const auto run_tiles = [&](Index t0, Index t1, const GemmBuffers& buf) {
+  const auto run_tiles = [&](Index t0, Index t1) {
     Index t = 0;
     for (const Projection& p : ps) {
       const Index out = p.w.rows();
       for (Index c = 0; c < out; c += kProjectTile, ++t) {
         if (t < t0 || t >= t1) continue;
-        gemm_tile<Eigen::RowMajor>(p.w.data() + c * depth, depth, std::min(kProjectTile, out - c),
-                                   depth, x, depth, n, p.y + c, out, blocks, buf);
+        dot_tile(x, depth, n, p.w.data() + c * depth, depth, depth,
+                 std::min(kProjectTile, out - c), p.y + c, out);
       }
     }
   };
   if (parts <= 1) {
-    run_tiles(0, tiles, bufs[0]);
+    run_tiles(0, tiles);
     return;
   }
   ctx.parallel_for(parts, [&](Index part) {
-    run_tiles(part * tiles / parts, (part + 1) * tiles / parts, bufs[part]);
+    run_tiles(part * tiles / parts, (part + 1) * tiles / parts);
   });
 }
 
