@@ -7,7 +7,6 @@
 #include <cstddef>
 #include <initializer_list>
 #include <new>
-#include <type_traits>
 #include <vector>
 
 #include "tpa/cache/kv_cache.hpp"
@@ -175,8 +174,10 @@ constexpr int kDotLanes = 32;
 constexpr int kDotRows = 2;
 #if defined(__AVX512F__)
 constexpr int kDotCols = 4;  // 8 dot products × 2 zmm = 16 of the 32 zmm registers
+constexpr int kDotCols1 = 8;  // features of a one-row block (decode): 16 zmm too
 #else
 constexpr int kDotCols = 2;  // 4 dot products × 4 ymm = all 16 ymm registers
+constexpr int kDotCols1 = 4;
 #endif
 
 /// y[r·ldy + c] = x_r · w_c for R rows (x row r at x + r·ldx) and C features (w row c at
@@ -198,11 +199,16 @@ inline void dot_block(const float* x, Index ldx, const float* w, Index ldw, Inde
       }
     }
   }
+  static_assert(kDotLanes == 32, "dot_block reduces 32 lanes");
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
       float* a = acc[r][c];
-      for (int h = kDotLanes / 2; h >= 1; h /= 2)
-        for (int j = 0; j < h; ++j) a[j] += a[j + h];
+      // Pairwise, with constant trip counts so that the compiler keeps the vectors.
+      for (int j = 0; j < 16; ++j) a[j] += a[j + 16];
+      for (int j = 0; j < 8; ++j) a[j] += a[j + 8];
+      for (int j = 0; j < 4; ++j) a[j] += a[j + 4];
+      for (int j = 0; j < 2; ++j) a[j] += a[j + 2];
+      a[0] += a[1];
       float s = a[0];
       for (Index k = kv; k < depth; ++k) s += x[r * ldx + k] * w[c * ldw + k];
       y[r * ldy + c] = s;
@@ -212,28 +218,25 @@ inline void dot_block(const float* x, Index ldx, const float* w, Index ldw, Inde
 
 /// Rows [0, n) × features [0, cols) of y = x · Wᵀ (x rows ldx apart, W rows ldw apart, y rows
 /// ldy apart, y pointing at the first feature), on the calling thread: blocks of kDotRows rows ×
-/// kDotCols features, the remainders by blocks of one row or one feature (same arithmetic).
+/// kDotCols features (a last single row: 1 × kDotCols1), the remainders one feature at a time
+/// (same arithmetic).
 inline void dot_tile(const float* x, Index ldx, Index n, const float* w, Index ldw, Index depth,
                      Index cols, float* y, Index ldy) {
-  const Index c_main = cols / kDotCols * kDotCols;
   for (Index i = 0; i < n; i += kDotRows) {
-    const Index rows = std::min<Index>(kDotRows, n - i);
     const float* xi = x + i * ldx;
     float* yi = y + i * ldy;
-    auto block = [&](auto rows_c, Index c) {
-      constexpr int Rr = decltype(rows_c)::value;
-      if (c < c_main) {
-        dot_block<Rr, kDotCols>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
-      } else {
-        dot_block<Rr, 1>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
-      }
-    };
-    for (Index c = 0; c < cols; c += c < c_main ? kDotCols : 1) {
-      if (rows == kDotRows) {
-        block(std::integral_constant<int, kDotRows>{}, c);
-      } else {
-        block(std::integral_constant<int, 1>{}, c);
-      }
+    if (n - i >= kDotRows) {
+      const Index c_main = cols / kDotCols * kDotCols;
+      for (Index c = 0; c < c_main; c += kDotCols)
+        dot_block<kDotRows, kDotCols>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+      for (Index c = c_main; c < cols; ++c)
+        dot_block<kDotRows, 1>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+    } else {
+      const Index c_main = cols / kDotCols1 * kDotCols1;
+      for (Index c = 0; c < c_main; c += kDotCols1)
+        dot_block<1, kDotCols1>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+      for (Index c = c_main; c < cols; ++c)
+        dot_block<1, 1>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
     }
   }
 }
