@@ -19,6 +19,14 @@
 //   decode_bf16/..., decode_f16/... the same with a bfloat16 / half cache (batch 1, 2 threads)
 //   prefill/SHAPE/KIND/tokens:N/threads:T
 //                                   one layer's call on an N-token prompt (empty sequence)
+//   mixed/SHAPE/KIND/ragged|separate/threads:T
+//                                   one continuous-batching step of one layer: 16 sequences of
+//                                   1K … 16K tokens, 3 taking a 256-token prompt chunk, 13 a
+//                                   decode token, as one ragged call or as separate calls
+//                                   (forward per chunk + one decode)  -> tokens_per_s,
+//                                   speedup_vs_separate
+//   fork_memory/SHAPE/KIND          bytes_used of 16 forks of a 4096-token prompt (64 own tokens
+//                                   each) against 16 independent sequences -> saving_x
 //   probe_end/...                   the roofline probes again, last
 //
 // Counters (the byte and FLOP model of each kind is in bench_common.hpp):
@@ -250,6 +258,74 @@ class EigenDecode final : public Fixture {
   std::vector<tpa::Matrix<float>> k_, v_;
   std::vector<Index> len_;
   tpa::Matrix<float> x_, y_, q_, kn_, vn_, o_, scores_;
+};
+
+/// A continuous-batching step: kMixedSeqs sequences holding 1K … 16K tokens (sequence i holds
+/// 1024·(i + 1)); kMixedPrefills of them (every fifth) take a kMixedChunk-token prompt chunk, the
+/// others one decode token each. step_ragged() is one ragged call; step_separate() the same work
+/// as a user without it writes it: a forward() per prompt chunk and one decode() of the rest.
+/// reset() (untimed) cuts every sequence back to its length before the step.
+constexpr Index kMixedSeqs = 16, kMixedChunk = 256, kMixedPrefills = 3;
+class Mixed final : public Fixture {
+ public:
+  explicit Mixed(const AnyLayer& layer)
+      : layer_(layer),
+        cache_({layer.cache_layout()}, kBlockTokens, blocks()),
+        src_(layer.cache_layout(), 256, 7) {
+    cache_.reserve_blocks(cache_.max_blocks());
+    const Index D = layer.d_model();
+    Index rows = 0;
+    for (Index i = 0; i < kMixedSeqs; ++i) {
+      const tpa::SeqId s = cache_.add_sequence();
+      fill_sequence(cache_, s, 1024 * (i + 1), src_);
+      seqs_.push_back(s);
+      const bool prefill = i % 5 == 0 && i / 5 < kMixedPrefills;
+      const Index n = prefill ? kMixedChunk : 1;
+      chunks_.push_back({s, n});
+      rows += n;
+      if (prefill) {
+        prefill_seqs_.push_back(s);
+        xp_.emplace_back(n, D);
+        randomize(xp_.back().data(), xp_.back().size(), 20 + static_cast<std::uint64_t>(i));
+      } else {
+        decode_seqs_.push_back(s);
+      }
+    }
+    x_ = tpa::Tensor<float, 2>(rows, D);
+    y_ = tpa::Tensor<float, 2>(rows, D);
+    randomize(x_.data(), x_.size(), 11);
+    yp_ = tpa::Tensor<float, 2>(kMixedChunk, D);
+    xd_ = tpa::Tensor<float, 2>(static_cast<Index>(decode_seqs_.size()), D);
+    yd_ = tpa::Tensor<float, 2>(xd_.dimension(0), D);
+    randomize(xd_.data(), xd_.size(), 12);
+  }
+  static Index blocks() {
+    Index b = 0;
+    for (Index i = 0; i < kMixedSeqs; ++i)
+      b += (1024 * (i + 1) + kMixedChunk + kBlockTokens - 1) / kBlockTokens + 1;
+    return b;
+  }
+  void reset() {
+    for (Index i = 0; i < kMixedSeqs; ++i)
+      cache_.truncate(seqs_[static_cast<std::size_t>(i)], 1024 * (i + 1));
+  }
+  void step_ragged(tpa::Context& ctx) { layer_.ragged(ctx, x_, y_, cache_, chunks_); }
+  void step_separate(tpa::Context& ctx) {
+    for (std::size_t i = 0; i < prefill_seqs_.size(); ++i)
+      layer_.forward(ctx, xp_[i], yp_, cache_, prefill_seqs_[i]);
+    layer_.decode(ctx, xd_, yd_, cache_, decode_seqs_);
+  }
+  /// Tokens one step appends (prompt tokens and decode tokens).
+  Index tokens() const { return x_.dimension(0); }
+
+ private:
+  const AnyLayer& layer_;
+  tpa::KVCache<float> cache_;
+  RandomFactors src_;
+  std::vector<tpa::SeqId> seqs_, prefill_seqs_, decode_seqs_;
+  std::vector<tpa::Chunk> chunks_;
+  std::vector<tpa::Tensor<float, 2>> xp_;
+  tpa::Tensor<float, 2> x_, y_, yp_, xd_, yd_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -533,6 +609,65 @@ const std::vector<Kind> kKinds = {Kind::kMHA, Kind::kGQA, Kind::kMQA,
 // The roofline probes on t threads, named <prefix>/<probe>/threads:<t>: the roofline's
 // bandwidth (2 MiB pages); if `pages_4k`, the same read over 4 KiB pages (reported only: what an
 // allocation without huge-page advice gets on this machine); the FMA peak.
+// "mixed/<shape>/<kind>/<ragged|separate>/threads:<t>": one continuous-batching step (Mixed),
+// as one ragged call or as separate calls. Counters: tokens_per_s (prompt and decode tokens
+// appended per second), us_per_step, and for the ragged case speedup_vs_separate.
+void mixed(benchmark::State& state, std::size_t shape, Kind kind, bool ragged, int threads) {
+  release_probe_buffer();
+  const AnyLayer& l = layer(shape, kind);
+  const std::string key = "mixed/" + shapes()[shape].name + "/" + kind_name(kind);
+  auto& f = fixture<Mixed>(key, [&] { return std::make_unique<Mixed>(l); });
+  tpa::Context ctx(threads);
+  auto run = [&] { ragged ? f.step_ragged(ctx) : f.step_separate(ctx); };
+  f.reset();
+  run();  // warm-up
+  std::vector<double> times;
+  for (auto _ : state) {
+    f.reset();
+    const auto t0 = std::chrono::steady_clock::now();
+    run();
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    state.SetIterationTime(sec);
+    times.push_back(sec);
+  }
+  f.reset();
+  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+  const double sec = times[times.size() / 2];
+  const std::string tkey = key + "/threads:" + std::to_string(threads);
+  results()[tkey + (ragged ? "/ragged" : "/separate")] = sec;
+  state.counters["us_per_step"] = sec * 1e6;
+  state.counters["tokens_per_s"] = static_cast<double>(f.tokens()) / sec;
+  const auto sep = results().find(tkey + "/separate");
+  if (ragged && sep != results().end()) state.counters["speedup_vs_separate"] = sep->second / sec;
+}
+
+// "fork_memory/<shape>/<kind>": a 4096-token prompt forked kForks times, each fork appending
+// 64 tokens of its own: bytes_used() of that cache (bytes_forked) against kForks independent
+// sequences of 4096 + 64 tokens (bytes_independent), and their ratio (saving_x).
+void fork_memory(benchmark::State& state, std::size_t shape, Kind kind) {
+  constexpr Index kPrompt = 4096, kOwn = 64, kForks = 16;
+  const AnyLayer& l = layer(shape, kind);
+  const tpa::CacheLayout layout = l.cache_layout();
+  tpa::KVCache<float> cache({layout}, kBlockTokens,
+                            kPrompt / kBlockTokens + kForks * (kOwn / kBlockTokens + 2));
+  const RandomFactors src(layout, 256, 7);
+  const tpa::SeqId p = cache.add_sequence();
+  fill_sequence(cache, p, kPrompt, src);
+  std::vector<tpa::SeqId> forks;
+  for (Index i = 0; i < kForks; ++i) {
+    forks.push_back(cache.fork(p));
+    fill_sequence(cache, forks.back(), kOwn, src);
+  }
+  cache.free_sequence(p);  // the forks keep the prompt's blocks alive
+  for (auto _ : state) benchmark::DoNotOptimize(cache.bytes_used());
+  const double forked = static_cast<double>(cache.bytes_used());
+  const double independent = static_cast<double>(kForks * (kPrompt + kOwn)) *
+                             static_cast<double>(cache.bytes_per_token());
+  state.counters["bytes_forked"] = bytes_counter(forked);
+  state.counters["bytes_independent"] = bytes_counter(independent);
+  state.counters["saving_x"] = independent / forked;
+}
+
 void register_probes(const std::string& prefix, int t, bool pages_4k) {
   const std::string threads = "/threads:" + std::to_string(t);
   benchmark::RegisterBenchmark((prefix + "/read_bw" + threads).c_str(), probe_read_bw, t,
@@ -645,6 +780,25 @@ void register_all() {
               ->Unit(benchmark::kMillisecond);
         }
       }
+    }
+  }
+  // Serving: a mixed batch as one ragged call against separate calls, and fork's memory saving,
+  // for the kinds whose 16 sequences of 1K-16K fit in a few GiB.
+  for (std::size_t s = 0; s < shapes().size(); ++s) {
+    for (Kind k : {Kind::kGQA, Kind::kMLA, Kind::kTPA}) {
+      const std::string base = "mixed/" + shapes()[s].name + "/" + kind_name(k);
+      for (int t : kThreads) {
+        for (const bool ragged : {false, true}) {
+          const std::string name =
+              base + (ragged ? "/ragged" : "/separate") + "/threads:" + std::to_string(t);
+          benchmark::RegisterBenchmark(name.c_str(), mixed, s, k, ragged, t)
+              ->UseManualTime()
+              ->Unit(benchmark::kMillisecond);
+        }
+      }
+      benchmark::RegisterBenchmark(("fork_memory/" + shapes()[s].name + "/" + kind_name(k)).c_str(),
+                                   fork_memory, s, k)
+          ->Iterations(1);
     }
   }
   // The roofline probes once more at the end: on a shared machine either run may be disturbed;

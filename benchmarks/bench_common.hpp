@@ -215,6 +215,9 @@ class AnyLayer {
   /// Appends x [n, D] to `seq` (prefill / chunked prefill).
   virtual void forward(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
                        tpa::KVCache<float>& cache, tpa::SeqId seq) const = 0;
+  /// The ragged call: the rows of x go to `chunks` in order.
+  virtual void ragged(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
+                      tpa::KVCache<float>& cache, const std::vector<tpa::Chunk>& chunks) const = 0;
 
   /// Weight elements one decode step reads (see the model above).
   virtual double decode_weights() const = 0;
@@ -284,6 +287,10 @@ class LayerOf : public AnyLayer {
   void forward(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
                tpa::KVCache<float>& cache, tpa::SeqId seq) const override {
     layer_.forward(ctx, x, y, cache, 0, seq);
+  }
+  void ragged(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
+              tpa::KVCache<float>& cache, const std::vector<tpa::Chunk>& chunks) const override {
+    layer_.forward(ctx, x, y, cache, 0, chunks);
   }
   const tpa::Matrix<float>& out_weight() const override { return layer_.weights().c_proj; }
   float softmax_scale() const override { return cfg().scale(); }

@@ -474,6 +474,18 @@ class Model {
   /// table.
   Eigen::VectorXf forward(tpa::Context& ctx, const std::vector<Token>& tokens, Cache& cache,
                           tpa::SeqId seq) const {
+    const tpa::Chunk chunk{seq, static_cast<Index>(tokens.size())};
+    return forward(ctx, tokens, &chunk, 1, cache).row(0).transpose();
+  }
+
+  /// \brief One ragged step of a continuous-batching server: the tokens of chunk i (the next
+  /// chunks[i].tokens entries of `tokens`, in order) are appended to sequence chunks[i].seq —
+  /// prompt chunks, decode tokens and drafts in any mix, one ragged call per layer — and the
+  /// logits [n_chunks, V] of each chunk's last token are returned. If a layer throws, the
+  /// layers before it are cut back (KVCache::truncate), so the step changes nothing.
+  /// \throws tpa::Error as the layers' ragged call, or on a token outside [0, V).
+  Matrix<float> forward(tpa::Context& ctx, const std::vector<Token>& tokens,
+                        const tpa::Chunk* chunks, Index n_chunks, Cache& cache) const {
     const Index n = static_cast<Index>(tokens.size()), D = cfg_.d_model();
     TPA_CHECK(n >= 1, "t6::Model::forward: no tokens");
     Matrix<float> x(n, D), h, a(n, D), u, g;
@@ -483,11 +495,21 @@ class Model {
                 " is outside the vocabulary [0, ", cfg_.vocab, ")");
       x.row(t) = wte_.row(id);
     }
+    std::vector<Index> before;  // lengths, to undo a step that fails after layer 0
+    for (Index i = 0; i < n_chunks; ++i) before.push_back(cache.length(chunks[i].seq, 0));
     for (Index l = 0; l < cfg_.n_layers; ++l) {
       detail::rms_norm(x, cfg_.norm_eps, h);
-      attn_[static_cast<std::size_t>(l)].forward(
-          ctx, tpa::ConstTensorView<float, 2>(h.data(), n, D),
-          tpa::TensorView<float, 2>(a.data(), n, D), cache, static_cast<int>(l), seq);
+      try {
+        attn_[static_cast<std::size_t>(l)].forward(
+            ctx, tpa::ConstTensorView<float, 2>(h.data(), n, D),
+            tpa::TensorView<float, 2>(a.data(), n, D), cache, static_cast<int>(l), chunks,
+            n_chunks);
+      } catch (...) {
+        if (l > 0)
+          for (Index i = 0; i < n_chunks; ++i)
+            cache.truncate(chunks[i].seq, before[static_cast<std::size_t>(i)]);
+        throw;
+      }
       x += a;
       detail::rms_norm(x, cfg_.norm_eps, h);
       const MlpWeights& m = mlp_[static_cast<std::size_t>(l)];
@@ -497,10 +519,14 @@ class Model {
       detail::linear(ctx, u, m.c_proj, a);
       x += a;
     }
-    Matrix<float> last = x.row(n - 1), logits;
+    Matrix<float> last(n_chunks, D), logits;
+    for (Index i = 0, row = 0; i < n_chunks; ++i) {
+      row += chunks[i].tokens;
+      last.row(i) = x.row(row - 1);
+    }
     detail::rms_norm(last, cfg_.norm_eps, h);
     detail::linear(ctx, h, cfg_.tied ? wte_ : lm_head_, logits);
-    return logits.row(0).transpose();
+    return logits;
   }
 
   /// \brief Generation: prefills `prompt` into `seq`, then picks a token `n_new` times, feeding

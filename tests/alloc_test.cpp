@@ -109,15 +109,16 @@ struct TwoSequences {
   KVCache<float> cache;
   SeqId a, b;
   explicit TwoSequences(const CacheLayout& layout) : cache({layout}, kBlock, 1024) {
-    cache.reserve_blocks((kLenA + 2 * (kWarm + kSteps)) / kBlock +
-                         (kLenB + kWarm + kSteps) / kBlock + 4);
+    cache.reserve_blocks((kLenA + 4 * (kWarm + kSteps)) / kBlock +
+                         (kLenB + 3 * (kWarm + kSteps)) / kBlock + 4);
     a = cache.add_sequence();
     b = cache.add_sequence();
   }
 };
 
 // Decode steps of `layer` on 2 threads, once the caller has filled s.a and s.b: one token of a
-// (forward) and a batch of one token each of a and b (decode), kWarm times to warm up, then
+// (forward), a batch of one token each of a and b (decode) and a ragged call (2 draft tokens of
+// b, 1 of a), kWarm times to warm up, then
 // kSteps times with no operator new, no Eigen heap allocation, and neither the scratch arena nor
 // the cache growing.
 template <class Layer>
@@ -126,12 +127,16 @@ void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequence
   KVCache<float>& cache = s.cache;
   const SeqId a = s.a;
   const std::vector<SeqId> batch = {a, s.b};
+  // A ragged step: a 2-token draft of b beside a decode token of a.
+  const std::vector<tpa::Chunk> chunks = {{s.b, 2}, {a, 1}};
   const Tensor<float, 2> x1 = random_rows(1, d_model, 4), xb = random_rows(2, d_model, 5);
-  Tensor<float, 2> y1(1, d_model), yb(2, d_model);
+  const Tensor<float, 2> xr = random_rows(3, d_model, 6);
+  Tensor<float, 2> y1(1, d_model), yb(2, d_model), yr(3, d_model);
 
   for (Index i = 0; i < kWarm; ++i) {  // warm-up: the scratch arena reaches its size
     layer.forward(ctx, x1, y1, cache, 0, a);
     layer.decode(ctx, xb, yb, cache, 0, batch);
+    layer.forward(ctx, xr, yr, cache, 0, chunks);
   }
   const std::size_t scratch_before = ctx.scratch().capacity();
   const std::size_t cache_before = cache.bytes_reserved();
@@ -141,13 +146,16 @@ void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequence
   for (Index i = 0; i < kSteps; ++i) {
     layer.forward(ctx, x1, y1, cache, 0, a);
     layer.decode(ctx, xb, yb, cache, 0, batch);
+    layer.forward(ctx, xr, yr, cache, 0, chunks);
   }
   Eigen::internal::set_is_malloc_allowed(true);
   EXPECT_EQ(alloc_test::news.load() - news_before, 0) << "operator new calls in decode steps";
   EXPECT_EQ(alloc_test::eigen_malloc_failures.load() - eigen_before, 0) << "Eigen heap allocations";
   EXPECT_EQ(ctx.scratch().capacity(), scratch_before) << "the scratch arena grew";
   EXPECT_EQ(cache.bytes_reserved(), cache_before) << "the cache allocated blocks";
-  EXPECT_EQ(cache.length(a), kLenA + kWarm * 2 + kSteps * 2);
+  EXPECT_EQ(cache.length(a), kLenA + kWarm * 3 + kSteps * 3);
+  EXPECT_EQ(cache.length(s.b), kLenB + kWarm * 3 + kSteps * 3);
+  for (Index i = 0; i < yr.size(); ++i) ASSERT_TRUE(std::isfinite(yr.data()[i]));
   for (Index i = 0; i < yb.size(); ++i) ASSERT_TRUE(std::isfinite(yb.data()[i]));
   for (Index i = 0; i < y1.size(); ++i) ASSERT_TRUE(std::isfinite(y1.data()[i]));
 }

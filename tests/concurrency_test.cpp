@@ -131,8 +131,9 @@ class ConcurrencyTest : public ::testing::Test {
     return cache;
   }
 
-  // The decode steps of thread t's sequences: at even steps one batched decode call over both,
-  // at odd steps one forward call per sequence; every call through all layers.
+  // The decode steps of thread t's sequences: at even steps one batched call over both (decode,
+  // or every other time the ragged call), at odd steps one forward call per sequence; every call
+  // through all layers.
   void run_thread(int t, tpa::Context& ctx, Cache& cache, const std::vector<SeqId>& seqs,
                   Outputs& out) const {
     const int s0 = t * kSeqsPerThread;
@@ -145,8 +146,14 @@ class ConcurrencyTest : public ::testing::Test {
           std::memcpy(x.data() + j * kD, src.data() + k * kD, sizeof(float) * kD);
           ids.push_back(seqs[static_cast<std::size_t>(s0 + j)]);
         }
+        std::vector<tpa::Chunk> chunks;
+        for (SeqId id : ids) chunks.push_back({id, 1});
         for (int l = 0; l < kLayers; ++l) {
-          layer_.decode(ctx, x, y, cache, l, ids);
+          if (k % 4 == 0) {
+            layer_.decode(ctx, x, y, cache, l, ids);
+          } else {
+            layer_.forward(ctx, x, y, cache, l, chunks);  // the same step as a ragged call
+          }
           x = y;
         }
         for (int j = 0; j < kSeqsPerThread; ++j) {

@@ -203,14 +203,60 @@ void check_fixture(const char* fixture, const Layer& layer, const SafetensorsFil
     }
   }
 
+  // Ragged calls: every batch element in each call, with chunks of different sizes (a prefill
+  // of prompt − b tokens first, then 1 to 3 tokens a call), until all T tokens are in.
+  double ragged_err = 0, ragged_cache = 0;
+  tpa::KVCache<float> ragged({layer.cache_layout()}, 4, 64);
+  std::vector<tpa::SeqId> rseqs;
+  for (Index b = 0; b < B; ++b) rseqs.push_back(ragged.add_sequence());
+  std::vector<Index> pos(static_cast<std::size_t>(B), 0);
+  for (Index step = 0;; ++step) {
+    std::vector<tpa::Chunk> chunks;
+    std::vector<Index> from;
+    for (Index b = 0; b < B; ++b) {
+      const Index p = pos[static_cast<std::size_t>(b)];
+      if (p == T) continue;
+      const Index n = step == 0 ? std::max<Index>(1, std::min(T, prompt - b))
+                                : std::min(T - p, 1 + (b + step) % 3);
+      chunks.push_back({rseqs[static_cast<std::size_t>(b)], n});
+      from.push_back(b);
+    }
+    if (chunks.empty()) break;
+    Index rows = 0;
+    for (const auto& c : chunks) rows += c.tokens;
+    tpa::Tensor<float, 2> xr(rows, D), yr(rows, D);
+    Index r = 0;
+    for (std::size_t i = 0; i < chunks.size(); ++i) {
+      const auto xs = slice(x, from[i], pos[static_cast<std::size_t>(from[i])], chunks[i].tokens);
+      std::copy(xs.data(), xs.data() + chunks[i].tokens * D, xr.data() + r * D);
+      r += chunks[i].tokens;
+    }
+    layer.forward(ctx, xr, yr, ragged, 0, chunks);
+    r = 0;
+    for (std::size_t i = 0; i < chunks.size(); ++i) {
+      const Index n = chunks[i].tokens;
+      tpa::Tensor<float, 2> part(n, D);
+      std::copy(yr.data() + r * D, yr.data() + (r + n) * D, part.data());
+      ragged_err = std::max(ragged_err, max_err(part, y, from[i], pos[static_cast<std::size_t>(from[i])]));
+      pos[static_cast<std::size_t>(from[i])] += n;
+      r += n;
+    }
+  }
+  for (Index b = 0; b < B; ++b)
+    for (const auto& c : final_cache)
+      ragged_cache = std::max(
+          ragged_cache, cache_err(ragged.view(rseqs[static_cast<std::size_t>(b)], 0), c.factor, f, c.name, b));
+
   EXPECT_LE(forward_err, kAbsTol) << "full forward";
   EXPECT_LE(decode_err, kAbsTol) << "prefill " << prompt << " + token-by-token decode";
   EXPECT_LE(batched_err, kAbsTol) << "batched decode";
   EXPECT_LE(cache_max, kAbsTol) << "cache contents";
+  EXPECT_LE(ragged_err, kAbsTol) << "ragged calls";
+  EXPECT_LE(ragged_cache, kAbsTol) << "cache contents after ragged calls";
   std::printf(
       "[   info   ] %s: max |err| forward %.2e, prefill+decode %.2e, batched %.2e, "
-      "cache %.2e\n",
-      fixture, forward_err, decode_err, batched_err, cache_max);
+      "ragged %.2e, cache %.2e (ragged %.2e)\n",
+      fixture, forward_err, decode_err, batched_err, ragged_err, cache_max, ragged_cache);
 }
 
 // The stored rope_cos / rope_sin [T, r/2] against the layer's RopeTable.

@@ -462,26 +462,40 @@ TYPED_TEST(GroupedKernel, SplitKEqualsUnsplit) {
   }
 }
 
-// Several sequences of different lengths in one call (a decode batch), split over 2 threads and
-// over more workers than sequences × KV heads.
+// Several sequences of different lengths in one call (a decode batch, plus a prefill call),
+// split over 1-3 threads and over more workers than sequences × KV heads. Each call's output is
+// the same bits with any thread count and workers, and as when it runs alone (key pieces
+// depend on the call alone; prefill is cut on pass boundaries).
 TYPED_TEST(GroupedKernel, BatchOfSequences) {
   using B = TypeParam;
-  const Shape sh{8, 2, 64, 0, 64, false};
-  std::vector<std::unique_ptr<Problem<float>>> prs;
-  const Index lengths[] = {1, 40, 333, 97};
-  for (Index i = 0; i < 4; ++i)
-    prs.push_back(
-        std::make_unique<Problem<float>>(sh, lengths[i], 1, 16, 100u + static_cast<unsigned>(i)));
-  for (int workers : {1, 2, 5}) {
-    std::vector<std::vector<float>> outs;
-    std::vector<GroupedAttentionParams<float>> calls;
-    for (auto& pr : prs) outs.emplace_back(pr->o_ref.size());
-    for (std::size_t i = 0; i < prs.size(); ++i) calls.push_back(prs[i]->params(outs[i].data()));
-    Context ctx(2);
-    grouped_attention<B>(ctx, calls.data(), static_cast<Index>(calls.size()),
-                         tpa_test::forced_split(workers));
-    for (std::size_t i = 0; i < prs.size(); ++i)
-      EXPECT_LE(prs[i]->error(outs[i]), 1.0) << "sequence " << i << ", " << workers;
+  for (const Shape& sh : {Shape{8, 2, 64, 0, 64, false}, Shape{8, 8, 40, 0, 40, false},
+                          Shape{8, 1, 64, 0, 64, false}}) {
+    SCOPED_TRACE(sh.name());
+    std::vector<std::unique_ptr<Problem<float>>> prs;
+    const Index lengths[] = {1, 40, 333, 97, 230};
+    const Index n_qs[] = {1, 1, 1, 1, 150};
+    for (Index i = 0; i < 5; ++i)
+      prs.push_back(std::make_unique<Problem<float>>(sh, lengths[i], n_qs[i], 16,
+                                                     100u + static_cast<unsigned>(i)));
+    std::vector<std::vector<float>> alone;
+    for (auto& pr : prs) alone.push_back(run<B>(*pr, 1, 1));
+    for (int threads : {1, 2, 3}) {
+      for (int workers : {1, 2, 5}) {
+        std::vector<std::vector<float>> outs;
+        std::vector<GroupedAttentionParams<float>> calls;
+        for (auto& pr : prs) outs.emplace_back(pr->o_ref.size());
+        for (std::size_t i = 0; i < prs.size(); ++i)
+          calls.push_back(prs[i]->params(outs[i].data()));
+        Context ctx(threads);
+        grouped_attention<B>(ctx, calls.data(), static_cast<Index>(calls.size()),
+                             tpa_test::forced_split(workers));
+        for (std::size_t i = 0; i < prs.size(); ++i) {
+          EXPECT_LE(prs[i]->error(outs[i]), 1.0) << "sequence " << i << ", " << workers;
+          EXPECT_TRUE(outs[i] == alone[i])
+              << "sequence " << i << ", " << workers << " workers, " << threads << " threads";
+        }
+      }
+    }
   }
 }
 

@@ -18,7 +18,7 @@
 //                                                           + ForkErrors (+ cache_test)
 //   Layer calls on forked sequences (copy on write),
 //     strict reservation                                    here, LayerErrors + LayerFaults
-//   Layer forward(ctx, x, y[, cache, layer, seq]) and
+//   Layer forward(ctx, x, y[, cache, layer, seq]), the ragged forward(…, chunks) and
 //     decode(…, seqs) for GQA, MHA, MQA, TPA, TPA-KV, MLA
 //     absorbed / explicit: shapes, empty x, unknown or
 //     freed sequence, layer, layout, RoPE table, full
@@ -476,6 +476,12 @@ void dec(LayerFixture& f, Index rows, const std::vector<SeqId>& seqs) {
   f.layer->decode(f.ctx, random_tensor(rows, kD, 50), y, f.cache, 0, seqs);
 }
 
+// The ragged call over `chunks` (x of `rows` random tokens).
+void rag(LayerFixture& f, Index rows, const std::vector<tpa::Chunk>& chunks) {
+  Tensor2 y(rows, kD);
+  f.layer->ragged(f.ctx, random_tensor(rows, kD, 60), y, f.cache, 0, chunks);
+}
+
 std::vector<LayerCase> layer_cases() {
   return {
       {"x too wide", "d_model (32)", {},
@@ -528,6 +534,23 @@ std::vector<LayerCase> layer_cases() {
          Tensor2 x = random_tensor(1, kD, 1), y(1, kD);
          f.layer->decode(f.ctx, x, y, f.other, 0, {f.o});
        }},
+      {"ragged without chunks", "at least one chunk", {}, [](LayerFixture& f) { rag(f, 2, {}); }},
+      {"ragged empty chunk", "has 0 tokens", {},
+       [](LayerFixture& f) { rag(f, 3, {{f.a, 3}, {f.b, 0}}); }},
+      {"ragged tokens short of x", "must be equal", {},
+       [](LayerFixture& f) { rag(f, 4, {{f.a, 1}, {f.b, 2}}); }},
+      {"ragged tokens past x", "more tokens than x has rows", {},
+       [](LayerFixture& f) { rag(f, 3, {{f.a, 1}, {f.b, 3}}); }},
+      {"ragged repeat", "more than once", {},
+       [](LayerFixture& f) { rag(f, 4, {{f.a, 1}, {f.c, 2}, {f.a, 1}}); }},
+      {"ragged freed", "not a live", {},
+       [](LayerFixture& f) { rag(f, 4, {{f.a, 1}, {f.gone, 3}}); }},
+      // a at 5 tokens: a chunk of 12 reaches position 16, after a valid prefill chunk of c.
+      {"ragged past RoPE", "rope.max_positions", {},
+       [](LayerFixture& f) { rag(f, 14, {{f.c, 2}, {f.a, 12}}); }},
+      // 3 blocks available: c's 9 tokens take 3, b's 2 (at 3 tokens) one more.
+      {"ragged does not fit", "this call needs 4 new blocks", {},
+       [](LayerFixture& f) { rag(f, 12, {{f.a, 1}, {f.c, 9}, {f.b, 2}}); }},
       // c holds no block: its token needs one, which strict mode refuses.
       {"strict reservation", "strict reservation",
        [](LayerFixture& f) { f.cache.set_strict_reservation(true); },
@@ -622,6 +645,10 @@ TEST(LayerFaults, OutOfMemoryChangesNothing) {
                 2);
       EXPECT_GE(fault_sweep<ForkedFixture>("prefill of a fork",
                                            [](ForkedFixture& f) { fwd(f, 6, f.fk); }),
+                2);
+      EXPECT_GE(fault_sweep<ForkedFixture>(
+                    "ragged: prefill chunk, decode token, draft into a fork",
+                    [](ForkedFixture& f) { rag(f, 7, {{f.c, 4}, {f.b, 1}, {f.fk, 2}}); }),
                 2);
     }
   }

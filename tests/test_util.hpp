@@ -122,6 +122,10 @@ struct AnyLayer {
   std::function<void(tpa::Context&, const Tensor2&, Tensor2&, tpa::KVCache<float>&, int,
                      const std::vector<tpa::SeqId>&)>
       decode;
+  /// ragged(ctx, x, y, cache, layer, chunks): the ragged call.
+  std::function<void(tpa::Context&, const Tensor2&, Tensor2&, tpa::KVCache<float>&, int,
+                     const std::vector<tpa::Chunk>&)>
+      ragged;
 };
 
 /// `l` behind the AnyLayer interface, named `name`.
@@ -136,6 +140,8 @@ AnyLayer wrap(std::string name, std::shared_ptr<const L> l) {
                          int layer, tpa::SeqId s) { l->forward(ctx, x, y, c, layer, s); };
   a.decode = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y, tpa::KVCache<float>& c, int layer,
                  const std::vector<tpa::SeqId>& seqs) { l->decode(ctx, x, y, c, layer, seqs); };
+  a.ragged = [l](tpa::Context& ctx, const Tensor2& x, Tensor2& y, tpa::KVCache<float>& c, int layer,
+                 const std::vector<tpa::Chunk>& chunks) { l->forward(ctx, x, y, c, layer, chunks); };
   return a;
 }
 
@@ -273,6 +279,7 @@ inline tpa::GroupedSplit forced_split(int workers) {
   tpa::GroupedSplit split;
   split.max_workers = workers;
   split.min_work_per_worker = 0;
+  split.min_work_per_piece = 0;  // decode calls in as many key pieces as allowed
   return split;
 }
 

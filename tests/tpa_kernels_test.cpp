@@ -283,7 +283,8 @@ TYPED_TEST(TpaKernel, SplitEqualsUnsplit) {
 }
 
 // Several sequences of different lengths in one call (a decode batch, plus a chunked-prefill
-// call), split over 2 threads and over more workers than sequences.
+// call), split over 1-3 threads and over more workers than sequences. Each call's output is the
+// same bits with any thread count and workers, and as when it runs alone.
 TYPED_TEST(TpaKernel, BatchOfSequences) {
   using B = TypeParam;
   const Shape sh{6, 64, 4, 2, 3};
@@ -293,16 +294,23 @@ TYPED_TEST(TpaKernel, BatchOfSequences) {
   for (Index i = 0; i < 5; ++i)
     prs.push_back(std::make_unique<Problem<float>>(sh, lengths[i], n_qs[i], 16,
                                                    100u + static_cast<unsigned>(i)));
-  for (int workers : {1, 2, 5, 9}) {
-    std::vector<std::vector<float>> outs;
-    std::vector<TpaAttentionParams<float>> calls;
-    for (auto& pr : prs) outs.emplace_back(pr->o_ref.size());
-    for (std::size_t i = 0; i < prs.size(); ++i) calls.push_back(prs[i]->params(outs[i].data()));
-    Context ctx(2);
-    tpa_attention<B>(ctx, calls.data(), static_cast<Index>(calls.size()),
-                     tpa_test::forced_split(workers));
-    for (std::size_t i = 0; i < prs.size(); ++i)
-      EXPECT_LE(prs[i]->error(outs[i]), 1.0) << "sequence " << i << ", " << workers << " workers";
+  std::vector<std::vector<float>> alone;
+  for (auto& pr : prs) alone.push_back(run<B>(*pr, 1, 1));
+  for (int threads : {1, 2, 3}) {
+    for (int workers : {1, 2, 5, 9}) {
+      std::vector<std::vector<float>> outs;
+      std::vector<TpaAttentionParams<float>> calls;
+      for (auto& pr : prs) outs.emplace_back(pr->o_ref.size());
+      for (std::size_t i = 0; i < prs.size(); ++i) calls.push_back(prs[i]->params(outs[i].data()));
+      Context ctx(threads);
+      tpa_attention<B>(ctx, calls.data(), static_cast<Index>(calls.size()),
+                       tpa_test::forced_split(workers));
+      for (std::size_t i = 0; i < prs.size(); ++i) {
+        EXPECT_LE(prs[i]->error(outs[i]), 1.0) << "sequence " << i << ", " << workers << " workers";
+        EXPECT_TRUE(outs[i] == alone[i])
+            << "sequence " << i << ", " << workers << " workers, " << threads << " threads";
+      }
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 #include "tpa/core/error.hpp"
 #include "tpa/core/rope.hpp"
 #include "tpa/core/tensor.hpp"
+#include "tpa/layers/chunk.hpp"
 #include "tpa/layers/gqa.hpp"
 #include "tpa/layers/mla.hpp"
 #include "tpa/layers/tpa.hpp"

@@ -1,5 +1,5 @@
 // Work split of the grouped attention kernel over a Context's threads: (sequence × KV head)
-// units, and split-K along the sequence, merged exactly, when there are fewer units than threads.
+// units cut along their queries, and decode calls cut into key pieces (split-K) merged exactly.
 #pragma once
 
 #include <algorithm>
@@ -67,12 +67,16 @@ void check_grouped_call(const GroupedAttentionParams<S>& p, Index c) {
 /// batch, all of one layer) with the kernels of `Backend`, spread over ctx's threads.
 ///
 /// The work is a line of items in call order, each weighted by its multiply-adds: a decode call
-/// (n_q = 1) is one item, all its KV heads; a prefill call is one item per KV head. The line is
-/// cut into equal pieces, one per worker. A worker runs the items it owns whole (adjacent ones
-/// of a call together) and the pieces of an item cut in two: a decode call is cut along its
-/// keys (split-K: each worker streams whole token ranges of the cache, all heads; the partial
-/// online-softmax states are merged exactly afterwards, SoftmaxState::merge), a prefill KV head
-/// along its queries. So batch-1 decode of any kind uses every thread.
+/// (n_q = 1) is cut along its keys into key pieces (split.min_work_per_piece; all KV heads each;
+/// the partial online-softmax states are merged exactly afterwards in key order,
+/// SoftmaxState::merge), a prefill call is one item per KV head. The line is cut into equal
+/// pieces, one per worker, at whole key pieces or at query boundaries of a prefill KV head. So
+/// batch-1 decode of any kind uses every thread, and a long prefill beside many decode tokens
+/// is shared too.
+///
+/// Bit-identical with any thread count and split.max_workers, and for a call whatever the
+/// other calls beside it: the key pieces of a decode call depend on that call alone, and a query
+/// row's result does not depend on which worker computes it.
 ///
 /// Workspace and partial states come from ctx.scratch(), released on return: after warm-up a
 /// call allocates nothing. Backends without a part kernel (Reference) run one call per task.
@@ -89,88 +93,119 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
   } else {
     Scratch& scratch = ctx.scratch();
     ScratchGuard guard(scratch);
+    constexpr Index kAlign = 16;  // key pieces tile-aligned
 
-    // The line of items (call c, KV heads [g, g + heads)): per-item cost (multiply-adds),
-    // cumulative from item 0.
-    auto item_heads = [](const GroupedAttentionParams<S>& p) {
-      return p.n_q == 1 ? p.n_kv_heads : Index(1);
+    // Multiply-adds of one (query, key) pair over `heads` KV heads of call p.
+    auto pair_cost = [](const GroupedAttentionParams<S>& p, Index heads) {
+      return static_cast<double>(heads * p.group_size() * (p.d_qk() + p.d_v));
     };
-    Index n_items = 0;
-    for (Index c = 0; c < n_calls; ++c)
-      if (calls[c].n_q > 0) n_items += calls[c].n_kv_heads / item_heads(calls[c]);
+    // Key pieces of each decode call, and the first state slot of a call cut in several.
+    auto* pieces = static_cast<detail::KeyPieces*>(
+        scratch.bytes(sizeof(detail::KeyPieces) * static_cast<std::size_t>(n_calls)));
+    auto* slot0 = static_cast<Index*>(scratch.bytes(sizeof(Index) * static_cast<std::size_t>(n_calls)));
+    Index n_items = 0, n_slots = 0;
+    for (Index c = 0; c < n_calls; ++c) {
+      const auto& p = calls[c];
+      slot0[c] = -1;
+      if (p.n_q == 0) continue;
+      if (p.n_q == 1) {
+        pieces[c] = detail::key_pieces(split, p.q_pos0 + 1, pair_cost(p, p.n_kv_heads), kAlign);
+        n_items += pieces[c].count;
+        if (pieces[c].count > 1) {
+          slot0[c] = n_slots;
+          n_slots += pieces[c].count;
+        }
+      } else {
+        n_items += p.n_kv_heads;
+      }
+    }
     if (n_items == 0) return;
+    // The line of items: call, KV head (prefill) or key piece (decode), cumulative cost.
     auto* item_call = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
-    auto* item_g = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
+    auto* item_sub = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
     auto* cum = static_cast<double*>(scratch.bytes(sizeof(double) * (n_items + 1)));
+    // An item's range of keys (decode piece) and its cut item.
+    auto piece_keys = [&](Index c, Index k) {
+      const Index keys = calls[c].q_pos0 + 1;
+      return std::make_pair(k * pieces[c].len, std::min(keys, (k + 1) * pieces[c].len));
+    };
     cum[0] = 0;
     {
       Index it = 0;
       for (Index c = 0; c < n_calls; ++c) {
         const auto& p = calls[c];
         if (p.n_q == 0) continue;
-        const double rows_keys = static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
-                                 0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
-        const Index heads = item_heads(p);
-        const double cost =
-            rows_keys * static_cast<double>(heads * p.group_size() * (p.d_qk() + p.d_v));
-        for (Index g = 0; g < p.n_kv_heads; g += heads, ++it) {
+        const Index subs = p.n_q == 1 ? pieces[c].count : p.n_kv_heads;
+        for (Index k = 0; k < subs; ++k, ++it) {
           item_call[it] = c;
-          item_g[it] = g;
+          item_sub[it] = k;
+          double cost;
+          if (p.n_q == 1) {
+            const auto r = piece_keys(c, k);
+            cost = static_cast<double>(r.second - r.first) * pair_cost(p, p.n_kv_heads);
+          } else {
+            cost = (static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
+                    0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1)) *
+                   pair_cost(p, 1);
+          }
           cum[it + 1] = cum[it] + cost;
         }
       }
     }
     const detail::WorkerCount wc = detail::worker_count(split, ctx.threads(), cum[n_items]);
     const Index max_w = wc.max_w, workers = wc.used;
-    // An item's queries and multiply-adds per (query, key) pair, for the cuts.
     auto item_of = [&](Index it) {
-      const auto& p = calls[item_call[it]];
-      return detail::CutItem{
-          p.n_q, p.q_pos0,
-          static_cast<double>(item_heads(p) * p.group_size() * (p.d_qk() + p.d_v))};
+      const Index c = item_call[it];
+      const auto& p = calls[c];
+      if (p.n_q == 1) {
+        const auto r = piece_keys(c, item_sub[it]);
+        return detail::CutItem{1, r.second - r.first - 1, pair_cost(p, p.n_kv_heads)};
+      }
+      return detail::CutItem{p.n_q, p.q_pos0, pair_cost(p, 1),
+                             std::max<Index>(1, detail::kGroupedRowCap / p.group_size())};
     };
     auto* cuts = static_cast<detail::LineCut*>(scratch.bytes(sizeof(detail::LineCut) * (max_w + 1)));
-    detail::cut_line(cum, n_items, workers, 16, item_of, cuts);  // key pieces tile-aligned
+    detail::cut_line(cum, n_items, workers, item_of, cuts);
 
-    // Units of each worker, in line order.
-    // A worker's units: one run of whole KV heads per call it touches, plus a cut piece at
-    // each end of its segment.
-    const Index max_units = n_calls + 3 * max_w + 2;
+    // Units of each worker, in line order: a key piece, a run of whole KV heads of a prefill
+    // call, or the cut part of one KV head's queries.
+    const Index max_units = n_items + max_w + 1;
     auto* units =
         static_cast<detail::GroupedUnit*>(scratch.bytes(sizeof(detail::GroupedUnit) * max_units));
     auto* first_unit = static_cast<Index*>(scratch.bytes(sizeof(Index) * (max_w + 1)));
-    Index n_units = 0, n_slots = 0;
+    Index n_units = 0;
     for (Index w = 0; w < workers; ++w) {
       first_unit[w] = n_units;
       detail::for_each_piece(cuts, w, item_of, [&](Index it, Index pos0, Index pos1, bool whole) {
-        const Index c = item_call[it], g = item_g[it];
+        const Index c = item_call[it], sub = item_sub[it];
         const auto& p = calls[c];
-        const Index g_end = g + item_heads(p);
         detail::GroupedUnit u;
         u.call = c;
-        if (whole) {
+        if (p.n_q == 1) {
+          const auto r = piece_keys(c, sub);
+          u.part = GroupedPart{0, p.n_kv_heads, 0, 1, r.first, r.second};
+          if (slot0[c] >= 0) u.slot = slot0[c] + sub;
+          units[n_units++] = u;
+        } else if (whole) {
+          const Index g = sub;
           detail::GroupedUnit* prev = n_units > first_unit[w] ? &units[n_units - 1] : nullptr;
-          if (prev != nullptr && prev->call == c && prev->slot < 0 && prev->part.g1 == g &&
-              prev->part.i0 == 0 && prev->part.i1 == p.n_q && prev->part.k0 == 0) {
-            prev->part.g1 = g_end;  // extend the run of whole KV heads
+          if (prev != nullptr && prev->call == c && prev->part.g1 == g && prev->part.i0 == 0 &&
+              prev->part.i1 == p.n_q) {
+            prev->part.g1 = g + 1;  // extend the run of whole KV heads
           } else {
-            u.part = GroupedPart{g, g_end, 0, p.n_q, 0, p.q_pos0 + p.n_q};
+            u.part = GroupedPart{g, g + 1, 0, p.n_q, 0, p.q_pos0 + p.n_q};
             units[n_units++] = u;
           }
-        } else if (p.n_q == 1) {
-          u.part = GroupedPart{g, g_end, 0, 1, pos0, pos1};
-          u.slot = n_slots++;
-          units[n_units++] = u;
         } else {
-          u.part = GroupedPart{g, g + 1, pos0, pos1, 0, p.q_pos0 + pos1};
+          u.part = GroupedPart{sub, sub + 1, pos0, pos1, 0, p.q_pos0 + pos1};
           units[n_units++] = u;
         }
       });
     }
     first_unit[workers] = n_units;
 
-    // Partial states of key-split pieces (at most two per worker) and per-worker workspaces,
-    // all sized for the largest call and max_w workers.
+    // Partial states of the key pieces and per-worker workspaces, the latter sized for the
+    // largest call and max_w workers.
     Index ws_floats = 0, state_rows = 0, state_dim = 0;
     for (Index c = 0; c < n_calls; ++c) {
       const auto& p = calls[c];
@@ -181,25 +216,19 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
     }
     GroupedStates* slots = nullptr;
     float** ws = nullptr;
-    detail::take_split_buffers(scratch, max_w, state_rows, state_dim, ws_floats, &slots, &ws);
+    detail::take_split_buffers(scratch, n_slots, max_w, state_rows, state_dim, ws_floats, &slots,
+                               &ws);
 
     detail::run_units(ctx, workers, first_unit, units, ws, slots,
                       [calls](const detail::GroupedUnit& un, float* w, GroupedStates* st) {
                         K::grouped_attention_part(calls[un.call], un.part, w, st);
                       });
 
-    // Merge the pieces of each key-split decode call (consecutive units), write its outputs.
-    detail::for_each_split_run(
-        units, n_units,
-        [](const detail::GroupedUnit& a, const detail::GroupedUnit& b) {
-          return b.call == a.call && b.part.g0 == a.part.g0;
-        },
-        [&](const detail::GroupedUnit& first, Index pieces) {
-          const auto& p = calls[first.call];
-          const Index g = first.part.g0, rows = (first.part.g1 - g) * p.group_size();
-          detail::merge_pieces(slots + first.slot, pieces, rows, p.d_v,
-                               p.o + g * p.group_size() * p.d_v);
-        });
+    // Merge the key pieces of each cut decode call in key order, write its outputs.
+    for (Index c = 0; c < n_calls; ++c)
+      if (slot0[c] >= 0)
+        detail::merge_pieces(slots + slot0[c], pieces[c].count, calls[c].n_heads, calls[c].d_v,
+                             calls[c].o);
   }
 }
 

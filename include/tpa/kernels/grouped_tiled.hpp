@@ -149,6 +149,11 @@ class RowPrefetch {
 ///    so they stay in L1.
 /// Everything accumulates in f32. While a step runs, the cache rows of the next step are
 /// prefetched into L2 a few lines per micro-kernel call (RowPrefetch).
+/// Rows (query heads × queries) per pass of GroupedTiled (GroupedTiled::kRowCap). A query's
+/// reduction order depends on the pass it is in, so the schedulers cut a prefill part only at
+/// multiples of a pass's queries (split.hpp, CutItem::quantum).
+constexpr Index kGroupedRowCap = 64;
+
 template <class Ops, class S>
 class GroupedTiled {
  public:
@@ -160,7 +165,7 @@ class GroupedTiled {
   static_assert(kT % kW == 0 && kT % Ops::kLaneTokens == 0,
                 "GroupedTiled: kTile must be a multiple of kWidth and kLaneTokens");
   /// Rows (query heads × queries) per pass, unless a single KV head has more query heads.
-  static constexpr Index kRowCap = 64;
+  static constexpr Index kRowCap = kGroupedRowCap;
   /// Key dims per chunk of the row-lane score product (its Qᵀ slice stays in L1).
   static constexpr Index kChunk = 128;
   /// Value dims per call of the transposed value micro-kernel (× kLaneVecs row vectors).

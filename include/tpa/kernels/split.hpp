@@ -24,6 +24,13 @@ struct GroupedSplit {
   /// Multiply-adds each worker must get (fewer workers are used for less work, because waking a
   /// thread costs microseconds); 0 = always use max_workers.
   double min_work_per_worker = 2.0e6;
+  /// A decode call (one query) is cut along its keys into pieces of at least this many
+  /// multiply-adds (at most kMaxKeyPieces, on tile boundaries; 0 = as many as allowed), merged
+  /// exactly in key order. The cut depends on the call alone — never on the thread count, the
+  /// workers or the other calls — so its output bits do not either.
+  double min_work_per_piece = 1.0e6;
+  /// Most key pieces of one decode call (12 shares evenly over 2, 3, 4 or 6 threads).
+  static constexpr Index kMaxKeyPieces = 12;
 };
 
 namespace detail {
@@ -43,11 +50,35 @@ inline WorkerCount worker_count(const GroupedSplit& split, int threads, double t
   return w;
 }
 
+/// Key pieces of a decode call over `keys` tokens (`pair_cost` multiply-adds per key): `count`
+/// pieces of `len` tokens (a multiple of `align`; the last one shorter). A function of the call
+/// and `split` only.
+struct KeyPieces {
+  Index len = 0, count = 1;
+};
+inline KeyPieces key_pieces(const GroupedSplit& split, Index keys, double pair_cost, Index align) {
+  Index want = GroupedSplit::kMaxKeyPieces;
+  if (split.min_work_per_piece > 0)
+    want = static_cast<Index>(std::min<double>(
+        static_cast<double>(want),
+        static_cast<double>(keys) * pair_cost / split.min_work_per_piece));
+  want = std::max<Index>(want, 1);
+  KeyPieces k;
+  k.len = ((keys + want - 1) / want + align - 1) / align * align;
+  k.count = (keys + k.len - 1) / k.len;
+  return k;
+}
+
 /// What cut_line needs of one item of the line: its call's queries (n_q at q_pos0 …) and the
-/// multiply-adds of one (query, key) pair of it.
+/// multiply-adds of one (query, key) pair of it. A decode item (n_q = 1) is one key piece of
+/// q_pos0 + 1 keys, never cut further.
 struct CutItem {
   Index n_q = 0, q_pos0 = 0;
   double pair_cost = 1;
+  /// Queries per pass of the kernel: a prefill item is cut only at multiples of it, never
+  /// leaving a one-query part (the kernel runs that with a decode-shaped pass), so each query's
+  /// pass — and its reduction order — is the same however the item is cut.
+  Index quantum = 1;
   /// Positions along the cut dimension: keys (decode, n_q = 1) or queries (prefill).
   Index size() const { return n_q == 1 ? q_pos0 + 1 : n_q; }
 };
@@ -60,10 +91,11 @@ struct LineCut {
 
 /// Cuts the line of n_items items (cum[i] = multiply-adds of the items before i, cum[n_items]
 /// the total) into `workers` pieces of about equal cost: cuts[0 … workers], non-decreasing. A
-/// decode item is cut along its keys at multiples of `align` tokens, a prefill item at the query
+/// decode item is not cut (the cut moves to its nearer end); a prefill item is cut at the query
 /// boundary where the causal prefix of (query, key) pairs reaches the cost. item(i) → CutItem.
+/// Where the cuts fall changes which worker computes what, never a result.
 template <class ItemOf>
-void cut_line(const double* cum, Index n_items, Index workers, Index align, const ItemOf& item,
+void cut_line(const double* cum, Index n_items, Index workers, const ItemOf& item,
               LineCut* cuts) {
   const double total = cum[n_items];
   cuts[0] = LineCut{0, 0};
@@ -76,12 +108,14 @@ void cut_line(const double* cum, Index n_items, Index workers, Index align, cons
     const double off = (x - cum[it]) / c.pair_cost;  // (query, key) pairs into the item
     Index pos;
     if (c.n_q == 1) {
-      pos = static_cast<Index>(std::llround(off / static_cast<double>(align))) * align;
+      pos = 2 * off < static_cast<double>(c.size()) ? 0 : c.size();
     } else {
       // First query boundary whose prefix Σ_{i'<i} (q_pos0 + i' + 1) reaches off.
       double acc = 0;
       pos = 0;
       while (pos < c.n_q && acc < off) acc += static_cast<double>(c.q_pos0 + ++pos);
+      pos = pos / c.quantum * c.quantum;
+      if (c.quantum > 1 && c.n_q - pos == 1) pos = c.n_q;
     }
     pos = std::min(std::max<Index>(pos, 0), c.size());
     cuts[w] = pos == c.size() ? LineCut{it + 1, 0} : LineCut{it, pos};
@@ -126,24 +160,6 @@ void run_units(Context& ctx, Index workers, const Index* first_unit, const Unit*
   });
 }
 
-/// Calls merge(first, pieces) for each run of consecutive key-split units (slot ≥ 0) among
-/// units[0 … n_units) that same_output(first, unit) joins: the pieces of one output, whose
-/// states are slots first.slot … first.slot + pieces − 1 (consecutive, in key order).
-template <class Unit, class SameOutput, class Merge>
-void for_each_split_run(const Unit* units, Index n_units, const SameOutput& same_output,
-                        const Merge& merge) {
-  for (Index u = 0; u < n_units;) {
-    if (units[u].slot < 0) {
-      ++u;
-      continue;
-    }
-    Index v = u + 1;
-    while (v < n_units && units[v].slot >= 0 && same_output(units[u], units[v])) ++v;
-    merge(units[u], v - u);
-    u = v;
-  }
-}
-
 /// Merges the partial states of the `pieces` key-split pieces slots[0 … pieces) of one query
 /// (in key order; `rows` rows of `dim`) exactly, and writes row r normalised to out + r·dim.
 inline void merge_pieces(const GroupedStates* slots, Index pieces, Index rows, Index dim,
@@ -174,12 +190,12 @@ inline void merge_pieces(const GroupedStates* slots, Index pieces, Index rows, I
 /// its neighbour's, so that the two cores trade those lines.
 constexpr std::size_t kWorkspaceGapBytes = std::size_t{64} << 10;
 
-/// 2·max_w slots of partial states (m, l: `rows`; acc: rows × dim) and max_w workspaces of
+/// n_slots slots of partial states (m, l: `rows`; acc: rows × dim) and max_w workspaces of
 /// ws_floats (4 KiB aligned, kWorkspaceGapBytes apart), from `scratch`.
-inline void take_split_buffers(Scratch& scratch, Index max_w, Index rows, Index dim,
+inline void take_split_buffers(Scratch& scratch, Index n_slots, Index max_w, Index rows, Index dim,
                                Index ws_floats, GroupedStates** slots, float*** ws) {
-  *slots = static_cast<GroupedStates*>(scratch.bytes(sizeof(GroupedStates) * 2 * max_w));
-  for (Index i = 0; i < 2 * max_w; ++i) {
+  *slots = static_cast<GroupedStates*>(scratch.bytes(sizeof(GroupedStates) * (n_slots + 1)));
+  for (Index i = 0; i < n_slots; ++i) {
     (*slots)[i].m = scratch.floats(rows);
     (*slots)[i].l = scratch.floats(rows);
     (*slots)[i].acc = scratch.floats(rows * dim);

@@ -1,5 +1,5 @@
-// Work split of the FlashTPA kernel over a Context's threads: whole calls (sequences), and
-// split-K along a sequence, merged exactly, when there are fewer calls than threads.
+// Work split of the FlashTPA kernel over a Context's threads: whole calls (sequences), prefill
+// calls cut along their queries, and decode calls cut into key pieces (split-K) merged exactly.
 #pragma once
 
 #include <algorithm>
@@ -20,7 +20,7 @@
 namespace tpa {
 
 /// How tpa::tpa_attention spreads its work: the same knobs as grouped_attention's
-/// (max_workers, min_work_per_worker in multiply-adds).
+/// (max_workers, min_work_per_worker, min_work_per_piece in multiply-adds).
 using TpaSplit = GroupedSplit;
 
 namespace detail {
@@ -51,17 +51,19 @@ double tpa_pair_cost(const TpaAttentionParams<S>& p) {
 /// \brief Runs the TPA calls `calls[0 … n_calls)` (typically one per sequence of a batch, all of
 /// one layer) with the kernels of `Backend`, spread over ctx's threads.
 ///
-/// The work is the line of calls in order, each weighted by its multiply-adds; the line is cut
-/// into equal pieces, one per worker. A worker runs the calls it owns whole, and the pieces of a
-/// call cut in two: a decode call (n_q = 1) is cut along its keys (split-K, on 64-token
-/// boundaries; the partial online-softmax states of all heads are merged exactly afterwards,
-/// SoftmaxState::merge), a prefill call along its queries. All heads of a piece stay together:
-/// B_K and B_V are shared by the heads, so each factor byte is read once per step. So batch-1
-/// decode uses every thread.
+/// The work is a line of items in call order, each weighted by its multiply-adds: a decode call
+/// (n_q = 1) is cut along its keys into key pieces (split.min_work_per_piece, 64-token
+/// boundaries; the partial online-softmax states of all heads are merged exactly afterwards in
+/// key order, SoftmaxState::merge), a prefill call is one item. The line is cut into equal
+/// pieces, one per worker, at whole key pieces or at query boundaries of a prefill call. All
+/// heads of a piece stay together: B_K and B_V are shared by the heads, so each factor byte is
+/// read once per step. So batch-1 decode uses every thread.
 ///
-/// Workspace and partial states come from ctx.scratch(), released on return, sized by the shapes
-/// (not the sequence lengths): after warm-up a call allocates nothing. Backends without a part
-/// kernel (Reference) run one call per task.
+/// Bit-identical with any thread count and split.max_workers, and for a call whatever the
+/// other calls beside it (see grouped_attention).
+///
+/// Workspace and partial states come from ctx.scratch(), released on return: after warm-up a
+/// call allocates nothing. Backends without a part kernel (Reference) run one call per task.
 /// \throws Error if a call is inconsistent (TpaAttentionParams::check), before any work.
 template <class Backend, class S>
 void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_calls,
@@ -75,42 +77,91 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
   } else {
     Scratch& scratch = ctx.scratch();
     ScratchGuard guard(scratch);
+    constexpr Index kAlign = 64;  // key pieces tile-aligned
 
-    // The line of calls: cumulative multiply-adds from call 0.
-    auto* cum = static_cast<double*>(scratch.bytes(sizeof(double) * (n_calls + 1)));
-    cum[0] = 0;
+    auto* pieces = static_cast<detail::KeyPieces*>(
+        scratch.bytes(sizeof(detail::KeyPieces) * static_cast<std::size_t>(n_calls)));
+    auto* slot0 = static_cast<Index*>(scratch.bytes(sizeof(Index) * static_cast<std::size_t>(n_calls)));
+    Index n_items = 0, n_slots = 0;
     for (Index c = 0; c < n_calls; ++c) {
       const auto& p = calls[c];
-      const double pairs = static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
-                           0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
-      cum[c + 1] = cum[c] + pairs * detail::tpa_pair_cost(p);
+      slot0[c] = -1;
+      if (p.n_q == 0) continue;
+      if (p.n_q == 1) {
+        pieces[c] = detail::key_pieces(split, p.q_pos0 + 1, detail::tpa_pair_cost(p), kAlign);
+        n_items += pieces[c].count;
+        if (pieces[c].count > 1) {
+          slot0[c] = n_slots;
+          n_slots += pieces[c].count;
+        }
+      } else {
+        n_items += 1;
+      }
     }
-    if (cum[n_calls] == 0) return;
-    const detail::WorkerCount wc = detail::worker_count(split, ctx.threads(), cum[n_calls]);
+    if (n_items == 0) return;
+    auto* item_call = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
+    auto* item_sub = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
+    auto* cum = static_cast<double*>(scratch.bytes(sizeof(double) * (n_items + 1)));
+    auto piece_keys = [&](Index c, Index k) {
+      const Index keys = calls[c].q_pos0 + 1;
+      return std::make_pair(k * pieces[c].len, std::min(keys, (k + 1) * pieces[c].len));
+    };
+    cum[0] = 0;
+    {
+      Index it = 0;
+      for (Index c = 0; c < n_calls; ++c) {
+        const auto& p = calls[c];
+        if (p.n_q == 0) continue;
+        const Index subs = p.n_q == 1 ? pieces[c].count : 1;
+        for (Index k = 0; k < subs; ++k, ++it) {
+          item_call[it] = c;
+          item_sub[it] = k;
+          double pairs;
+          if (p.n_q == 1) {
+            const auto r = piece_keys(c, k);
+            pairs = static_cast<double>(r.second - r.first);
+          } else {
+            pairs = static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
+                    0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
+          }
+          cum[it + 1] = cum[it] + pairs * detail::tpa_pair_cost(p);
+        }
+      }
+    }
+    const detail::WorkerCount wc = detail::worker_count(split, ctx.threads(), cum[n_items]);
     const Index max_w = wc.max_w, workers = wc.used;
-    auto item_of = [&](Index c) {
-      return detail::CutItem{calls[c].n_q, calls[c].q_pos0, detail::tpa_pair_cost(calls[c])};
+    auto item_of = [&](Index it) {
+      const Index c = item_call[it];
+      const auto& p = calls[c];
+      if (p.n_q == 1) {
+        const auto r = piece_keys(c, item_sub[it]);
+        return detail::CutItem{1, r.second - r.first - 1, detail::tpa_pair_cost(p)};
+      }
+      return detail::CutItem{p.n_q, p.q_pos0, detail::tpa_pair_cost(p),
+                             std::max<Index>(1, detail::kTpaRowCap / p.n_heads)};
     };
     auto* cuts = static_cast<detail::LineCut*>(scratch.bytes(sizeof(detail::LineCut) * (max_w + 1)));
-    detail::cut_line(cum, n_calls, workers, 64, item_of, cuts);  // key pieces tile-aligned
+    detail::cut_line(cum, n_items, workers, item_of, cuts);
 
-    // A worker's units: the calls inside its segment whole, plus a cut piece at each end.
-    const Index max_units = n_calls + 2 * max_w + 2;
+    // A worker's units: key pieces and prefill calls inside its segment whole, plus a cut part of
+    // a prefill call's queries at each end.
+    const Index max_units = n_items + max_w + 1;
     auto* units = static_cast<detail::TpaUnit*>(scratch.bytes(sizeof(detail::TpaUnit) * max_units));
     auto* first_unit = static_cast<Index*>(scratch.bytes(sizeof(Index) * (max_w + 1)));
-    Index n_units = 0, n_slots = 0;
+    Index n_units = 0;
     for (Index w = 0; w < workers; ++w) {
       first_unit[w] = n_units;
-      detail::for_each_piece(cuts, w, item_of, [&](Index c, Index pos0, Index pos1, bool whole) {
+      detail::for_each_piece(cuts, w, item_of, [&](Index it, Index pos0, Index pos1, bool whole) {
+        const Index c = item_call[it];
         const auto& p = calls[c];
-        if (p.n_q == 0) return;
         detail::TpaUnit u;
         u.call = c;
-        if (whole) {
+        if (p.n_q == 1) {
+          const auto r = piece_keys(c, item_sub[it]);
+          u.part = TpaPart{0, 1, r.first, r.second};
+          if (slot0[c] >= 0) u.slot = slot0[c] + item_sub[it];
+        } else if (whole) {
           u.part = TpaPart::whole(p);
-        } else if (p.n_q == 1) {
-          u.part = TpaPart{0, 1, pos0, pos1};
-          u.slot = n_slots++;
         } else {
           u.part = TpaPart{pos0, pos1, 0, p.q_pos0 + pos1};
         }
@@ -119,8 +170,8 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
     }
     first_unit[workers] = n_units;
 
-    // Partial states of key-split pieces (at most two per worker) and per-worker workspaces,
-    // all sized for the largest call and max_w workers.
+    // Partial states of the key pieces and per-worker workspaces, the latter sized for the
+    // largest call and max_w workers.
     Index ws_floats = 0, state_rows = 0, state_dim = 0;
     for (Index c = 0; c < n_calls; ++c) {
       const auto& p = calls[c];
@@ -131,21 +182,19 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
     }
     TpaStates* slots = nullptr;
     float** ws = nullptr;
-    detail::take_split_buffers(scratch, max_w, state_rows, state_dim, ws_floats, &slots, &ws);
+    detail::take_split_buffers(scratch, n_slots, max_w, state_rows, state_dim, ws_floats, &slots,
+                               &ws);
 
     detail::run_units(ctx, workers, first_unit, units, ws, slots,
                       [calls](const detail::TpaUnit& un, float* w, TpaStates* st) {
                         K::tpa_attention_part(calls[un.call], un.part, w, st);
                       });
 
-    // Merge the key pieces of each split call (consecutive units) and write its outputs.
-    detail::for_each_split_run(
-        units, n_units,
-        [](const detail::TpaUnit& a, const detail::TpaUnit& b) { return b.call == a.call; },
-        [&](const detail::TpaUnit& first, Index pieces) {
-          const auto& p = calls[first.call];
-          detail::merge_pieces(slots + first.slot, pieces, p.n_heads, p.head_dim, p.o);
-        });
+    // Merge the key pieces of each cut decode call in key order, write its outputs.
+    for (Index c = 0; c < n_calls; ++c)
+      if (slot0[c] >= 0)
+        detail::merge_pieces(slots + slot0[c], pieces[c].count, calls[c].n_heads,
+                             calls[c].head_dim, calls[c].o);
   }
 }
 

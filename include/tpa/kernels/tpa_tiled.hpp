@@ -95,6 +95,9 @@ namespace detail {
 /// 1.56 ms). Without the software prefetches the streaming step is 25–33% slower (and the
 /// L2-resident one 5–9% faster): they are spread evenly over the previous tile (bursts and longer
 /// distances measured slower), and memory and compute overlap only partly.
+/// Rows (queries × heads) per pass of TpaTiled (TpaTiled::kRowCap); see kGroupedRowCap.
+constexpr Index kTpaRowCap = 128;
+
 template <class Ops, class S>
 class TpaTiled {
  public:
@@ -105,7 +108,7 @@ class TpaTiled {
   static constexpr Index kNV = kT / kW;
   static_assert(kT % kW == 0 && kW % 2 == 0, "TpaTiled: kTile must be a multiple of kWidth");
   /// Rows (queries × heads) per pass, unless one query has more heads.
-  static constexpr Index kRowCap = 128;
+  static constexpr Index kRowCap = kTpaRowCap;
   /// Value micro-kernel: rows × vectors of accumulators (24 of the 32 registers with AVX-512).
   static constexpr Index kPvRows = Ops::kPvRows;
   static constexpr Index kPvCols = Ops::kPvCols;

@@ -13,6 +13,7 @@
 #include "tpa/core/rope.hpp"
 #include "tpa/kernels/grouped_decode.hpp"
 #include "tpa/kernels/params.hpp"
+#include "tpa/layers/chunk.hpp"
 #include "tpa/layers/detail/call.hpp"
 #include "tpa/layers/mla_weights.hpp"
 #include "tpa/runtime/context.hpp"
@@ -38,7 +39,8 @@ namespace tpa {
 ///   folds_output()), so a step does no weight preparation.
 /// - explicit: every visible token's c_kv' is up-projected to per-head k_nope and v in scratch,
 ///   then plain per-head attention (cheaper for long prefill chunks, as in DeepSeek's serving).
-/// kAuto picks, per call, the one with fewer multiply-adds (absorbed for every decode step).
+/// kAuto picks, per chunk of a call (each sequence as if called alone), the one with fewer
+/// multiply-adds (absorbed for every decode step).
 ///
 /// All calls take x [tokens, d_model] and write y [tokens, d_model]. A call that throws
 /// (tpa::Error, or std::bad_alloc) leaves the layer and the cache unchanged. A layer is immutable
@@ -106,14 +108,20 @@ class MultiHeadLatentAttention {
     ScratchGuard guard(ctx.scratch());
     detail::Segment seg{-1, 0, n, 0};
     const MlaForm form = resolve(&seg, 1);
-    Buffers b = allocate(ctx, n, form, &seg, 1);
-    project(ctx, x, b, form, &seg, 1);
+    Buffers b = allocate(ctx, n, &form, &seg, 1);
+    project(ctx, x, b, &seg, 1);
     const float* base[1] = {b.lat};
     const FactorPlace places[2] = {FactorPlace::token_major(0, 1, cfg_.kv_lora_rank),
                                    FactorPlace::token_major(n * cfg_.kv_lora_rank, 1,
                                                             cfg_.qk_rope_head_dim)};
-    attend<float>(ctx, b, form, seg, detail::contiguous_view<float>(base, places, n));
-    finish(ctx, b, form, y);
+    const SeqView<float> view = detail::contiguous_view<float>(base, places, n);
+    if (form == MlaForm::kAbsorbed) {
+      const GroupedAttentionParams<float> p = absorbed_params<float>(b, seg, view);
+      grouped_attention<Backend>(ctx, &p, 1);
+    } else {
+      attend_explicit(ctx, b, seg, view);
+    }
+    finish(ctx, b, &form, &seg, 1, y);
   }
 
   /// Appends the tokens x to sequence `seq` of `cache` (layer `layer`) at the positions that
@@ -127,8 +135,31 @@ class MultiHeadLatentAttention {
     run_cached(ctx, x, y, cache, layer, &seg, 1);
   }
 
+  /// Ragged call: appends chunk i's tokens — the next chunks[i].tokens rows of x, in order — to
+  /// sequence chunks[i].seq of `cache` (layer `layer`) and attends over everything cached, for
+  /// every chunk at once: prefill chunks, single decode tokens and speculative drafts in any mix
+  /// (continuous batching, chunked prefill beside decode). The work of all chunks is split over
+  /// ctx's threads, across and within chunks. Each chunk's outputs and cache entries are the
+  /// bits it would get called alone (and with any thread count). All or nothing: if it throws,
+  /// no sequence changed.
+  /// \throws Error as forward(…, seq), or if there is no chunk, a chunk has no token, the tokens
+  /// do not add up to x's rows, or a sequence appears twice.
+  void forward(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
+               int layer, const Chunk* chunks, Index n_chunks) const {
+    ScratchGuard guard(ctx.scratch());
+    detail::Segment* segs = detail::chunk_segments(kWho, ctx.scratch(), x.dimension(0), chunks,
+                                                   n_chunks);
+    run_cached(ctx, x, y, cache, layer, segs, n_chunks);
+  }
+  /// The ragged call over a vector of chunks (see above).
+  void forward(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
+               int layer, const std::vector<Chunk>& chunks) const {
+    forward(ctx, x, y, cache, layer, chunks.data(), static_cast<Index>(chunks.size()));
+  }
+
   /// One token for each of several sequences: row b of x [B, d_model] is the next token of
-  /// seqs[b]. Sequences may have different lengths; each must appear once.
+  /// seqs[b] (the ragged call with one-token chunks). Sequences may have different lengths; each
+  /// must appear once.
   /// \throws Error as forward(), or if seqs.size() != B or a sequence repeats.
   void decode(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
               int layer, const std::vector<SeqId>& seqs) const {
@@ -196,6 +227,10 @@ class MultiHeadLatentAttention {
         wq_abs_.block(h * w + d_c, 0, d_R, din) = uq.block(h * d_qk + d_n, 0, d_R, din);
       }
     }
+    if (!fold_q_) {  // W_UK,hᵀ [d_c, d_n] per head, rows contiguous for the query products
+      uk_t_.resize(H * d_c, d_n);
+      for (Index h = 0; h < H; ++h) uk_t_.block(h * d_c, 0, d_c, d_n) = w_uk(h).transpose();
+    }
     if (fold_o_) {
       wo_abs_.resize(D, H * d_c);
       for (Index h = 0; h < H; ++h) {
@@ -238,26 +273,34 @@ class MultiHeadLatentAttention {
                : MlaForm::kAbsorbed;
   }
 
-  // All scratch of a call, taken before anything is appended to the cache.
-  Buffers allocate(Context& ctx, Index N, MlaForm form, const detail::Segment* segs,
+  // All scratch of a call, taken before anything is appended to the cache. forms[s] is the
+  // form of segment s (each segment's own resolve()).
+  Buffers allocate(Context& ctx, Index N, const MlaForm* forms, const detail::Segment* segs,
                    Index n_segs) const {
     const Index H = cfg_.n_heads, d_c = cfg_.kv_lora_rank, d_R = cfg_.qk_rope_head_dim;
     const Index d_qk = cfg_.qk_head_dim(), d_v = cfg_.v_head_dim;
     Scratch& s = ctx.scratch();
-    const bool absorbed = form == MlaForm::kAbsorbed;
+    bool absorbed = false, explicit_form = false;
+    Index l_max = 0;
+    for (Index i = 0; i < n_segs; ++i) {
+      if (forms[i] == MlaForm::kAbsorbed) {
+        absorbed = true;
+      } else {
+        explicit_form = true;
+        l_max = std::max(l_max, segs[i].pos0 + segs[i].n);
+      }
+    }
     Buffers b;
     b.n = N;
     b.lat = s.floats(N * (d_c + d_R));
     if (cfg_.q_lora_rank > 0) b.qin = s.floats(N * cfg_.q_lora_rank);
-    if (!absorbed || !fold_q_) b.q = s.floats(N * H * d_qk);
+    if (explicit_form || !fold_q_) b.q = s.floats(N * H * d_qk);
     if (absorbed) {
       b.qa = s.floats(N * H * (d_c + d_R));
       b.o_lat = s.floats(N * H * d_c);
     }
-    if (!absorbed || !fold_o_) b.o = s.floats(N * H * d_v);
-    if (!absorbed) {
-      Index l_max = 0;
-      for (Index i = 0; i < n_segs; ++i) l_max = std::max(l_max, segs[i].pos0 + segs[i].n);
+    if (explicit_form || !fold_o_) b.o = s.floats(N * H * d_v);
+    if (explicit_form) {
       b.kv = s.floats(l_max * H * (d_qk + d_v));
       b.gather = s.floats(std::min(l_max, kGather) * d_c);
     }
@@ -275,7 +318,9 @@ class MultiHeadLatentAttention {
   }
 
   // Latents (c_kv', rotated k_pe) and the queries of the chosen form, all tokens at once.
-  void project(Context& ctx, const ConstTensorView<float, 2>& x, const Buffers& b, MlaForm form,
+  // (The absorbed query is computed for all rows when b.qa is there, the plain one when b.q is:
+  // every row's result is the same whatever the other rows, so a segment's rows are unaffected.)
+  void project(Context& ctx, const ConstTensorView<float, 2>& x, const Buffers& b,
                const detail::Segment* segs, Index n_segs) const {
     const Index N = b.n, D = cfg_.d_model, H = cfg_.n_heads, d_c = cfg_.kv_lora_rank;
     const Index d_n = cfg_.qk_nope_head_dim, d_R = cfg_.qk_rope_head_dim, d_qk = cfg_.qk_head_dim();
@@ -301,17 +346,17 @@ class MultiHeadLatentAttention {
       detail::project(ctx, qin, N, {{w_uq(), b.q}});
       rotate_heads(b.q, d_qk, d_n, segs, n_segs);
     }
-    if (form != MlaForm::kAbsorbed) return;
+    if (b.qa == nullptr) return;
     const Index wa = d_c + d_R;
     if (fold_q_) {
       detail::project(ctx, qin, N, {{wq_abs_, b.qa}});
       rotate_heads(b.qa, wa, d_c, segs, n_segs);
       return;
     }
-    for (Index h = 0; h < H; ++h) {
-      StridedMap(b.qa + h * wa, N, d_c, Eigen::OuterStride<>(H * wa)).noalias() =
-          ConstStridedMap(b.q + h * d_qk, N, d_n, Eigen::OuterStride<>(H * d_qk)) * w_uk(h);
-    }
+    for (Index h = 0; h < H; ++h)
+      detail::project_strided(b.q + h * d_qk, H * d_qk, N,
+                              ConstMatrixMap<float>(uk_t_.data() + h * d_c * d_n, d_c, d_n),
+                              b.qa + h * wa, H * wa);
     for (Index t = 0; t < N; ++t)
       for (Index h = 0; h < H; ++h)
         std::memcpy(b.qa + (t * H + h) * wa + d_c, b.q + (t * H + h) * d_qk + d_n,
@@ -329,49 +374,61 @@ class MultiHeadLatentAttention {
     ScratchGuard guard(ctx.scratch());
     detail::CacheCall<CacheScalar> call(ctx, cache, layer, segs, n_segs, blocks);
     const Index N = x.dimension(0), d_c = cfg_.kv_lora_rank, d_R = cfg_.qk_rope_head_dim;
-    const MlaForm form = resolve(segs, n_segs);
-    Buffers b = allocate(ctx, N, form, segs, n_segs);
-    project(ctx, x, b, form, segs, n_segs);
+    // Each segment's form is its own (as if it were called alone).
+    auto* forms = static_cast<MlaForm*>(ctx.scratch().bytes(sizeof(MlaForm) * n_segs));
+    Index n_absorbed = 0;
+    for (Index s = 0; s < n_segs; ++s) {
+      forms[s] = resolve(&segs[s], 1);
+      n_absorbed += forms[s] == MlaForm::kAbsorbed;
+    }
+    using Params = GroupedAttentionParams<CacheScalar>;
+    auto* calls = static_cast<Params*>(ctx.scratch().bytes(sizeof(Params) * (n_absorbed + 1)));
+    Buffers b = allocate(ctx, N, forms, segs, n_segs);
+    project(ctx, x, b, segs, n_segs);
     for (Index s = 0; s < n_segs; ++s) {
       const FactorRows rows[2] = {{b.lat + segs[s].row0 * d_c, d_c},
                                   {b.lat + N * d_c + segs[s].row0 * d_R, d_R}};
       cache.append(segs[s].seq, layer, segs[s].n, rows);
     }
+    // The absorbed segments in one kernel call, split over ctx's threads; then the explicit ones
+    // one after the other (each up-projects its latents, then splits its attention).
+    Index c = 0;
     for (Index s = 0; s < n_segs; ++s)
-      attend<CacheScalar>(ctx, b, form, segs[s], cache.view(segs[s].seq, layer));
-    finish(ctx, b, form, y);
+      if (forms[s] == MlaForm::kAbsorbed)
+        new (&calls[c++]) Params(absorbed_params<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer)));
+    if (n_absorbed > 0) grouped_attention<Backend>(ctx, calls, n_absorbed);
+    for (Index s = 0; s < n_segs; ++s)
+      if (forms[s] == MlaForm::kExplicit)
+        attend_explicit(ctx, b, segs[s], cache.view(segs[s].seq, layer));
+    finish(ctx, b, forms, segs, n_segs, y);
     call.commit();
   }
 
-  // Attention of one segment's queries over the latents in `lat` (factor 0 = c_kv' [d_c],
-  // factor 1 = k_pe [d_R], at least pos0 + n tokens).
+  // The absorbed form's kernel call of one segment: MQA over the latents `lat` (factor 0 =
+  // c_kv' [d_c], factor 1 = k_pe [d_R], at least pos0 + n tokens), one KV head, key =
+  // [c_kv' | k_pe], value = c_kv'.
   template <class S>
-  void attend(Context& ctx, const Buffers& b, MlaForm form, const detail::Segment& seg,
-              const SeqView<S>& lat) const {
+  GroupedAttentionParams<S> absorbed_params(const Buffers& b, const detail::Segment& seg,
+                                            const SeqView<S>& lat) const {
     const Index H = cfg_.n_heads, d_c = cfg_.kv_lora_rank, d_R = cfg_.qk_rope_head_dim;
-    if (form == MlaForm::kAbsorbed) {
-      // MQA over the latents: one KV head, key = [c_kv' | k_pe], value = c_kv'.
-      GroupedAttentionParams<S> p;
-      p.q = b.qa + seg.row0 * H * (d_c + d_R);
-      p.q_stride = H * (d_c + d_R);
-      p.o = b.o_lat + seg.row0 * H * d_c;
-      p.o_stride = H * d_c;
-      p.n_q = seg.n;
-      p.q_pos0 = seg.pos0;
-      p.n_heads = H;
-      p.n_kv_heads = 1;
-      p.k_factor[0] = 0;
-      p.k_dims[0] = d_c;
-      p.k_factor[1] = 1;
-      p.k_dims[1] = d_R;
-      p.v_factor = 0;
-      p.d_v = d_c;
-      p.scale = cfg_.scale();
-      p.kv = lat;
-      grouped_attention<Backend>(ctx, &p, 1);
-      return;
-    }
-    attend_explicit(ctx, b, seg, lat);
+    GroupedAttentionParams<S> p;
+    p.q = b.qa + seg.row0 * H * (d_c + d_R);
+    p.q_stride = H * (d_c + d_R);
+    p.o = b.o_lat + seg.row0 * H * d_c;
+    p.o_stride = H * d_c;
+    p.n_q = seg.n;
+    p.q_pos0 = seg.pos0;
+    p.n_heads = H;
+    p.n_kv_heads = 1;
+    p.k_factor[0] = 0;
+    p.k_dims[0] = d_c;
+    p.k_factor[1] = 1;
+    p.k_dims[1] = d_R;
+    p.v_factor = 0;
+    p.d_v = d_c;
+    p.scale = cfg_.scale();
+    p.kv = lat;
+    return p;
   }
 
   // Explicit form: up-project the latents of keys 0 … pos0+n−1 to per-head keys and values in
@@ -426,21 +483,28 @@ class MultiHeadLatentAttention {
     grouped_attention<Backend>(ctx, &p, 1);
   }
 
-  // Per-head outputs (absorbed: o_h = W_UV,h o_lat_h), then the output projection.
-  void finish(Context& ctx, const Buffers& b, MlaForm form, TensorView<float, 2>& y) const {
-    const Index N = b.n, H = cfg_.n_heads, d_c = cfg_.kv_lora_rank, d_v = cfg_.v_head_dim;
-    if (form == MlaForm::kAbsorbed) {
-      if (fold_o_) {
-        detail::project(ctx, b.o_lat, N, {{wo_abs_, y.data()}});
-        return;
+  // Per-head outputs (absorbed: o_h = W_UV,h o_lat_h), then the output projection; one pass per
+  // run of consecutive segments of one form (all rows at once when they share it).
+  void finish(Context& ctx, const Buffers& b, const MlaForm* forms, const detail::Segment* segs,
+              Index n_segs, TensorView<float, 2>& y) const {
+    const Index H = cfg_.n_heads, d_c = cfg_.kv_lora_rank, d_v = cfg_.v_head_dim;
+    const Index D = cfg_.d_model;
+    for (Index s = 0; s < n_segs;) {
+      Index e = s + 1;
+      while (e < n_segs && forms[e] == forms[s]) ++e;
+      const Index r0 = segs[s].row0, n = segs[e - 1].row0 + segs[e - 1].n - r0;
+      s = e;
+      if (forms[e - 1] == MlaForm::kAbsorbed) {
+        if (fold_o_) {
+          detail::project(ctx, b.o_lat + r0 * H * d_c, n, {{wo_abs_, y.data() + r0 * D}});
+          continue;
+        }
+        for (Index h = 0; h < H; ++h)
+          detail::project_strided(b.o_lat + r0 * H * d_c + h * d_c, H * d_c, n,
+                                  w_uv(h), b.o + r0 * H * d_v + h * d_v, H * d_v);
       }
-      for (Index h = 0; h < H; ++h) {
-        StridedMap(b.o + h * d_v, N, d_v, Eigen::OuterStride<>(H * d_v)).noalias() =
-            ConstStridedMap(b.o_lat + h * d_c, N, d_c, Eigen::OuterStride<>(H * d_c)) *
-            w_uv(h).transpose();
-      }
+      detail::project(ctx, b.o + r0 * H * d_v, n, {{w_.c_proj, y.data() + r0 * D}});
     }
-    detail::project(ctx, b.o, N, {{w_.c_proj, y.data()}});
   }
 
   std::string kind_ = "MLA";
@@ -452,6 +516,7 @@ class MultiHeadLatentAttention {
   bool fold_o_ = false;
   Matrix<float> wq_abs_;  // [H·(d_c+d_R), d_in]: per head W_UK,hᵀ W_UQ_nope,h, then W_UQ_pe,h
   Matrix<float> wo_abs_;  // [D, H·d_c]: per head W_O[:, h·d_v …] W_UV,h
+  Matrix<float> uk_t_;    // [H·d_c, d_n]: per head W_UK,hᵀ (when the query is not folded)
 };
 
 }  // namespace tpa

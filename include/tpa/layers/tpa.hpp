@@ -14,6 +14,7 @@
 #include "tpa/core/rope.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/tpa_decode.hpp"
+#include "tpa/layers/chunk.hpp"
 #include "tpa/layers/detail/call.hpp"
 #include "tpa/layers/tpa_weights.hpp"
 #include "tpa/runtime/context.hpp"
@@ -121,8 +122,31 @@ class TensorProductAttention {
     run_cached(ctx, x, y, cache, layer, &seg, 1);
   }
 
+  /// Ragged call: appends chunk i's tokens — the next chunks[i].tokens rows of x, in order — to
+  /// sequence chunks[i].seq of `cache` (layer `layer`) and attends over everything cached, for
+  /// every chunk at once: prefill chunks, single decode tokens and speculative drafts in any mix
+  /// (continuous batching, chunked prefill beside decode). The work of all chunks is split over
+  /// ctx's threads, across and within chunks. Each chunk's outputs and cache entries are the
+  /// bits it would get called alone (and with any thread count). All or nothing: if it throws,
+  /// no sequence changed.
+  /// \throws Error as forward(…, seq), or if there is no chunk, a chunk has no token, the tokens
+  /// do not add up to x's rows, or a sequence appears twice.
+  void forward(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
+               int layer, const Chunk* chunks, Index n_chunks) const {
+    ScratchGuard guard(ctx.scratch());
+    detail::Segment* segs = detail::chunk_segments(kWho, ctx.scratch(), x.dimension(0), chunks,
+                                                   n_chunks);
+    run_cached(ctx, x, y, cache, layer, segs, n_chunks);
+  }
+  /// The ragged call over a vector of chunks (see above).
+  void forward(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
+               int layer, const std::vector<Chunk>& chunks) const {
+    forward(ctx, x, y, cache, layer, chunks.data(), static_cast<Index>(chunks.size()));
+  }
+
   /// One token for each of several sequences: row b of x [B, d_model] is the next token of
-  /// seqs[b]. Sequences may have different lengths; each must appear once.
+  /// seqs[b] (the ragged call with one-token chunks). Sequences may have different lengths; each
+  /// must appear once.
   /// \throws Error as forward(), or if seqs.size() != B or a sequence repeats.
   void decode(Context& ctx, ConstTensorView<float, 2> x, TensorView<float, 2> y, Cache& cache,
               int layer, const std::vector<SeqId>& seqs) const {

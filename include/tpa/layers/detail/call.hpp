@@ -6,12 +6,14 @@
 #include <cmath>
 #include <cstddef>
 #include <initializer_list>
+#include <new>
 #include <vector>
 
 #include "tpa/cache/kv_cache.hpp"
 #include "tpa/core/error.hpp"
 #include "tpa/core/rope.hpp"
 #include "tpa/core/tensor.hpp"
+#include "tpa/layers/chunk.hpp"
 #include "tpa/runtime/context.hpp"
 
 namespace tpa {
@@ -35,6 +37,29 @@ inline void check_io(const char* who, const ConstTensorView<float, 2>& x,
             ": y is [", y.dimension(0), ", ", y.dimension(1), "], must be x's shape [",
             x.dimension(0), ", ", x.dimension(1), "]");
   TPA_CHECK(x.data() != nullptr && y.data() != nullptr, who, ": x and y must not be null");
+}
+
+/// The segments of a ragged call's chunks, in `scratch` (consecutive rows of x, in order).
+/// \throws Error unless there is at least one chunk, each has ≥ 1 token, and the tokens add up to
+/// x's rows (the sequences are checked by plan_cache_call).
+inline Segment* chunk_segments(const char* who, Scratch& scratch, Index rows, const Chunk* chunks,
+                               Index n_chunks) {
+  TPA_CHECK(n_chunks >= 1 && chunks != nullptr, who, ": a ragged call needs at least one chunk, got ",
+            n_chunks);
+  auto* segs = static_cast<Segment*>(
+      scratch.bytes(sizeof(Segment) * static_cast<std::size_t>(n_chunks)));
+  Index row = 0;
+  for (Index i = 0; i < n_chunks; ++i) {
+    TPA_CHECK(chunks[i].tokens >= 1, who, ": chunk ", i, " (sequence ", chunks[i].seq, ") has ",
+              chunks[i].tokens, " tokens, needs at least 1");
+    TPA_CHECK(chunks[i].tokens <= rows - row, who, ": the chunks hold more tokens than x has rows (",
+              rows, "): chunk ", i, " needs rows ", row, " … ", row + chunks[i].tokens - 1);
+    segs[i] = Segment{chunks[i].seq, row, chunks[i].tokens, 0};
+    row += chunks[i].tokens;
+  }
+  TPA_CHECK(row == rows, who, ": the chunks hold ", row, " tokens, x has ", rows,
+            " rows; they must be equal");
+  return segs;
 }
 
 /// Checks that every segment can be appended to `cache` (live, distinct sequences; layout; room
@@ -130,45 +155,97 @@ class CacheCall {
   bool armed_ = false;
 };
 
-/// Output features per GEMM of project() for n ≤ 32 rows: the widest slice (≤ 256) for which
-/// both blocks Eigen's GEMM packs (sizes from its own blocking heuristic, kc × slice and
-/// kc × n) fit under EIGEN_STACK_ALLOCATION_LIMIT, so that it puts them on the stack.
-inline Index stack_gemm_cols(Index depth, Index n, Index out) {
-  Index cols = std::min<Index>(out, 256);
-  for (; cols > 8; cols /= 2) {
-    Index kc = depth, mc = cols, nc = n;
-    Eigen::internal::computeProductBlockingSizes<float, float, 1>(kc, mc, nc, Index(1));
-    if (kc * std::max(mc, nc) * Index(sizeof(float)) <= EIGEN_STACK_ALLOCATION_LIMIT) break;
-  }
-  return cols;
-}
+/// \brief The products y[n, out] = x[n, depth] · Wᵀ of the layers, computed so that every
+/// output element is the same float whatever the thread count, the number of rows n of the call
+/// and the row's place in it (a decode token alone, or in a ragged batch, gives the bits it gives
+/// in any other call).
+///
+/// Each element is the dot product of its x row and W row in one fixed order: kDotLanes partial
+/// sums (lane j adds the products of k ≡ j mod kDotLanes, k ascending), added pairwise (lane
+/// j + 16 into j, then + 8, + 4, + 2, + 1), then the products of the last depth mod kDotLanes elements
+/// in order. The kernel computes blocks of kDotRows rows × kDotCols features at a time (so
+/// a weight row is read once per kDotRows rows) with that same arithmetic for every element of
+/// every block shape; threads take whole tiles of kProjectTile features.
+constexpr Index kProjectTile = 128;
+/// Partial sums per dot product: two AVX-512 vectors (or four AVX2 ones), so that each sum's
+/// dependency chain is one add every other step; with 16 lanes a single decode token's
+/// projection ran about 1.5x slower than Eigen's GEMV (latency-bound), with 32 about as fast.
+constexpr int kDotLanes = 32;
+constexpr int kDotRows = 2;
+#if defined(__AVX512F__)
+constexpr int kDotCols = 4;  // 8 dot products × 2 zmm = 16 of the 32 zmm registers
+constexpr int kDotCols1 = 8;  // features of a one-row block (decode): 16 zmm too
+#else
+constexpr int kDotCols = 2;  // 4 dot products × 4 ymm = all 16 ymm registers
+constexpr int kDotCols1 = 4;
+#endif
 
-/// Output features [c0, c1) of y[n, W.rows()] = x[n, W.cols()] · Wᵀ, all row-major and
-/// contiguous, on the calling thread. Allocates nothing for n ≤ 32 (decode and decode batches);
-/// larger n (prefill) may let Eigen's GEMM allocate.
-inline void project_cols(const float* x, Index n, const ConstMatrixMap<float>& w, float* y,
-                         Index c0, Index c1) {
-  ConstMatrixMap<float> xm(x, n, w.cols());
-  MatrixMap<float> ym(y, n, w.rows());
-  if (n == 1) {  // GEMV straight into y (no temporary)
-    ym.row(0).segment(c0, c1 - c0).transpose().noalias() =
-        w.middleRows(c0, c1 - c0) * xm.row(0).transpose();
-  } else if (n <= 32) {
-    // One GEMM per slice of output features (W is still read once): one GEMM over all of W
-    // would heap-allocate its packed blocks.
-    const Index cols = stack_gemm_cols(w.cols(), n, c1 - c0);
-    for (Index c = c0; c < c1; c += cols) {
-      const Index cw = std::min(cols, c1 - c);
-      ym.middleCols(c, cw).noalias() = xm * w.middleRows(c, cw).transpose();
+/// y[r·ldy + c] = x_r · w_c for R rows (x row r at x + r·ldx) and C features (w row c at
+/// w + c·ldw), depth elements each, in the order described at kProjectTile.
+template <int R, int C>
+inline void dot_block(const float* x, Index ldx, const float* w, Index ldw, Index depth, float* y,
+                      Index ldy) {
+  float acc[R][C][kDotLanes];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      for (int j = 0; j < kDotLanes; ++j) acc[r][c][j] = 0.f;
+  const Index kv = depth / kDotLanes * kDotLanes;
+  for (Index k = 0; k < kv; k += kDotLanes) {
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + k;
+      for (int c = 0; c < C; ++c) {
+        const float* wc = w + c * ldw + k;
+        for (int j = 0; j < kDotLanes; ++j) acc[r][c][j] += xr[j] * wc[j];
+      }
     }
-  } else {
-    ym.middleCols(c0, c1 - c0).noalias() = xm * w.middleRows(c0, c1 - c0).transpose();
+  }
+  static_assert(kDotLanes == 32, "dot_block reduces 32 lanes");
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float* a = acc[r][c];
+      // Pairwise, with constant trip counts so that the compiler keeps the vectors.
+      for (int j = 0; j < 16; ++j) a[j] += a[j + 16];
+      for (int j = 0; j < 8; ++j) a[j] += a[j + 8];
+      for (int j = 0; j < 4; ++j) a[j] += a[j + 4];
+      for (int j = 0; j < 2; ++j) a[j] += a[j + 2];
+      a[0] += a[1];
+      float s = a[0];
+      for (Index k = kv; k < depth; ++k) s += x[r * ldx + k] * w[c * ldw + k];
+      y[r * ldy + c] = s;
+    }
   }
 }
 
-/// y[n, W.rows()] = x[n, W.cols()] · Wᵀ on the calling thread (see project_cols).
-inline void project(const float* x, Index n, const Matrix<float>& w, float* y) {
-  project_cols(x, n, ConstMatrixMap<float>(w.data(), w.rows(), w.cols()), y, 0, w.rows());
+/// Rows [0, n) × features [0, cols) of y = x · Wᵀ (x rows ldx apart, W rows ldw apart, y rows
+/// ldy apart, y pointing at the first feature), on the calling thread: blocks of kDotRows rows ×
+/// kDotCols features (a last single row: 1 × kDotCols1), the remainders one feature at a time
+/// (same arithmetic).
+inline void dot_tile(const float* x, Index ldx, Index n, const float* w, Index ldw, Index depth,
+                     Index cols, float* y, Index ldy) {
+  for (Index i = 0; i < n; i += kDotRows) {
+    const float* xi = x + i * ldx;
+    float* yi = y + i * ldy;
+    if (n - i >= kDotRows) {
+      const Index c_main = cols / kDotCols * kDotCols;
+      for (Index c = 0; c < c_main; c += kDotCols)
+        dot_block<kDotRows, kDotCols>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+      for (Index c = c_main; c < cols; ++c)
+        dot_block<kDotRows, 1>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+    } else {
+      const Index c_main = cols / kDotCols1 * kDotCols1;
+      for (Index c = 0; c < c_main; c += kDotCols1)
+        dot_block<1, kDotCols1>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+      for (Index c = c_main; c < cols; ++c)
+        dot_block<1, 1>(xi, ldx, w + c * ldw, ldw, depth, yi + c, ldy);
+    }
+  }
+}
+
+/// y[n, out] = x[n, depth] · Wᵀ with strided x and y (W [out, depth] row-major) on the calling
+/// thread, with the same per-element guarantee as project(ctx, …).
+inline void project_strided(const float* x, Index ldx, Index n, const ConstMatrixMap<float>& w,
+                            float* y, Index ldy) {
+  dot_tile(x, ldx, n, w.data(), w.cols(), w.cols(), w.rows(), y, ldy);
 }
 
 /// One product of a batched project(): y[n, w.rows()] = x · wᵀ (w row-major).
@@ -180,31 +257,37 @@ struct Projection {
 };
 
 /// Every product of `ps` over the same input x[n, d] (each y row-major and contiguous), spread
-/// over ctx's threads: the output features of all products are cut into one contiguous range per
-/// thread (multiples of 16), so each thread streams its share of the weights once. Allocates
-/// nothing for n ≤ 32.
+/// over ctx's threads by whole tiles of kProjectTile output features (contiguous runs of tiles
+/// per thread, so each thread streams its share of the weights once). Every output element is
+/// the same float with any thread count and any n (see kProjectTile). Allocates nothing.
 inline void project(Context& ctx, const float* x, Index n, std::initializer_list<Projection> ps) {
-  constexpr Index kAlign = 16;
-  Index total = 0;
-  for (const Projection& p : ps) total += p.w.rows();
+  if (ps.size() == 0) return;
+  const Index depth = ps.begin()->w.cols();
+  Index total = 0, tiles = 0;
+  for (const Projection& p : ps) {
+    total += p.w.rows();
+    tiles += (p.w.rows() + kProjectTile - 1) / kProjectTile;
+  }
   // Below 64 K multiply-adds (256 KB of weights) waking a second thread costs about what it saves.
-  const Index cols = ps.size() ? ps.begin()->w.cols() : 0;
   const Index parts =
-      total * cols * n < (Index(1) << 16) ? 1 : std::min<Index>(ctx.threads(), total / kAlign);
+      total * depth * n < (Index(1) << 16) ? 1 : std::min<Index>(ctx.threads(), tiles);
+  const auto run_tiles = [&](Index t0, Index t1) {
+    Index t = 0;
+    for (const Projection& p : ps) {
+      const Index out = p.w.rows();
+      for (Index c = 0; c < out; c += kProjectTile, ++t) {
+        if (t < t0 || t >= t1) continue;
+        dot_tile(x, depth, n, p.w.data() + c * depth, depth, depth,
+                 std::min(kProjectTile, out - c), p.y + c, out);
+      }
+    }
+  };
   if (parts <= 1) {
-    for (const Projection& p : ps) project_cols(x, n, p.w, p.y, 0, p.w.rows());
+    run_tiles(0, tiles);
     return;
   }
   ctx.parallel_for(parts, [&](Index part) {
-    const auto cut = [&](Index k) { return k == parts ? total : (k * total / parts) / kAlign * kAlign; };
-    const Index lo = cut(part), hi = cut(part + 1);
-    Index base = 0;
-    for (const Projection& p : ps) {
-      const Index r = p.w.rows();
-      const Index c0 = std::max(lo, base) - base, c1 = std::min(hi, base + r) - base;
-      if (c0 < c1) project_cols(x, n, p.w, p.y, c0, c1);
-      base += r;
-    }
+    run_tiles(part * tiles / parts, (part + 1) * tiles / parts);
   });
 }
 
