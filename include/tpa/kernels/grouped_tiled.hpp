@@ -12,6 +12,7 @@
 #include <new>
 #include <type_traits>
 
+#include "tpa/core/quant.hpp"
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/lane_reduce.hpp"
 #include "tpa/kernels/params.hpp"
@@ -268,7 +269,7 @@ class GroupedTiled {
     // process): MLA d_v 512 3-9 % faster, MQA d_v 128 3-8 % slower, so only from kPvtMinDims.
     sh.acc_t = sh.ni == 1 && sh.gs >= Ops::kLaneRowsMin && sh.d_v >= kPvtMinDims;
     sh.pack_v = !std::is_same<S, float>::value || p.d_v % kW != 0;
-    sh.pack_k = sh.gs < Ops::kLaneRowsMin && sh.ni * sh.gs > 1;
+    sh.pack_k = sh.gs < Ops::kLaneRowsMin && (sh.ni * sh.gs > 1 || two_scaled_parts(p));
     return sh;
   }
 
@@ -468,7 +469,7 @@ class GroupedTiled {
       p_rs = kT;
       p_ts = 1;
       qk_dot(p, sh, g, blk, off, n, b.q + (rw.base + rw.skip) * sh.dq_pad, nr, sp,
-             nr > 1 ? b.kp : nullptr, next, per_call);
+             nr > 1 || two_scaled_parts(p) ? b.kp : nullptr, next, per_call);
       for (Index rr = 0; rr < nr; ++rr) {
         const Index r = rw.base + rw.skip + rr;
         const Index i = ib + (rw.skip + rr) / gs;
@@ -489,10 +490,15 @@ class GroupedTiled {
       v_ld = v_src_ld;
     }
     if (sh.pack_v) {
-      for (Index t = 0; t < n; ++t)
+      const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
+      for (Index t = 0; t < n; ++t) {
+        const V sc = Ops::set1(v_sc != nullptr ? v_sc[t] : 1.f);
         for (Index c = 0; c < sh.d_v_pad; c += kW)
           Ops::store(b.vp + t * sh.d_v_pad + c,
-                     Ops::template load_widen<S>(v_src + t * v_src_ld + c, std::min(kW, d_v - c)));
+                     dequant(Ops::template load_widen<S>(v_src + t * v_src_ld + c,
+                                                         std::min(kW, d_v - c)),
+                             sc));
+      }
       v = b.vp;
       v_ld = sh.d_v_pad;
     }
@@ -551,6 +557,29 @@ class GroupedTiled {
     return p.kv.row(p.k_factor[part], blk, g) + t * *ld;
   }
 
+  // Quantized S (tpa::q8): the scales of row g of factor f for tokens off … of block blk;
+  // null otherwise.
+  static const float* row_scales(const P& p, std::size_t f, Index blk, Index g, Index off) {
+    if constexpr (is_quantized_v<S>) {
+      return p.kv.scales(f, blk, g) + off;
+    } else {
+      (void)p, (void)f, (void)blk, (void)g, (void)off;
+      return nullptr;
+    }
+  }
+  // A widened row vector times its scale (quantized S); the vector itself otherwise.
+  TPA_ALWAYS_INLINE static V dequant(V x, V scale) {
+    if constexpr (is_quantized_v<S>) {
+      return Ops::mul(x, scale);
+    } else {
+      (void)scale;
+      return x;
+    }
+  }
+  // Quantized keys in two parts (MLA: c_kv and k_pe, each with its own scales) are scored from
+  // the dequantized kp copy, never in place (the in-place product scales whole scores).
+  static bool two_scaled_parts(const P& p) { return is_quantized_v<S> && p.k_dims[1] > 0; }
+
   // s [nr, kT] (rows × tokens) = q [nr, dq_pad] · K tile [n, d_qk]ᵀ: per row and block of W
   // tokens, W accumulators over the key dims, then lane_reduce (lane t = token t). Blocks past
   // n are not computed; scores of tokens past n are masked later.
@@ -570,10 +599,14 @@ class GroupedTiled {
         Index dim, ld;
         const S* k = key_part(p, part, g, blk, off, &dim, &ld);
         if (k == nullptr) continue;
-        for (Index t = 0; t < n; ++t)
+        const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off);
+        for (Index t = 0; t < n; ++t) {
+          const V sc = Ops::set1(k_sc != nullptr ? k_sc[t] : 1.f);
           for (Index c = 0; c < dim; c += kW)
             Ops::store(kp + ((c0 + c) / kW * kT + t) * kW,
-                       Ops::template load_widen<S>(k + t * ld + c, std::min(kW, dim - c)));
+                       dequant(Ops::template load_widen<S>(k + t * ld + c, std::min(kW, dim - c)),
+                               sc));
+        }
         c0 += round_up(dim, kW);
       }
       const Index n_pad = std::min(kT, round_up(n, kW));
@@ -604,7 +637,13 @@ class GroupedTiled {
             qr += round_up(dim, kW);
           }
         }
-        Ops::store(s + r * kT + tb * kW, lane_reduce<Ops>(acc));
+        V res = lane_reduce<Ops>(acc);
+        if constexpr (is_quantized_v<S>) {  // in place: one key part, one scale per token
+          if (kp == nullptr)
+            res = Ops::mul(res, Ops::template load_widen<float>(
+                                    row_scales(p, p.k_factor[0], blk, g, off) + tb * kW, nt));
+        }
+        Ops::store(s + r * kT + tb * kW, res);
       }
     }
   }
@@ -661,11 +700,12 @@ class GroupedTiled {
         for (Index v = 0; v < nv; v += VB) {
           for (Index tb = 0; tb < n; tb += NT) {
             pf.issue(per_call);
+            const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off + tb);
             if (v + VB <= nv)
-              qk_lane_block<VB>(k + tb * ld + jc, ld, std::min(NT, n - tb), len, q + v * kW, rp,
-                                s + tb * rp + v * kW, rp, first);
+              qk_lane_block<VB>(k + tb * ld + jc, ld, k_sc, std::min(NT, n - tb), len,
+                                q + v * kW, rp, s + tb * rp + v * kW, rp, first);
             else
-              qk_lane_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, std::min(NT, n - tb), len,
+              qk_lane_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, k_sc, std::min(NT, n - tb), len,
                                    q + v * kW, rp, s + tb * rp + v * kW, rp, first);
           }
         }
@@ -676,25 +716,28 @@ class GroupedTiled {
   }
 
   template <int N>
-  static void qk_lane_tail(Index nvec, const S* k, Index k_ld, Index nt, Index len, const float* q,
-                           Index q_ld, float* s, Index s_ld, bool first) {
+  static void qk_lane_tail(Index nvec, const S* k, Index k_ld, const float* k_sc, Index nt,
+                           Index len, const float* q, Index q_ld, float* s, Index s_ld,
+                           bool first) {
     if constexpr (N > 0) {
       if (nvec == N)
-        qk_lane_block<N>(k, k_ld, nt, len, q, q_ld, s, s_ld, first);
+        qk_lane_block<N>(k, k_ld, k_sc, nt, len, q, q_ld, s, s_ld, first);
       else
-        qk_lane_tail<N - 1>(nvec, k, k_ld, nt, len, q, q_ld, s, s_ld, first);
+        qk_lane_tail<N - 1>(nvec, k, k_ld, k_sc, nt, len, q, q_ld, s, s_ld, first);
     }
   }
 
   // s[t][v] (+)= Σ_j k[t][j] · q[j][v] for kLaneTokens tokens (the first nt real) and VB row
   // vectors, over `len` ≤ kChunk dims. 16-bit K rows are first widened with vector loads into a
   // [kLaneTokens, kChunk] f32 block on the stack (L1), so the broadcasts below are plain f32
-  // loads instead of one scalar conversion per element and row vector.
+  // loads instead of one scalar conversion per element and row vector; int8 rows are
+  // dequantized there too (k_sc: their tokens' scales; null unless S is quantized).
   template <int VB>
-  static void qk_lane_block(const S* k, Index k_ld, Index nt, Index len, const float* q, Index q_ld,
-                            float* s, Index s_ld, bool first) {
+  static void qk_lane_block(const S* k, Index k_ld, const float* k_sc, Index nt, Index len,
+                            const float* q, Index q_ld, float* s, Index s_ld, bool first) {
     constexpr int NT = static_cast<int>(Ops::kLaneTokens);
     if constexpr (std::is_same<S, float>::value) {
+      (void)k_sc;
       const float* rows[NT];
       TPA_UNROLL
       for (int t = 0; t < NT; ++t) rows[t] = k + std::min<Index>(t, nt - 1) * k_ld;
@@ -705,9 +748,11 @@ class GroupedTiled {
       const float* rows[NT];
       for (int t = 0; t < NT; ++t) {
         float* w = wide + t * kChunk;
-        const S* src = k + std::min<Index>(t, nt - 1) * k_ld;
+        const Index tt = std::min<Index>(t, nt - 1);
+        const S* src = k + tt * k_ld;
+        const V sc = Ops::set1(k_sc != nullptr ? k_sc[tt] : 1.f);
         for (Index j = 0; j < len; j += kW)
-          Ops::store(w + j, Ops::template load_widen<S>(src + j, std::min(kW, len - j)));
+          Ops::store(w + j, dequant(Ops::template load_widen<S>(src + j, std::min(kW, len - j)), sc));
         rows[t] = w;
       }
       qk_lane_rows<VB>(rows, len, q, q_ld, s, s_ld, first);
