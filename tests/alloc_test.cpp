@@ -96,7 +96,8 @@ Tensor<float, 2> random_rows(Index n, Index d, unsigned seed) {
 
 // Fills `seq` with n tokens of random keys and values straight into the cache (the decode
 // steps under test do not care how they got there, and this skips an O(n²) prefill).
-void fill(KVCache<float>& cache, SeqId seq, const GqaConfig& cfg, Index n, unsigned seed) {
+template <class S>
+void fill(KVCache<S>& cache, SeqId seq, const GqaConfig& cfg, Index n, unsigned seed) {
   const Index w = cfg.kv_heads() * cfg.head_dim;
   const Tensor<float, 2> kv = random_rows(n, 2 * w, seed);
   const FactorRows rows[2] = {{kv.data(), 2 * w}, {kv.data() + w, 2 * w}};
@@ -105,8 +106,9 @@ void fill(KVCache<float>& cache, SeqId seq, const GqaConfig& cfg, Index n, unsig
 
 // Two sequences of kLenA and kLenB tokens, with blocks reserved for every step below.
 constexpr Index kBlock = 16, kSteps = 40, kWarm = 4, kLenA = 2000, kLenB = 700;
+template <class S = float>
 struct TwoSequences {
-  KVCache<float> cache;
+  KVCache<S> cache;
   SeqId a, b;
   explicit TwoSequences(const CacheLayout& layout) : cache({layout}, kBlock, 1024) {
     cache.reserve_blocks((kLenA + 2 * (kWarm + kSteps)) / kBlock +
@@ -120,10 +122,10 @@ struct TwoSequences {
 // (forward) and a batch of one token each of a and b (decode), kWarm times to warm up, then
 // kSteps times with no operator new, no Eigen heap allocation, and neither the scratch arena nor
 // the cache growing.
-template <class Layer>
-void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequences& s) {
+template <class Layer, class S>
+void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequences<S>& s) {
   Context ctx(2);
-  KVCache<float>& cache = s.cache;
+  KVCache<S>& cache = s.cache;
   const SeqId a = s.a;
   const std::vector<SeqId> batch = {a, s.b};
   const Tensor<float, 2> x1 = random_rows(1, d_model, 4), xb = random_rows(2, d_model, 5);
@@ -154,6 +156,7 @@ void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequence
 
 // GQA decode of one sequence and of a batch of two, with long enough contexts that the work is
 // split over both threads (KV heads for GQA, split-K for MQA).
+template <class S = float>
 void check_decode_allocates_nothing(Index n_kv_heads) {
   GqaConfig cfg;
   cfg.d_model = 256;
@@ -161,8 +164,8 @@ void check_decode_allocates_nothing(Index n_kv_heads) {
   cfg.n_kv_heads = n_kv_heads;
   cfg.head_dim = 64;
   cfg.rope.max_positions = 8192;
-  const GroupedQueryAttention<Native> layer(cfg, GqaWeights::random(cfg, 1));
-  TwoSequences s(layer.cache_layout());
+  const GroupedQueryAttention<Native, S> layer(cfg, GqaWeights::random(cfg, 1));
+  TwoSequences<S> s(layer.cache_layout());
   fill(s.cache, s.a, cfg, kLenA, 2);
   fill(s.cache, s.b, cfg, kLenB, 3);
   check_steps_allocate_nothing(layer, cfg.d_model, s);
@@ -170,6 +173,7 @@ void check_decode_allocates_nothing(Index n_kv_heads) {
 
 // TPA (T6, or K/V-only) decode of one sequence (split-K over both threads) and of a batch of two,
 // after the caches hold random factors.
+template <class S = float>
 void check_tpa_decode_allocates_nothing(bool kv_only) {
   TpaConfig cfg;
   cfg.d_model = 256;
@@ -180,8 +184,8 @@ void check_tpa_decode_allocates_nothing(bool kv_only) {
   cfg.v_rank = 2;
   cfg.kv_only = kv_only;
   cfg.rope.max_positions = 8192;
-  const TensorProductAttention<Native> layer(cfg, TpaWeights::random(cfg, 1));
-  TwoSequences s(layer.cache_layout());
+  const TensorProductAttention<Native, S> layer(cfg, TpaWeights::random(cfg, 1));
+  TwoSequences<S> s(layer.cache_layout());
   for (const auto& [seq, len] : {std::pair<SeqId, Index>{s.a, kLenA}, {s.b, kLenB}}) {
     const Index w = cfg.cache_elements_per_token();
     const Tensor<float, 2> f = random_rows(len, w, static_cast<unsigned>(len));
@@ -231,6 +235,15 @@ TEST(AllocTest, GqaDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_n
 TEST(AllocTest, MqaSplitKDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_nothing(1); }
 
 TEST(AllocTest, TpaDecodeAllocatesNothingAfterWarmUp) { check_tpa_decode_allocates_nothing(false); }
+
+// The same with an int8 cache (tpa::q8): quantizing on append and dequantizing in the kernels
+// allocate nothing either.
+TEST(AllocTest, Int8CacheDecodeAllocatesNothingAfterWarmUp) {
+  check_decode_allocates_nothing<tpa::q8>(2);
+  check_decode_allocates_nothing<tpa::q8>(1);
+  check_tpa_decode_allocates_nothing<tpa::q8>(false);
+  check_tpa_decode_allocates_nothing<tpa::q8>(true);
+}
 
 TEST(AllocTest, TpaKvOnlyDecodeAllocatesNothingAfterWarmUp) {
   check_tpa_decode_allocates_nothing(true);

@@ -148,7 +148,8 @@ struct FactorRows {
 /// tokens, each factor placed per its FactorSpec::order (TileOrder). Each sequence owns a block table shared by all layers and one length per layer, so a
 /// model's layers append to the same sequence one after another. Blocks are allocated on first
 /// use (or up front with reserve_blocks), returned to a free list when a sequence is freed, and
-/// never moved. Values are stored as `Scalar` (float, bfloat16 or half), rounded once on append.
+/// never moved. Values are stored as `Scalar` (float, bfloat16 or half), rounded once on append,
+/// or as tpa::q8 (int8 with f32 scales per row beside the values in the block; core/quant.hpp).
 ///
 /// Memory: freeing a sequence keeps its blocks' storage on the free list, so a server that has
 /// warmed up takes blocks without allocating (a decode step allocates nothing). Storage is freed
@@ -212,39 +213,51 @@ class KVCache {
     Index offset = 0;
     for (const auto& l : layouts_) {
       TPA_CHECK(l.num_factors() >= 1, "KVCache: a layer layout has no factors");
-      LayerInfo info;
-      info.block_offset = offset;
-      info.token_units = l.elements_per_token();
-      for (std::size_t f = 0; f < l.num_factors(); ++f) {
-        info.places.push_back(l.place(f, block_tokens_));
-        if constexpr (is_quantized_v<Scalar>) {  // f32 scales: per row, or per token
-          FactorPlace& fp = info.places.back();
-          fp.scale_rows = fp.cols >= kQ8MinRowCols ? fp.rows : 1;
-          info.token_units += 4 * fp.scale_rows;
-        }
-      }
-      // (elements_per_token ≤ 2^57, so token_units ≤ 5·2^57 cannot overflow)
-      TPA_CHECK(info.token_units <= (kMaxBlockElements - offset) / block_tokens_ -
-                                        (is_quantized_v<Scalar> ? 4 : 0),
+      // (elements_per_token ≤ 2^57, so a token's Scalars, ≤ 5·2^57 with scales, cannot overflow)
+      TPA_CHECK(token_units(l) <= (kMaxBlockElements - offset) / block_tokens_ -
+                                      (is_quantized_v<Scalar> ? 4 : 0),
                 "KVCache: a block of ", block_tokens_, " tokens of these layers would hold more "
                 "than 2^57 elements");
-      if constexpr (is_quantized_v<Scalar>) {
-        // The layer's int8 data, then each factor's scales [scale_rows][block_tokens], 4-byte
-        // aligned (regions start at multiples of 4 bytes: blocks are 64-byte aligned).
-        Index at = (block_tokens_ * l.elements_per_token() + 3) / 4 * 4;
-        for (FactorPlace& fp : info.places) {
-          fp.scale_offset = at;
-          at += 4 * fp.scale_rows * block_tokens_;
-        }
-        offset += at;
-      } else {
-        offset += block_tokens_ * l.elements_per_token();
-      }
+      LayerInfo info;
+      info.block_offset = offset;
+      info.token_units = token_units(l);
+      offset += place_layer(l, block_tokens_, &info.places);
       layers_.push_back(std::move(info));
     }
     block_elements_ = offset;
     // Per-block bookkeeping grows with the blocks allocated (reserve_ids), not with max_blocks.
     layer_base_.resize(layers_.size());
+  }
+
+  /// Where each factor of layer layout `l` lives in the layer's region of a block of
+  /// `block_tokens` tokens (appended to *places, in factor order; with tpa::q8 also where its
+  /// scales live: the layer's values first, then each factor's scales, 4-byte aligned), and the
+  /// region's size in Scalars. How the constructor places every layer; for code that lays out
+  /// blocks of its own (benchmarks).
+  static Index place_layer(const CacheLayout& l, Index block_tokens,
+                           std::vector<FactorPlace>* places) {
+    const std::size_t first = places->size();
+    for (std::size_t f = 0; f < l.num_factors(); ++f) places->push_back(l.place(f, block_tokens));
+    Index size = block_tokens * l.elements_per_token();
+    if constexpr (is_quantized_v<Scalar>) {  // f32 scales: per row, or per token (q8)
+      size = (size + 3) / 4 * 4;
+      for (std::size_t f = first; f < places->size(); ++f) {
+        FactorPlace& fp = (*places)[f];
+        fp.scale_rows = fp.cols >= kQ8MinRowCols ? fp.rows : 1;
+        fp.scale_offset = size;
+        size += 4 * fp.scale_rows * block_tokens;
+      }
+    }
+    return size;
+  }
+  /// Scalars one token occupies in a layer of layout `l`: its elements, plus 4 per f32 scale
+  /// with tpa::q8.
+  static Index token_units(const CacheLayout& l) {
+    Index n = l.elements_per_token();
+    if constexpr (is_quantized_v<Scalar>) {
+      for (const auto& f : l.factors()) n += 4 * (f.cols >= kQ8MinRowCols ? f.rows : 1);
+    }
+    return n;
   }
 
   KVCache(const KVCache&) = delete;
