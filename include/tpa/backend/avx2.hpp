@@ -154,6 +154,14 @@ struct Avx2Ops {
       const __m256i idx = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(stride)));
       return _mm256_mask_i32gather_ps(zero(), p, idx, _mm256_castsi256_ps(mask), 4);
     } else if constexpr (is_quantized_v<S>) {
+      if (stride == 2) {  // bytes p[0 … 2n−2], the even ones gathered by one shuffle
+        alignas(16) std::int8_t b[16] = {};
+        std::memcpy(b, p, static_cast<std::size_t>(2 * n - 1));
+        const __m128i even = _mm_shuffle_epi8(
+            _mm_load_si128(reinterpret_cast<const __m128i*>(b)),
+            _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1));
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(even));
+      }
       S buf[8] = {};
       for (Index i = 0; i < n; ++i) buf[i] = p[i * stride];
       return load_widen<S>(buf, kWidth);

@@ -431,15 +431,17 @@ class TpaTiled {
       if constexpr (is_quantized_v<S>) {
         // Value scales folded into the weights: w(t, s) ·= A_V's scale of t · B_V's of (t, s);
         // B_V was widened unscaled above.
-        for (Index t = 0; t < count; ++t)
-          for (Index h = 0; h < H_pad; h += kW) {
-            const V sa = head_scales(p, p.a_v_factor, blk, off + t, h, H);
-            for (Index s = 0; s < RV; ++s) {
-              float* ws = w + (t * RV + s) * H_pad + h;
-              const float sb = p.kv.scales(p.b_v_factor, blk, s)[off + t];
-              Ops::store(ws, Ops::mul(Ops::load(ws), Ops::mul(sa, Ops::set1(sb))));
-            }
+        for (Index s = 0; s < RV; ++s) {
+          const float* sb = p.kv.scales(p.b_v_factor, blk, s) + off;
+          for (Index t = 0; t < count; ++t) {
+            const V b_scale = Ops::set1(sb[t]);
+            float* wt = w + (t * RV + s) * H_pad;
+            for (Index h = 0; h < H_pad; h += kW)
+              Ops::store(wt + h, Ops::mul(Ops::load(wt + h),
+                                          Ops::mul(head_scales(p, p.a_v_factor, blk, off + t, h, H),
+                                                   b_scale)));
           }
+        }
       }
       pv(w, 1, H_pad, RV * H_pad, alpha, vt, v_ld, v_sd, count, RV, b.acc + qi * H * sh.d_pad,
          sh.d_pad, H, next, per_call);
