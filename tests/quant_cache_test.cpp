@@ -278,20 +278,24 @@ void check_grouped(const std::string& what, Index kv_heads, Index head_dim = 36)
   });
 }
 
+// wide: 16 heads over a 256-element latent, so absorbed decode takes the row-lane score and
+// transposed value paths (GroupedTiled's acc_t) on every SIMD backend.
 template <class B>
-void check_mla(tpa::MlaForm form) {
+void check_mla(tpa::MlaForm form, bool wide = false) {
   tpa::MlaConfig c;
   c.d_model = 64;
-  c.n_heads = 4;
+  c.n_heads = wide ? 16 : 4;
   c.q_lora_rank = 0;
-  c.kv_lora_rank = 40;
+  c.kv_lora_rank = wide ? 256 : 40;
   c.qk_nope_head_dim = 16;
   c.qk_rope_head_dim = 12;
   c.v_head_dim = 20;
   c.rope.max_positions = 64;
   c.form = form;
   const tpa::MlaWeights w = tpa::MlaWeights::random(c, 9);
-  check_kind<B>(form == tpa::MlaForm::kAbsorbed ? "MLA absorbed" : "MLA explicit", c.d_model,
+  check_kind<B>(std::string(form == tpa::MlaForm::kAbsorbed ? "MLA absorbed" : "MLA explicit") +
+                    (wide ? " wide" : ""),
+                c.d_model,
                 [&](auto b, auto s) {
                   return tpa::MultiHeadLatentAttention<typename decltype(b)::type,
                                                        typename decltype(s)::type>(c, w);
@@ -328,7 +332,10 @@ TYPED_TEST(QuantCacheKinds, Mha) {
 }
 TYPED_TEST(QuantCacheKinds, Gqa) { check_grouped<TypeParam>("GQA-2", 2); }
 TYPED_TEST(QuantCacheKinds, Mqa) { check_grouped<TypeParam>("MQA", 1); }
-TYPED_TEST(QuantCacheKinds, MlaAbsorbed) { check_mla<TypeParam>(tpa::MlaForm::kAbsorbed); }
+TYPED_TEST(QuantCacheKinds, MlaAbsorbed) {
+  check_mla<TypeParam>(tpa::MlaForm::kAbsorbed);
+  check_mla<TypeParam>(tpa::MlaForm::kAbsorbed, true);
+}
 TYPED_TEST(QuantCacheKinds, MlaExplicit) { check_mla<TypeParam>(tpa::MlaForm::kExplicit); }
 TYPED_TEST(QuantCacheKinds, Tpa) {
   check_tpa<TypeParam>(false);
