@@ -489,6 +489,30 @@ class GroupedTiled {
       v = v_src;
       v_ld = v_src_ld;
     }
+    // int8 values are read in place by the row-major value micro-kernel when each of its calls
+    // covers all rows of the tile (MHA and GQA decode: each element widened once per step),
+    // their per-token scales folded into the probabilities; otherwise widened and scaled into vp.
+    const bool q8_in_place = is_quantized_v<S> && !sh.acc_t && d_v % kW == 0 &&
+                             nr <= Ops::kPvRows;
+    if (q8_in_place) {
+      const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
+      const Index r0 = rw.base + rw.skip;
+      if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {
+        pv(sp, p_rs, p_ts, b.alpha + r0, v_src, v_src_ld, v_sc, n, b.acc + r0 * sh.d_v_pad,
+           sh.d_v_pad, nr, next, per_call);
+      } else {  // diagonal tile: each query's rows read only the tokens it sees (as below)
+        for (Index rr = 0; rr < nr;) {
+          const Index q = (rw.skip + rr) / gs;
+          const Index end = std::min(nr, (q + 1) * gs - rw.skip);
+          const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + ib + q - t0 + 1));
+          pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v_src, v_src_ld, v_sc, count,
+             b.acc + (r0 + rr) * sh.d_v_pad, sh.d_v_pad, end - rr, next, per_call);
+          rr = end;
+        }
+      }
+      next.issue(next.pending());
+      return;
+    }
     if (sh.pack_v) {
       const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
       for (Index t = 0; t < n; ++t) {
@@ -507,8 +531,8 @@ class GroupedTiled {
       pv_t(sp, rp, b.alpha + rw.base, v, v_ld, n, d_v, b.acc + rw.base * sh.d_v_pad, next,
            per_call);
     } else if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {  // every row sees the whole tile
-      pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr, next,
-         per_call);
+      pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, nullptr, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad,
+         nr, next, per_call);
     } else {
       // Diagonal tile (prefill): each query's rows read only the tokens it sees. A masked
       // token's weight is 0, but 0 · a NaN or Inf value would still reach the earlier queries.
@@ -516,7 +540,7 @@ class GroupedTiled {
         const Index q = (rw.skip + rr) / gs;  // query ib + q
         const Index end = std::min(nr, (q + 1) * gs - rw.skip);
         const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + ib + q - t0 + 1));
-        pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v, v_ld, count,
+        pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v, v_ld, nullptr, count,
            b.acc + (r0 + rr) * sh.d_v_pad, sh.d_v_pad, end - rr, next, per_call);
         rr = end;
       }
@@ -814,17 +838,20 @@ class GroupedTiled {
 
   // acc [nr, acc_ld] = acc · alpha (per row) + P · v [n, v_ld], P(r, t) = pr[r·p_rs + t·p_ts],
   // over acc_ld / kW vectors per row. Column blocks outer: a V column block stays in L1.
-  static void pv(const float* pr, Index p_rs, Index p_ts, const float* alpha, const float* v,
-                 Index v_ld, Index n, float* acc, Index acc_ld, Index nr, RowPrefetch& pf,
-                 Index per_call) {
+  // T is float, or the quantized S read in place (whole vectors only), P(r, t) then multiplied
+  // by token t's scale v_sc[t] (null for float).
+  template <class T>
+  static void pv(const float* pr, Index p_rs, Index p_ts, const float* alpha, const T* v,
+                 Index v_ld, const float* v_sc, Index n, float* acc, Index acc_ld, Index nr,
+                 RowPrefetch& pf, Index per_call) {
     constexpr Index R = Ops::kPvRows, C = Ops::kPvCols;
     const Index nvec = acc_ld / kW;
     if (nr == 1) {  // MHA decode: kPv1Cols vectors of one row at a time
       constexpr Index C1 = kPv1Cols;
       for (Index c = 0; c < nvec; c += C1) {
         pf.issue(per_call);
-        pv_dispatch<1, C1>(1, std::min(C1, nvec - c), pr, p_rs, p_ts, alpha, v + c * kW, v_ld, n,
-                           acc + c * kW, acc_ld);
+        pv_dispatch<1, C1>(1, std::min(C1, nvec - c), pr, p_rs, p_ts, alpha, v + c * kW, v_ld,
+                           v_sc, n, acc + c * kW, acc_ld);
       }
       return;
     }
@@ -833,7 +860,7 @@ class GroupedTiled {
       for (Index r = 0; r < nr; r += R) {
         pf.issue(per_call);
         pv_dispatch<R, C>(std::min(R, nr - r), nc, pr + r * p_rs, p_rs, p_ts, alpha + r, v + c * kW,
-                          v_ld, n, acc + r * acc_ld + c * kW, acc_ld);
+                          v_ld, v_sc, n, acc + r * acc_ld + c * kW, acc_ld);
       }
     }
   }
@@ -899,23 +926,23 @@ class GroupedTiled {
   }
 
   // pv_block<nr', nc'> for nr' ≤ NR, nc' ≤ NC given at run time.
-  template <int NR, int NC>
+  template <int NR, int NC, class T>
   static void pv_dispatch(Index nr, Index nc, const float* pr, Index p_rs, Index p_ts,
-                          const float* alpha, const float* v, Index v_ld, Index n, float* acc,
-                          Index acc_ld) {
+                          const float* alpha, const T* v, Index v_ld, const float* v_sc, Index n,
+                          float* acc, Index acc_ld) {
     if constexpr (NR > 0 && NC > 0) {
       if (nr < NR)
-        pv_dispatch<NR - 1, NC>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+        pv_dispatch<NR - 1, NC>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, v_sc, n, acc, acc_ld);
       else if (nc < NC)
-        pv_dispatch<NR, NC - 1>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+        pv_dispatch<NR, NC - 1>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, v_sc, n, acc, acc_ld);
       else
-        pv_block<NR, NC>(pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+        pv_block<NR, NC>(pr, p_rs, p_ts, alpha, v, v_ld, v_sc, n, acc, acc_ld);
     }
   }
 
-  template <int NR, int NC>
-  static void pv_block(const float* pr, Index p_rs, Index p_ts, const float* alpha, const float* v,
-                       Index v_ld, Index n, float* acc, Index acc_ld) {
+  template <int NR, int NC, class T>
+  static void pv_block(const float* pr, Index p_rs, Index p_ts, const float* alpha, const T* v,
+                       Index v_ld, const float* v_sc, Index n, float* acc, Index acc_ld) {
     V a[NR][NC];
     TPA_UNROLL
     for (int r = 0; r < NR; ++r) {
@@ -925,11 +952,19 @@ class GroupedTiled {
     }
     for (Index t = 0; t < n; ++t) {
       V x[NC];
-      TPA_UNROLL
-      for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(v + t * v_ld + c * kW);
+      float vs = 1.f;  // the token's value scale, folded into its probabilities (int8)
+      if constexpr (std::is_same<T, float>::value) {
+        (void)v_sc;
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(v + t * v_ld + c * kW);
+      } else {
+        vs = v_sc[t];
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) x[c] = Ops::template load_widen<T>(v + t * v_ld + c * kW, kW);
+      }
       TPA_UNROLL
       for (int r = 0; r < NR; ++r) {
-        const V w = Ops::set1(pr[r * p_rs + t * p_ts]);
+        const V w = Ops::set1(pr[r * p_rs + t * p_ts] * vs);
         TPA_UNROLL
         for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(w, x[c], a[r][c]);
       }
