@@ -698,6 +698,8 @@ void register_all() {
           ->Iterations(1);
       benchmark::RegisterBenchmark((base + "/f16").c_str(), cache_size<tpa::half>, s, k)
           ->Iterations(1);
+      benchmark::RegisterBenchmark((base + "/int8").c_str(), cache_size<tpa::q8>, s, k)
+          ->Iterations(1);
     }
   }
 

@@ -183,8 +183,10 @@ inline const std::vector<Shape>& shapes() {
 /// The short name of a cache scalar in benchmark names: f32, bf16, f16.
 template <class S>
 const char* scalar_name() {
-  return std::is_same<S, float>::value ? "f32" : std::is_same<S, tpa::bfloat16>::value ? "bf16"
-                                                                                       : "f16";
+  return std::is_same<S, float>::value           ? "f32"
+         : std::is_same<S, tpa::bfloat16>::value ? "bf16"
+         : std::is_same<S, tpa::q8>::value       ? "int8"
+                                                 : "f16";
 }
 
 /// Eigen-baseline sizes: the materialised cache a hand-written layer keeps per token.

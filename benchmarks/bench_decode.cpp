@@ -7,9 +7,11 @@
 //   MHA  G = 32        GQA8  G = 8        MQA  G = 1
 //   MLA  G = 1, keys 512 + 64 (c_kv, k_pe), value = the 512-part (absorbed decode)
 //   TPA  R_Q = 6, R_K = R_V = 2 (the T6 ranks): factors A_K, B_K, A_V, B_V (FlashTPA kernel)
-// cache:f32|bf16|f16  storage scalar of the cache; the kernels widen 16-bit elements to f32 in
-//              registers as they read them (bytes read per step halve, arithmetic stays f32).
-//              f32 runs at 2 and 1 threads, bf16/f16 at 2 threads.
+//   TPA-KV  the same factors, full query (R_Q = 0: the K/V-only variant)
+// cache:f32|bf16|int8|f16  storage scalar of the cache; the kernels widen 16-bit and 8-bit
+//              elements to f32 in registers as they read them (int8: tpa::q8, scaled per row;
+//              bytes read per step halve or quarter, arithmetic stays f32).
+//              f32 runs at 2 and 1 threads, bf16/int8/f16 at 2 threads.
 // pages:cache  the sequence lives in a KVCache (block allocations on default pages);
 // pages:huge   the same block layout in one arena advised to 2 MiB pages (what the memory system
 //              delivers without TLB misses; the probe's roofline uses such pages too).
@@ -21,7 +23,7 @@
 //
 // Counters:
 //   cache_bytes    bytes read per step (every cached element once; MLA's value is inside the
-//                  key), sizeof(storage scalar) each
+//                  key), sizeof(storage scalar) each, plus int8's f32 scales
 //   flops          grouped: 2 · H · L · (d_qk + d_v); TPA: 2 · L · (R_Q·R_K·d + H·R_K·(R_Q+1)
 //                  + H·R_V·(d+1)) (FlashTPA: B_Q·B_K, rank mixing, (p·A_V)·B_V)
 //   GBps           cache_bytes / time
@@ -41,6 +43,12 @@
 // bandwidth (2× within minutes seen here) moves both alike. Counters: MHA_ms and KIND_ms (median
 // step times), speedup (MHA_ms / KIND_ms) and speedup_lo, speedup_hi (the first and third
 // quartile of the per-iteration ratios).
+//
+// Benchmarks: decode_quant/KIND/bf16_vs_int8/ctx:L/pages:huge/threads:2 (L 16K and 64K), the same
+// case with a bf16 and an int8 (tpa::q8) cache, steps alternated as in decode_pair. Counters:
+// bf16_ms, int8_ms (median step times), speedup (bf16_ms / int8_ms; issue 26's target is ≥ 1.8
+// for the bandwidth-bound MHA, GQA8, TPA, TPA-KV), speedup_lo, speedup_hi, and the bytes each
+// step reads (bf16_bytes, int8_bytes: values and scales).
 //
 // Benchmarks: decode_order/KIND/cache:C/ctx:16384/pages:huge/threads:2 (MHA, GQA8; f32, bf16),
 // the same case with its K and V placed token-major (all KV heads' rows of a token together: one
@@ -81,8 +89,11 @@ const DecodeCase kCases[] = {{"MHA", 32, 32, 128, 0, 128, false},
                              {"GQA8", 32, 8, 128, 0, 128, false},
                              {"MQA", 32, 1, 128, 0, 128, false},
                              {"MLA", 32, 1, 512, 64, 512, true},
-                             {"TPA", 32, 0, 128, 0, 128, false, 6, 2, 2}};
+                             {"TPA", 32, 0, 128, 0, 128, false, 6, 2, 2},
+                             {"TPA-KV", 32, 0, 128, 0, 128, false, 0, 2, 2}};
 const Index kContexts[] = {16384};
+// decode_quant: bf16 against int8 caches at these contexts (the bandwidth-bound kinds).
+const Index kQuantContexts[] = {16384, 65536};
 constexpr Index kBlock = 64;
 constexpr double kWorkingSetBytes = 1.2e9;  // > 2 × L3
 
@@ -119,8 +130,10 @@ class Sequences final : public SequencesBase {
       : c_(c), len_(len) {
     const auto f = factors(c, order);
     const tpa::CacheLayout layout(c.name, f);
-    const Index ept = layout.elements_per_token();
     constexpr Index es = sizeof(S);
+    // Scalars per token (int8: values and scales) and per block region (as KVCache places them).
+    const Index ept = tpa::KVCache<S>::token_units(layout);
+    const Index region = tpa::KVCache<S>::place_layer(layout, kBlock, &places_);
     const double bytes = static_cast<double>(len) * static_cast<double>(ept) * es;
     copies_ = hot ? 1 : std::max<Index>(2, static_cast<Index>(kWorkingSetBytes / bytes) + 1);
     // One random sequence, copied into every slot (values do not matter, distinct memory does).
@@ -129,7 +142,6 @@ class Sequences final : public SequencesBase {
       src[i].resize(static_cast<std::size_t>(len * f[i].elements()));
       randomize(src[i].data(), static_cast<Index>(src[i].size()), 11 + i);
     }
-    for (std::size_t i = 0; i < f.size(); ++i) places_.push_back(layout.place(i, kBlock));
     const Index n_blocks = (len + kBlock - 1) / kBlock;
     for (Index b = 0; b < n_blocks; ++b) table_.push_back(static_cast<std::int32_t>(b));
     for (Index k = 0; k < copies_; ++k) {
@@ -142,7 +154,7 @@ class Sequences final : public SequencesBase {
         caches_.back()->append(s, 0, len, rows.data());
         views_.push_back(caches_.back()->view(s, 0));
       } else {
-        const std::size_t block_bytes = static_cast<std::size_t>(kBlock * ept * es);
+        const std::size_t block_bytes = static_cast<std::size_t>(region * es);
         const std::size_t total =
             (block_bytes * n_blocks + (2u << 20) - 1) / (2u << 20) * (2u << 20);
         auto* p = static_cast<S*>(std::aligned_alloc(2u << 20, total));
@@ -152,10 +164,10 @@ class Sequences final : public SequencesBase {
         madvise(p, total, MADV_HUGEPAGE);
 #endif
         bases_.emplace_back();
-        for (Index b = 0; b < n_blocks; ++b) bases_.back().push_back(p + b * kBlock * ept);
+        for (Index b = 0; b < n_blocks; ++b) bases_.back().push_back(p + b * region);
         for (Index t = 0; t < len; ++t)  // placed as KVCache::append places them
           for (std::size_t i = 0; i < f.size(); ++i)
-            tpa::detail::store_factor(places_[i], p + (t / kBlock) * kBlock * ept, t % kBlock,
+            tpa::detail::store_factor(places_[i], p + (t / kBlock) * region, t % kBlock, kBlock,
                                       src[i].data() + t * f[i].elements());
       }
     }
@@ -171,13 +183,17 @@ class Sequences final : public SequencesBase {
       }
     }
     // Grouped: q [H, d_qk]. TPA: A_Q [H, R_Q] then B_Q [R_Q, d].
-    q_.resize(static_cast<std::size_t>(c.tpa() ? c.r_q * (c.H + c.d_k0) : c.H * (c.d_k0 + c.d_k1)));
+    q_.resize(static_cast<std::size_t>(c.tpa() && c.r_q > 0 ? c.r_q * (c.H + c.d_k0)
+                                                           : c.H * (c.d_k0 + c.d_k1)));
     randomize(q_.data(), static_cast<Index>(q_.size()), 7);
     o_.resize(static_cast<std::size_t>(c.H * c.d_v));
     bytes_ = bytes;
-    flops_ = c.tpa() ? 2.0 * static_cast<double>(len * (c.r_q * c.r_k * c.d_k0 +
-                                                        c.H * c.r_k * (c.r_q + 1) +
-                                                        c.H * c.r_v * (c.d_k0 + 1)))
+    flops_ = c.tpa() && c.r_q == 0  // full query: H·R_K·d for the scores
+                 ? 2.0 * static_cast<double>(len * (c.H * c.r_k * (c.d_k0 + 1) +
+                                                    c.H * c.r_v * (c.d_k0 + 1)))
+             : c.tpa() ? 2.0 * static_cast<double>(len * (c.r_q * c.r_k * c.d_k0 +
+                                                          c.H * c.r_k * (c.r_q + 1) +
+                                                          c.H * c.r_v * (c.d_k0 + 1)))
                      : 2.0 * static_cast<double>(c.H * len * (c.d_k0 + c.d_k1 + c.d_v));
   }
 
@@ -188,10 +204,15 @@ class Sequences final : public SequencesBase {
   tpa::TpaAttentionParams<S> tpa_params(Index copy) {
     tpa::TpaAttentionParams<S> p;
     p.q_rank = c_.r_q;
-    p.a_q = q_.data();
-    p.a_q_stride = c_.H * c_.r_q;
-    p.b_q = q_.data() + c_.H * c_.r_q;
-    p.b_q_stride = c_.r_q * c_.d_k0;
+    if (c_.r_q > 0) {
+      p.a_q = q_.data();
+      p.a_q_stride = c_.H * c_.r_q;
+      p.b_q = q_.data() + c_.H * c_.r_q;
+      p.b_q_stride = c_.r_q * c_.d_k0;
+    } else {  // TPA-KV: the full query
+      p.q = q_.data();
+      p.q_stride = c_.H * c_.d_k0;
+    }
     p.o = o_.data();
     p.o_stride = c_.H * c_.d_k0;
     p.n_q = 1;
@@ -389,6 +410,27 @@ void decode_order(benchmark::State& state, std::size_t c, Index len, int threads
       });
 }
 
+// decode_quant: case c with a bf16 and an int8 cache, steps alternated (see the file's header).
+void decode_quant(benchmark::State& state, std::size_t c, Index len, int threads) {
+  Sequences<tpa::bfloat16>& b16 = sequences<tpa::bfloat16>(c, len, true, false, 0);
+  Sequences<tpa::q8>& i8 = sequences<tpa::q8>(c, len, true, false, 0);
+  tpa::Context ctx(threads);
+  Index copy_b = 0, copy_i = 0;
+  alternate(
+      state, "bf16",
+      [&] {
+        step(ctx, c, b16, copy_b);
+        copy_b = (copy_b + 1) % b16.copies();
+      },
+      "int8",
+      [&] {
+        step(ctx, c, i8, copy_i);
+        copy_i = (copy_i + 1) % i8.copies();
+      });
+  state.counters["bf16_bytes"] = b16.bytes();
+  state.counters["int8_bytes"] = i8.bytes();
+}
+
 template <class S>
 void register_scalar(std::size_t c, Index len, bool huge, int threads, bool hot = false) {
   const std::string name = std::string("decode_kernel/") + kCases[c].name + "/cache:" +
@@ -409,6 +451,7 @@ void register_all() {
         // f32, bf16 and f16 side by side at 2 threads, then f32 at 1 thread.
         register_scalar<float>(c, len, huge, 2);
         register_scalar<tpa::bfloat16>(c, len, huge, 2);
+        register_scalar<tpa::q8>(c, len, huge, 2);
         register_scalar<tpa::half>(c, len, huge, 2);
         register_scalar<float>(c, len, huge, 1);
       }
@@ -432,6 +475,17 @@ void register_all() {
                                "/pages:huge/threads:2";
       benchmark::RegisterBenchmark(name.c_str(),
                                    [=](benchmark::State& s) { decode_pair(s, c, len, 2); })
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(2.0);
+    }
+  // bf16 against int8 caches, steps alternated: every kind, 2 MiB pages, 2 threads.
+  for (std::size_t c = 0; c < std::size(kCases); ++c)
+    for (Index len : kQuantContexts) {
+      const std::string name = std::string("decode_quant/") + kCases[c].name +
+                               "/bf16_vs_int8/ctx:" + std::to_string(len) + "/pages:huge/threads:2";
+      benchmark::RegisterBenchmark(name.c_str(),
+                                   [=](benchmark::State& s) { decode_quant(s, c, len, 2); })
           ->UseManualTime()
           ->Unit(benchmark::kMillisecond)
           ->MinTime(2.0);

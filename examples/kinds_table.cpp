@@ -1,6 +1,6 @@
 // Builds one layer of each attention kind at the reference repo's medium shapes (SPEC.md:
 // D = 1024, head_dim 64, 24 layers), prefills a prompt, decodes a few tokens through the paged
-// cache, and prints what each kind's cache holds per token.
+// cache, and prints what each kind's cache holds per token (f32, bf16 and int8 storage).
 #include <tpa/tpa.hpp>
 
 #include <cmath>
@@ -14,7 +14,8 @@ constexpr tpa::Index kDModel = 1024, kHeadDim = 64, kLayers = 24, kPrompt = 32, 
 struct Row {
   std::string kind, factors;
   tpa::Index heads = 0, elements = 0;
-  std::size_t bytes = 0;
+  std::size_t bytes = 0;     // f32 cache
+  std::size_t bytes_q8 = 0;  // int8 cache (tpa::q8): values and per-row f32 scales
   double checksum = 0;
 };
 
@@ -40,6 +41,7 @@ Row run(const Layer& layer, tpa::Index heads) {
   r.heads = heads;
   r.elements = layer.cache_layout().elements_per_token();
   r.bytes = cache.bytes_per_token();
+  r.bytes_q8 = tpa::KVCache<tpa::q8>({layer.cache_layout()}, 16, 1).bytes_per_token();
   r.checksum = checksum / static_cast<double>(kDecode * kDModel);
   return r;
 }
@@ -91,15 +93,18 @@ int main() {
               "each layer prefilled %ld tokens and decoded %ld through the paged cache.\n\n",
               static_cast<long>(kDModel), static_cast<long>(kHeadDim), static_cast<long>(kLayers),
               static_cast<long>(kPrompt), static_cast<long>(kDecode));
-  std::printf("%-7s %5s  %-44s %9s %11s %11s %13s %8s\n", "kind", "heads", "factors per token",
-              "elem/tok", "bytes f32", "bytes bf16", "model @32K", "vs MHA");
+  std::printf("%-7s %5s  %-44s %9s %11s %11s %11s %13s %13s %8s\n", "kind", "heads",
+              "factors per token", "elem/tok", "bytes f32", "bytes bf16", "bytes int8",
+              "model @32K", "int8 @32K", "vs MHA");
   const double mha_elements = static_cast<double>(rows[0].elements);
   for (const Row& r : rows) {
+    const double gib = 1024.0 * 1024.0 * 1024.0;
     const double model_32k = static_cast<double>(r.bytes) * kLayers * 32768.0;
-    std::printf("%-7s %5ld  %-44s %9ld %11zu %11zu %10.2f GiB %7.2fx\n", r.kind.c_str(),
-                static_cast<long>(r.heads), r.factors.c_str(), static_cast<long>(r.elements),
-                r.bytes, r.bytes / 2, model_32k / (1024.0 * 1024.0 * 1024.0),
-                mha_elements / static_cast<double>(r.elements));
+    const double q8_32k = static_cast<double>(r.bytes_q8) * kLayers * 32768.0;
+    std::printf("%-7s %5ld  %-44s %9ld %11zu %11zu %11zu %10.2f GiB %10.2f GiB %7.2fx\n",
+                r.kind.c_str(), static_cast<long>(r.heads), r.factors.c_str(),
+                static_cast<long>(r.elements), r.bytes, r.bytes / 2, r.bytes_q8,
+                model_32k / gib, q8_32k / gib, mha_elements / static_cast<double>(r.elements));
     if (!std::isfinite(r.checksum)) {
       std::printf("error: %s produced non-finite outputs\n", r.kind.c_str());
       return 1;

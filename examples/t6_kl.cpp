@@ -69,12 +69,12 @@ struct CacheType {
 template <class CacheScalar>
 using Tpa = tpa::TensorProductAttention<tpa::Native, CacheScalar>;
 
-// The baseline, and one line per cache type measured against it (e.g. an int8 cache:
-// {"int8", &teacher_forced<Tpa<tpa::int8_cache_type>>}).
+// The baseline, and one line per cache type measured against it.
 const CacheType kBaseline = {"f32", &teacher_forced<Tpa<float>>};
 const CacheType kCaches[] = {
     {"bf16", &teacher_forced<Tpa<tpa::bfloat16>>},
     {"f16", &teacher_forced<Tpa<tpa::half>>},
+    {"int8", &teacher_forced<Tpa<tpa::q8>>},
 };
 
 /// log softmax of v, in double.

@@ -77,7 +77,7 @@ const char* kUsage =
     "  --model PATH      run a model/T6.py checkpoint whose __metadata__ holds its config\n"
     "                    (n_layer, n_embd, n_head, head_dim, rank, q_rank, vocab_size,\n"
     "                    block_size); --kind and the size flags are not used\n"
-    "  --cache f32|bf16|f16  KV cache element type with --model (f32)\n"
+    "  --cache f32|bf16|f16|int8  KV cache element type with --model (f32)\n"
     "  --save PATH       write the model's weights to a safetensors file\n"
     "  --dtype f32|bf16|f16  element type of --save (f32)\n";
 
@@ -344,7 +344,8 @@ int dispatch(const Options& o) {
     if (o.cache == "f32") return run_checkpoint<float>(o);
     if (o.cache == "bf16") return run_checkpoint<tpa::bfloat16>(o);
     if (o.cache == "f16") return run_checkpoint<tpa::half>(o);
-    usage_error("--cache must be f32, bf16 or f16 (got '" + o.cache + "')");
+    if (o.cache == "int8") return run_checkpoint<tpa::q8>(o);
+    usage_error("--cache must be f32, bf16, f16 or int8 (got '" + o.cache + "')");
   }
   if (o.cache != "f32") usage_error("--cache is used with --model only");
   const Index D = o.d_model, H = o.heads, d = o.head_dim;

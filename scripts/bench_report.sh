@@ -100,21 +100,25 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
     printf("Shape %s%s; decode: one layer call, batch %d, %d threads, context %s\n\n", shape,
            layers != "" ? " (" layers " layers)" : "", batch, threads, ctx_label(table_ctx)) > table
     printf("| kind | elements/token/layer | bytes/token/layer (f32) | model cache @32K | " \
-           "model cache @128K | decode µs/step @%s | speed-up vs MHA | speed-up vs Eigen | " \
-           "%% of roofline |\n", ctx_label(table_ctx)) > table
-    printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n") > table
+           "model cache @128K | bytes/token/layer (int8) | model cache @32K (int8) | " \
+           "decode µs/step @%s | speed-up vs MHA | speed-up vs Eigen | %% of roofline |\n",
+           ctx_label(table_ctx)) > table
+    printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n") > table
     rows = 0
     for (i = 1; i <= nk; ++i) {
       k = kinds[i]
       c = "cache_size/" shape "/" k "/f32"
+      c8 = "cache_size/" shape "/" k "/int8"
       d = "decode/" shape "/" k "/ctx:" table_ctx "/batch:" batch "/threads:" threads
       if (!has[c, "bytes_per_token"] && !has[d, "us_per_step"]) continue
       ++rows
-      printf("| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", k,
+      printf("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", k,
              get(c, "elements_per_token", "%d", 1),
              has[c, "bytes_per_token"] ? human(val[c, "bytes_per_token"]) : "–",
              has[c, "model_bytes_32K"] ? human(val[c, "model_bytes_32K"]) : "–",
              has[c, "model_bytes_128K"] ? human(val[c, "model_bytes_128K"]) : "–",
+             has[c8, "bytes_per_token"] ? human(val[c8, "bytes_per_token"]) : "–",
+             has[c8, "model_bytes_32K"] ? human(val[c8, "model_bytes_32K"]) : "–",
              get(d, "us_per_step", "%.0f", 1),
              get(d, "speedup_vs_mha", "%.2f×", 1),
              get(d, "speedup_vs_eigen", "%.2f×", 1),
@@ -154,13 +158,14 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
     # Plot data: one column per kind, "NaN" where a case did not run.
     cache = out "/bench_plot_cache.dat"
     lat = out "/bench_plot_decode.dat"
-    printf("# whole-model cache GiB (f32), shape %s\ncontext", shape) > cache
+    printf("# whole-model cache GiB (f32, then int8), shape %s\ncontext", shape) > cache
     printf("# decode ms per step, shape %s, batch %d, %d threads\ncontext", shape, batch,
            threads) > lat
     for (i = 1; i <= nk; ++i) {
       printf(" %s", kinds[i]) > cache
       printf(" %s", kinds[i]) > lat
     }
+    for (i = 1; i <= nk; ++i) printf(" %s-int8", kinds[i]) > cache
     printf("\n") > cache
     printf("\n") > lat
     # Decode rows only at contexts some kind ran (gnuplot joins the points of a line).
@@ -172,6 +177,8 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
         c = "cache_size/" shape "/" kinds[i] "/f32"
         key = "model_bytes_" ctx_label(ctxs[j])
         printf(" %s", has[c, key] ? sprintf("%.6g", val[c, key] / 2^30) : "NaN") > cache
+        c8 = "cache_size/" shape "/" kinds[i] "/int8"
+        int8_cols = int8_cols sprintf(" %s", has[c8, key] ? sprintf("%.6g", val[c8, key] / 2^30) : "NaN")
         d = "decode/" shape "/" kinds[i] "/ctx:" ctxs[j] "/batch:" batch "/threads:" threads
         if (has[d, "us_per_step"]) {
           line = line sprintf(" %.6g", val[d, "us_per_step"] / 1000)
@@ -180,7 +187,8 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
           line = line " NaN"
         }
       }
-      printf("\n") > cache
+      printf("%s\n", int8_cols) > cache
+      int8_cols = ""
       if (any) printf("%d%s\n", ctxs[j], line) > lat
     }
   }
@@ -211,9 +219,10 @@ set style line 4 lc rgb "#27ae60" lw 2 pt 11
 set style line 5 lc rgb "#1f4e9c" lw 3 pt 13
 set style line 6 lc rgb "#3498db" lw 2 pt 6 dt 2
 set multiplot layout 1,2 title "tpa attention kinds, shape $shape"
-set title "Whole-model KV cache (f32 storage)"
+set title "Whole-model KV cache (f32 storage; thin dotted: int8)"
 set ylabel "GiB"
-plot for [i=2:7] "$out/bench_plot_cache.dat" using 1:i title columnheader(i) ls (i-1)
+plot for [i=2:7] "$out/bench_plot_cache.dat" using 1:i title columnheader(i) ls (i-1), \
+     for [i=8:13] "$out/bench_plot_cache.dat" using 1:i title columnheader(i) ls (i-7) lw 1 dt 3
 set title "Decode step, one layer call (batch $batch, $threads threads)"
 set ylabel "ms per step"
 plot for [i=2:7] "$out/bench_plot_decode.dat" using 1:i title columnheader(i) ls (i-1)

@@ -96,7 +96,8 @@ Tensor<float, 2> random_rows(Index n, Index d, unsigned seed) {
 
 // Fills `seq` with n tokens of random keys and values straight into the cache (the decode
 // steps under test do not care how they got there, and this skips an O(n²) prefill).
-void fill(KVCache<float>& cache, SeqId seq, const GqaConfig& cfg, Index n, unsigned seed) {
+template <class S>
+void fill(KVCache<S>& cache, SeqId seq, const GqaConfig& cfg, Index n, unsigned seed) {
   const Index w = cfg.kv_heads() * cfg.head_dim;
   const Tensor<float, 2> kv = random_rows(n, 2 * w, seed);
   const FactorRows rows[2] = {{kv.data(), 2 * w}, {kv.data() + w, 2 * w}};
@@ -105,8 +106,9 @@ void fill(KVCache<float>& cache, SeqId seq, const GqaConfig& cfg, Index n, unsig
 
 // Two sequences of kLenA and kLenB tokens, with blocks reserved for every step below.
 constexpr Index kBlock = 16, kSteps = 40, kWarm = 4, kLenA = 2000, kLenB = 700;
+template <class S = float>
 struct TwoSequences {
-  KVCache<float> cache;
+  KVCache<S> cache;
   SeqId a, b;
   explicit TwoSequences(const CacheLayout& layout) : cache({layout}, kBlock, 1024) {
     cache.reserve_blocks((kLenA + 4 * (kWarm + kSteps)) / kBlock +
@@ -121,10 +123,10 @@ struct TwoSequences {
 // b, 1 of a), kWarm times to warm up, then
 // kSteps times with no operator new, no Eigen heap allocation, and neither the scratch arena nor
 // the cache growing.
-template <class Layer>
-void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequences& s) {
+template <class Layer, class S>
+void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequences<S>& s) {
   Context ctx(2);
-  KVCache<float>& cache = s.cache;
+  KVCache<S>& cache = s.cache;
   const SeqId a = s.a;
   const std::vector<SeqId> batch = {a, s.b};
   // A ragged step: a 2-token draft of b beside a decode token of a.
@@ -163,6 +165,7 @@ void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequence
 // GQA decode of one sequence and of a batch of two, with long enough contexts that the work is
 // split over both threads (KV heads for GQA, split-K for MQA).
 // `rope` as given (RoPE variants: decay, off).
+template <class S = float>
 void check_decode_allocates_nothing(Index n_kv_heads, tpa::RopeConfig rope = {}) {
   GqaConfig cfg;
   cfg.d_model = 256;
@@ -171,8 +174,8 @@ void check_decode_allocates_nothing(Index n_kv_heads, tpa::RopeConfig rope = {})
   cfg.head_dim = 64;
   cfg.rope = rope;
   cfg.rope.max_positions = 8192;
-  const GroupedQueryAttention<Native> layer(cfg, GqaWeights::random(cfg, 1));
-  TwoSequences s(layer.cache_layout());
+  const GroupedQueryAttention<Native, S> layer(cfg, GqaWeights::random(cfg, 1));
+  TwoSequences<S> s(layer.cache_layout());
   fill(s.cache, s.a, cfg, kLenA, 2);
   fill(s.cache, s.b, cfg, kLenB, 3);
   check_steps_allocate_nothing(layer, cfg.d_model, s);
@@ -180,6 +183,7 @@ void check_decode_allocates_nothing(Index n_kv_heads, tpa::RopeConfig rope = {})
 
 // TPA (T6, or K/V-only) decode of one sequence (split-K over both threads) and of a batch of two,
 // after the caches hold random factors. `variants`: sigmoid factors and partial RoPE with decay.
+template <class S = float>
 void check_tpa_decode_allocates_nothing(bool kv_only, bool variants = false) {
   TpaConfig cfg;
   cfg.d_model = 256;
@@ -195,8 +199,8 @@ void check_tpa_decode_allocates_nothing(bool kv_only, bool variants = false) {
     cfg.rope.rotary_dim = 32;
     cfg.rope.decay_base = 0.999;
   }
-  const TensorProductAttention<Native> layer(cfg, TpaWeights::random(cfg, 1));
-  TwoSequences s(layer.cache_layout());
+  const TensorProductAttention<Native, S> layer(cfg, TpaWeights::random(cfg, 1));
+  TwoSequences<S> s(layer.cache_layout());
   for (const auto& [seq, len] : {std::pair<SeqId, Index>{s.a, kLenA}, {s.b, kLenB}}) {
     const Index w = cfg.cache_elements_per_token();
     const Tensor<float, 2> f = random_rows(len, w, static_cast<unsigned>(len));
@@ -246,6 +250,15 @@ TEST(AllocTest, GqaDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_n
 TEST(AllocTest, MqaSplitKDecodeAllocatesNothingAfterWarmUp) { check_decode_allocates_nothing(1); }
 
 TEST(AllocTest, TpaDecodeAllocatesNothingAfterWarmUp) { check_tpa_decode_allocates_nothing(false); }
+
+// The same with an int8 cache (tpa::q8): quantizing on append and dequantizing in the kernels
+// allocate nothing either.
+TEST(AllocTest, Int8CacheDecodeAllocatesNothingAfterWarmUp) {
+  check_decode_allocates_nothing<tpa::q8>(2);
+  check_decode_allocates_nothing<tpa::q8>(1);
+  check_tpa_decode_allocates_nothing<tpa::q8>(false);
+  check_tpa_decode_allocates_nothing<tpa::q8>(true);
+}
 
 TEST(AllocTest, TpaKvOnlyDecodeAllocatesNothingAfterWarmUp) {
   check_tpa_decode_allocates_nothing(true);

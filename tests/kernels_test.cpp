@@ -192,13 +192,28 @@ TYPED_TEST(BackendOps, ExpAccuracy) {
   }
 }
 
+// A storage element holding v (an integer in [−127, 127] for tpa::q8, whose integers the Ops
+// widen without any scale), and an element as the Ops widen it.
+template <class S>
+S stored(float v) {
+  if constexpr (tpa::is_quantized_v<S>) {
+    return S{static_cast<std::int8_t>(v)};
+  } else {
+    return S(v);
+  }
+}
+template <class S>
+float widened(S x) {
+  return tpa::detail::widen_raw(x);
+}
+
 // transpose_block and load_widen for every partial shape and storage scalar.
 template <class Ops, class S>
 void check_transpose() {
   constexpr Index W = Ops::kWidth;
   const Index ld = W + 3;
   std::vector<S> src(static_cast<std::size_t>((W + 1) * ld));
-  for (std::size_t k = 0; k < src.size(); ++k) src[k] = S(static_cast<float>(k % 97) - 40.f);
+  for (std::size_t k = 0; k < src.size(); ++k) src[k] = stored<S>(static_cast<float>(k % 97) - 40.f);
   alignas(64) float dst[W * W];
   for (Index rows = 0; rows <= W; ++rows) {
     for (Index cols = 1; cols <= W; ++cols) {
@@ -207,14 +222,14 @@ void check_transpose() {
       for (Index c = 0; c < W; ++c)
         for (Index r = 0; r < W; ++r) {
           const float want = c >= cols  ? -1.f
-                             : r < rows ? static_cast<float>(src[r * ld + c])
+                             : r < rows ? widened(src[r * ld + c])
                                         : 0.f;
           ASSERT_EQ(dst[c * W + r], want) << rows << "x" << cols << " at " << r << "," << c;
         }
       alignas(64) float row[W];
       Ops::store(row, Ops::template load_widen<S>(src.data() + ld, cols));
       for (Index c = 0; c < W; ++c)
-        ASSERT_EQ(row[c], c < cols ? static_cast<float>(src[ld + c]) : 0.f) << cols;
+        ASSERT_EQ(row[c], c < cols ? widened(src[ld + c]) : 0.f) << cols;
     }
   }
 }
@@ -223,6 +238,7 @@ TYPED_TEST(BackendOps, TransposeAndWiden) {
   check_transpose<Ops, float>();
   check_transpose<Ops, bfloat16>();
   check_transpose<Ops, half>();
+  check_transpose<Ops, tpa::q8>();
 }
 
 // load_strided for strides 1 … 5 and every lane count: the last element read ends an exact-size
@@ -235,11 +251,11 @@ void check_strided() {
       for (Index first = 0; first < stride; ++first) {  // start inside an interleaved row
         const Index size = first + (n - 1) * stride + 1;
         std::vector<S> src(static_cast<std::size_t>(size));
-        for (Index k = 0; k < size; ++k) src[k] = S(static_cast<float>(k % 53) - 20.f);
+        for (Index k = 0; k < size; ++k) src[k] = stored<S>(static_cast<float>(k % 53) - 20.f);
         alignas(64) float out[W];
         Ops::store(out, Ops::template load_strided<S>(src.data() + first, stride, n));
         for (Index i = 0; i < W; ++i)
-          ASSERT_EQ(out[i], i < n ? static_cast<float>(src[first + i * stride]) : 0.f)
+          ASSERT_EQ(out[i], i < n ? widened(src[first + i * stride]) : 0.f)
               << "stride " << stride << ", n " << n << ", lane " << i;
       }
 }
@@ -248,6 +264,7 @@ TYPED_TEST(BackendOps, LoadStrided) {
   check_strided<Ops, float>();
   check_strided<Ops, bfloat16>();
   check_strided<Ops, half>();
+  check_strided<Ops, tpa::q8>();
 }
 
 // ---- grouped attention ------------------------------------------------------------------------

@@ -81,7 +81,7 @@ CacheSnapshot<S> snapshot(const tpa::KVCache<S>& cache, const std::vector<tpa::S
       for (std::size_t f = 0; f < cache.layout(l).num_factors(); ++f)
         for (Index t = 0; t < view.n_tokens; ++t)
           for (Index e = 0; e < view.elements(f); ++e)
-            data.push_back(static_cast<float>(view.at(f, t, e)));
+            data.push_back(view.value(f, t, e / view.cols(f), e % view.cols(f)));
     }
     s.lengths.push_back(len);
     s.tables.push_back(cache.block_table(id));

@@ -6,6 +6,7 @@
 #include "tpa/cache/layout.hpp"
 #include "tpa/core/config.hpp"
 #include "tpa/core/error.hpp"
+#include "tpa/core/quant.hpp"
 #include "tpa/core/rope.hpp"
 #include "tpa/core/tensor.hpp"
 #include "tpa/layers/chunk.hpp"

@@ -8,7 +8,7 @@
 
 #include <tpa/tpa.hpp>
 
-// TPA_TEST_KERNELS(EXTERN, B): the instantiations of backend B for float, bfloat16 and half;
+// TPA_TEST_KERNELS(EXTERN, B): the instantiations of backend B for float, bfloat16, half and q8;
 // EXTERN is `extern` for the declarations and empty for the definitions.
 #define TPA_TEST_KERNELS_S(EXTERN, B, S)                                                      \
   EXTERN template void tpa::grouped_attention<B, S>(                                         \
@@ -18,7 +18,8 @@
 #define TPA_TEST_KERNELS(EXTERN, B)                                              \
   TPA_TEST_KERNELS_S(EXTERN, B, float)                                           \
   TPA_TEST_KERNELS_S(EXTERN, B, tpa::bfloat16)                                   \
-  TPA_TEST_KERNELS_S(EXTERN, B, tpa::half)
+  TPA_TEST_KERNELS_S(EXTERN, B, tpa::half)                                      \
+  TPA_TEST_KERNELS_S(EXTERN, B, tpa::q8)
 
 TPA_TEST_KERNELS(extern, tpa::Reference)
 TPA_TEST_KERNELS(extern, tpa::Portable)

@@ -7,6 +7,7 @@
 #include "tpa/backend/portable.hpp"
 #include "tpa/backend/tags.hpp"
 #include "tpa/backend/tiled_kernels.hpp"
+#include "tpa/core/quant.hpp"
 
 #if defined(TPA_HAVE_AVX2)
 
@@ -93,6 +94,16 @@ struct Avx2Ops {
       const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
       return _mm256_maskload_ps(p, mask);
+    } else if constexpr (is_quantized_v<S>) {  // q8: the integers, sign-extended (no scale)
+      __m128i b;
+      if (n == kWidth) {
+        b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      } else {
+        std::int64_t buf = 0;
+        std::memcpy(&buf, p, static_cast<std::size_t>(n));
+        b = _mm_cvtsi64_si128(buf);
+      }
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
     } else {
       static_assert(sizeof(S) == 2, "Avx2Ops: 16-bit storage scalar expected");
       __m128i h;
@@ -142,6 +153,18 @@ struct Avx2Ops {
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
       const __m256i idx = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(stride)));
       return _mm256_mask_i32gather_ps(zero(), p, idx, _mm256_castsi256_ps(mask), 4);
+    } else if constexpr (is_quantized_v<S>) {
+      if (stride == 2) {  // bytes p[0 … 2n−2], the even ones gathered by one shuffle
+        alignas(16) std::int8_t b[16] = {};
+        std::memcpy(b, p, static_cast<std::size_t>(2 * n - 1));
+        const __m128i even = _mm_shuffle_epi8(
+            _mm_load_si128(reinterpret_cast<const __m128i*>(b)),
+            _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1));
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(even));
+      }
+      S buf[8] = {};
+      for (Index i = 0; i < n; ++i) buf[i] = p[i * stride];
+      return load_widen<S>(buf, kWidth);
     } else {
       alignas(32) std::uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (Index i = 0; i < n; ++i) std::memcpy(&buf[i], p + i * stride, 2);

@@ -78,6 +78,10 @@ struct Avx512Ops {
   static V load_widen(const S* p, Index n) {
     if constexpr (std::is_same<S, float>::value) {
       return n == kWidth ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(n), p);
+    } else if constexpr (is_quantized_v<S>) {  // q8: the integers, sign-extended (no scale)
+      const __m128i b = n == kWidth ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                    : _mm_maskz_loadu_epi8(first(n), p);
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
     } else {
       static_assert(sizeof(S) == 2, "Avx512Ops: 16-bit storage scalar expected");
       return widen<S>(n == kWidth ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
@@ -90,6 +94,16 @@ struct Avx512Ops {
   template <class S>
   static V load_strided(const S* p, Index stride, Index n) {
     if (stride == 1) return load_widen<S>(p, n);
+    if constexpr (is_quantized_v<S>) {
+      if (stride == 2) {  // the even bytes are the low halves of the 16-bit words
+        const Index m = 2 * n - 1;  // bytes p[0 … 2n−2]
+        const __m256i x = _mm256_maskz_loadu_epi8(static_cast<__mmask32>((1u << m) - 1u), p);
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_cvtepi16_epi8(x)));
+      }
+      S buf[16] = {};
+      for (Index i = 0; i < n; ++i) buf[i] = p[i * stride];
+      return load_widen<S>(buf, kWidth);
+    }
     if (stride == 2) {
       const Index m = 2 * n - 1;  // elements p[0 … 2n−2]
       if constexpr (std::is_same<S, float>::value) {
@@ -110,7 +124,7 @@ struct Avx512Ops {
       return _mm512_mask_i32gather_ps(zero(), first(n), idx, p, 4);
     } else {
       alignas(64) float buf[kWidth] = {};
-      for (Index i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
+      for (Index i = 0; i < n; ++i) buf[i] = widen_raw(p[i * stride]);
       return load(buf);
     }
   }

@@ -10,6 +10,7 @@
 #include "tpa/backend/reference.hpp"
 #include "tpa/backend/tags.hpp"
 #include "tpa/backend/tiled_kernels.hpp"
+#include "tpa/core/quant.hpp"
 #include "tpa/kernels/grouped_tiled.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/tpa_tiled.hpp"
@@ -72,7 +73,7 @@ struct EigenOps {
       if (n == kWidth) return loadu(p);
     }
     alignas(64) float buf[kWidth] = {};
-    for (Index i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    for (Index i = 0; i < n; ++i) buf[i] = widen_raw(p[i]);
     return load(buf);
   }
 
@@ -81,7 +82,7 @@ struct EigenOps {
   static V load_strided(const S* p, Index stride, Index n) {
     if (stride == 1) return load_widen<S>(p, n);
     alignas(64) float buf[kWidth] = {};
-    for (Index i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
+    for (Index i = 0; i < n; ++i) buf[i] = widen_raw(p[i * stride]);
     return load(buf);
   }
 

@@ -32,9 +32,9 @@ struct Kernels<Reference> {
           for (int part = 0; part < 2; ++part) {
             const Index dim = p.k_dims[part];
             if (dim == 0) continue;
-            const S* k = p.kv.row_at(p.k_factor[part], t, g);
             for (Index j = 0; j < dim; ++j, ++qi)
-              s += static_cast<double>(q[qi]) * static_cast<double>(static_cast<float>(k[j]));
+              s += static_cast<double>(q[qi]) *
+                   static_cast<double>(p.kv.value(p.k_factor[part], t, g, j));
           }
           s *= static_cast<double>(p.scale);
           score[static_cast<std::size_t>(t)] = s;
@@ -48,10 +48,10 @@ struct Kernels<Reference> {
         }
         std::fill(acc.begin(), acc.end(), 0.0);
         for (Index t = 0; t < n_keys; ++t) {
-          const S* v = p.kv.row_at(p.v_factor, t, g);
           const double w = score[static_cast<std::size_t>(t)];
           for (Index j = 0; j < p.d_v; ++j)
-            acc[static_cast<std::size_t>(j)] += w * static_cast<double>(static_cast<float>(v[j]));
+            acc[static_cast<std::size_t>(j)] +=
+                w * static_cast<double>(p.kv.value(p.v_factor, t, g, j));
         }
         float* o = p.o + i * p.o_stride + h * p.d_v;
         for (Index j = 0; j < p.d_v; ++j)
@@ -74,7 +74,10 @@ struct Kernels<Reference> {
     const Index d = p.head_dim, RK = p.k_rank, RV = p.v_rank, RQ = p.q_rank;
     const Index n_keys = p.n_keys(p.n_q - 1);
     const Index nb_max = std::min(kBlock, p.n_q);
-    auto at = [](const S* x, Index j) { return static_cast<double>(static_cast<float>(x[j])); };
+    // Element (r, c) of factor f of token t, as stored (dequantized for tpa::q8).
+    auto at = [&](std::size_t f, Index t, Index r, Index c) {
+      return static_cast<double>(p.kv.value(f, t, r, c));
+    };
     auto sz = [](Index n) { return static_cast<std::size_t>(n); };
     std::vector<double> row(sz(d));                // k_h(t), then v_h(t)
     std::vector<double> q(sz(nb_max * d));         // [block, d] query heads
@@ -103,10 +106,10 @@ struct Kernels<Reference> {
           }
         }
         for (Index t = 0; t < keys; ++t) {
-          const S* a_k = p.kv.row_at(p.a_k_factor, t, h);
           for (Index j = 0; j < d; ++j) {
             double sk = 0;
-            for (Index r = 0; r < RK; ++r) sk += at(a_k, r) * at(p.kv.row_at(p.b_k_factor, t, r), j);
+            for (Index r = 0; r < RK; ++r)
+              sk += at(p.a_k_factor, t, h, r) * at(p.b_k_factor, t, r, j);
             row[sz(j)] = sk / static_cast<double>(RK);
           }
           for (Index b = 0; b < nb; ++b) {
@@ -130,10 +133,10 @@ struct Kernels<Reference> {
         }
         std::fill(acc.begin(), acc.end(), 0.0);
         for (Index t = 0; t < keys; ++t) {
-          const S* a_v = p.kv.row_at(p.a_v_factor, t, h);
           for (Index j = 0; j < d; ++j) {
             double sv = 0;
-            for (Index r = 0; r < RV; ++r) sv += at(a_v, r) * at(p.kv.row_at(p.b_v_factor, t, r), j);
+            for (Index r = 0; r < RV; ++r)
+              sv += at(p.a_v_factor, t, h, r) * at(p.b_v_factor, t, r, j);
             row[sz(j)] = sv / static_cast<double>(RV);
           }
           for (Index b = 0; b < nb; ++b) {

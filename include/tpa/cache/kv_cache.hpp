@@ -23,6 +23,7 @@
 
 #include "tpa/cache/layout.hpp"
 #include "tpa/core/error.hpp"
+#include "tpa/core/quant.hpp"
 #include "tpa/core/tensor.hpp"
 
 namespace tpa {
@@ -76,26 +77,60 @@ struct SeqView {
     const Index c = places[f].cols;
     return row_at(f, t, e / c)[e % c];
   }
+
+  /// Quantized caches (tpa::q8): the f32 scales of row r of factor f for the tokens of the i-th
+  /// block, one per token slot (block_len(i) of them valid); the same for every r when the
+  /// factor has one scale per token (place(f).scale_rows == 1).
+  const float* scales(std::size_t f, Index i, Index r) const {
+    const FactorPlace& fp = places[f];
+    return reinterpret_cast<const float*>(block_base[table[i]] + fp.scale_offset) +
+           (fp.scale_rows > 1 ? r : 0) * block_tokens;
+  }
+  /// Element c of row r of factor f of token t as f32 (dequantized for tpa::q8).
+  float value(std::size_t f, Index t, Index r, Index c) const {
+    if constexpr (is_quantized_v<Scalar>) {
+      return static_cast<float>(row_at(f, t, r)[c].v) *
+             scales(f, t / block_tokens, r)[t % block_tokens];
+    } else {
+      return static_cast<float>(row_at(f, t, r)[c]);
+    }
+  }
 };
 
 namespace detail {
 
 /// Writes one token's factor (src row-major [rows, cols]) into place `fp` of a block region, as
-/// the block's token t, rounded to Scalar.
+/// the block's token t (of block_tokens), rounded to Scalar; tpa::q8 quantizes each scale group
+/// (a row, or the whole factor when fp.scale_rows is 1) and stores its scale.
 template <class Scalar>
-void store_factor(const FactorPlace& fp, Scalar* region, Index t, const float* src) {
+void store_factor(const FactorPlace& fp, Scalar* region, Index t, Index block_tokens,
+                  const float* src) {
   Scalar* dst = region + fp.offset + t * fp.token_stride;
-  auto copy = [](Scalar* d, const float* s, Index n) {
-    if constexpr (std::is_same<Scalar, float>::value) {
-      std::memcpy(d, s, static_cast<std::size_t>(n) * sizeof(float));
-    } else {
-      for (Index j = 0; j < n; ++j) d[j] = Scalar(s[j]);
+  if constexpr (is_quantized_v<Scalar>) {
+    float* scales = reinterpret_cast<float*>(region + fp.scale_offset);
+    const Index rows_per_group = fp.scale_rows == fp.rows ? 1 : fp.rows;
+    for (Index g = 0; g < fp.scale_rows; ++g) {
+      const Index r0 = g * rows_per_group;
+      scales[g * block_tokens + t] = quantize_group(
+          rows_per_group * fp.cols, [&](Index i) { return src[r0 * fp.cols + i]; },
+          [&](Index i, std::int8_t q) {
+            dst[(r0 + i / fp.cols) * fp.row_stride + i % fp.cols].v = q;
+          });
     }
-  };
-  if (fp.token_contiguous()) {
-    copy(dst, src, fp.elements());
   } else {
-    for (Index r = 0; r < fp.rows; ++r) copy(dst + r * fp.row_stride, src + r * fp.cols, fp.cols);
+    auto copy = [](Scalar* d, const float* s, Index n) {
+      if constexpr (std::is_same<Scalar, float>::value) {
+        std::memcpy(d, s, static_cast<std::size_t>(n) * sizeof(float));
+      } else {
+        for (Index j = 0; j < n; ++j) d[j] = Scalar(s[j]);
+      }
+    };
+    if (fp.token_contiguous()) {
+      copy(dst, src, fp.elements());
+    } else {
+      for (Index r = 0; r < fp.rows; ++r)
+        copy(dst + r * fp.row_stride, src + r * fp.cols, fp.cols);
+    }
   }
 }
 
@@ -113,7 +148,8 @@ struct FactorRows {
 /// tokens, each factor placed per its FactorSpec::order (TileOrder). Each sequence owns a block table shared by all layers and one length per layer, so a
 /// model's layers append to the same sequence one after another. Blocks are allocated on first
 /// use (or up front with reserve_blocks), returned to a free list when a sequence is freed, and
-/// never moved. Values are stored as `Scalar` (float, bfloat16 or half), rounded once on append.
+/// never moved. Values are stored as `Scalar` (float, bfloat16 or half), rounded once on append,
+/// or as tpa::q8 (int8 with f32 scales per row beside the values in the block; core/quant.hpp).
 ///
 /// Memory: freeing a sequence keeps its blocks' storage on the free list, so a server that has
 /// warmed up takes blocks without allocating (a decode step allocates nothing). Storage is freed
@@ -157,8 +193,8 @@ struct FactorRows {
 template <class Scalar = float>
 class KVCache {
   static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, bfloat16>::value ||
-                    std::is_same<Scalar, half>::value,
-                "KVCache: Scalar must be float, tpa::bfloat16 or tpa::half");
+                    std::is_same<Scalar, half>::value || std::is_same<Scalar, q8>::value,
+                "KVCache: Scalar must be float, tpa::bfloat16, tpa::half or tpa::q8");
 
  public:
   using scalar_type = Scalar;
@@ -177,19 +213,51 @@ class KVCache {
     Index offset = 0;
     for (const auto& l : layouts_) {
       TPA_CHECK(l.num_factors() >= 1, "KVCache: a layer layout has no factors");
-      TPA_CHECK(l.elements_per_token() <= (kMaxBlockElements - offset) / block_tokens_,
+      // (elements_per_token ≤ 2^57, so a token's Scalars, ≤ 5·2^57 with scales, cannot overflow)
+      TPA_CHECK(token_units(l) <= (kMaxBlockElements - offset) / block_tokens_ -
+                                      (is_quantized_v<Scalar> ? 4 : 0),
                 "KVCache: a block of ", block_tokens_, " tokens of these layers would hold more "
                 "than 2^57 elements");
       LayerInfo info;
       info.block_offset = offset;
-      for (std::size_t f = 0; f < l.num_factors(); ++f)
-        info.places.push_back(l.place(f, block_tokens_));
-      offset += block_tokens_ * l.elements_per_token();
+      info.token_units = token_units(l);
+      offset += place_layer(l, block_tokens_, &info.places);
       layers_.push_back(std::move(info));
     }
     block_elements_ = offset;
     // Per-block bookkeeping grows with the blocks allocated (reserve_ids), not with max_blocks.
     layer_base_.resize(layers_.size());
+  }
+
+  /// Where each factor of layer layout `l` lives in the layer's region of a block of
+  /// `block_tokens` tokens (appended to *places, in factor order; with tpa::q8 also where its
+  /// scales live: the layer's values first, then each factor's scales, 4-byte aligned), and the
+  /// region's size in Scalars. How the constructor places every layer; for code that lays out
+  /// blocks of its own (benchmarks).
+  static Index place_layer(const CacheLayout& l, Index block_tokens,
+                           std::vector<FactorPlace>* places) {
+    const std::size_t first = places->size();
+    for (std::size_t f = 0; f < l.num_factors(); ++f) places->push_back(l.place(f, block_tokens));
+    Index size = block_tokens * l.elements_per_token();
+    if constexpr (is_quantized_v<Scalar>) {  // f32 scales: per row, or per token (q8)
+      size = (size + 3) / 4 * 4;
+      for (std::size_t f = first; f < places->size(); ++f) {
+        FactorPlace& fp = (*places)[f];
+        fp.scale_rows = fp.cols >= kQ8MinRowCols ? fp.rows : 1;
+        fp.scale_offset = size;
+        size += 4 * fp.scale_rows * block_tokens;
+      }
+    }
+    return size;
+  }
+  /// Scalars one token occupies in a layer of layout `l`: its elements, plus 4 per f32 scale
+  /// with tpa::q8.
+  static Index token_units(const CacheLayout& l) {
+    Index n = l.elements_per_token();
+    if constexpr (is_quantized_v<Scalar>) {
+      for (const auto& f : l.factors()) n += 4 * (f.cols >= kQ8MinRowCols ? f.rows : 1);
+    }
+    return n;
   }
 
   KVCache(const KVCache&) = delete;
@@ -214,12 +282,25 @@ class KVCache {
   }
 
   /// Exact bytes one token occupies in all layers together.
+  /// tpa::q8: the int8 values and the f32 scales (KVCache<q8>::scales_per_token), not the at
+  /// most 3 bytes of padding per layer and block that align the scales.
   std::size_t bytes_per_token() const {
-    return static_cast<std::size_t>(block_elements_ / block_tokens_) * sizeof(Scalar);
+    std::size_t n = 0;
+    for (const auto& l : layers_) n += static_cast<std::size_t>(l.token_units);
+    return n * sizeof(Scalar);
   }
-  /// Exact bytes one token occupies in `layer`.
+  /// Exact bytes one token occupies in `layer` (tpa::q8: values and scales).
   std::size_t bytes_per_token(int layer) const {
-    return static_cast<std::size_t>(layout(layer).elements_per_token()) * sizeof(Scalar);
+    check_layer("KVCache::bytes_per_token", layer);
+    return static_cast<std::size_t>(layers_[static_cast<std::size_t>(layer)].token_units) *
+           sizeof(Scalar);
+  }
+  /// f32 scales one token stores in `layer` (0 unless Scalar is quantized, tpa::q8).
+  Index scales_per_token(int layer) const {
+    check_layer("KVCache::scales_per_token", layer);
+    Index n = 0;
+    for (const auto& fp : layers_[static_cast<std::size_t>(layer)].places) n += fp.scale_rows;
+    return n;
   }
   /// Bytes holding cached tokens, each stored token counted once: Σ over layers of
   /// bytes_per_token(layer) × the number of distinct (block, token slot) pairs that hold a token
@@ -493,7 +574,7 @@ class KVCache {
                           s.blocks[static_cast<std::size_t>(t / block_tokens_)])].get() +
                       info.block_offset;
       for (std::size_t f = 0; f < info.places.size(); ++f)
-        detail::store_factor(info.places[f], block, t % block_tokens_,
+        detail::store_factor(info.places[f], block, t % block_tokens_, block_tokens_,
                              rows[f].data + i * rows[f].stride);
     }
     s.len[l] = start + n;
@@ -579,6 +660,7 @@ class KVCache {
  private:
   struct LayerInfo {
     Index block_offset = 0;           // elements from a block's start to this layer's region
+    Index token_units = 0;            // Scalars per token: elements (+ 4 per scale for q8)
     std::vector<FactorPlace> places;  // each factor's placement inside the region
   };
   struct Sequence {

@@ -49,6 +49,12 @@ struct FactorPlace {
   Index cols = 0;          ///< elements per row (contiguous)
   Index row_stride = 0;    ///< elements between rows r and r + 1 of one token
   Index token_stride = 0;  ///< elements between tokens t and t + 1 of one row
+  /// Quantized caches (tpa::q8) only: elements (bytes) from the region's start to the factor's
+  /// f32 scales, [scale_rows][block_tokens] (the scale of row r of the block's token t at
+  /// scale_offset + 4·(r·block_tokens + t) bytes); scale_rows is rows (a scale per row) or 1 (a
+  /// scale per token for the whole factor), 0 when the cache stores no scales.
+  Index scale_offset = 0;
+  Index scale_rows = 0;
 
   Index elements() const { return rows * cols; }
   /// Each token's whole factor is one contiguous run of elements() (token-major, or one row).

@@ -12,6 +12,7 @@
 #include <new>
 #include <type_traits>
 
+#include "tpa/core/quant.hpp"
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/lane_reduce.hpp"
 #include "tpa/kernels/params.hpp"
@@ -273,7 +274,7 @@ class GroupedTiled {
     // process): MLA d_v 512 3-9 % faster, MQA d_v 128 3-8 % slower, so only from kPvtMinDims.
     sh.acc_t = sh.ni == 1 && sh.gs >= Ops::kLaneRowsMin && sh.d_v >= kPvtMinDims;
     sh.pack_v = !std::is_same<S, float>::value || p.d_v % kW != 0;
-    sh.pack_k = sh.gs < Ops::kLaneRowsMin && sh.ni * sh.gs > 1;
+    sh.pack_k = sh.gs < Ops::kLaneRowsMin && (sh.ni * sh.gs > 1 || two_scaled_parts(p));
     return sh;
   }
 
@@ -473,7 +474,7 @@ class GroupedTiled {
       p_rs = kT;
       p_ts = 1;
       qk_dot(p, sh, g, blk, off, n, b.q + (rw.base + rw.skip) * sh.dq_pad, nr, sp,
-             nr > 1 ? b.kp : nullptr, next, per_call);
+             nr > 1 || two_scaled_parts(p) ? b.kp : nullptr, next, per_call);
       for (Index rr = 0; rr < nr; ++rr) {
         const Index r = rw.base + rw.skip + rr;
         const Index i = ib + (rw.skip + rr) / gs;
@@ -493,11 +494,40 @@ class GroupedTiled {
       v = v_src;
       v_ld = v_src_ld;
     }
+    // int8 values are read in place by the row-major value micro-kernel when each of its calls
+    // covers all rows of the tile (MHA and GQA decode: each element widened once per step),
+    // their per-token scales folded into the probabilities; otherwise widened and scaled into vp.
+    const bool q8_in_place = is_quantized_v<S> && !sh.acc_t && d_v % kW == 0 &&
+                             nr <= Ops::kPvRows;
+    if (q8_in_place) {
+      const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
+      const Index r0 = rw.base + rw.skip;
+      if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {
+        pv(sp, p_rs, p_ts, b.alpha + r0, v_src, v_src_ld, v_sc, n, b.acc + r0 * sh.d_v_pad,
+           sh.d_v_pad, nr, next, per_call);
+      } else {  // diagonal tile: each query's rows read only the tokens it sees (as below)
+        for (Index rr = 0; rr < nr;) {
+          const Index q = (rw.skip + rr) / gs;
+          const Index end = std::min(nr, (q + 1) * gs - rw.skip);
+          const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + ib + q - t0 + 1));
+          pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v_src, v_src_ld, v_sc, count,
+             b.acc + (r0 + rr) * sh.d_v_pad, sh.d_v_pad, end - rr, next, per_call);
+          rr = end;
+        }
+      }
+      next.issue(next.pending());
+      return;
+    }
     if (sh.pack_v) {
-      for (Index t = 0; t < n; ++t)
+      const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
+      for (Index t = 0; t < n; ++t) {
+        const V sc = Ops::set1(v_sc != nullptr ? v_sc[t] : 1.f);
         for (Index c = 0; c < sh.d_v_pad; c += kW)
           Ops::store(b.vp + t * sh.d_v_pad + c,
-                     Ops::template load_widen<S>(v_src + t * v_src_ld + c, std::min(kW, d_v - c)));
+                     dequant(Ops::template load_widen<S>(v_src + t * v_src_ld + c,
+                                                         std::min(kW, d_v - c)),
+                             sc));
+      }
       v = b.vp;
       v_ld = sh.d_v_pad;
     }
@@ -506,8 +536,8 @@ class GroupedTiled {
       pv_t(sp, rp, b.alpha + rw.base, v, v_ld, n, d_v, b.acc + rw.base * sh.d_v_pad, next,
            per_call);
     } else if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {  // every row sees the whole tile
-      pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr, next,
-         per_call);
+      pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, nullptr, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad,
+         nr, next, per_call);
     } else {
       // Diagonal tile (prefill): each query's rows read only the tokens it sees. A masked
       // token's weight is 0, but 0 · a NaN or Inf value would still reach the earlier queries.
@@ -515,7 +545,7 @@ class GroupedTiled {
         const Index q = (rw.skip + rr) / gs;  // query ib + q
         const Index end = std::min(nr, (q + 1) * gs - rw.skip);
         const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + ib + q - t0 + 1));
-        pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v, v_ld, count,
+        pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v, v_ld, nullptr, count,
            b.acc + (r0 + rr) * sh.d_v_pad, sh.d_v_pad, end - rr, next, per_call);
         rr = end;
       }
@@ -556,6 +586,29 @@ class GroupedTiled {
     return p.kv.row(p.k_factor[part], blk, g) + t * *ld;
   }
 
+  // Quantized S (tpa::q8): the scales of row g of factor f for tokens off … of block blk;
+  // null otherwise.
+  static const float* row_scales(const P& p, std::size_t f, Index blk, Index g, Index off) {
+    if constexpr (is_quantized_v<S>) {
+      return p.kv.scales(f, blk, g) + off;
+    } else {
+      (void)p, (void)f, (void)blk, (void)g, (void)off;
+      return nullptr;
+    }
+  }
+  // A widened row vector times its scale (quantized S); the vector itself otherwise.
+  TPA_ALWAYS_INLINE static V dequant(V x, V scale) {
+    if constexpr (is_quantized_v<S>) {
+      return Ops::mul(x, scale);
+    } else {
+      (void)scale;
+      return x;
+    }
+  }
+  // Quantized keys in two parts (MLA: c_kv and k_pe, each with its own scales) are scored from
+  // the dequantized kp copy, never in place (the in-place product scales whole scores).
+  static bool two_scaled_parts(const P& p) { return is_quantized_v<S> && p.k_dims[1] > 0; }
+
   // s [nr, kT] (rows × tokens) = q [nr, dq_pad] · K tile [n, d_qk]ᵀ: per row and block of W
   // tokens, W accumulators over the key dims, then lane_reduce (lane t = token t). Blocks past
   // n are not computed; scores of tokens past n are masked later.
@@ -575,10 +628,14 @@ class GroupedTiled {
         Index dim, ld;
         const S* k = key_part(p, part, g, blk, off, &dim, &ld);
         if (k == nullptr) continue;
-        for (Index t = 0; t < n; ++t)
+        const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off);
+        for (Index t = 0; t < n; ++t) {
+          const V sc = Ops::set1(k_sc != nullptr ? k_sc[t] : 1.f);
           for (Index c = 0; c < dim; c += kW)
             Ops::store(kp + ((c0 + c) / kW * kT + t) * kW,
-                       Ops::template load_widen<S>(k + t * ld + c, std::min(kW, dim - c)));
+                       dequant(Ops::template load_widen<S>(k + t * ld + c, std::min(kW, dim - c)),
+                               sc));
+        }
         c0 += round_up(dim, kW);
       }
       const Index n_pad = std::min(kT, round_up(n, kW));
@@ -609,7 +666,13 @@ class GroupedTiled {
             qr += round_up(dim, kW);
           }
         }
-        Ops::store(s + r * kT + tb * kW, lane_reduce<Ops>(acc));
+        V res = lane_reduce<Ops>(acc);
+        if constexpr (is_quantized_v<S>) {  // in place: one key part, one scale per token
+          if (kp == nullptr)
+            res = Ops::mul(res, Ops::template load_widen<float>(
+                                    row_scales(p, p.k_factor[0], blk, g, off) + tb * kW, nt));
+        }
+        Ops::store(s + r * kT + tb * kW, res);
       }
     }
   }
@@ -666,11 +729,12 @@ class GroupedTiled {
         for (Index v = 0; v < nv; v += VB) {
           for (Index tb = 0; tb < n; tb += NT) {
             pf.issue(per_call);
+            const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off + tb);
             if (v + VB <= nv)
-              qk_lane_block<VB>(k + tb * ld + jc, ld, std::min(NT, n - tb), len, q + v * kW, rp,
-                                s + tb * rp + v * kW, rp, first);
+              qk_lane_block<VB>(k + tb * ld + jc, ld, k_sc, std::min(NT, n - tb), len,
+                                q + v * kW, rp, s + tb * rp + v * kW, rp, first);
             else
-              qk_lane_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, std::min(NT, n - tb), len,
+              qk_lane_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, k_sc, std::min(NT, n - tb), len,
                                    q + v * kW, rp, s + tb * rp + v * kW, rp, first);
           }
         }
@@ -681,25 +745,28 @@ class GroupedTiled {
   }
 
   template <int N>
-  static void qk_lane_tail(Index nvec, const S* k, Index k_ld, Index nt, Index len, const float* q,
-                           Index q_ld, float* s, Index s_ld, bool first) {
+  static void qk_lane_tail(Index nvec, const S* k, Index k_ld, const float* k_sc, Index nt,
+                           Index len, const float* q, Index q_ld, float* s, Index s_ld,
+                           bool first) {
     if constexpr (N > 0) {
       if (nvec == N)
-        qk_lane_block<N>(k, k_ld, nt, len, q, q_ld, s, s_ld, first);
+        qk_lane_block<N>(k, k_ld, k_sc, nt, len, q, q_ld, s, s_ld, first);
       else
-        qk_lane_tail<N - 1>(nvec, k, k_ld, nt, len, q, q_ld, s, s_ld, first);
+        qk_lane_tail<N - 1>(nvec, k, k_ld, k_sc, nt, len, q, q_ld, s, s_ld, first);
     }
   }
 
   // s[t][v] (+)= Σ_j k[t][j] · q[j][v] for kLaneTokens tokens (the first nt real) and VB row
   // vectors, over `len` ≤ kChunk dims. 16-bit K rows are first widened with vector loads into a
   // [kLaneTokens, kChunk] f32 block on the stack (L1), so the broadcasts below are plain f32
-  // loads instead of one scalar conversion per element and row vector.
+  // loads instead of one scalar conversion per element and row vector; int8 rows are
+  // dequantized there too (k_sc: their tokens' scales; null unless S is quantized).
   template <int VB>
-  static void qk_lane_block(const S* k, Index k_ld, Index nt, Index len, const float* q, Index q_ld,
-                            float* s, Index s_ld, bool first) {
+  static void qk_lane_block(const S* k, Index k_ld, const float* k_sc, Index nt, Index len,
+                            const float* q, Index q_ld, float* s, Index s_ld, bool first) {
     constexpr int NT = static_cast<int>(Ops::kLaneTokens);
     if constexpr (std::is_same<S, float>::value) {
+      (void)k_sc;
       const float* rows[NT];
       TPA_UNROLL
       for (int t = 0; t < NT; ++t) rows[t] = k + std::min<Index>(t, nt - 1) * k_ld;
@@ -710,9 +777,11 @@ class GroupedTiled {
       const float* rows[NT];
       for (int t = 0; t < NT; ++t) {
         float* w = wide + t * kChunk;
-        const S* src = k + std::min<Index>(t, nt - 1) * k_ld;
+        const Index tt = std::min<Index>(t, nt - 1);
+        const S* src = k + tt * k_ld;
+        const V sc = Ops::set1(k_sc != nullptr ? k_sc[tt] : 1.f);
         for (Index j = 0; j < len; j += kW)
-          Ops::store(w + j, Ops::template load_widen<S>(src + j, std::min(kW, len - j)));
+          Ops::store(w + j, dequant(Ops::template load_widen<S>(src + j, std::min(kW, len - j)), sc));
         rows[t] = w;
       }
       qk_lane_rows<VB>(rows, len, q, q_ld, s, s_ld, first);
@@ -774,17 +843,20 @@ class GroupedTiled {
 
   // acc [nr, acc_ld] = acc · alpha (per row) + P · v [n, v_ld], P(r, t) = pr[r·p_rs + t·p_ts],
   // over acc_ld / kW vectors per row. Column blocks outer: a V column block stays in L1.
-  static void pv(const float* pr, Index p_rs, Index p_ts, const float* alpha, const float* v,
-                 Index v_ld, Index n, float* acc, Index acc_ld, Index nr, RowPrefetch& pf,
-                 Index per_call) {
+  // T is float, or the quantized S read in place (whole vectors only), P(r, t) then multiplied
+  // by token t's scale v_sc[t] (null for float).
+  template <class T>
+  static void pv(const float* pr, Index p_rs, Index p_ts, const float* alpha, const T* v,
+                 Index v_ld, const float* v_sc, Index n, float* acc, Index acc_ld, Index nr,
+                 RowPrefetch& pf, Index per_call) {
     constexpr Index R = Ops::kPvRows, C = Ops::kPvCols;
     const Index nvec = acc_ld / kW;
     if (nr == 1) {  // MHA decode: kPv1Cols vectors of one row at a time
       constexpr Index C1 = kPv1Cols;
       for (Index c = 0; c < nvec; c += C1) {
         pf.issue(per_call);
-        pv_dispatch<1, C1>(1, std::min(C1, nvec - c), pr, p_rs, p_ts, alpha, v + c * kW, v_ld, n,
-                           acc + c * kW, acc_ld);
+        pv_dispatch<1, C1>(1, std::min(C1, nvec - c), pr, p_rs, p_ts, alpha, v + c * kW, v_ld,
+                           v_sc, n, acc + c * kW, acc_ld);
       }
       return;
     }
@@ -793,7 +865,7 @@ class GroupedTiled {
       for (Index r = 0; r < nr; r += R) {
         pf.issue(per_call);
         pv_dispatch<R, C>(std::min(R, nr - r), nc, pr + r * p_rs, p_rs, p_ts, alpha + r, v + c * kW,
-                          v_ld, n, acc + r * acc_ld + c * kW, acc_ld);
+                          v_ld, v_sc, n, acc + r * acc_ld + c * kW, acc_ld);
       }
     }
   }
@@ -859,23 +931,23 @@ class GroupedTiled {
   }
 
   // pv_block<nr', nc'> for nr' ≤ NR, nc' ≤ NC given at run time.
-  template <int NR, int NC>
+  template <int NR, int NC, class T>
   static void pv_dispatch(Index nr, Index nc, const float* pr, Index p_rs, Index p_ts,
-                          const float* alpha, const float* v, Index v_ld, Index n, float* acc,
-                          Index acc_ld) {
+                          const float* alpha, const T* v, Index v_ld, const float* v_sc, Index n,
+                          float* acc, Index acc_ld) {
     if constexpr (NR > 0 && NC > 0) {
       if (nr < NR)
-        pv_dispatch<NR - 1, NC>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+        pv_dispatch<NR - 1, NC>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, v_sc, n, acc, acc_ld);
       else if (nc < NC)
-        pv_dispatch<NR, NC - 1>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+        pv_dispatch<NR, NC - 1>(nr, nc, pr, p_rs, p_ts, alpha, v, v_ld, v_sc, n, acc, acc_ld);
       else
-        pv_block<NR, NC>(pr, p_rs, p_ts, alpha, v, v_ld, n, acc, acc_ld);
+        pv_block<NR, NC>(pr, p_rs, p_ts, alpha, v, v_ld, v_sc, n, acc, acc_ld);
     }
   }
 
-  template <int NR, int NC>
-  static void pv_block(const float* pr, Index p_rs, Index p_ts, const float* alpha, const float* v,
-                       Index v_ld, Index n, float* acc, Index acc_ld) {
+  template <int NR, int NC, class T>
+  static void pv_block(const float* pr, Index p_rs, Index p_ts, const float* alpha, const T* v,
+                       Index v_ld, const float* v_sc, Index n, float* acc, Index acc_ld) {
     V a[NR][NC];
     TPA_UNROLL
     for (int r = 0; r < NR; ++r) {
@@ -885,11 +957,19 @@ class GroupedTiled {
     }
     for (Index t = 0; t < n; ++t) {
       V x[NC];
-      TPA_UNROLL
-      for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(v + t * v_ld + c * kW);
+      float vs = 1.f;  // the token's value scale, folded into its probabilities (int8)
+      if constexpr (std::is_same<T, float>::value) {
+        (void)v_sc;
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(v + t * v_ld + c * kW);
+      } else {
+        vs = v_sc[t];
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) x[c] = Ops::template load_widen<T>(v + t * v_ld + c * kW, kW);
+      }
       TPA_UNROLL
       for (int r = 0; r < NR; ++r) {
-        const V w = Ops::set1(pr[r * p_rs + t * p_ts]);
+        const V w = Ops::set1(pr[r * p_rs + t * p_ts] * vs);
         TPA_UNROLL
         for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(w, x[c], a[r][c]);
       }

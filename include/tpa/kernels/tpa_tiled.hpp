@@ -12,6 +12,7 @@
 #include <new>
 #include <type_traits>
 
+#include "tpa/core/quant.hpp"
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/grouped_tiled.hpp"
 #include "tpa/kernels/lane_reduce.hpp"
@@ -353,6 +354,12 @@ class TpaTiled {
     if (RQ == 0) {  // scores of all rows that see the tile, tokens in lanes
       transpose_tile(ak, ld_ak, n, b.akt);
       transpose_tile(bk, ld_bk, n, b.bkt);
+      if constexpr (is_quantized_v<S>) {  // dequantize the transposed tiles: tokens in lanes
+        for (Index h = 0; h < H; ++h)  // A_K: a scale per token (or per head and token)
+          scale_lanes(b.akt + h * RK * kT, RK, p.kv.scales(p.a_k_factor, blk, h) + off, n);
+        for (Index s = 0; s < RK; ++s)
+          scale_lanes(b.bkt + s * d * kT, d, p.kv.scales(p.b_k_factor, blk, s) + off, n);
+      }
       constexpr Index NR = Ops::kQkRows;
       const float* mul[NR];
       for (Index s = 0; s < RK; ++s)
@@ -393,10 +400,23 @@ class TpaTiled {
       float* st = b.st + qi * kT * H_pad;
       if (RQ > 0) {
         factor_dots(p.b_q + i * p.b_q_stride, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
+        if constexpr (is_quantized_v<S>) {  // B_Q·B_K(t)[s] times B_K's scale of (t, s)
+          for (Index s = 0; s < RK; ++s)
+            for (Index r = 0; r < RQ; ++r)
+              scale_lanes(b.c + (s * RQ + r) * kT, 1, p.kv.scales(p.b_k_factor, blk, s) + off,
+                          count);
+        }
         for_chunks(H_pad / kW, [&](Index v0, auto nv) {
           scores<decltype(nv)::value>(b.aq + qi * RQ * H_pad + v0 * kW, sh, b.c, ak, v0 * kW, count,
                                       st + v0 * kW, next, per_call);
         });
+        if constexpr (is_quantized_v<S>) {  // times A_K's scale of token t (and head)
+          for (Index t = 0; t < count; ++t)
+            for (Index h = 0; h < H_pad; h += kW)
+              Ops::store(st + t * H_pad + h,
+                         Ops::mul(Ops::load(st + t * H_pad + h),
+                                  head_scales(p, p.a_k_factor, blk, off + t, h, H)));
+        }
       } else {
         for (Index hb = 0; hb < H; hb += kW)
           for (Index tb = 0; tb < count; tb += kW)
@@ -411,6 +431,21 @@ class TpaTiled {
         softmax<decltype(nv)::value>(sh, av, h0, count, st + h0, w + h0, b.m + qi * H_pad + h0,
                                      b.l + qi * H_pad + h0, alpha + h0, next, per_call);
       });
+      if constexpr (is_quantized_v<S>) {
+        // Value scales folded into the weights: w(t, s) ·= A_V's scale of t · B_V's of (t, s);
+        // B_V was widened unscaled above.
+        for (Index s = 0; s < RV; ++s) {
+          const float* sb = p.kv.scales(p.b_v_factor, blk, s) + off;
+          for (Index t = 0; t < count; ++t) {
+            const V b_scale = Ops::set1(sb[t]);
+            float* wt = w + (t * RV + s) * H_pad;
+            for (Index h = 0; h < H_pad; h += kW)
+              Ops::store(wt + h, Ops::mul(Ops::load(wt + h),
+                                          Ops::mul(head_scales(p, p.a_v_factor, blk, off + t, h, H),
+                                                   b_scale)));
+          }
+        }
+      }
       pv(w, 1, H_pad, RV * H_pad, alpha, vt, v_ld, v_sd, count, RV, b.acc + qi * H * sh.d_pad,
          sh.d_pad, H, next, per_call);
     }
@@ -521,6 +556,30 @@ class TpaTiled {
     TPA_UNROLL
     for (int v = 0; v < NV; ++v)
       Ops::store(l + v * kW, Ops::fmadd(Ops::load(l + v * kW), Ops::load(alpha + v * kW), sum[v]));
+  }
+
+  // Rows x[c·kT …] (c < rows) times the per-token scales sc[t] (t < n; lanes ≥ n become 0).
+  static void scale_lanes(float* x, Index rows, const float* sc, Index n) {
+    V s[kNV];
+    TPA_UNROLL
+    for (Index v = 0; v < kNV; ++v)
+      s[v] = v * kW < n ? Ops::template load_widen<float>(sc + v * kW, std::min(kW, n - v * kW))
+                        : Ops::zero();
+    for (Index c = 0; c < rows; ++c) {
+      TPA_UNROLL
+      for (Index v = 0; v < kNV; ++v)
+        Ops::store(x + c * kT + v * kW, Ops::mul(Ops::load(x + c * kT + v * kW), s[v]));
+    }
+  }
+  // The scales of an A factor (A_K, A_V) for the block's token slot t, heads h … h + kW − 1 in
+  // lanes (0 past H): one per token, or one per head and token (rows of ≥ kQ8MinRowCols ranks).
+  static V head_scales(const P& p, std::size_t f, Index blk, Index t, Index h, Index H) {
+    const float* sc = p.kv.scales(f, blk, 0) + t;
+    const Index nh = std::min(kW, H - h);
+    if (p.kv.place(f).scale_rows <= 1) {  // lanes past H: their weights are 0 anyway
+      return Ops::set1(*sc);
+    }
+    return Ops::template load_strided<float>(sc + h * p.kv.block_tokens, p.kv.block_tokens, nh);
   }
 
   // dst [cols, kT] (row c at dst + c·kT) = src [n, cols]ᵀ (row t at src + t·ld, cols = ld),

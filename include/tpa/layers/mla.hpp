@@ -447,12 +447,19 @@ class MultiHeadLatentAttention {
       const Index n = std::min(kGather, L - t0);
       for (Index t = 0; t < n; ++t) {
         const S* c = lat.row_at(0, t0 + t, 0);
-        for (Index j = 0; j < d_c; ++j) b.gather[t * d_c + j] = static_cast<float>(c[j]);
         const S* r = lat.row_at(1, t0 + t, 0);
-        for (Index h = 0; h < H; ++h) {
-          float* k_pe = keys + ((t0 + t) * H + h) * d_qk + d_n;
-          for (Index j = 0; j < d_R; ++j) k_pe[j] = static_cast<float>(r[j]);
+        float* k_pe0 = keys + (t0 + t) * H * d_qk + d_n;
+        if constexpr (is_quantized_v<S>) {  // one scale per token for each (single-row) factor
+          const Index blk = (t0 + t) / lat.block_tokens, slot = (t0 + t) % lat.block_tokens;
+          const float sc = lat.scales(0, blk, 0)[slot], sr = lat.scales(1, blk, 0)[slot];
+          for (Index j = 0; j < d_c; ++j) b.gather[t * d_c + j] = static_cast<float>(c[j].v) * sc;
+          for (Index j = 0; j < d_R; ++j) k_pe0[j] = static_cast<float>(r[j].v) * sr;
+        } else {
+          for (Index j = 0; j < d_c; ++j) b.gather[t * d_c + j] = static_cast<float>(c[j]);
+          for (Index j = 0; j < d_R; ++j) k_pe0[j] = static_cast<float>(r[j]);
         }
+        for (Index h = 1; h < H; ++h)
+          std::copy(k_pe0, k_pe0 + d_R, keys + ((t0 + t) * H + h) * d_qk + d_n);
       }
       const ConstMatrixMap<float> c(b.gather, n, d_c);
       for (Index h = 0; h < H; ++h) {

@@ -1,0 +1,205 @@
+// cache_accuracy: how much a narrower KV cache (bf16, f16, int8) moves the attention output of
+// one decode step away from the f32 cache's, at long context, for every kind (README,
+// "Quantized caches"). The attention kernels alone (tpa::grouped_attention, tpa::tpa_attention;
+// Native backend, 2 threads) over caches of N(0, 1) factors at the LLaMA-like shape (H 32, d 128;
+// GQA G 8; MLA d_c 512, d_R 64; TPA R_Q 6, R_K = R_V 2), queries N(0, 1), scale 1/sqrt(d_qk).
+// The same random tokens are appended to one cache of each type (each rounds or quantizes them
+// on append); per case 4 queries at the last position, all heads:
+//
+//   rel_l2   ‖o − o_f32‖₂ / ‖o_f32‖₂   over all heads and queries
+//   rel_max  max |o − o_f32| / max |o_f32|
+//
+//   cache_accuracy [--contexts 1024,16384,32768]
+#include <tpa/tpa.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using tpa::Index;
+
+struct Case {
+  const char* name;
+  Index H, G, d_k0, d_k1, d_v;
+  bool v_in_key;
+  Index r_q = 0, r_k = 0, r_v = 0;  // TPA when r_k > 0 (head_dim d_k0)
+  bool tpa() const { return r_k > 0; }
+};
+const Case kCases[] = {{"MHA", 32, 32, 128, 0, 128, false},
+                       {"GQA8", 32, 8, 128, 0, 128, false},
+                       {"MQA", 32, 1, 128, 0, 128, false},
+                       {"MLA", 32, 1, 512, 64, 512, true},
+                       {"TPA", 32, 0, 128, 0, 128, false, 6, 2, 2},
+                       {"TPA-KV", 32, 0, 128, 0, 128, false, 0, 2, 2}};
+constexpr Index kBlock = 64, kQueries = 4;
+
+std::vector<tpa::FactorSpec> factors(const Case& c) {
+  if (c.tpa())
+    return {{"A_K", c.H, c.r_k, false},
+            {"B_K", c.r_k, c.d_k0, true},
+            {"A_V", c.H, c.r_v, false},
+            {"B_V", c.r_v, c.d_k0, false}};
+  std::vector<tpa::FactorSpec> f = {{"K0", c.G, c.d_k0, true}};
+  if (c.d_k1 > 0) f.push_back({"K1", c.G, c.d_k1, true});
+  if (!c.v_in_key) f.push_back({"V", c.G, c.d_v, false});
+  return f;
+}
+
+// N(0, 1) samples (xorshift64* and Box–Muller; reproducible).
+void normal(float* x, std::size_t n, std::uint64_t seed) {
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  auto uniform = [&] {
+    s ^= s >> 12;
+    s ^= s << 25;
+    s ^= s >> 27;
+    return (static_cast<double>((s * 0x2545F4914F6CDD1Dull) >> 11) + 0.5) * 0x1.0p-53;
+  };
+  for (std::size_t i = 0; i < n; i += 2) {
+    const double r = std::sqrt(-2 * std::log(uniform())), a = 6.283185307179586 * uniform();
+    x[i] = static_cast<float>(r * std::cos(a));
+    if (i + 1 < n) x[i + 1] = static_cast<float>(r * std::sin(a));
+  }
+}
+
+// The decode output [kQueries, H, d_v] of case c over `len` tokens `src` stored as S.
+template <class S>
+std::vector<float> attend(const Case& c, Index len, const std::vector<std::vector<float>>& src,
+                          const std::vector<float>& q, std::size_t* bytes_per_token) {
+  const auto f = factors(c);
+  tpa::KVCache<S> cache({tpa::CacheLayout(c.name, f)}, kBlock, (len + kBlock - 1) / kBlock);
+  const tpa::SeqId seq = cache.add_sequence();
+  std::vector<tpa::FactorRows> rows;
+  for (std::size_t i = 0; i < f.size(); ++i) rows.push_back({src[i].data(), f[i].elements()});
+  cache.append(seq, 0, len, rows.data());
+  *bytes_per_token = cache.bytes_per_token();
+  tpa::Context ctx(2);
+  const Index d_out = c.tpa() ? c.d_k0 : c.d_v;
+  std::vector<float> o(static_cast<std::size_t>(kQueries * c.H * d_out));
+  const Index q_size = c.tpa() && c.r_q > 0 ? c.r_q * (c.H + c.d_k0) : c.H * (c.d_k0 + c.d_k1);
+  for (Index i = 0; i < kQueries; ++i) {
+    const float* qi = q.data() + i * q_size;
+    float* oi = o.data() + i * c.H * d_out;
+    if (c.tpa()) {
+      tpa::TpaAttentionParams<S> p;
+      p.q_rank = c.r_q;
+      if (c.r_q > 0) {
+        p.a_q = qi;
+        p.b_q = qi + c.H * c.r_q;
+      } else {
+        p.q = qi;
+      }
+      p.o = oi;
+      p.n_q = 1;
+      p.q_pos0 = len - 1;
+      p.n_heads = c.H;
+      p.head_dim = c.d_k0;
+      p.k_rank = c.r_k;
+      p.v_rank = c.r_v;
+      p.scale = 1.f / std::sqrt(static_cast<float>(c.d_k0));
+      p.kv = cache.view(seq, 0);
+      tpa::tpa_attention<tpa::Native>(ctx, &p, 1);
+    } else {
+      tpa::GroupedAttentionParams<S> p;
+      p.q = qi;
+      p.o = oi;
+      p.n_q = 1;
+      p.q_pos0 = len - 1;
+      p.n_heads = c.H;
+      p.n_kv_heads = c.G;
+      p.k_factor[0] = 0;
+      p.k_dims[0] = c.d_k0;
+      p.k_factor[1] = 1;
+      p.k_dims[1] = c.d_k1;
+      p.v_factor = c.v_in_key ? 0 : (c.d_k1 > 0 ? 2 : 1);
+      p.d_v = c.d_v;
+      p.scale = 1.f / std::sqrt(static_cast<float>(c.d_k0 + c.d_k1));
+      p.kv = cache.view(seq, 0);
+      tpa::grouped_attention<tpa::Native>(ctx, &p, 1);
+    }
+  }
+  return o;
+}
+
+struct Err {
+  double l2 = 0, max = 0;
+};
+Err compare(const std::vector<float>& o, const std::vector<float>& ref) {
+  double num2 = 0, den2 = 0, num = 0, den = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double d = static_cast<double>(o[i]) - ref[i];
+    num2 += d * d;
+    den2 += static_cast<double>(ref[i]) * ref[i];
+    num = std::max(num, std::abs(d));
+    den = std::max(den, std::abs(static_cast<double>(ref[i])));
+  }
+  return Err{std::sqrt(num2 / den2), num / den};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<Index> contexts = {1024, 16384, 32768};
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--contexts") == 0 && i + 1 < argc) {
+      contexts.clear();
+      std::string s = argv[++i];
+      for (std::size_t pos = 0; pos <= s.size();) {
+        const std::size_t end = std::min(s.find(',', pos), s.size());
+        contexts.push_back(std::stol(s.substr(pos, end - pos)));
+        pos = end + 1;
+      }
+    } else {
+      std::fprintf(stderr, "usage: cache_accuracy [--contexts 1024,16384,32768]\n");
+      return 2;
+    }
+  }
+  std::printf("Decode attention output vs the f32 cache, N(0,1) factors and queries, %ld queries "
+              "per case (rel_l2 = |o - o_f32|_2 / |o_f32|_2, rel_max = max|o - o_f32| / "
+              "max|o_f32|)\n\n",
+              static_cast<long>(kQueries));
+  std::printf("| kind | context | cache | bytes/token | rel_l2 | rel_max |\n");
+  std::printf("|---|---:|---|---:|---:|---:|\n");
+  for (const Case& c : kCases) {
+    const auto f = factors(c);
+    for (Index len : contexts) {
+      std::vector<std::vector<float>> src(f.size());
+      for (std::size_t i = 0; i < f.size(); ++i) {
+        src[i].resize(static_cast<std::size_t>(len * f[i].elements()));
+        normal(src[i].data(), src[i].size(), 100 + i);
+      }
+      const Index q_size =
+          c.tpa() && c.r_q > 0 ? c.r_q * (c.H + c.d_k0) : c.H * (c.d_k0 + c.d_k1);
+      std::vector<float> q(static_cast<std::size_t>(kQueries * q_size));
+      normal(q.data(), q.size(), 7);
+      std::size_t bpt = 0;
+      const std::vector<float> ref = attend<float>(c, len, src, q, &bpt);
+      auto row = [&](const char* name, const std::vector<float>& o, std::size_t bytes) {
+        const Err e = compare(o, ref);
+        std::printf("| %s | %ldK | %s | %zu | %.2e | %.2e |\n", c.name,
+                    static_cast<long>(len / 1024), name, bytes, e.l2, e.max);
+        std::fflush(stdout);
+      };
+      std::size_t b = 0;
+      std::vector<float> o = attend<tpa::bfloat16>(c, len, src, q, &b);
+      row("bf16", o, b);
+      o = attend<tpa::half>(c, len, src, q, &b);
+      row("f16", o, b);
+      o = attend<tpa::q8>(c, len, src, q, &b);
+      row("int8", o, b);
+      for (float v : o)
+        if (!std::isfinite(v)) {
+          std::fprintf(stderr, "error: non-finite output\n");
+          return 1;
+        }
+    }
+  }
+  return 0;
+}
