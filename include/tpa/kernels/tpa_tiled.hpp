@@ -354,11 +354,13 @@ class TpaTiled {
     if (RQ == 0) {  // scores of all rows that see the tile, tokens in lanes
       transpose_tile(ak, ld_ak, n, b.akt);
       transpose_tile(bk, ld_bk, n, b.bkt);
-      if constexpr (is_quantized_v<S>) {  // dequantize the transposed tiles: tokens in lanes
-        for (Index h = 0; h < H; ++h)  // A_K: a scale per token (or per head and token)
-          scale_lanes(b.akt + h * RK * kT, RK, p.kv.scales(p.a_k_factor, blk, h) + off, n);
+      if constexpr (is_quantized_v<S>) {
+        // Both key scales go onto the transposed A_K tile (tokens in lanes; H·R_K rows, fewer
+        // than B_K's R_K·d): row (h, s) times A_K's scale of (t, h) and B_K's of (t, s).
         for (Index s = 0; s < RK; ++s)
-          scale_lanes(b.bkt + s * d * kT, d, p.kv.scales(p.b_k_factor, blk, s) + off, n);
+          for (Index h = 0; h < H; ++h)
+            scale_lanes(b.akt + (h * RK + s) * kT, 1, p.kv.scales(p.a_k_factor, blk, h) + off, n,
+                        p.kv.scales(p.b_k_factor, blk, s) + off);
       }
       constexpr Index NR = Ops::kQkRows;
       const float* mul[NR];
@@ -411,11 +413,11 @@ class TpaTiled {
                                       st + v0 * kW, next, per_call);
         });
         if constexpr (is_quantized_v<S>) {  // times A_K's scale of token t (and head)
+          const HeadScales sa(p, p.a_k_factor, blk, off);
           for (Index t = 0; t < count; ++t)
             for (Index h = 0; h < H_pad; h += kW)
               Ops::store(st + t * H_pad + h,
-                         Ops::mul(Ops::load(st + t * H_pad + h),
-                                  head_scales(p, p.a_k_factor, blk, off + t, h, H)));
+                         Ops::mul(Ops::load(st + t * H_pad + h), sa.at(t, h, H)));
         }
       } else {
         for (Index hb = 0; hb < H; hb += kW)
@@ -434,15 +436,14 @@ class TpaTiled {
       if constexpr (is_quantized_v<S>) {
         // Value scales folded into the weights: w(t, s) ·= A_V's scale of t · B_V's of (t, s);
         // B_V was widened unscaled above.
+        const HeadScales sa(p, p.a_v_factor, blk, off);
         for (Index s = 0; s < RV; ++s) {
           const float* sb = p.kv.scales(p.b_v_factor, blk, s) + off;
           for (Index t = 0; t < count; ++t) {
             const V b_scale = Ops::set1(sb[t]);
             float* wt = w + (t * RV + s) * H_pad;
             for (Index h = 0; h < H_pad; h += kW)
-              Ops::store(wt + h, Ops::mul(Ops::load(wt + h),
-                                          Ops::mul(head_scales(p, p.a_v_factor, blk, off + t, h, H),
-                                                   b_scale)));
+              Ops::store(wt + h, Ops::mul(Ops::load(wt + h), Ops::mul(sa.at(t, h, H), b_scale)));
           }
         }
       }
@@ -558,29 +559,38 @@ class TpaTiled {
       Ops::store(l + v * kW, Ops::fmadd(Ops::load(l + v * kW), Ops::load(alpha + v * kW), sum[v]));
   }
 
-  // Rows x[c·kT …] (c < rows) times the per-token scales sc[t] (t < n; lanes ≥ n become 0).
-  static void scale_lanes(float* x, Index rows, const float* sc, Index n) {
+  // Rows x[c·kT …] (c < rows) times the per-token scales sc[t] (and sc2[t] unless null; t < n;
+  // lanes ≥ n become 0).
+  static void scale_lanes(float* x, Index rows, const float* sc, Index n,
+                          const float* sc2 = nullptr) {
     V s[kNV];
     TPA_UNROLL
-    for (Index v = 0; v < kNV; ++v)
-      s[v] = v * kW < n ? Ops::template load_widen<float>(sc + v * kW, std::min(kW, n - v * kW))
-                        : Ops::zero();
+    for (Index v = 0; v < kNV; ++v) {
+      const Index m = std::min(kW, n - v * kW);
+      s[v] = m > 0 ? Ops::template load_widen<float>(sc + v * kW, m) : Ops::zero();
+      if (sc2 != nullptr && m > 0)
+        s[v] = Ops::mul(s[v], Ops::template load_widen<float>(sc2 + v * kW, m));
+    }
     for (Index c = 0; c < rows; ++c) {
       TPA_UNROLL
       for (Index v = 0; v < kNV; ++v)
         Ops::store(x + c * kT + v * kW, Ops::mul(Ops::load(x + c * kT + v * kW), s[v]));
     }
   }
-  // The scales of an A factor (A_K, A_V) for the block's token slot t, heads h … h + kW − 1 in
-  // lanes (0 past H): one per token, or one per head and token (rows of ≥ kQ8MinRowCols ranks).
-  static V head_scales(const P& p, std::size_t f, Index blk, Index t, Index h, Index H) {
-    const float* sc = p.kv.scales(f, blk, 0) + t;
-    const Index nh = std::min(kW, H - h);
-    if (p.kv.place(f).scale_rows <= 1) {  // lanes past H: their weights are 0 anyway
-      return Ops::set1(*sc);
+  // The scales of an A factor (A_K, A_V) in block blk from token slot off: at(t, h, H) holds
+  // those of slot off + t for heads h … h + kW − 1 in lanes (past H: unspecified, their weights
+  // are 0): one per token, or one per head and token (rows of ≥ kQ8MinRowCols ranks).
+  struct HeadScales {
+    const float* sc;  // slot off's scale (of head 0)
+    Index stride;     // floats between heads' scales (0: one per token)
+    HeadScales(const P& p, std::size_t f, Index blk, Index off)
+        : sc(p.kv.scales(f, blk, 0) + off),
+          stride(p.kv.place(f).scale_rows > 1 ? p.kv.block_tokens : 0) {}
+    V at(Index t, Index h, Index H) const {
+      if (stride == 0) return Ops::set1(sc[t]);
+      return Ops::template load_strided<float>(sc + t + h * stride, stride, std::min(kW, H - h));
     }
-    return Ops::template load_strided<float>(sc + h * p.kv.block_tokens, p.kv.block_tokens, nh);
-  }
+  };
 
   // dst [cols, kT] (row c at dst + c·kT) = src [n, cols]ᵀ (row t at src + t·ld, cols = ld),
   // widened to f32; tokens n … kT−1 are 0.
