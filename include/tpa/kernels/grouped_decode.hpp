@@ -46,6 +46,7 @@ void check_grouped_call(const GroupedAttentionParams<S>& p, Index c) {
   TPA_CHECK(p.n_q == 0 || (p.q != nullptr && p.o != nullptr && p.kv.block_tokens >= 1),
             "grouped_attention: call ", c, ": null q/o or an empty cache view");
   if (p.n_q == 0) return;
+  p.variant.check("grouped_attention", p.q_pos0, p.kv.first_token);
   TPA_CHECK(p.kv.places != nullptr, "grouped_attention: call ", c, ": the cache view is empty");
   for (int part = 0; part < 2; ++part) {
     if (p.k_dims[part] == 0) continue;
@@ -108,8 +109,7 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       for (Index c = 0; c < n_calls; ++c) {
         const auto& p = calls[c];
         if (p.n_q == 0) continue;
-        const double rows_keys = static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
-                                 0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
+        const double rows_keys = detail::causal_pairs(p.n_q, p.q_pos0, p.variant.window);
         const Index heads = item_heads(p);
         const double cost =
             rows_keys * static_cast<double>(heads * p.group_size() * (p.d_qk() + p.d_v));
@@ -127,7 +127,8 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       const auto& p = calls[item_call[it]];
       return detail::CutItem{
           p.n_q, p.q_pos0,
-          static_cast<double>(item_heads(p) * p.group_size() * (p.d_qk() + p.d_v))};
+          static_cast<double>(item_heads(p) * p.group_size() * (p.d_qk() + p.d_v)),
+          p.variant.window};
     };
     auto* cuts = static_cast<detail::LineCut*>(scratch.bytes(sizeof(detail::LineCut) * (max_w + 1)));
     detail::cut_line(cum, n_items, workers, 16, item_of, cuts);  // key pieces tile-aligned
@@ -158,7 +159,8 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
             units[n_units++] = u;
           }
         } else if (p.n_q == 1) {
-          u.part = GroupedPart{g, g_end, 0, 1, pos0, pos1};
+          const Index kb = item_of(it).key_begin();
+          u.part = GroupedPart{g, g_end, 0, 1, kb + pos0, kb + pos1};
           u.slot = n_slots++;
           units[n_units++] = u;
         } else {
@@ -198,7 +200,9 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
           const auto& p = calls[first.call];
           const Index g = first.part.g0, rows = (first.part.g1 - g) * p.group_size();
           detail::merge_pieces(slots + first.slot, pieces, rows, p.d_v,
-                               p.o + g * p.group_size() * p.d_v);
+                               p.o + g * p.group_size() * p.d_v,
+                               p.variant.sinks == nullptr ? nullptr
+                                                          : p.variant.sinks + g * p.group_size());
         });
   }
 }

@@ -10,6 +10,7 @@
 
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/grouped_tiled.hpp"
+#include "tpa/kernels/score_variant.hpp"
 #include "tpa/kernels/softmax.hpp"
 #include "tpa/runtime/context.hpp"
 
@@ -48,8 +49,16 @@ inline WorkerCount worker_count(const GroupedSplit& split, int threads, double t
 struct CutItem {
   Index n_q = 0, q_pos0 = 0;
   double pair_cost = 1;
-  /// Positions along the cut dimension: keys (decode, n_q = 1) or queries (prefill).
-  Index size() const { return n_q == 1 ? q_pos0 + 1 : n_q; }
+  Index window = 0;  ///< sliding window of the call (ScoreVariant::window; 0: none)
+  /// First key a decode item visits (keys before its window are never read).
+  Index key_begin() const { return window > 0 ? std::max<Index>(0, q_pos0 + 1 - window) : 0; }
+  /// Positions along the cut dimension: keys from key_begin() (decode, n_q = 1) or queries
+  /// (prefill).
+  Index size() const { return n_q == 1 ? q_pos0 + 1 - key_begin() : n_q; }
+  /// Keys query i of a prefill item sees.
+  Index keys(Index i) const {
+    return window > 0 ? std::min(window, q_pos0 + i + 1) : q_pos0 + i + 1;
+  }
 };
 
 /// A cut of the line: item, and position inside it (< the item's size).
@@ -78,10 +87,10 @@ void cut_line(const double* cum, Index n_items, Index workers, Index align, cons
     if (c.n_q == 1) {
       pos = static_cast<Index>(std::llround(off / static_cast<double>(align))) * align;
     } else {
-      // First query boundary whose prefix Σ_{i'<i} (q_pos0 + i' + 1) reaches off.
+      // First query boundary whose prefix Σ_{i'<i} c.keys(i') reaches off.
       double acc = 0;
       pos = 0;
-      while (pos < c.n_q && acc < off) acc += static_cast<double>(c.q_pos0 + ++pos);
+      while (pos < c.n_q && acc < off) acc += static_cast<double>(c.keys(pos++));
     }
     pos = std::min(std::max<Index>(pos, 0), c.size());
     cuts[w] = pos == c.size() ? LineCut{it + 1, 0} : LineCut{it, pos};
@@ -146,8 +155,10 @@ void for_each_split_run(const Unit* units, Index n_units, const SameOutput& same
 
 /// Merges the partial states of the `pieces` key-split pieces slots[0 … pieces) of one query
 /// (in key order; `rows` rows of `dim`) exactly, and writes row r normalised to out + r·dim.
+/// With `sinks` non-null, sinks[r] (the sink logit of row r's head) joins the denominator of
+/// row r once, after the merge.
 inline void merge_pieces(const GroupedStates* slots, Index pieces, Index rows, Index dim,
-                         float* out) {
+                         float* out, const float* sinks = nullptr) {
   for (Index r = 0; r < rows; ++r) {
     SoftmaxState sa;
     sa.m = slots[0].m[r];
@@ -162,7 +173,12 @@ inline void merge_pieces(const GroupedStates* slots, Index pieces, Index rows, I
       sb.dim = dim;
       sa.merge(sb);
     }
-    sa.normalize(out + r * dim);
+    if (sinks == nullptr) {
+      sa.normalize(out + r * dim);
+    } else {
+      const float inv = sink_normalizer(sa.m, sa.l, sinks[r]);
+      for (Index j = 0; j < dim; ++j) out[r * dim + j] = sa.acc[j] * inv;
+    }
   }
 }
 

@@ -81,15 +81,15 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
     cum[0] = 0;
     for (Index c = 0; c < n_calls; ++c) {
       const auto& p = calls[c];
-      const double pairs = static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
-                           0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
+      const double pairs = detail::causal_pairs(p.n_q, p.q_pos0, p.variant.window);
       cum[c + 1] = cum[c] + pairs * detail::tpa_pair_cost(p);
     }
     if (cum[n_calls] == 0) return;
     const detail::WorkerCount wc = detail::worker_count(split, ctx.threads(), cum[n_calls]);
     const Index max_w = wc.max_w, workers = wc.used;
     auto item_of = [&](Index c) {
-      return detail::CutItem{calls[c].n_q, calls[c].q_pos0, detail::tpa_pair_cost(calls[c])};
+      return detail::CutItem{calls[c].n_q, calls[c].q_pos0, detail::tpa_pair_cost(calls[c]),
+                             calls[c].variant.window};
     };
     auto* cuts = static_cast<detail::LineCut*>(scratch.bytes(sizeof(detail::LineCut) * (max_w + 1)));
     detail::cut_line(cum, n_calls, workers, 64, item_of, cuts);  // key pieces tile-aligned
@@ -109,7 +109,8 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
         if (whole) {
           u.part = TpaPart::whole(p);
         } else if (p.n_q == 1) {
-          u.part = TpaPart{0, 1, pos0, pos1};
+          const Index kb = item_of(c).key_begin();
+          u.part = TpaPart{0, 1, kb + pos0, kb + pos1};
           u.slot = n_slots++;
         } else {
           u.part = TpaPart{pos0, pos1, 0, p.q_pos0 + pos1};
@@ -144,7 +145,8 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
         [](const detail::TpaUnit& a, const detail::TpaUnit& b) { return b.call == a.call; },
         [&](const detail::TpaUnit& first, Index pieces) {
           const auto& p = calls[first.call];
-          detail::merge_pieces(slots + first.slot, pieces, p.n_heads, p.head_dim, p.o);
+          detail::merge_pieces(slots + first.slot, pieces, p.n_heads, p.head_dim, p.o,
+                               p.variant.sinks);
         });
   }
 }
