@@ -233,7 +233,8 @@ TEST(CacheErrors, EveryThrowingMemberChangesNothing) {
        [](CacheFixture& f) { (void)f.c.drop_before(f.b, 1); }},
       {"drop_before negative", "position (-1)",
        [](CacheFixture& f) { (void)f.c.drop_before(f.a, -1); }},
-      {"drop_before freed", "not a live", [](CacheFixture& f) { (void)f.c.drop_before(f.gone, 0); }},
+      {"drop_before freed", "not a live",
+       [](CacheFixture& f) { (void)f.c.drop_before(f.gone, 0); }},
       {"first_token freed", "not a live", [](CacheFixture& f) { (void)f.c.first_token(f.gone); }},
       {"strict append", "strict reservation", [](CacheFixture& f) {
          f.c.set_strict_reservation(true);

@@ -17,10 +17,9 @@
 #include <limits>
 #include <memory>
 #include <random>
-#include <vector>
-
 #include <tpa/io/checkpoint.hpp>
 #include <tpa/tpa.hpp>
+#include <vector>
 
 #include "test_util.hpp"
 
@@ -33,7 +32,8 @@ using tpa_test::AnyLayer;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// ---- the variant cases ---------------------------------------------------------------------------
+// ---- the variant cases
+// ---------------------------------------------------------------------------
 
 struct Case {
   const char* name;
@@ -76,7 +76,8 @@ std::vector<double> ref_attention(const std::vector<std::vector<double>>& q,  //
                                   const std::vector<std::vector<double>>& v,  // [L·H][dv]
                                   Index n_q, Index q_pos0, Index H, double scale,
                                   const tpa::AttentionVariant& var,
-                                  const std::vector<float>& slopes, const std::vector<float>& sinks) {
+                                  const std::vector<float>& slopes,
+                                  const std::vector<float>& sinks) {
   const Index dv = static_cast<Index>(v[0].size());
   std::vector<double> o(static_cast<std::size_t>(n_q * H * dv), 0.0);
   for (Index i = 0; i < n_q; ++i) {
@@ -218,8 +219,8 @@ TYPED_TEST(VariantKernels, GroupedMatchesDoubleReference) {
           p.variant = kernel_variant(c.v, slopes, sinks);
           tpa::grouped_attention<B>(ctx, &p, 1, tpa_test::forced_split(workers));
           EXPECT_LT(tpa_test::rel_err(o, ref, n_q * H * dv), 2e-5)
-              << sh.name << " " << c.name << " n_q " << n_q << " q_pos0 " << q_pos0
-              << " workers " << workers;
+              << sh.name << " " << c.name << " n_q " << n_q << " q_pos0 " << q_pos0 << " workers "
+              << workers;
         }
       }
     }
@@ -241,7 +242,8 @@ TYPED_TEST(VariantKernels, TpaMatchesDoubleReference) {
   cache.append(seq, 0, kL, rows.data());
   const std::vector<float> sinks = random_floats(H, rng, 2.f);
   // Materialised k_h(t) = (1/R_K) Σ_s A_K[h,s] B_K[s], v likewise.
-  std::vector<std::vector<double>> k(kL * H, std::vector<double>(d)), v(kL * H, std::vector<double>(d));
+  std::vector<std::vector<double>> k(kL * H, std::vector<double>(d)),
+      v(kL * H, std::vector<double>(d));
   for (Index t = 0; t < kL; ++t)
     for (Index h = 0; h < H; ++h)
       for (Index j = 0; j < d; ++j) {
@@ -260,7 +262,8 @@ TYPED_TEST(VariantKernels, TpaMatchesDoubleReference) {
         const std::vector<float> a_q = random_floats(n_q * H * RQ, rng, 1.5f);
         const std::vector<float> b_q = random_floats(n_q * RQ * d, rng, 1.5f);
         const std::vector<float> q_full = random_floats(n_q * H * d, rng, 1.5f);
-        std::vector<std::vector<double>> qd(static_cast<std::size_t>(n_q * H), std::vector<double>(d));
+        std::vector<std::vector<double>> qd(static_cast<std::size_t>(n_q * H),
+                                            std::vector<double>(d));
         for (Index i = 0; i < n_q; ++i)
           for (Index h = 0; h < H; ++h)
             for (Index j = 0; j < d; ++j) {
@@ -363,8 +366,8 @@ std::vector<AnyLayer> kinds_on(const tpa::AttentionVariant& v) {
   out.push_back(wrap("GQA", std::make_shared<const tpa::GroupedQueryAttention<B>>(
                                 g, tpa::GqaWeights::random(g, 1))));
   g.n_kv_heads = g.n_heads;
-  out.push_back(wrap("MHA", std::make_shared<const tpa::MultiHeadAttention<B>>(
-                                g, tpa::GqaWeights::random(g, 2))));
+  out.push_back(wrap(
+      "MHA", std::make_shared<const tpa::MultiHeadAttention<B>>(g, tpa::GqaWeights::random(g, 2))));
   g.n_kv_heads = 1;
   out.push_back(wrap("MQA", std::make_shared<const tpa::MultiQueryAttention<B>>(
                                 g, tpa::GqaWeights::random(g, 3))));
@@ -513,10 +516,12 @@ TEST(VariantConfig, StandardAlibiSlopes) {
   // largest P ≤ H, then every other slope of 2P heads: 2^(−4(2j+1)/P).
   const auto s8 = tpa::AttentionVariant::standard_alibi_slopes(8);
   ASSERT_EQ(s8.size(), 8u);
-  for (int h = 0; h < 8; ++h) EXPECT_FLOAT_EQ(s8[static_cast<std::size_t>(h)], std::exp2(-(h + 1.f)));
+  for (int h = 0; h < 8; ++h)
+    EXPECT_FLOAT_EQ(s8[static_cast<std::size_t>(h)], std::exp2(-(h + 1.f)));
   const auto s12 = tpa::AttentionVariant::standard_alibi_slopes(12);
   ASSERT_EQ(s12.size(), 12u);
-  for (int h = 0; h < 8; ++h) EXPECT_FLOAT_EQ(s12[static_cast<std::size_t>(h)], s8[static_cast<std::size_t>(h)]);
+  for (int h = 0; h < 8; ++h)
+    EXPECT_FLOAT_EQ(s12[static_cast<std::size_t>(h)], s8[static_cast<std::size_t>(h)]);
   for (int j = 0; j < 4; ++j)
     EXPECT_FLOAT_EQ(s12[static_cast<std::size_t>(8 + j)], std::exp2(-(2 * j + 1) / 2.f));
   const auto s6 = tpa::AttentionVariant::standard_alibi_slopes(6);
@@ -620,7 +625,8 @@ TEST(VariantCheckpoint, SinksLoadByTheirReferenceName) {
   }
 }
 
-// ---- drop_before and bounded memory --------------------------------------------------------------
+// ---- drop_before and bounded memory
+// --------------------------------------------------------------
 
 TEST(VariantCache, WindowedModelKeepsBoundedCache) {
   constexpr Index W = 8, kBlock = 4, kSteps = 10 * W;

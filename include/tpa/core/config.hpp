@@ -110,7 +110,7 @@ struct RopeConfig {
 /// and head h:
 ///
 ///     z_t = scale · q·k_t                              (the plain score)
-///     z_t ← c · tanh(z_t / c)                          logit_softcap = c (Gemma 2: after the scale)
+///     z_t ← c · tanh(z_t / c)                          logit_softcap = c (after the scale)
 ///     z_t ← z_t − m_h · (p − t)                        alibi, slope m_h
 ///     keys t ∈ (p − W, p] only                         window = W (else t ∈ [0, p])
 ///     o = Σ_t e^(z_t − m) v_t / (Σ_t e^(z_t − m) + e^(σ_h − m))   sinks σ [H], m = max(z, σ_h)

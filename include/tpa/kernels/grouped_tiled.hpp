@@ -487,7 +487,8 @@ class GroupedTiled {
         const Index r = rw.base + rw.skip + rr;
         const Index i = ib + (rw.skip + rr) / gs;
         const Index count = std::min(n, p.q_pos0 + i - t0 + 1);  // ≥ 1 by the row skip
-        if (varies) vary_row(p, sp + rr * kT, g * gs + (rw.skip + rr) % gs, p.q_pos0 + i, t0, count);
+        if (varies)
+          vary_row(p, sp + rr * kT, g * gs + (rw.skip + rr) % gs, p.q_pos0 + i, t0, count);
         softmax_row(sp + rr * kT, count, b.m[r], b.l[r], b.alpha[r]);
       }
     }

@@ -57,7 +57,8 @@ struct ScoreVariant {
 /// k_dims[j] elements of row g of factor k_factor[j], kv.row_at(k_factor[j], t, g). The value is
 /// the first d_v elements of kv.row_at(v_factor, t, g). Those factors have n_kv_heads rows (one
 /// per KV head) in any placement (TileOrder). Query i (0 ≤ i < n_q) sits at position q_pos0 + i
-/// and sees keys 0 … q_pos0 + i, all of which must be cached (q_pos0 + n_q ≤ kv.n_tokens).
+/// and sees keys 0 … q_pos0 + i, all of which must be cached (q_pos0 + n_q ≤ kv.n_tokens) — or,
+/// with variant.window = W, keys max(0, q_pos0 + i − W + 1) … q_pos0 + i (ScoreVariant).
 template <class S>
 struct GroupedAttentionParams {
   const float* q = nullptr;  ///< [n_q, n_heads, d_qk], token i at q + i·q_stride
@@ -105,7 +106,8 @@ struct GroupedAttentionParams {
 ///
 /// Output: o_h = Σ_{t ≤ q_pos0+i} softmax_t(scale · q_h·k_h(t)) · v_h(t), written as
 /// [n_heads, head_dim] at o + i·o_stride. All keys a query sees must be cached:
-/// q_pos0 + n_q ≤ kv.n_tokens (keys past q_pos0 + i are masked, not read).
+/// q_pos0 + n_q ≤ kv.n_tokens (keys past q_pos0 + i are masked, not read). `variant` adds a
+/// window, soft-cap, ALiBi and sinks to the scores and the softmax (ScoreVariant).
 ///
 /// In factor form (what a FlashTPA kernel computes, contracting B_Q with B_K first):
 ///

@@ -23,8 +23,8 @@ inline ScoreVariant score_variant(const AttentionVariant& v, const std::vector<f
                                   const Eigen::VectorXf& sinks) {
   ScoreVariant s;
   s.window = v.window.value_or(0);
-  s.softcap = v.logit_softcap.has_value() && std::isfinite(*v.logit_softcap) ? *v.logit_softcap
-                                                                              : 0.f;
+  s.softcap =
+      v.logit_softcap.has_value() && std::isfinite(*v.logit_softcap) ? *v.logit_softcap : 0.f;
   s.alibi = v.alibi ? alibi.data() : nullptr;
   s.sinks = v.sinks ? sinks.data() : nullptr;
   return s;
@@ -41,8 +41,8 @@ void check_released(const char* who, const KVCache<S>& cache, const AttentionVar
     const Index first = cache.first_token(segs[i].seq);
     if (first == 0) continue;
     const Index need = v.window.has_value() ? std::max<Index>(0, segs[i].pos0 - *v.window + 1) : 0;
-    TPA_CHECK(need >= first, who, ": sequence ", segs[i].seq, " released its tokens before ",
-              first, " (KVCache::drop_before), but its query at position ", segs[i].pos0,
+    TPA_CHECK(need >= first, who, ": sequence ", segs[i].seq, " released its tokens before ", first,
+              " (KVCache::drop_before), but its query at position ", segs[i].pos0,
               " needs keys from position ", need,
               v.window.has_value() ? " (its window)" : " (the layer has no window)");
   }
