@@ -549,12 +549,15 @@ class GroupedTiled {
     const ScoreVariant& var = p.variant;
     const Index rp = sh.rp, gs = sh.gs;
     if (var.softcap > 0.f) softcap_scores<Ops>(s, n * rp, var.softcap);
-    if (var.alibi != nullptr)
-      for (Index rl = 0; rl < nrows; ++rl) {
-        const float m = var.alibi[g * gs + rl % gs];
-        const Index base = t0 - (p.q_pos0 + ib + rl / gs);  // key − query position at token 0
-        for (Index t = 0; t < n; ++t) s[t * rp + rl] += m * static_cast<float>(base + t);
-      }
+    if (var.alibi != nullptr) {  // row q·gs + j: query ib + q, head g·gs + j (contiguous in j)
+      const float* m = var.alibi + g * gs;
+      for (Index t = 0; t < n; ++t)
+        for (Index q = 0; q < nrows / gs; ++q) {
+          const float dist = static_cast<float>(t0 + t - (p.q_pos0 + ib + q));  // key − query
+          float* row = s + t * rp + q * gs;
+          for (Index j = 0; j < gs; ++j) row[j] += m[j] * dist;
+        }
+    }
     if (var.window > 0)
       for (Index rl = 0; rl < nrows; ++rl) {
         const Index lo = std::min(n, var.first_key(p.q_pos0 + ib + rl / gs) - t0);
