@@ -19,6 +19,7 @@
 #include <random>
 #include <tpa/io/checkpoint.hpp>
 #include <tpa/tpa.hpp>
+#include <type_traits>
 #include <vector>
 
 #include "test_util.hpp"
@@ -117,6 +118,16 @@ std::vector<float> random_floats(Index n, std::mt19937_64& rng, float scale = 1.
   return x;
 }
 
+// The storage scalar of a cache view (in decltype only).
+template <class S>
+S scalar_of(const tpa::SeqView<S>&);
+
+// x rounded to bfloat16 and back: values that a float and a bfloat16 cache hold alike.
+std::vector<float> bf16_exact(std::vector<float> x) {
+  for (float& e : x) e = static_cast<float>(tpa::bfloat16(e));
+  return x;
+}
+
 // The kernel's ScoreVariant of `v` over `slopes` and `sinks`.
 tpa::ScoreVariant kernel_variant(const tpa::AttentionVariant& v, const std::vector<float>& slopes,
                                  const std::vector<float>& sinks) {
@@ -158,13 +169,17 @@ TYPED_TEST(VariantKernels, GroupedMatchesDoubleReference) {
     std::vector<tpa::FactorSpec> f = {{"K0", G, sh.k0, true}};
     if (sh.k1 > 0) f.push_back({"K1", G, sh.k1, true});
     if (!sh.v_in_key) f.push_back({"V", G, dv, false});
+    // The same values (bfloat16-exact) in a float and a bfloat16 cache.
     tpa::KVCache<float> cache({tpa::CacheLayout(sh.name, f)}, kBlk, 64);
+    tpa::KVCache<tpa::bfloat16> cache16({tpa::CacheLayout(sh.name, f)}, kBlk, 64);
     const SeqId seq = cache.add_sequence();
+    const SeqId seq16 = cache16.add_sequence();
     std::vector<std::vector<float>> data;
     std::vector<tpa::FactorRows> rows;
-    for (const auto& fs : f) data.push_back(random_floats(kL * fs.elements(), rng));
+    for (const auto& fs : f) data.push_back(bf16_exact(random_floats(kL * fs.elements(), rng)));
     for (std::size_t i = 0; i < f.size(); ++i) rows.push_back({data[i].data(), f[i].elements()});
     cache.append(seq, 0, kL, rows.data());
+    cache16.append(seq16, 0, kL, rows.data());
     const std::size_t v_factor = sh.v_in_key ? 0 : f.size() - 1;
     const std::vector<float> sinks = random_floats(H, rng, 2.f);
     std::vector<std::vector<double>> k(kL * H), v(kL * H);
@@ -196,10 +211,11 @@ TYPED_TEST(VariantKernels, GroupedMatchesDoubleReference) {
             ref_attention(qd, k, v, n_q, q_pos0, H, scale, {}, slopes, sinks);
         EXPECT_GT(tpa_test::rel_err(ref, plain, n_q * H * dv), 1e-3)
             << c.name << ": the variant must change the output";
-        for (int workers : {1, 3}) {
+        auto run = [&](int workers, const auto& kv) {
+          using S = decltype(scalar_of(kv));
           tpa::Context ctx(workers == 1 ? 1 : 2);
           std::vector<float> o(static_cast<std::size_t>(n_q * H * dv), -7.f);
-          tpa::GroupedAttentionParams<float> p;
+          tpa::GroupedAttentionParams<S> p;
           p.q = q.data();
           p.q_stride = H * dk;
           p.o = o.data();
@@ -215,12 +231,16 @@ TYPED_TEST(VariantKernels, GroupedMatchesDoubleReference) {
           p.v_factor = v_factor;
           p.d_v = dv;
           p.scale = scale;
-          p.kv = cache.view(seq, 0);
+          p.kv = kv;
           p.variant = kernel_variant(c.v, slopes, sinks);
           tpa::grouped_attention<B>(ctx, &p, 1, tpa_test::forced_split(workers));
           EXPECT_LT(tpa_test::rel_err(o, ref, n_q * H * dv), 2e-5)
               << sh.name << " " << c.name << " n_q " << n_q << " q_pos0 " << q_pos0 << " workers "
-              << workers;
+              << workers << " cache " << (std::is_same<S, float>::value ? "f32" : "bf16");
+        };
+        for (int workers : {1, 3}) {
+          run(workers, cache.view(seq, 0));
+          run(workers, cache16.view(seq16, 0));
         }
       }
     }
@@ -234,12 +254,15 @@ TYPED_TEST(VariantKernels, TpaMatchesDoubleReference) {
   const std::vector<tpa::FactorSpec> f = {
       {"A_K", H, RK, false}, {"B_K", RK, d, true}, {"A_V", H, RV, false}, {"B_V", RV, d, false}};
   tpa::KVCache<float> cache({tpa::CacheLayout("TPA", f)}, kBlk, 64);
+  tpa::KVCache<tpa::bfloat16> cache16({tpa::CacheLayout("TPA", f)}, kBlk, 64);
   const SeqId seq = cache.add_sequence();
+  const SeqId seq16 = cache16.add_sequence();
   std::vector<std::vector<float>> data;
   std::vector<tpa::FactorRows> rows;
-  for (const auto& fs : f) data.push_back(random_floats(kL * fs.elements(), rng, 1.5f));
+  for (const auto& fs : f) data.push_back(bf16_exact(random_floats(kL * fs.elements(), rng, 1.5f)));
   for (std::size_t i = 0; i < f.size(); ++i) rows.push_back({data[i].data(), f[i].elements()});
   cache.append(seq, 0, kL, rows.data());
+  cache16.append(seq16, 0, kL, rows.data());
   const std::vector<float> sinks = random_floats(H, rng, 2.f);
   // Materialised k_h(t) = (1/R_K) Σ_s A_K[h,s] B_K[s], v likewise.
   std::vector<std::vector<double>> k(kL * H, std::vector<double>(d)),
@@ -283,10 +306,11 @@ TYPED_TEST(VariantKernels, TpaMatchesDoubleReference) {
             ref_attention(qd, k, v, n_q, q_pos0, H, 0.3, {}, slopes, sinks);
         EXPECT_GT(tpa_test::rel_err(ref, plain, n_q * H * d), 1e-3)
             << c.name << ": the variant must change the output";
-        for (int workers : {1, 3}) {
+        auto run = [&](int workers, const auto& kv) {
+          using S = decltype(scalar_of(kv));
           tpa::Context ctx(workers == 1 ? 1 : 2);
           std::vector<float> o(static_cast<std::size_t>(n_q * H * d), -7.f);
-          tpa::TpaAttentionParams<float> p;
+          tpa::TpaAttentionParams<S> p;
           if (factored) {
             p.q_rank = RQ;
             p.a_q = a_q.data();
@@ -306,7 +330,7 @@ TYPED_TEST(VariantKernels, TpaMatchesDoubleReference) {
           p.k_rank = RK;
           p.v_rank = RV;
           p.scale = 0.3f;
-          p.kv = cache.view(seq, 0);
+          p.kv = kv;
           p.variant = kernel_variant(c.v, slopes, sinks);
           tpa::TpaSplit split;
           split.max_workers = workers;
@@ -314,7 +338,12 @@ TYPED_TEST(VariantKernels, TpaMatchesDoubleReference) {
           tpa::tpa_attention<B>(ctx, &p, 1, split);
           EXPECT_LT(tpa_test::rel_err(o, ref, n_q * H * d), 2e-5)
               << c.name << (factored ? " factored" : " full") << " n_q " << n_q << " q_pos0 "
-              << q_pos0 << " workers " << workers;
+              << q_pos0 << " workers " << workers << " cache "
+              << (std::is_same<S, float>::value ? "f32" : "bf16");
+        };
+        for (int workers : {1, 3}) {
+          run(workers, cache.view(seq, 0));
+          run(workers, cache16.view(seq16, 0));
         }
       }
     }
