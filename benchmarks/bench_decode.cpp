@@ -56,6 +56,15 @@
 // contiguous run), steps alternated as in decode_pair. Counters: token_ms, head_ms (median step
 // times), speedup (token_ms / head_ms), speedup_lo and speedup_hi (quartiles of the
 // per-iteration ratios). decode_kernel and decode_pair place K/V token-major, as the layers do.
+//
+// Benchmarks: decode_variant/KIND/VARIANT/cache:f32/ctx:16384/pages:huge/threads:2, the cost of an
+// attention variant (README, "Attention variants"): each iteration times one plain step and one
+// step of the same sequences with the variant on, back to back (alternating which goes first).
+// VARIANT: softcap (c = 30), alibi (standard slopes), sinks, all3 (the three together),
+// window_full (W = the context: the windowed code path with nothing to skip) and window_4096 (a
+// step that reads 4096 of the 16384 tokens). Counters: VARIANT_ms, plain_ms (median step times)
+// and speedup = VARIANT_ms / plain_ms, i.e. the variant's relative cost (1.10 = 10 % slower),
+// with its quartiles speedup_lo, speedup_hi.
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -315,14 +324,17 @@ void decode_kernel(benchmark::State& state, std::size_t c, Index len, bool huge,
       100.0 * n * now.roofline_seconds(seqs.bytes(), seqs.flops()), benchmark::Counter::kIsRate);
 }
 
-// One decode step of case c over copy `copy` of its sequences.
+// One decode step of case c over copy `copy` of its sequences, with score variant `v`.
 template <class S>
-void step(tpa::Context& ctx, std::size_t c, Sequences<S>& seqs, Index copy) {
+void step(tpa::Context& ctx, std::size_t c, Sequences<S>& seqs, Index copy,
+          const tpa::ScoreVariant& v = {}) {
   if (kCases[c].tpa()) {
-    const auto p = seqs.tpa_params(copy);
+    auto p = seqs.tpa_params(copy);
+    p.variant = v;
     tpa::tpa_attention<tpa::Native>(ctx, &p, 1);
   } else {
-    const auto p = seqs.params(copy);
+    auto p = seqs.params(copy);
+    p.variant = v;
     tpa::grouped_attention<tpa::Native>(ctx, &p, 1);
   }
 }
@@ -386,6 +398,26 @@ void decode_pair(benchmark::State& state, std::size_t c, Index len, int threads)
       [&] {
         step(ctx, c, other, copy_other);
         copy_other = (copy_other + 1) % other.copies();
+      });
+}
+
+// decode_variant: plain steps of case c and steps with variant `v` (named `name`) alternated, over
+// the same sequences (see the file's header).
+void decode_variant(benchmark::State& state, std::size_t c, Index len, int threads,
+                    const std::string& name, const tpa::ScoreVariant& v) {
+  Sequences<float>& seqs = sequences<float>(c, len, true, false, 0);
+  tpa::Context ctx(threads);
+  Index copy_a = 0, copy_b = seqs.copies() / 2;
+  alternate(
+      state, name,
+      [&] {
+        step(ctx, c, seqs, copy_a, v);
+        copy_a = (copy_a + 1) % seqs.copies();
+      },
+      "plain",
+      [&] {
+        step(ctx, c, seqs, copy_b);
+        copy_b = (copy_b + 1) % seqs.copies();
       });
 }
 
@@ -489,6 +521,36 @@ void register_all() {
           ->UseManualTime()
           ->Unit(benchmark::kMillisecond)
           ->MinTime(2.0);
+    }
+  // Each attention variant against the plain step, alternated: f32, 2 MiB pages, 2 threads.
+  static const std::vector<float> slopes = tpa::AttentionVariant::standard_alibi_slopes(32);
+  static const std::vector<float> sinks(32, 0.5f);
+  for (std::size_t c = 0; c < std::size(kCases); ++c)
+    for (Index len : kContexts) {
+      tpa::ScoreVariant softcap, alibi, sink, all3, window_full, window_4096;
+      softcap.softcap = 30.f;
+      alibi.alibi = slopes.data();
+      sink.sinks = sinks.data();
+      all3 = softcap;
+      all3.alibi = slopes.data();
+      all3.sinks = sinks.data();
+      window_full.window = len;
+      window_4096.window = 4096;
+      const std::pair<const char*, tpa::ScoreVariant> variants[] = {
+          {"softcap", softcap}, {"alibi", alibi},           {"sinks", sink},
+          {"all3", all3},       {"window_full", window_full}, {"window_4096", window_4096}};
+      for (const auto& [vname, v] : variants) {
+        const std::string name = std::string("decode_variant/") + kCases[c].name + "/" + vname +
+                                 "/cache:f32/ctx:" + std::to_string(len) + "/pages:huge/threads:2";
+        const std::string counter = vname;
+        const tpa::ScoreVariant var = v;
+        benchmark::RegisterBenchmark(
+            name.c_str(),
+            [=](benchmark::State& s) { decode_variant(s, c, len, 2, counter, var); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->MinTime(2.0);
+      }
     }
   // Token-major against head-major K/V (the kinds with several KV heads), steps alternated:
   // f32 and bf16, 2 MiB pages, 2 threads.

@@ -164,10 +164,12 @@ void check_steps_allocate_nothing(const Layer& layer, Index d_model, TwoSequence
 
 // GQA decode of one sequence and of a batch of two, with long enough contexts that the work is
 // split over both threads (KV heads for GQA, split-K for MQA).
-// `rope` as given (RoPE variants: decay, off).
+// `rope` as given (RoPE variants: decay, off); `v`, the attention variants.
 template <class S = float>
-void check_decode_allocates_nothing(Index n_kv_heads, tpa::RopeConfig rope = {}) {
+void check_decode_allocates_nothing(Index n_kv_heads, tpa::RopeConfig rope = {},
+                                    const tpa::AttentionVariant& v = {}) {
   GqaConfig cfg;
+  cfg.variant = v;
   cfg.d_model = 256;
   cfg.n_heads = 16;
   cfg.n_kv_heads = n_kv_heads;
@@ -182,10 +184,13 @@ void check_decode_allocates_nothing(Index n_kv_heads, tpa::RopeConfig rope = {})
 }
 
 // TPA (T6, or K/V-only) decode of one sequence (split-K over both threads) and of a batch of two,
-// after the caches hold random factors. `variants`: sigmoid factors and partial RoPE with decay.
+// after the caches hold random factors. `variants`: sigmoid factors and partial RoPE with decay;
+// `v`, the attention variants.
 template <class S = float>
-void check_tpa_decode_allocates_nothing(bool kv_only, bool variants = false) {
+void check_tpa_decode_allocates_nothing(bool kv_only, bool variants = false,
+                                        const tpa::AttentionVariant& v = {}) {
   TpaConfig cfg;
+  cfg.variant = v;
   cfg.d_model = 256;
   cfg.n_heads = 16;
   cfg.head_dim = 64;
@@ -276,6 +281,27 @@ TEST(AllocTest, VariantDecodeStepsAllocateNothingAfterWarmUp) {
   check_decode_allocates_nothing(1, off);
   check_tpa_decode_allocates_nothing(false, true);
   check_tpa_decode_allocates_nothing(true, true);
+}
+
+// Every attention variant on (issue 25): a window of 1500 (split-K over the window), sinks,
+// soft-cap and ALiBi.
+tpa::AttentionVariant all_variants() {
+  tpa::AttentionVariant v;
+  v.window = 1500;
+  v.sinks = true;
+  v.logit_softcap = 30.f;
+  v.alibi = true;
+  return v;
+}
+
+TEST(AllocTest, VariantGqaAndMqaDecodeAllocatesNothingAfterWarmUp) {
+  check_decode_allocates_nothing(2, {}, all_variants());
+  check_decode_allocates_nothing(1, {}, all_variants());
+}
+
+TEST(AllocTest, VariantTpaDecodeAllocatesNothingAfterWarmUp) {
+  check_tpa_decode_allocates_nothing(false, false, all_variants());
+  check_tpa_decode_allocates_nothing(true, false, all_variants());
 }
 
 // Serving with forks (issue 24): fork a prefilled sequence whose last block is partly filled,

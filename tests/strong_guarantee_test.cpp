@@ -229,6 +229,13 @@ TEST(CacheErrors, EveryThrowingMemberChangesNothing) {
       {"copies_needed freed", "not a live",
        [](CacheFixture& f) { (void)f.c.copies_needed(f.gone, 0, 1); }},
       {"block_refs", "block (8) is not in", [](CacheFixture& f) { (void)f.c.block_refs(8); }},
+      {"drop_before past a layer", "position (1) must be in [0, 0]",
+       [](CacheFixture& f) { (void)f.c.drop_before(f.b, 1); }},
+      {"drop_before negative", "position (-1)",
+       [](CacheFixture& f) { (void)f.c.drop_before(f.a, -1); }},
+      {"drop_before freed", "not a live",
+       [](CacheFixture& f) { (void)f.c.drop_before(f.gone, 0); }},
+      {"first_token freed", "not a live", [](CacheFixture& f) { (void)f.c.first_token(f.gone); }},
       {"strict append", "strict reservation", [](CacheFixture& f) {
          f.c.set_strict_reservation(true);
          append(f.c, f.b, 0, 2, 9);
@@ -713,8 +720,28 @@ TEST(ConfigErrors, EveryRuleThrowsFromValidateAndTheConstructors) {
       {"rope.max_positions 2^40", [](tpa::RopeConfig& r) { r.max_positions = Index(1) << 40; }},
       {"rope.max_positions max", [](tpa::RopeConfig& r) { r.max_positions = kIndexMax; }},
   };
-  auto with_rope = [&rope](auto muts) {
+  // Attention variants (issue 25): the same rules for every kind.
+  const Mutations<tpa::AttentionVariant> variant = {
+      {"variant.window 0", [](tpa::AttentionVariant& v) { v.window = 0; }},
+      {"variant.window -4", [](tpa::AttentionVariant& v) { v.window = -4; }},
+      {"variant.logit_softcap 0", [](tpa::AttentionVariant& v) { v.logit_softcap = 0.f; }},
+      {"variant.logit_softcap -1", [](tpa::AttentionVariant& v) { v.logit_softcap = -1.f; }},
+      {"variant.logit_softcap NaN", [](tpa::AttentionVariant& v) { v.logit_softcap = NAN; }},
+      {"variant.alibi_slopes without alibi",
+       [](tpa::AttentionVariant& v) { v.alibi_slopes.assign(4, 0.5f); }},
+      {"variant.alibi_slopes length", [](tpa::AttentionVariant& v) {
+         v.alibi = true;
+         v.alibi_slopes.assign(3, 0.5f);
+       }},
+      {"variant.alibi_slopes inf", [](tpa::AttentionVariant& v) {
+         v.alibi = true;
+         v.alibi_slopes = {0.5f, INFINITY, 0.25f, 0.125f};
+       }},
+  };
+  auto with_rope = [&rope, &variant](auto muts) {
     for (const auto& r : rope) muts.push_back({r.first, [f = r.second](auto& c) { f(c.rope); }});
+    for (const auto& r : variant)
+      muts.push_back({r.first, [f = r.second](auto& c) { f(c.variant); }});
     return muts;
   };
   using GM = Mutations<tpa::GqaConfig>;

@@ -42,6 +42,7 @@ struct EigenOps {
   static V add(const V& a, const V& b) { return Eigen::internal::padd(a, b); }
   static V sub(const V& a, const V& b) { return Eigen::internal::psub(a, b); }
   static V mul(const V& a, const V& b) { return Eigen::internal::pmul(a, b); }
+  static V div(const V& a, const V& b) { return Eigen::internal::pdiv(a, b); }  // soft-cap
   static V max(const V& a, const V& b) { return Eigen::internal::pmax(a, b); }
   static V fmadd(const V& a, const V& b, const V& c) { return Eigen::internal::pmadd(a, b, c); }
   static float reduce_max(const V& v) { return Eigen::internal::predux_max(v); }

@@ -13,6 +13,23 @@ namespace tpa {
 
 template <>
 struct Kernels<Reference> {
+  /// Score variants of the score s (already scaled) of key t for head h and the query at `pos`
+  /// (ScoreVariant): soft-cap, then ALiBi. In double.
+  static double vary(const ScoreVariant& var, double s, Index h, Index pos, Index t) {
+    if (var.softcap > 0.f) {
+      const double c = static_cast<double>(var.softcap);
+      s = c * std::tanh(s / c);
+    }
+    if (var.alibi != nullptr)
+      s -= static_cast<double>(var.alibi[h]) * static_cast<double>(pos - t);
+    return s;
+  }
+  /// The sink logit of head h, or −inf without sinks.
+  static double sink(const ScoreVariant& var, Index h) {
+    return var.sinks != nullptr ? static_cast<double>(var.sinks[h])
+                                : -std::numeric_limits<double>::infinity();
+  }
+
   /// Causal grouped attention (see GroupedAttentionParams), exact softmax in double.
   template <class S>
   static void grouped_attention(const GroupedAttentionParams<S>& p) {
@@ -20,13 +37,15 @@ struct Kernels<Reference> {
     const Index group = p.group_size();
     std::vector<double> score(static_cast<std::size_t>(p.q_pos0 + p.n_q));
     std::vector<double> acc(static_cast<std::size_t>(p.d_v));
+    const ScoreVariant& var = p.variant;
     for (Index i = 0; i < p.n_q; ++i) {
       const Index n_keys = p.q_pos0 + i + 1;
+      const Index k0 = var.first_key(p.q_pos0 + i);  // window: keys k0 … n_keys − 1
       for (Index h = 0; h < p.n_heads; ++h) {
         const Index g = h / group;
         const float* q = p.q + i * p.q_stride + h * d_qk;
         double max_s = -std::numeric_limits<double>::infinity();
-        for (Index t = 0; t < n_keys; ++t) {
+        for (Index t = k0; t < n_keys; ++t) {
           double s = 0;
           Index qi = 0;
           for (int part = 0; part < 2; ++part) {
@@ -37,17 +56,20 @@ struct Kernels<Reference> {
                    static_cast<double>(p.kv.value(p.k_factor[part], t, g, j));
           }
           s *= static_cast<double>(p.scale);
+          if (var.transforms_scores()) s = vary(var, s, h, p.q_pos0 + i, t);
           score[static_cast<std::size_t>(t)] = s;
           max_s = std::max(max_s, s);
         }
-        double sum = 0;
-        for (Index t = 0; t < n_keys; ++t) {
+        const double sk = sink(var, h);
+        max_s = std::max(max_s, sk);
+        double sum = var.sinks != nullptr ? std::exp(sk - max_s) : 0.0;
+        for (Index t = k0; t < n_keys; ++t) {
           double& s = score[static_cast<std::size_t>(t)];
           s = std::exp(s - max_s);
           sum += s;
         }
         std::fill(acc.begin(), acc.end(), 0.0);
-        for (Index t = 0; t < n_keys; ++t) {
+        for (Index t = k0; t < n_keys; ++t) {
           const double w = score[static_cast<std::size_t>(t)];
           for (Index j = 0; j < p.d_v; ++j)
             acc[static_cast<std::size_t>(j)] +=
@@ -84,10 +106,15 @@ struct Kernels<Reference> {
     std::vector<double> score(sz(nb_max * n_keys));  // [block, n_keys] scores, then weights
     std::vector<double> sum(sz(nb_max));
     std::vector<double> acc(sz(nb_max * d));
+    const ScoreVariant& var = p.variant;
+    // Query i sees keys first_key(i) … n_keys(i) − 1.
+    auto first_key = [&](Index i) { return var.first_key(p.q_pos0 + i); };
+    auto sees = [&](Index i, Index t) { return t >= first_key(i) && t < p.n_keys(i); };
     for (Index h = 0; h < p.n_heads; ++h) {
       for (Index i0 = 0; i0 < p.n_q; i0 += kBlock) {
         const Index nb = std::min(kBlock, p.n_q - i0);
         const Index keys = p.n_keys(i0 + nb - 1);
+        const Index key0 = first_key(i0);
         for (Index b = 0; b < nb; ++b) {
           double* qb = q.data() + b * d;
           const Index i = i0 + b;
@@ -105,7 +132,7 @@ struct Kernels<Reference> {
             for (Index j = 0; j < d; ++j) qb[j] = qi[j];
           }
         }
-        for (Index t = 0; t < keys; ++t) {
+        for (Index t = key0; t < keys; ++t) {
           for (Index j = 0; j < d; ++j) {
             double sk = 0;
             for (Index r = 0; r < RK; ++r)
@@ -113,26 +140,29 @@ struct Kernels<Reference> {
             row[sz(j)] = sk / static_cast<double>(RK);
           }
           for (Index b = 0; b < nb; ++b) {
-            if (t >= p.n_keys(i0 + b)) continue;
+            if (!sees(i0 + b, t)) continue;
             double s = 0;
             for (Index j = 0; j < d; ++j) s += q[sz(b * d + j)] * row[sz(j)];
-            score[sz(b * n_keys + t)] = s * static_cast<double>(p.scale);
+            s *= static_cast<double>(p.scale);
+            if (var.transforms_scores()) s = vary(var, s, h, p.q_pos0 + i0 + b, t);
+            score[sz(b * n_keys + t)] = s;
           }
         }
         for (Index b = 0; b < nb; ++b) {
           double* sc = score.data() + b * n_keys;
-          const Index n = p.n_keys(i0 + b);
-          double max_s = -std::numeric_limits<double>::infinity();
-          for (Index t = 0; t < n; ++t) max_s = std::max(max_s, sc[t]);
-          double total = 0;
-          for (Index t = 0; t < n; ++t) {
+          const Index n = p.n_keys(i0 + b), k0 = first_key(i0 + b);
+          const double sk = sink(var, h);
+          double max_s = sk;
+          for (Index t = k0; t < n; ++t) max_s = std::max(max_s, sc[t]);
+          double total = var.sinks != nullptr ? std::exp(sk - max_s) : 0.0;
+          for (Index t = k0; t < n; ++t) {
             sc[t] = std::exp(sc[t] - max_s);
             total += sc[t];
           }
           sum[sz(b)] = total;
         }
         std::fill(acc.begin(), acc.end(), 0.0);
-        for (Index t = 0; t < keys; ++t) {
+        for (Index t = key0; t < keys; ++t) {
           for (Index j = 0; j < d; ++j) {
             double sv = 0;
             for (Index r = 0; r < RV; ++r)
@@ -140,7 +170,7 @@ struct Kernels<Reference> {
             row[sz(j)] = sv / static_cast<double>(RV);
           }
           for (Index b = 0; b < nb; ++b) {
-            if (t >= p.n_keys(i0 + b)) continue;
+            if (!sees(i0 + b, t)) continue;
             const double w = score[sz(b * n_keys + t)];
             for (Index j = 0; j < d; ++j) acc[sz(b * d + j)] += w * row[sz(j)];
           }

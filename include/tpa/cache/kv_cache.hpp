@@ -48,6 +48,9 @@ struct SeqView {
   const FactorPlace* places = nullptr;        ///< per factor: its placement inside a block
   Index n_tokens = 0;
   Index block_tokens = 0;
+  /// Tokens before it were released (KVCache::drop_before; a multiple of block_tokens): their
+  /// blocks are gone, so nothing may read them. 0 unless a sliding-window model dropped them.
+  Index first_token = 0;
 
   Index num_blocks() const { return (n_tokens + block_tokens - 1) / block_tokens; }
   /// Tokens held by the i-th block of the sequence.
@@ -315,6 +318,7 @@ class KVCache {
       if (!s.active) continue;
       for (std::size_t i = 0; i < s.blocks.size(); ++i) {
         const std::int32_t b = s.blocks[i];
+        if (b == kDropped) continue;  // released by drop_before: holds nothing
         const bool shared = refs_[static_cast<std::size_t>(b)] > 1;
         // A shared block sits at the same table index in every holder (fork copies a prefix
         // of the table, a copy on write replaces in place, truncate cuts the end): count it
@@ -389,9 +393,10 @@ class KVCache {
     Sequence& p = seq_ref(seq);                 // seqs_ may have grown
     Sequence& c = seqs_[slot];
     c.len = p.len;  // same size: no allocation
+    c.dropped = std::min(p.dropped, shared);
     for (std::size_t i = 0; i < shared; ++i) {
       c.blocks.push_back(p.blocks[i]);  // capacity reserved by new_slot
-      ++refs_[static_cast<std::size_t>(p.blocks[i])];
+      if (p.blocks[i] != kDropped) ++refs_[static_cast<std::size_t>(p.blocks[i])];
     }
     return handle(slot);
   }
@@ -411,8 +416,46 @@ class KVCache {
       TPA_CHECK(n_tokens <= s.len[l], "KVCache::truncate: n_tokens (", n_tokens,
                 ") exceeds the length of sequence ", describe(seq), " in layer ", l, " (",
                 s.len[l], ")");
+    TPA_CHECK(n_tokens >= first_token_of(s), "KVCache::truncate: n_tokens (", n_tokens,
+              ") is before the tokens sequence ", describe(seq), " released with drop_before (",
+              first_token_of(s), ")");
     std::fill(s.len.begin(), s.len.end(), n_tokens);
     drop_blocks(s, static_cast<std::size_t>(blocks_for(n_tokens)));
+  }
+
+  /// Releases the blocks of `seq` that lie wholly before `position` (tokens 0 … position − 1),
+  /// in every layer, for sliding-window layers that will never read them again: each returns to
+  /// the free list unless a fork still holds it. Positions stay absolute: the sequence keeps its
+  /// length, later tokens keep theirs, and first_token(seq) (a multiple of block_tokens) says
+  /// where the readable tokens start; a layer call whose queries would need a released key
+  /// throws tpa::Error. Returns the blocks that left the table. Needs exclusive access to the
+  /// cache.
+  /// \throws Error if `seq` is not live, or position < 0 or past the sequence's length in some
+  /// layer (nothing changes then).
+  Index drop_before(SeqId seq, Index position) {
+    check_seq("KVCache::drop_before", seq);
+    Sequence& s = seq_ref(seq);
+    const Index shortest = *std::min_element(s.len.begin(), s.len.end());
+    TPA_CHECK(position >= 0 && position <= shortest, "KVCache::drop_before: position (",
+              position, ") must be in [0, ", shortest, "], the shortest length of sequence ",
+              describe(seq), " over the layers");
+    const auto end = static_cast<std::size_t>(position / block_tokens_);
+    Index n = 0;
+    for (std::size_t i = s.dropped; i < end; ++i) {  // end ≤ table size: position ≤ lengths
+      const std::int32_t b = s.blocks[i];
+      if (--refs_[static_cast<std::size_t>(b)] == 0) free_.push_back(b);
+      s.blocks[i] = kDropped;
+      ++n;
+    }
+    s.dropped = std::max(s.dropped, end);
+    return n;
+  }
+
+  /// First readable token of `seq`: tokens before it were released by drop_before (0 if none).
+  /// \throws Error if `seq` is not live.
+  Index first_token(SeqId seq) const {
+    check_seq("KVCache::first_token", seq);
+    return first_token_of(seq_ref(seq));
   }
 
   /// Strict reservation mode: when on, an append (or layer call) that would take a block from
@@ -459,6 +502,7 @@ class KVCache {
     Sequence& s = seq_ref(seq);
     drop_blocks(s, 0);
     std::fill(s.len.begin(), s.len.end(), 0);
+    s.dropped = 0;
     s.active = false;
     s.generation = (s.generation + 1) & kMaxGeneration;
     free_seqs_.push_back(static_cast<std::int32_t>(slot_of(seq)));
@@ -647,6 +691,7 @@ class KVCache {
     v.table = s.blocks.data();
     v.places = layers_[l].places.data();
     v.n_tokens = s.len[l];
+    v.first_token = first_token_of(s);
     v.block_tokens = block_tokens_;
     return v;
   }
@@ -668,8 +713,15 @@ class KVCache {
     std::int64_t generation = 0;      // of the slot's current (or next, when free) sequence
     std::vector<std::int32_t> blocks;  // block ids; a block may be shared with forks
     std::vector<Index> len;            // per layer
+    std::size_t dropped = 0;           // leading table entries released by drop_before
   };
   static constexpr std::int64_t kMaxGeneration = INT32_MAX;  // generations wrap at 2^31
+  // Table entry of a block released by drop_before (the table keeps positions absolute).
+  static constexpr std::int32_t kDropped = -1;
+  // Tokens before the first table entry not released by drop_before.
+  Index first_token_of(const Sequence& s) const {
+    return static_cast<Index>(s.dropped) * block_tokens_;
+  }
   // Storage of one block: aligned operator new (so allocation failures can be injected in
   // tests like any other), freed with the same alignment.
   struct BlockDeleter {
@@ -765,12 +817,13 @@ class KVCache {
   Index shared_in(const Sequence& s, std::size_t first, std::size_t last) const {
     Index n = 0;
     for (std::size_t i = first; i < last; ++i)
-      if (refs_[static_cast<std::size_t>(s.blocks[i])] > 1) ++n;
+      if (s.blocks[i] != kDropped && refs_[static_cast<std::size_t>(s.blocks[i])] > 1) ++n;
     return n;
   }
   // Copy on write: if s's i-th block is shared, replaces it with a copy taken from the free list
   // (which must not be empty) and returns true. Cannot throw.
   bool copy_if_shared(Sequence& s, std::size_t i) noexcept {
+    if (s.blocks[i] == kDropped) return false;
     const auto old = static_cast<std::size_t>(s.blocks[i]);
     if (refs_[old] <= 1) return false;
     const std::int32_t copy = free_.back();
@@ -786,8 +839,10 @@ class KVCache {
   // list. Cannot throw (free_ has room for every id).
   void drop_blocks(Sequence& s, std::size_t keep) noexcept {
     while (s.blocks.size() > keep) {
-      const auto b = static_cast<std::size_t>(s.blocks.back());
-      if (--refs_[b] == 0) free_.push_back(s.blocks.back());
+      if (s.blocks.back() != kDropped) {
+        const auto b = static_cast<std::size_t>(s.blocks.back());
+        if (--refs_[b] == 0) free_.push_back(s.blocks.back());
+      }
       s.blocks.pop_back();
     }
   }

@@ -5,6 +5,9 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
+#include <optional>
+#include <vector>
 
 #include "tpa/core/error.hpp"
 #include "tpa/core/tensor.hpp"
@@ -135,6 +138,81 @@ struct RopeConfig {
   }
 };
 
+// ---- Attention variants (issue 25, items 1-4: window, sinks, soft-cap, ALiBi) -------------
+
+/// \brief Score variants of one attention layer (README, "Attention variants"). All are off by
+/// default, and an off variant costs nothing. With z_t the score of key t for query position p
+/// and head h:
+///
+///     z_t = scale · q·k_t                              (the plain score)
+///     z_t ← c · tanh(z_t / c)                          logit_softcap = c (after the scale)
+///     z_t ← z_t − m_h · (p − t)                        alibi, slope m_h
+///     keys t ∈ (p − W, p] only                         window = W (else t ∈ [0, p])
+///     o = Σ_t e^(z_t − m) v_t / (Σ_t e^(z_t − m) + e^(σ_h − m))   sinks σ [H], m = max(z, σ_h)
+struct AttentionVariant {
+  /// Sliding window W ≥ 1: the query at position p sees keys p − W + 1 … p. Unset: every
+  /// earlier key (plain causal).
+  std::optional<Index> window;
+  /// Learned attention sinks: one logit per head in the softmax denominator (weight `sinks`
+  /// [n_heads], as GPT-OSS stores it).
+  bool sinks = false;
+  /// Logit soft-cap c > 0 (finite or +inf): z ← c·tanh(z/c) after the softmax scale. Unset: off.
+  std::optional<float> logit_softcap;
+  /// ALiBi bias −m_h·(p − t) on the score of key t for the query at p.
+  bool alibi = false;
+  /// ALiBi slopes m_h [n_heads], finite; empty = the standard ones (alibi_slopes()).
+  std::vector<float> alibi_slopes;
+
+  /// Whether any variant is on.
+  bool any() const { return window.has_value() || sinks || logit_softcap.has_value() || alibi; }
+
+  /// The standard ALiBi slopes of n_heads heads (Press et al.; BLOOM's build_alibi_tensor, MPT's
+  /// gen_slopes): with P the largest power of two ≤ n_heads, m_h = 2^(−8(h+1)/P) for h < P, and
+  /// the remaining heads take the odd-numbered slopes of 2P heads, m_{P+j} = 2^(−4(2j+1)/P).
+  static std::vector<float> standard_alibi_slopes(Index n_heads) {
+    std::vector<float> m;
+    if (n_heads < 1) return m;
+    Index P = 1;
+    while (P * 2 <= n_heads) P *= 2;
+    for (Index h = 0; h < P; ++h)
+      m.push_back(static_cast<float>(std::exp2(-8.0 * static_cast<double>(h + 1) / P)));
+    for (Index j = 0; P + j < n_heads; ++j)
+      m.push_back(static_cast<float>(std::exp2(-4.0 * static_cast<double>(2 * j + 1) / P)));
+    return m;
+  }
+
+  /// The slopes the layer uses: alibi_slopes, or the standard ones when that is empty (n_heads
+  /// of them); empty when alibi is off.
+  std::vector<float> resolved_alibi_slopes(Index n_heads) const {
+    if (!alibi) return {};
+    return alibi_slopes.empty() ? standard_alibi_slopes(n_heads) : alibi_slopes;
+  }
+
+  /// \throws Error naming the field and the rule it breaks: window ≤ 0; logit_softcap ≤ 0 or
+  /// NaN; alibi_slopes given without alibi, of a length other than n_heads, or not finite.
+  void validate(const char* who, Index n_heads) const {
+    if (window.has_value())
+      TPA_CHECK(*window >= 1, who, ": variant.window (", *window,
+                ") must be >= 1 (leave it unset for no window)");
+    if (logit_softcap.has_value())
+      TPA_CHECK(!std::isnan(*logit_softcap) && *logit_softcap > 0.f, who,
+                ": variant.logit_softcap (", *logit_softcap,
+                ") must be > 0 (leave it unset for no soft-cap)");
+    if (!alibi_slopes.empty()) {
+      TPA_CHECK(alibi, who, ": variant.alibi_slopes has ", alibi_slopes.size(),
+                " entries but variant.alibi is false");
+      TPA_CHECK(static_cast<Index>(alibi_slopes.size()) == n_heads, who,
+                ": variant.alibi_slopes has ", alibi_slopes.size(),
+                " entries, must have one per head (n_heads ", n_heads, ")");
+      for (std::size_t h = 0; h < alibi_slopes.size(); ++h)
+        TPA_CHECK(std::isfinite(alibi_slopes[h]), who, ": variant.alibi_slopes[", h, "] (",
+                  alibi_slopes[h], ") must be finite");
+    }
+  }
+};
+
+// ---- end of attention variants --------------------------------------------------------------
+
 /// Configuration of MultiHeadAttention, MultiQueryAttention and GroupedQueryAttention.
 struct GqaConfig {
   Index d_model = 0;     ///< D: hidden size of the tokens
@@ -145,6 +223,7 @@ struct GqaConfig {
   float softmax_scale = 0.f;  ///< 0 means 1/sqrt(head_dim)
   bool head_norm = false;     ///< per-head RMSNorm of the outputs (weight `subln.weight` [d])
   float norm_eps = 1e-5f;
+  AttentionVariant variant;   ///< window, sinks, soft-cap, ALiBi (all off by default)
 
   Index kv_heads() const { return n_kv_heads == 0 ? n_heads : n_kv_heads; }
   Index group_size() const { return n_heads / kv_heads(); }
@@ -169,6 +248,7 @@ struct GqaConfig {
     TPA_CHECK(std::isfinite(norm_eps) && norm_eps > 0.f, who, ": norm_eps (", norm_eps,
               ") must be finite and > 0");
     rope.validate(who, head_dim);
+    variant.validate(who, n_heads);
   }
 };
 
@@ -198,6 +278,7 @@ struct MlaConfig {
   float softmax_scale = 0.f;   ///< 0 means 1/sqrt(d_n + d_R)
   float norm_eps = 1e-6f;      ///< eps of q_a_layernorm and kv_a_layernorm
   MlaForm form = MlaForm::kAuto;  ///< both forms give the same outputs (up to rounding)
+  AttentionVariant variant;       ///< window, sinks, soft-cap, ALiBi (all off by default)
 
   Index qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   float scale() const {
@@ -246,6 +327,7 @@ struct MlaConfig {
     TPA_CHECK(form == MlaForm::kAuto || form == MlaForm::kAbsorbed || form == MlaForm::kExplicit,
               who, ": form (", static_cast<int>(form), ") is not an MlaForm value");
     rope.validate(who, qk_rope_head_dim);
+    variant.validate(who, n_heads);
   }
 };
 
@@ -285,6 +367,7 @@ struct TpaConfig {
   /// Activation of the head factors A_Q, A_K, A_V (kv_only: A_K, A_V), applied before use and
   /// before caching: q_h = (1/R_Q) Σ_r σ(A_Q[h,r]) B_Q[r] with kSigmoid.
   FactorActivation factor_activation = FactorActivation::kNone;
+  AttentionVariant variant;   ///< window, sinks, soft-cap, ALiBi (all off by default)
 
   float scale() const {
     return softmax_scale != 0.f ? softmax_scale : 1.f / std::sqrt(static_cast<float>(head_dim));
@@ -327,6 +410,7 @@ struct TpaConfig {
               who, ": factor_activation (", static_cast<int>(factor_activation),
               ") is not a FactorActivation value");
     rope.validate(who, head_dim);
+    variant.validate(who, n_heads);
   }
 };
 

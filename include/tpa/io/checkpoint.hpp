@@ -18,6 +18,7 @@
 //   MLA              q_a_proj.weight, q_a_layernorm.weight, q_b_proj.weight (q_lora_rank > 0) or
 //                    q_proj.weight (q_lora_rank == 0); kv_a_proj_with_mqa.weight,
 //                    kv_a_layernorm.weight, kv_b_proj.weight, c_proj.weight
+//   every kind       sinks [H] iff variant.sinks (GPT-OSS's name for the attention sinks)
 // A NameMap renames some of them for checkpoints that spell them differently (e.g.
 // t6_infer_names() for model/T6_infer.py).
 #pragma once
@@ -96,6 +97,16 @@ struct SlotList {
   }
 };
 
+/// The attention sinks `sinks` [H] (GPT-OSS's name), a slot iff the variant uses them.
+template <class W, class V>
+void sink_slot(SlotList<W>& s, const AttentionVariant& v, V& sinks, Index H) {
+  if (v.sinks) {
+    s.vector("sinks", sinks, H);
+  } else {
+    s.unused.emplace_back("sinks", "used only with variant.sinks = true");
+  }
+}
+
 template <class W>  // GqaWeights or const GqaWeights
 SlotList<W> slots(const GqaConfig& c, W& w) {
   SlotList<W> s;
@@ -109,6 +120,7 @@ SlotList<W> slots(const GqaConfig& c, W& w) {
   } else {
     s.unused.emplace_back("subln.weight", "used only with head_norm = true");
   }
+  sink_slot(s, c.variant, w.sinks, H);
   return s;
 }
 
@@ -135,6 +147,7 @@ SlotList<W> slots(const TpaConfig& c, W& w) {
   } else {
     s.unused.emplace_back("subln.weight", "used only with head_norm = true");
   }
+  sink_slot(s, c.variant, w.sinks, H);
   return s;
 }
 
@@ -158,6 +171,7 @@ SlotList<W> slots(const MlaConfig& c, W& w) {
   s.vector("kv_a_layernorm.weight", w.kv_a_layernorm, d_c);
   s.matrix("kv_b_proj.weight", w.kv_b_proj, H * (d_n + d_v), d_c);
   s.matrix("c_proj.weight", w.c_proj, D, H * d_v);
+  sink_slot(s, c.variant, w.sinks, H);
   return s;
 }
 

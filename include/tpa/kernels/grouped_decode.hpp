@@ -46,6 +46,7 @@ void check_grouped_call(const GroupedAttentionParams<S>& p, Index c) {
   TPA_CHECK(p.n_q == 0 || (p.q != nullptr && p.o != nullptr && p.kv.block_tokens >= 1),
             "grouped_attention: call ", c, ": null q/o or an empty cache view");
   if (p.n_q == 0) return;
+  p.variant.check("grouped_attention", p.q_pos0, p.kv.first_token);
   TPA_CHECK(p.kv.places != nullptr, "grouped_attention: call ", c, ": the cache view is empty");
   for (int part = 0; part < 2; ++part) {
     if (p.k_dims[part] == 0) continue;
@@ -109,7 +110,8 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
       slot0[c] = -1;
       if (p.n_q == 0) continue;
       if (p.n_q == 1) {
-        pieces[c] = detail::key_pieces(split, p.q_pos0 + 1, pair_cost(p, p.n_kv_heads), kAlign);
+        pieces[c] = detail::key_pieces(split, p.q_pos0 + 1 - p.variant.first_key(p.q_pos0),
+                                       pair_cost(p, p.n_kv_heads), kAlign);
         n_items += pieces[c].count;
         if (pieces[c].count > 1) {
           slot0[c] = n_slots;
@@ -124,10 +126,11 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
     auto* item_call = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
     auto* item_sub = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
     auto* cum = static_cast<double*>(scratch.bytes(sizeof(double) * (n_items + 1)));
-    // An item's range of keys (decode piece) and its cut item.
+    // An item's range of keys (decode piece: from the first key of the call's window) and its
+    // cut item.
     auto piece_keys = [&](Index c, Index k) {
-      const Index keys = calls[c].q_pos0 + 1;
-      return std::make_pair(k * pieces[c].len, std::min(keys, (k + 1) * pieces[c].len));
+      const Index end = calls[c].q_pos0 + 1, k0 = calls[c].variant.first_key(calls[c].q_pos0);
+      return std::make_pair(k0 + k * pieces[c].len, std::min(end, k0 + (k + 1) * pieces[c].len));
     };
     cum[0] = 0;
     {
@@ -144,9 +147,7 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
             const auto r = piece_keys(c, k);
             cost = static_cast<double>(r.second - r.first) * pair_cost(p, p.n_kv_heads);
           } else {
-            cost = (static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
-                    0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1)) *
-                   pair_cost(p, 1);
+            cost = detail::causal_pairs(p.n_q, p.q_pos0, p.variant.window) * pair_cost(p, 1);
           }
           cum[it + 1] = cum[it] + cost;
         }
@@ -162,7 +163,8 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
         return detail::CutItem{1, r.second - r.first - 1, pair_cost(p, p.n_kv_heads)};
       }
       return detail::CutItem{p.n_q, p.q_pos0, pair_cost(p, 1),
-                             std::max<Index>(1, detail::kGroupedRowCap / p.group_size())};
+                             std::max<Index>(1, detail::kGroupedRowCap / p.group_size()),
+                             p.variant.window};
     };
     auto* cuts = static_cast<detail::LineCut*>(scratch.bytes(sizeof(detail::LineCut) * (max_w + 1)));
     detail::cut_line(cum, n_items, workers, item_of, cuts);
@@ -224,11 +226,12 @@ void grouped_attention(Context& ctx, const GroupedAttentionParams<S>* calls, Ind
                         K::grouped_attention_part(calls[un.call], un.part, w, st);
                       });
 
-    // Merge the key pieces of each cut decode call in key order, write its outputs.
+    // Merge the key pieces of each cut decode call in key order (the sinks join each row's
+    // denominator once, here), write its outputs.
     for (Index c = 0; c < n_calls; ++c)
       if (slot0[c] >= 0)
         detail::merge_pieces(slots + slot0[c], pieces[c].count, calls[c].n_heads, calls[c].d_v,
-                             calls[c].o);
+                             calls[c].o, calls[c].variant.sinks);
   }
 }
 

@@ -16,6 +16,7 @@
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/lane_reduce.hpp"
 #include "tpa/kernels/params.hpp"
+#include "tpa/kernels/score_variant.hpp"
 #include "tpa/kernels/softmax.hpp"
 
 /// Fully unrolls the next loop (its trip count is a small compile-time constant), so that the
@@ -122,7 +123,8 @@ class RowPrefetch {
 ///   the transposed one, row-lane decode); kQkRows (rows of a transposed-K score
 ///   micro-kernel: not used here, by other tiled kernels);
 ///   zero(), set1(x), load(p) (p aligned to W floats), loadu(p), store(p, v) (aligned),
-///   add, sub, mul, max, fmadd(a, b, c) = a·b + c, reduce_max(v), reduce_add(v);
+///   add, sub, mul, div (score variants only), max, fmadd(a, b, c) = a·b + c, reduce_max(v),
+///   reduce_add(v);
 ///   exp(v): e^x for x ≤ 0 with ≤ 2 ulp error, exactly 0 for x < −87.3 (and −inf), NaN kept;
 ///   load_widen<S>(p, n): n ∈ [1, W] elements of S widened to f32, lanes ≥ n zero, reads only n;
 ///   transpose_block<S>(src, ld, rows, cols, dst, dst_ld): dst[c·dst_ld + r] = src[r·ld + c]
@@ -350,13 +352,20 @@ class GroupedTiled {
     std::fill(b.acc, b.acc + rows * sh.d_v_pad, 0.f);
 
     const Index key_end = std::min(part.k1, p.q_pos0 + ie);
+    // With a window, keys before the first query's window are never visited (whole tiles).
+    const Index key_begin = std::max(part.k0, p.variant.first_key(p.q_pos0 + ib));
     const Index bt = p.kv.block_tokens;
     auto tile_len = [&](Index t) { return std::min(std::min(kT, key_end - t), bt - t % bt); };
-    for (Index t = part.k0; t < key_end;) {
+    for (Index t = key_begin; t < key_end;) {
       const Index blk = t / bt, off = t - blk * bt;
       const Index n = tile_len(t);
       // Query i sees key t iff t ≤ q_pos0 + i: the rows of earlier queries skip this tile.
       const Index i_first = std::max(ib, t - p.q_pos0);
+      // With a window, token-lane rows of queries whose window starts past the tile are left
+      // out (row lanes mask them instead).
+      const Index rows_t = p.variant.window > 0 && !lanes
+                               ? (std::min(ie, t + n - 1 + p.variant.window - p.q_pos0) - ib) * gs
+                               : rows_g;
       for (Index g = gb; g < ge; ++g) {
         // The next step: the next KV head of this tile, else the first one of the next tile.
         RowPrefetch next;
@@ -366,7 +375,7 @@ class GroupedTiled {
           add_rows(p, sh, gb, (t + n) / bt, (t + n) % bt, tile_len(t + n), next);
         Rows rw;
         rw.base = (g - gb) * rp;
-        rw.n = rows_g;
+        rw.n = rows_t;
         rw.skip = (i_first - ib) * gs;
         rw.lanes = lanes;
         tile(p, sh, b, g, blk, off, t, n, rw, ib, next);
@@ -378,7 +387,9 @@ class GroupedTiled {
     auto dest = [&](Index g, Index rl, float* scale) {
       const Index r = (g - gb) * rp + rl, i = ib + rl / gs, h = g * gs + rl % gs;
       if (out == nullptr) {
-        *scale = b.l[r] > 0.f ? 1.f / b.l[r] : 0.f;
+        *scale = p.variant.sinks != nullptr ? sink_normalizer(b.m[r], b.l[r], p.variant.sinks[h])
+                 : b.l[r] > 0.f             ? 1.f / b.l[r]
+                                            : 0.f;
         return p.o + i * p.o_stride + h * sh.d_v;
       }
       const Index ro = (i - part.i0) * (part.g1 - part.g0) * gs + (h - part.g0 * gs);
@@ -449,6 +460,8 @@ class GroupedTiled {
                                       : (nr + Ops::kPvRows - 1) / Ops::kPvRows *
                                             ((sh.d_v_pad / kW + Ops::kPvCols - 1) / Ops::kPvCols);
     const Index per_call = (next.pending() + qk_points + pv_points - 1) / (qk_points + pv_points);
+    const ScoreVariant& var = p.variant;
+    const bool varies = var.transforms_scores() || var.window > 0;
 
     // Scores of the rows that see the tile: token lanes sp[r][t], row lanes sp[t][r].
     float* sp;
@@ -458,6 +471,7 @@ class GroupedTiled {
       p_rs = 1;
       p_ts = rp;
       qk_lanes(p, g, blk, off, n, b.q + rw.base * d_qk, rp, sp, next, per_call);
+      if (varies) vary_lanes(p, sh, g, t0, n, ib, rw.n, sp);
       // Rows whose query sees only a prefix of the tile (prefill, diagonal tiles).
       if (t0 + n - 1 > p.q_pos0 + ib) {
         for (Index rl = 0; rl < rw.n; ++rl) {
@@ -479,6 +493,8 @@ class GroupedTiled {
         const Index r = rw.base + rw.skip + rr;
         const Index i = ib + (rw.skip + rr) / gs;
         const Index count = std::min(n, p.q_pos0 + i - t0 + 1);  // ≥ 1 by the row skip
+        if (varies)
+          vary_row(p, sp + rr * kT, g * gs + (rw.skip + rr) % gs, p.q_pos0 + i, t0, count);
         softmax_row(sp + rr * kT, count, b.m[r], b.l[r], b.alpha[r]);
       }
     }
@@ -494,27 +510,39 @@ class GroupedTiled {
       v = v_src;
       v_ld = v_src_ld;
     }
+    // acc += P·V over the tile: every row sees the whole tile, or (diagonal tiles of prefill, a
+    // window's boundary tile) each query's rows read only the tokens it sees, [lo, count): a
+    // masked token's weight is 0, but 0 · a NaN or Inf value would still reach the other
+    // queries. v_sc: per-token scales folded into the probabilities (int8 in place), or null.
+    const Index r0 = rw.base + rw.skip;
+    const bool whole_tile =
+        t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs &&
+        !(var.window > 0 && var.first_key(p.q_pos0 + ib + (rw.n - 1) / gs) > t0);
+    auto value_product = [&](const auto* vv, Index ld, const float* v_sc) {
+      if (whole_tile) {
+        pv(sp, p_rs, p_ts, b.alpha + r0, vv, ld, v_sc, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr,
+           next, per_call);
+        return;
+      }
+      for (Index rr = 0; rr < nr;) {
+        const Index q = (rw.skip + rr) / gs;  // query ib + q
+        const Index end = std::min(nr, (q + 1) * gs - rw.skip);
+        const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + ib + q - t0 + 1));
+        const Index lo =
+            var.window > 0 ? std::clamp<Index>(var.first_key(p.q_pos0 + ib + q) - t0, 0, count) : 0;
+        pv(sp + rr * p_rs + lo * p_ts, p_rs, p_ts, b.alpha + r0 + rr, vv + lo * ld, ld,
+           v_sc == nullptr ? nullptr : v_sc + lo, count - lo, b.acc + (r0 + rr) * sh.d_v_pad,
+           sh.d_v_pad, end - rr, next, per_call);
+        rr = end;
+      }
+    };
     // int8 values are read in place by the row-major value micro-kernel when each of its calls
     // covers all rows of the tile (MHA and GQA decode: each element widened once per step),
     // their per-token scales folded into the probabilities; otherwise widened and scaled into vp.
     const bool q8_in_place = is_quantized_v<S> && !sh.acc_t && d_v % kW == 0 &&
                              nr <= Ops::kPvRows;
     if (q8_in_place) {
-      const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
-      const Index r0 = rw.base + rw.skip;
-      if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {
-        pv(sp, p_rs, p_ts, b.alpha + r0, v_src, v_src_ld, v_sc, n, b.acc + r0 * sh.d_v_pad,
-           sh.d_v_pad, nr, next, per_call);
-      } else {  // diagonal tile: each query's rows read only the tokens it sees (as below)
-        for (Index rr = 0; rr < nr;) {
-          const Index q = (rw.skip + rr) / gs;
-          const Index end = std::min(nr, (q + 1) * gs - rw.skip);
-          const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + ib + q - t0 + 1));
-          pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v_src, v_src_ld, v_sc, count,
-             b.acc + (r0 + rr) * sh.d_v_pad, sh.d_v_pad, end - rr, next, per_call);
-          rr = end;
-        }
-      }
+      value_product(v_src, v_src_ld, row_scales(p, p.v_factor, blk, g, off));
       next.issue(next.pending());
       return;
     }
@@ -531,26 +559,53 @@ class GroupedTiled {
       v = b.vp;
       v_ld = sh.d_v_pad;
     }
-    const Index r0 = rw.base + rw.skip;
-    if (sh.acc_t) {
+    if (sh.acc_t)
       pv_t(sp, rp, b.alpha + rw.base, v, v_ld, n, d_v, b.acc + rw.base * sh.d_v_pad, next,
            per_call);
-    } else if (t0 + n - 1 <= p.q_pos0 + ib + rw.skip / gs) {  // every row sees the whole tile
-      pv(sp, p_rs, p_ts, b.alpha + r0, v, v_ld, nullptr, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad,
-         nr, next, per_call);
-    } else {
-      // Diagonal tile (prefill): each query's rows read only the tokens it sees. A masked
-      // token's weight is 0, but 0 · a NaN or Inf value would still reach the earlier queries.
-      for (Index rr = 0; rr < nr;) {
-        const Index q = (rw.skip + rr) / gs;  // query ib + q
-        const Index end = std::min(nr, (q + 1) * gs - rw.skip);
-        const Index count = std::max<Index>(0, std::min(n, p.q_pos0 + ib + q - t0 + 1));
-        pv(sp + rr * p_rs, p_rs, p_ts, b.alpha + r0 + rr, v, v_ld, nullptr, count,
-           b.acc + (r0 + rr) * sh.d_v_pad, sh.d_v_pad, end - rr, next, per_call);
-        rr = end;
-      }
-    }
+    else
+      value_product(v, v_ld, nullptr);
     next.issue(next.pending());
+  }
+
+  // ---- score variants (ScoreVariant; only when one is on) ----------------------------------
+
+  // Row lanes: scores s [n, rp] of the first nrows rows of KV head g (row rl: query ib + rl / gs,
+  // head g·gs + rl % gs) over keys [t0, t0 + n): soft-cap, ALiBi, then −inf before each row's
+  // window.
+  static void vary_lanes(const P& p, const Shape& sh, Index g, Index t0, Index n, Index ib,
+                         Index nrows, float* s) {
+    const ScoreVariant& var = p.variant;
+    const Index rp = sh.rp, gs = sh.gs;
+    if (var.softcap > 0.f) softcap_scores<Ops>(s, n * rp, var.softcap);
+    if (var.alibi != nullptr) {  // row q·gs + j: query ib + q, head g·gs + j (contiguous in j)
+      const float* m = var.alibi + g * gs;
+      for (Index t = 0; t < n; ++t)
+        for (Index q = 0; q < nrows / gs; ++q) {
+          const float dist = static_cast<float>(t0 + t - (p.q_pos0 + ib + q));  // key − query
+          float* row = s + t * rp + q * gs;
+          for (Index j = 0; j < gs; ++j) row[j] += m[j] * dist;
+        }
+    }
+    if (var.window > 0)
+      for (Index rl = 0; rl < nrows; ++rl) {
+        const Index lo = std::min(n, var.first_key(p.q_pos0 + ib + rl / gs) - t0);
+        for (Index t = 0; t < lo; ++t) s[t * rp + rl] = -std::numeric_limits<float>::infinity();
+      }
+  }
+
+  // Token lanes: scores s [count] (of kT) of head h, query position pos, over keys t0 …:
+  // soft-cap, ALiBi, then −inf before the window (which starts before t0 + count).
+  static void vary_row(const P& p, float* s, Index h, Index pos, Index t0, Index count) {
+    const ScoreVariant& var = p.variant;
+    if (var.softcap > 0.f) softcap_scores<Ops>(s, round_up(count, kW), var.softcap);
+    if (var.alibi != nullptr) {
+      const float m = var.alibi[h];
+      for (Index t = 0; t < count; ++t) s[t] += m * static_cast<float>(t0 + t - pos);
+    }
+    if (var.window > 0) {
+      const Index lo = std::min(count, var.first_key(pos) - t0);
+      for (Index t = 0; t < lo; ++t) s[t] = -std::numeric_limits<float>::infinity();
+    }
   }
 
   // ---- token lanes ------------------------------------------------------------------------

@@ -2,13 +2,52 @@
 // work, so the same kernel serves prefill, chunked prefill and decode.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <limits>
 
 #include "tpa/cache/kv_cache.hpp"
 #include "tpa/core/error.hpp"
 #include "tpa/core/tensor.hpp"
 
 namespace tpa {
+
+/// \brief Score variants of one kernel call (the kernels' view of AttentionVariant; README,
+/// "Attention variants"). All off by default, and then the kernels run their plain code. For
+/// the query at position p, head h and a key t it sees:
+///
+///     z = scale · q·k_t;   z ← softcap·tanh(z / softcap)  (softcap > 0);
+///     z ← z − alibi[h]·(p − t)  (alibi non-null);
+///     o = Σ_t e^(z_t − m) v_t / (Σ_t e^(z_t − m) + e^(sinks[h] − m))  (sinks non-null).
+///
+/// With window = W > 0 the query sees keys max(0, p − W + 1) … p only: the kernels do not visit
+/// the keys before (whole tiles are skipped, the boundary tile is masked), so those may have
+/// been released from the cache (KVCache::drop_before), down to kv.first_token.
+struct ScoreVariant {
+  Index window = 0;              ///< W ≥ 1, or 0: no window
+  float softcap = 0.f;           ///< c > 0 and finite, or 0: off
+  const float* alibi = nullptr;  ///< [n_heads] ALiBi slopes, or null: off
+  const float* sinks = nullptr;  ///< [n_heads] sink logits (may be ±inf), or null: off
+
+  /// Whether the scores are post-processed (soft-cap or ALiBi).
+  bool transforms_scores() const { return softcap > 0.f || alibi != nullptr; }
+  /// Whether any variant is on.
+  bool any() const { return window > 0 || transforms_scores() || sinks != nullptr; }
+  /// First key the query at position `pos` sees.
+  Index first_key(Index pos) const { return window > 0 ? std::max<Index>(0, pos - window + 1) : 0; }
+
+  /// \throws Error if window < 0, softcap is not finite or < 0, or the first key of the query
+  /// at q_pos0 lies before `first_token` (released from the cache). `who` prefixes the message.
+  void check(const char* who, Index q_pos0, Index first_token) const {
+    TPA_CHECK(window >= 0, who, ": variant.window (", window, ") must be >= 0 (0: no window)");
+    TPA_CHECK(softcap >= 0.f && softcap < std::numeric_limits<float>::infinity(), who,
+              ": variant.softcap (", softcap, ") must be finite and >= 0 (0: off)");
+    TPA_CHECK(first_key(q_pos0) >= first_token, who, ": the query at position ", q_pos0,
+              " needs keys from position ", first_key(q_pos0), " but the cache released the "
+              "tokens before ", first_token, " (KVCache::drop_before)",
+              window > 0 ? "" : "; a layer without a window needs every key");
+  }
+};
 
 /// \brief Causal attention of one sequence's queries over its cached keys and values, with
 /// `n_heads / n_kv_heads` consecutive query heads sharing one KV head (MHA, GQA, MQA, and MLA
@@ -18,7 +57,8 @@ namespace tpa {
 /// k_dims[j] elements of row g of factor k_factor[j], kv.row_at(k_factor[j], t, g). The value is
 /// the first d_v elements of kv.row_at(v_factor, t, g). Those factors have n_kv_heads rows (one
 /// per KV head) in any placement (TileOrder). Query i (0 ≤ i < n_q) sits at position q_pos0 + i
-/// and sees keys 0 … q_pos0 + i, all of which must be cached (q_pos0 + n_q ≤ kv.n_tokens).
+/// and sees keys 0 … q_pos0 + i, all of which must be cached (q_pos0 + n_q ≤ kv.n_tokens) — or,
+/// with variant.window = W, keys max(0, q_pos0 + i − W + 1) … q_pos0 + i (ScoreVariant).
 template <class S>
 struct GroupedAttentionParams {
   const float* q = nullptr;  ///< [n_q, n_heads, d_qk], token i at q + i·q_stride
@@ -35,6 +75,7 @@ struct GroupedAttentionParams {
   Index d_v = 0;
   float scale = 1.f;
   SeqView<S> kv;
+  ScoreVariant variant;  ///< window, soft-cap, ALiBi, sinks (off by default)
 
   Index d_qk() const { return k_dims[0] + k_dims[1]; }
   Index group_size() const { return n_heads / n_kv_heads; }
@@ -65,7 +106,8 @@ struct GroupedAttentionParams {
 ///
 /// Output: o_h = Σ_{t ≤ q_pos0+i} softmax_t(scale · q_h·k_h(t)) · v_h(t), written as
 /// [n_heads, head_dim] at o + i·o_stride. All keys a query sees must be cached:
-/// q_pos0 + n_q ≤ kv.n_tokens (keys past q_pos0 + i are masked, not read).
+/// q_pos0 + n_q ≤ kv.n_tokens (keys past q_pos0 + i are masked, not read). `variant` adds a
+/// window, soft-cap, ALiBi and sinks to the scores and the softmax (ScoreVariant).
 ///
 /// In factor form (what a FlashTPA kernel computes, contracting B_Q with B_K first):
 ///
@@ -109,6 +151,7 @@ struct TpaAttentionParams {
 
   float scale = 1.f;  ///< softmax scale (typically 1/sqrt(head_dim))
   SeqView<S> kv;      ///< the cached tokens of the sequence
+  ScoreVariant variant;  ///< window, soft-cap, ALiBi, sinks (off by default)
 
   bool factored_query() const { return q_rank > 0; }
   /// Keys query i sees: q_pos0 + i + 1.
@@ -133,6 +176,7 @@ struct TpaAttentionParams {
     TPA_CHECK(q_pos0 + n_q <= kv.n_tokens, who, ": queries reach position ", q_pos0 + n_q - 1,
               " but only ", kv.n_tokens, " tokens are cached");
     if (n_q == 0) return;
+    variant.check(who, q_pos0, kv.first_token);
     TPA_CHECK(o != nullptr, who, ": o is null");
     if (factored_query()) {
       TPA_CHECK(a_q != nullptr && b_q != nullptr, who, ": factored query needs a_q and b_q");

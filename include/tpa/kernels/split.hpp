@@ -10,6 +10,7 @@
 
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/grouped_tiled.hpp"
+#include "tpa/kernels/score_variant.hpp"
 #include "tpa/kernels/softmax.hpp"
 #include "tpa/runtime/context.hpp"
 
@@ -79,8 +80,15 @@ struct CutItem {
   /// leaving a one-query part (the kernel runs that with a decode-shaped pass), so each query's
   /// pass — and its reduction order — is the same however the item is cut.
   Index quantum = 1;
+  /// Sliding window of a prefill item's call (ScoreVariant::window; 0: none): query i sees
+  /// keys(i) keys.
+  Index window = 0;
   /// Positions along the cut dimension: keys (decode, n_q = 1) or queries (prefill).
   Index size() const { return n_q == 1 ? q_pos0 + 1 : n_q; }
+  /// Keys query i of a prefill item sees.
+  Index keys(Index i) const {
+    return window > 0 ? std::min(window, q_pos0 + i + 1) : q_pos0 + i + 1;
+  }
 };
 
 /// A cut of the line: item, and position inside it (< the item's size).
@@ -110,10 +118,10 @@ void cut_line(const double* cum, Index n_items, Index workers, const ItemOf& ite
     if (c.n_q == 1) {
       pos = 2 * off < static_cast<double>(c.size()) ? 0 : c.size();
     } else {
-      // First query boundary whose prefix Σ_{i'<i} (q_pos0 + i' + 1) reaches off.
+      // First query boundary whose prefix Σ_{i'<i} c.keys(i') reaches off.
       double acc = 0;
       pos = 0;
-      while (pos < c.n_q && acc < off) acc += static_cast<double>(c.q_pos0 + ++pos);
+      while (pos < c.n_q && acc < off) acc += static_cast<double>(c.keys(pos++));
       pos = pos / c.quantum * c.quantum;
       if (c.quantum > 1 && c.n_q - pos == 1) pos = c.n_q;
     }
@@ -162,8 +170,10 @@ void run_units(Context& ctx, Index workers, const Index* first_unit, const Unit*
 
 /// Merges the partial states of the `pieces` key-split pieces slots[0 … pieces) of one query
 /// (in key order; `rows` rows of `dim`) exactly, and writes row r normalised to out + r·dim.
+/// With `sinks` non-null, sinks[r] (the sink logit of row r's head) joins the denominator of
+/// row r once, after the merge.
 inline void merge_pieces(const GroupedStates* slots, Index pieces, Index rows, Index dim,
-                         float* out) {
+                         float* out, const float* sinks = nullptr) {
   for (Index r = 0; r < rows; ++r) {
     SoftmaxState sa;
     sa.m = slots[0].m[r];
@@ -178,7 +188,12 @@ inline void merge_pieces(const GroupedStates* slots, Index pieces, Index rows, I
       sb.dim = dim;
       sa.merge(sb);
     }
-    sa.normalize(out + r * dim);
+    if (sinks == nullptr) {
+      sa.normalize(out + r * dim);
+    } else {
+      const float inv = sink_normalizer(sa.m, sa.l, sinks[r]);
+      for (Index j = 0; j < dim; ++j) out[r * dim + j] = sa.acc[j] * inv;
+    }
   }
 }
 

@@ -88,7 +88,8 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
       slot0[c] = -1;
       if (p.n_q == 0) continue;
       if (p.n_q == 1) {
-        pieces[c] = detail::key_pieces(split, p.q_pos0 + 1, detail::tpa_pair_cost(p), kAlign);
+        pieces[c] = detail::key_pieces(split, p.q_pos0 + 1 - p.variant.first_key(p.q_pos0),
+                                       detail::tpa_pair_cost(p), kAlign);
         n_items += pieces[c].count;
         if (pieces[c].count > 1) {
           slot0[c] = n_slots;
@@ -102,9 +103,10 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
     auto* item_call = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
     auto* item_sub = static_cast<Index*>(scratch.bytes(sizeof(Index) * n_items));
     auto* cum = static_cast<double*>(scratch.bytes(sizeof(double) * (n_items + 1)));
+    // A decode piece's range of keys, from the first key of the call's window.
     auto piece_keys = [&](Index c, Index k) {
-      const Index keys = calls[c].q_pos0 + 1;
-      return std::make_pair(k * pieces[c].len, std::min(keys, (k + 1) * pieces[c].len));
+      const Index end = calls[c].q_pos0 + 1, k0 = calls[c].variant.first_key(calls[c].q_pos0);
+      return std::make_pair(k0 + k * pieces[c].len, std::min(end, k0 + (k + 1) * pieces[c].len));
     };
     cum[0] = 0;
     {
@@ -121,8 +123,7 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
             const auto r = piece_keys(c, k);
             pairs = static_cast<double>(r.second - r.first);
           } else {
-            pairs = static_cast<double>(p.n_q) * static_cast<double>(p.q_pos0) +
-                    0.5 * static_cast<double>(p.n_q) * static_cast<double>(p.n_q + 1);
+            pairs = detail::causal_pairs(p.n_q, p.q_pos0, p.variant.window);
           }
           cum[it + 1] = cum[it] + pairs * detail::tpa_pair_cost(p);
         }
@@ -138,7 +139,8 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
         return detail::CutItem{1, r.second - r.first - 1, detail::tpa_pair_cost(p)};
       }
       return detail::CutItem{p.n_q, p.q_pos0, detail::tpa_pair_cost(p),
-                             std::max<Index>(1, detail::kTpaRowCap / p.n_heads)};
+                             std::max<Index>(1, detail::kTpaRowCap / p.n_heads),
+                             p.variant.window};
     };
     auto* cuts = static_cast<detail::LineCut*>(scratch.bytes(sizeof(detail::LineCut) * (max_w + 1)));
     detail::cut_line(cum, n_items, workers, item_of, cuts);
@@ -190,11 +192,12 @@ void tpa_attention(Context& ctx, const TpaAttentionParams<S>* calls, Index n_cal
                         K::tpa_attention_part(calls[un.call], un.part, w, st);
                       });
 
-    // Merge the key pieces of each cut decode call in key order, write its outputs.
+    // Merge the key pieces of each cut decode call in key order (the sinks join each row's
+    // denominator once, here), write its outputs.
     for (Index c = 0; c < n_calls; ++c)
       if (slot0[c] >= 0)
         detail::merge_pieces(slots + slot0[c], pieces[c].count, calls[c].n_heads,
-                             calls[c].head_dim, calls[c].o);
+                             calls[c].head_dim, calls[c].o, calls[c].variant.sinks);
   }
 }
 

@@ -17,6 +17,7 @@
 #include "tpa/kernels/grouped_tiled.hpp"
 #include "tpa/kernels/lane_reduce.hpp"
 #include "tpa/kernels/params.hpp"
+#include "tpa/kernels/score_variant.hpp"
 
 namespace tpa {
 
@@ -264,9 +265,11 @@ class TpaTiled {
     std::fill(b.acc, b.acc + rows * sh.d_pad, 0.f);
 
     const Index key_end = std::min(part.k1, p.q_pos0 + ie);
+    // With a window, keys before the first query's window are never visited (whole tiles).
+    const Index key_begin = std::max(part.k0, p.variant.first_key(p.q_pos0 + ib));
     const Index bt = p.kv.block_tokens;
     auto tile_len = [&](Index t) { return std::min(std::min(kT, key_end - t), bt - t % bt); };
-    for (Index t = part.k0; t < key_end;) {
+    for (Index t = key_begin; t < key_end;) {
       const Index blk = t / bt, off = t - blk * bt;
       const Index n = tile_len(t);
       // Query i sees key t iff t ≤ q_pos0 + i: the rows of earlier queries skip this tile.
@@ -287,7 +290,10 @@ class TpaTiled {
         const Index r = (i - ib) * H + h, rs = (i - ib) * H_pad + h;
         const float* a = b.acc + r * sh.d_pad;
         if (out == nullptr) {
-          const float inv = b.l[rs] > 0.f ? v_scale / b.l[rs] : 0.f;
+          const float inv =
+              p.variant.sinks != nullptr
+                  ? v_scale * sink_normalizer(b.m[rs], b.l[rs], p.variant.sinks[h])
+                  : (b.l[rs] > 0.f ? v_scale / b.l[rs] : 0.f);
           float* o = p.o + i * p.o_stride + h * d;
           for (Index j = 0; j < d; ++j) o[j] = a[j] * inv;
         } else {
@@ -394,11 +400,16 @@ class TpaTiled {
       v_sd = sh.d_pad;
     }
 
+    const ScoreVariant& var = p.variant;
+    const bool varies = var.transforms_scores() || var.window > 0;
     for (Index i = i_first; i < ie; ++i) {
       const Index qi = i - ib;
       // Keys of the tile query i sees (all of them but in diagonal tiles of prefill). The value
       // product reads no B_V row past them: 0 · a NaN or Inf value would still be NaN.
       const Index count = std::min(n, p.q_pos0 + i - t0 + 1);  // ≥ 1
+      // With a window, the query sees tokens [lo, count) of the tile (none: it skips the tile).
+      const Index lo = var.window > 0 ? std::max<Index>(0, var.first_key(p.q_pos0 + i) - t0) : 0;
+      if (lo >= count) continue;
       float* st = b.st + qi * kT * H_pad;
       if (RQ > 0) {
         factor_dots(p.b_q + i * p.b_q_stride, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
@@ -428,29 +439,52 @@ class TpaTiled {
       }
       float* w = b.w + qi * kT * RV * H_pad;
       float* alpha = b.alpha + qi * H_pad;
+      if (varies) {  // score variants, then softmax and values over tokens [lo, count) only
+        vary_scores(p, sh, st, p.q_pos0 + i, t0, lo, count);
+        st += lo * H_pad;
+        w += lo * RV * H_pad;
+      }
+      const S* av_q = av + lo * ld_av;
       for_chunks(H_pad / kW, [&](Index v0, auto nv) {
         const Index h0 = v0 * kW;
-        softmax<decltype(nv)::value>(sh, av, h0, count, st + h0, w + h0, b.m + qi * H_pad + h0,
-                                     b.l + qi * H_pad + h0, alpha + h0, next, per_call);
+        softmax<decltype(nv)::value>(sh, av_q, h0, count - lo, st + h0, w + h0,
+                                     b.m + qi * H_pad + h0, b.l + qi * H_pad + h0, alpha + h0,
+                                     next, per_call);
       });
       if constexpr (is_quantized_v<S>) {
-        // Value scales folded into the weights: w(t, s) ·= A_V's scale of t · B_V's of (t, s);
-        // B_V was widened unscaled above.
+        // Value scales folded into the weights: w(t, s) ·= A_V's scale of t · B_V's of (t, s)
+        // for the tokens [lo, count) the weights hold; B_V was widened unscaled above.
         const HeadScales sa(p, p.a_v_factor, blk, off);
         for (Index s = 0; s < RV; ++s) {
           const float* sb = p.kv.scales(p.b_v_factor, blk, s) + off;
-          for (Index t = 0; t < count; ++t) {
+          for (Index t = lo; t < count; ++t) {
             const V b_scale = Ops::set1(sb[t]);
-            float* wt = w + (t * RV + s) * H_pad;
+            float* wt = w + ((t - lo) * RV + s) * H_pad;
             for (Index h = 0; h < H_pad; h += kW)
               Ops::store(wt + h, Ops::mul(Ops::load(wt + h), Ops::mul(sa.at(t, h, H), b_scale)));
           }
         }
       }
-      pv(w, 1, H_pad, RV * H_pad, alpha, vt, v_ld, v_sd, count, RV, b.acc + qi * H * sh.d_pad,
-         sh.d_pad, H, next, per_call);
+      pv(w, 1, H_pad, RV * H_pad, alpha, vt + lo * v_ld, v_ld, v_sd, count - lo, RV,
+         b.acc + qi * H * sh.d_pad, sh.d_pad, H, next, per_call);
     }
     next.issue(next.pending());
+  }
+
+  // Score variants of one query (position pos) over tokens [lo, count) of the tile starting at
+  // key t0, st [kT, H_pad] (heads in lanes): soft-cap, then ALiBi.
+  static void vary_scores(const P& p, const Shape& sh, float* st, Index pos, Index t0, Index lo,
+                          Index count) {
+    const ScoreVariant& var = p.variant;
+    const Index H_pad = sh.H_pad;
+    if (var.softcap > 0.f)
+      softcap_scores<Ops>(st + lo * H_pad, (count - lo) * H_pad, var.softcap);
+    if (var.alibi != nullptr)
+      for (Index t = lo; t < count; ++t) {
+        const float dist = static_cast<float>(t0 + t - pos);  // key − query position
+        float* row = st + t * H_pad;
+        for (Index h = 0; h < sh.H; ++h) row[h] += var.alibi[h] * dist;
+      }
   }
 
   // Head vectors per chunk of the per-token loops (scores, softmax): their accumulators stay in

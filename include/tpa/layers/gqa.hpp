@@ -15,6 +15,7 @@
 #include "tpa/kernels/params.hpp"
 #include "tpa/layers/chunk.hpp"
 #include "tpa/layers/detail/call.hpp"
+#include "tpa/layers/detail/variant.hpp"
 #include "tpa/layers/gqa_weights.hpp"
 #include "tpa/runtime/context.hpp"
 
@@ -136,6 +137,7 @@ class GroupedQueryAttention {
     cfg_.validate(who);
     w_.check(cfg_, who);
     rope_ = RopeTable(cfg_.rope, cfg_.head_dim);
+    alibi_ = cfg_.variant.resolved_alibi_slopes(cfg_.n_heads);
     const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
     // Token-major. Head-major K/V (TileOrder::kHeadMajor: a KV head's tile of a block in one
     // run) was measured no faster with GroupedTiled as it is (bench_decode decode_order, steps
@@ -162,6 +164,7 @@ class GroupedQueryAttention {
     detail::check_io(who_.c_str(), x, y, cfg_.d_model);
     const Index blocks =
         detail::plan_cache_call(who_.c_str(), cache, layer, layout_, rope_, segs, n_segs);
+    detail::check_released(who_.c_str(), cache, cfg_.variant, segs, n_segs);
     // Nothing below throws tpa::Error: the checks above cover every precondition. On
     // std::bad_alloc, `call` undoes the appends and the blocks it allocated.
     ScratchGuard guard(ctx.scratch());
@@ -220,6 +223,7 @@ class GroupedQueryAttention {
     p.d_v = cfg_.head_dim;
     p.scale = cfg_.scale();
     p.kv = kv;
+    p.variant = detail::score_variant(cfg_.variant, alibi_, w_.sinks);
     return p;
   }
 
@@ -235,6 +239,7 @@ class GroupedQueryAttention {
   GqaConfig cfg_;
   GqaWeights w_;
   RopeTable rope_;
+  std::vector<float> alibi_;  // resolved ALiBi slopes [H] (empty without ALiBi)
   CacheLayout layout_;  // built once: a decode step allocates nothing
 };
 

@@ -17,6 +17,7 @@ struct GqaWeights {
   Matrix<float> c_v;      ///< c_v.weight    [G·d, D]
   Matrix<float> c_proj;   ///< c_proj.weight [D, H·d]
   Eigen::VectorXf subln;  ///< subln.weight  [d], only used when cfg.head_norm
+  Eigen::VectorXf sinks;  ///< sinks         [H] sink logits, only used when cfg.variant.sinks
 
   /// Seeded random weights for `cfg` (deterministic for a given seed and standard library;
   /// \throws Error, before allocating anything, if `cfg` is invalid).
@@ -30,6 +31,7 @@ struct GqaWeights {
     detail::init_linear(w.c_v, G * d, D, rng);
     detail::init_linear(w.c_proj, D, H * d, rng);
     if (cfg.head_norm) detail::init_norm(w.subln, d, rng);
+    if (cfg.variant.sinks) detail::init_sinks(w.sinks, H, rng);
     return w;
   }
 
@@ -43,6 +45,7 @@ struct GqaWeights {
     detail::check_shape(who, "c_v.weight", c_v, G * d, D);
     detail::check_shape(who, "c_proj.weight", c_proj, D, H * d);
     if (cfg.head_norm) detail::check_shape(who, "subln.weight", subln, d);
+    if (cfg.variant.sinks) detail::check_sinks(who, sinks, H);
   }
 };
 

@@ -26,6 +26,21 @@ inline void init_norm(Eigen::VectorXf& w, Index n, std::mt19937_64& rng) {
   for (Index i = 0; i < n; ++i) w[i] = 1.f + u(rng);
 }
 
+/// Fills attention-sink logits (AttentionVariant::sinks) with U(−1, 1).
+inline void init_sinks(Eigen::VectorXf& w, Index n, std::mt19937_64& rng) {
+  w.resize(n);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (Index i = 0; i < n; ++i) w[i] = u(rng);
+}
+
+/// \throws Error unless `sinks` is [n_heads] with no NaN (±inf are allowed: −inf is no sink).
+inline void check_sinks(const char* who, const Eigen::VectorXf& sinks, Index n_heads) {
+  TPA_CHECK(sinks.size() == n_heads, who, ": weight 'sinks' has shape [", sinks.size(),
+            "], expected [", n_heads, "] (one sink logit per head)");
+  for (Index h = 0; h < n_heads; ++h)
+    TPA_CHECK(!std::isnan(sinks[h]), who, ": weight 'sinks' [", h, "] is NaN");
+}
+
 /// \throws Error unless `w` is [rows, cols]; names the weight and both shapes.
 inline void check_shape(const char* who, const char* name, const Matrix<float>& w, Index rows,
                         Index cols) {

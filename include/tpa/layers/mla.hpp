@@ -15,6 +15,7 @@
 #include "tpa/kernels/params.hpp"
 #include "tpa/layers/chunk.hpp"
 #include "tpa/layers/detail/call.hpp"
+#include "tpa/layers/detail/variant.hpp"
 #include "tpa/layers/mla_weights.hpp"
 #include "tpa/runtime/context.hpp"
 
@@ -68,6 +69,7 @@ class MultiHeadLatentAttention {
     cfg_.validate(kWho);
     w_.check(cfg_, kWho);
     rope_ = RopeTable(cfg_.rope, cfg_.qk_rope_head_dim);
+    alibi_ = cfg_.variant.resolved_alibi_slopes(cfg_.n_heads);
     layout_ = CacheLayout(
         kind_, {{"c_kv", 1, cfg_.kv_lora_rank, false}, {"k_pe", 1, cfg_.qk_rope_head_dim, true}});
     absorb();
@@ -368,6 +370,7 @@ class MultiHeadLatentAttention {
     detail::check_io(kWho, x, y, cfg_.d_model);
     const Index blocks =
         detail::plan_cache_call(kWho, cache, layer, layout_, rope_, segs, n_segs);
+    detail::check_released(kWho, cache, cfg_.variant, segs, n_segs);
     // Nothing below throws tpa::Error: the checks above cover every precondition. All scratch
     // is taken before the first append; on std::bad_alloc (e.g. in a GEMM), `call` undoes the
     // appends and the blocks it allocated.
@@ -428,10 +431,12 @@ class MultiHeadLatentAttention {
     p.d_v = d_c;
     p.scale = cfg_.scale();
     p.kv = lat;
+    p.variant = detail::score_variant(cfg_.variant, alibi_, w_.sinks);
     return p;
   }
 
-  // Explicit form: up-project the latents of keys 0 … pos0+n−1 to per-head keys and values in
+  // Explicit form: up-project the latents of keys k0 … pos0+n−1 (k0 = 0, or the first query's
+  // window start: earlier keys are neither read nor filled) to per-head keys and values in
   // scratch, then per-head (G = H) attention. The cached latents are read as stored, kGather
   // tokens of c_kv' widened at a time (no f32 copy of the sequence's cache); k_pe is widened
   // straight into the keys.
@@ -443,7 +448,10 @@ class MultiHeadLatentAttention {
     const Index L = seg.pos0 + seg.n;
     float* keys = b.kv;                   // [L, H, d_qk]
     float* values = b.kv + L * H * d_qk;  // [L, H, d_v]
-    for (Index t0 = 0; t0 < L; t0 += kGather) {
+    const Index k0 = cfg_.variant.window.has_value()
+                         ? std::max<Index>(0, seg.pos0 - *cfg_.variant.window + 1)
+                         : 0;
+    for (Index t0 = k0; t0 < L; t0 += kGather) {
       const Index n = std::min(kGather, L - t0);
       for (Index t = 0; t < n; ++t) {
         const S* c = lat.row_at(0, t0 + t, 0);
@@ -487,6 +495,7 @@ class MultiHeadLatentAttention {
     p.d_v = d_v;
     p.scale = cfg_.scale();
     p.kv = detail::contiguous_view<float>(base, places, L);
+    p.variant = detail::score_variant(cfg_.variant, alibi_, w_.sinks);
     grouped_attention<Backend>(ctx, &p, 1);
   }
 
@@ -518,6 +527,7 @@ class MultiHeadLatentAttention {
   MlaConfig cfg_;
   MlaWeights w_;
   RopeTable rope_;
+  std::vector<float> alibi_;  // resolved ALiBi slopes [H] (empty without ALiBi)
   CacheLayout layout_;  // built once: a decode step allocates nothing
   bool fold_q_ = false;
   bool fold_o_ = false;

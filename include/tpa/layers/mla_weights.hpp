@@ -24,6 +24,7 @@ struct MlaWeights {
   Matrix<float> q_proj;              ///< q_proj.weight [H·(d_n+d_R), D] (q_lora_rank == 0)
   Matrix<float> kv_a_proj_with_mqa;  ///< kv_a_proj_with_mqa.weight [d_c + d_R, D]
   Eigen::VectorXf kv_a_layernorm;    ///< kv_a_layernorm.weight [d_c]
+  Eigen::VectorXf sinks;             ///< sinks [H] sink logits, only used when variant.sinks
   Matrix<float> kv_b_proj;           ///< kv_b_proj.weight [H·(d_n+d_v), d_c]
   Matrix<float> c_proj;              ///< c_proj.weight [D, H·d_v]
 
@@ -48,6 +49,7 @@ struct MlaWeights {
     detail::init_norm(w.kv_a_layernorm, d_c, rng);
     detail::init_linear(w.kv_b_proj, H * (d_n + d_v), d_c, rng);
     detail::init_linear(w.c_proj, D, H * d_v, rng);
+    if (cfg.variant.sinks) detail::init_sinks(w.sinks, H, rng);
     return w;
   }
 
@@ -75,6 +77,7 @@ struct MlaWeights {
     detail::check_shape(who, "kv_a_layernorm.weight", kv_a_layernorm, d_c);
     detail::check_shape(who, "kv_b_proj.weight", kv_b_proj, H * (d_n + d_v), d_c);
     detail::check_shape(who, "c_proj.weight", c_proj, D, H * d_v);
+    if (cfg.variant.sinks) detail::check_sinks(who, sinks, H);
   }
 };
 

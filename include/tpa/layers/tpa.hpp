@@ -16,6 +16,7 @@
 #include "tpa/kernels/tpa_decode.hpp"
 #include "tpa/layers/chunk.hpp"
 #include "tpa/layers/detail/call.hpp"
+#include "tpa/layers/detail/variant.hpp"
 #include "tpa/layers/tpa_weights.hpp"
 #include "tpa/runtime/context.hpp"
 
@@ -68,6 +69,7 @@ class TensorProductAttention {
     cfg_.validate(kWho);
     w_.check(cfg_, kWho);
     rope_ = RopeTable(cfg_.rope, cfg_.head_dim);
+    alibi_ = cfg_.variant.resolved_alibi_slopes(cfg_.n_heads);
     kind_ = cfg_.kv_only ? "TPA-KV" : "TPA";
     const Index H = cfg_.n_heads, d = cfg_.head_dim;
     elements_[kFactorAK] = H * cfg_.k_rank;
@@ -180,6 +182,7 @@ class TensorProductAttention {
     detail::check_io(kWho, x, y, cfg_.d_model);
     const Index blocks =
         detail::plan_cache_call(kWho, cache, layer, layout_, rope_, segs, n_segs);
+    detail::check_released(kWho, cache, cfg_.variant, segs, n_segs);
     // Nothing below throws tpa::Error: the checks above cover every precondition. On
     // std::bad_alloc, `call` undoes the appends and the blocks it allocated.
     ScratchGuard guard(ctx.scratch());
@@ -289,6 +292,7 @@ class TensorProductAttention {
     p.b_v_factor = kFactorBV;
     p.scale = cfg_.scale();
     p.kv = kv;
+    p.variant = detail::score_variant(cfg_.variant, alibi_, w_.sinks);
     return p;
   }
 
@@ -302,6 +306,7 @@ class TensorProductAttention {
   TpaConfig cfg_;
   TpaWeights w_;
   RopeTable rope_;
+  std::vector<float> alibi_;  // resolved ALiBi slopes [H] (empty without ALiBi)
   std::string kind_;
   Index elements_[4] = {0, 0, 0, 0};  // elements per token of each cached factor
   CacheLayout layout_;                // built once: a decode step allocates nothing

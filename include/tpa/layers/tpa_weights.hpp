@@ -26,6 +26,7 @@ struct TpaWeights {
   Matrix<float> c_q;      ///< c_qkv.c_q.weight   [H·d, D], only used when kv_only
   Matrix<float> c_proj;   ///< c_proj.weight      [D, H·d]
   Eigen::VectorXf subln;  ///< subln.weight       [d], only used when head_norm
+  Eigen::VectorXf sinks;  ///< sinks              [H] sink logits, only used when variant.sinks
 
   /// Seeded random weights for `cfg` (deterministic for a given seed and standard library;
   /// \throws Error, before allocating anything, if `cfg` is invalid):
@@ -48,6 +49,7 @@ struct TpaWeights {
     detail::init_linear(w.W_B_v, cfg.v_rank * d, D, rng);
     detail::init_linear(w.c_proj, D, H * d, rng);
     if (cfg.head_norm) detail::init_norm(w.subln, d, rng);
+    if (cfg.variant.sinks) detail::init_sinks(w.sinks, H, rng);
     return w;
   }
 
@@ -69,6 +71,7 @@ struct TpaWeights {
     detail::check_shape(who, "c_qkv.W_B_v.weight", W_B_v, cfg.v_rank * d, D);
     detail::check_shape(who, "c_proj.weight", c_proj, D, H * d);
     if (cfg.head_norm) detail::check_shape(who, "subln.weight", subln, d);
+    if (cfg.variant.sinks) detail::check_sinks(who, sinks, H);
   }
 };
 
