@@ -182,7 +182,7 @@ class GroupedQueryAttention {
     for (Index s = 0; s < n_segs; ++s)
       new (&calls[s]) Params(params<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer)));
     grouped_attention<Backend>(ctx, calls, n_segs);
-    finish(ctx, b, N, y);
+    finish(ctx, b, N, y, {segs, n_segs, 0});
     call.commit();
   }
 
@@ -193,7 +193,8 @@ class GroupedQueryAttention {
     Buffers b{ctx.scratch().floats(N * q_width()), ctx.scratch().floats(2 * N * kv_width()),
               ctx.scratch().floats(N * q_width()), N};
     detail::project(ctx, x.data(), N,
-                    {{w_.c_q, b.q}, {w_.c_k, b.kv}, {w_.c_v, b.kv + N * kv_width()}});
+                    {{w_.c_q, b.q}, {w_.c_k, b.kv}, {w_.c_v, b.kv + N * kv_width()}},
+                    {segs, n_segs, 0});
     for (Index s = 0; s < n_segs; ++s) {
       for (Index i = 0; i < segs[s].n; ++i) {
         const Index row = segs[s].row0 + i, pos = segs[s].pos0 + i;
@@ -228,10 +229,11 @@ class GroupedQueryAttention {
   }
 
   // Optional per-head RMSNorm, then the output projection.
-  void finish(Context& ctx, const Buffers& b, Index N, TensorView<float, 2>& y) const {
+  void finish(Context& ctx, const Buffers& b, Index N, TensorView<float, 2>& y,
+              const detail::RowChunks& chunks = {}) const {
     if (cfg_.head_norm)
       detail::rms_norm_rows(b.o, N * cfg_.n_heads, cfg_.head_dim, w_.subln.data(), cfg_.norm_eps);
-    detail::project(ctx, b.o, N, {{w_.c_proj, y.data()}});
+    detail::project(ctx, b.o, N, {{w_.c_proj, y.data()}}, chunks);
   }
 
   std::string who_;

@@ -329,10 +329,12 @@ class MultiHeadLatentAttention {
     const ConstMatrixMap<float> w_dkv(w_.kv_a_proj_with_mqa.data(), d_c, D);
     const ConstMatrixMap<float> w_kr(w_.kv_a_proj_with_mqa.data() + d_c * D, d_R, D);
     float* k_pe = b.lat + N * d_c;
+    const detail::RowChunks chunks{segs, n_segs, 0};
     if (cfg_.q_lora_rank > 0) {
-      detail::project(ctx, x.data(), N, {{w_dkv, b.lat}, {w_kr, k_pe}, {w_.q_a_proj, b.qin}});
+      detail::project(ctx, x.data(), N, {{w_dkv, b.lat}, {w_kr, k_pe}, {w_.q_a_proj, b.qin}},
+                      chunks);
     } else {
-      detail::project(ctx, x.data(), N, {{w_dkv, b.lat}, {w_kr, k_pe}});
+      detail::project(ctx, x.data(), N, {{w_dkv, b.lat}, {w_kr, k_pe}}, chunks);
     }
     detail::rms_norm_rows(b.lat, N, d_c, w_.kv_a_layernorm.data(), cfg_.norm_eps);
     for (Index s = 0; s < n_segs; ++s)
@@ -345,20 +347,20 @@ class MultiHeadLatentAttention {
       qin = b.qin;
     }
     if (b.q != nullptr) {
-      detail::project(ctx, qin, N, {{w_uq(), b.q}});
+      detail::project(ctx, qin, N, {{w_uq(), b.q}}, chunks);
       rotate_heads(b.q, d_qk, d_n, segs, n_segs);
     }
     if (b.qa == nullptr) return;
     const Index wa = d_c + d_R;
     if (fold_q_) {
-      detail::project(ctx, qin, N, {{wq_abs_, b.qa}});
+      detail::project(ctx, qin, N, {{wq_abs_, b.qa}}, chunks);
       rotate_heads(b.qa, wa, d_c, segs, n_segs);
       return;
     }
     for (Index h = 0; h < H; ++h)
       detail::project_strided(b.q + h * d_qk, H * d_qk, N,
                               ConstMatrixMap<float>(uk_t_.data() + h * d_c * d_n, d_c, d_n),
-                              b.qa + h * wa, H * wa);
+                              b.qa + h * wa, H * wa, chunks);
     for (Index t = 0; t < N; ++t)
       for (Index h = 0; h < H; ++h)
         std::memcpy(b.qa + (t * H + h) * wa + d_c, b.q + (t * H + h) * d_qk + d_n,
@@ -509,17 +511,18 @@ class MultiHeadLatentAttention {
       Index e = s + 1;
       while (e < n_segs && forms[e] == forms[s]) ++e;
       const Index r0 = segs[s].row0, n = segs[e - 1].row0 + segs[e - 1].n - r0;
+      const detail::RowChunks chunks{segs + s, e - s, r0};
       s = e;
       if (forms[e - 1] == MlaForm::kAbsorbed) {
         if (fold_o_) {
-          detail::project(ctx, b.o_lat + r0 * H * d_c, n, {{wo_abs_, y.data() + r0 * D}});
+          detail::project(ctx, b.o_lat + r0 * H * d_c, n, {{wo_abs_, y.data() + r0 * D}}, chunks);
           continue;
         }
         for (Index h = 0; h < H; ++h)
           detail::project_strided(b.o_lat + r0 * H * d_c + h * d_c, H * d_c, n,
-                                  w_uv(h), b.o + r0 * H * d_v + h * d_v, H * d_v);
+                                  w_uv(h), b.o + r0 * H * d_v + h * d_v, H * d_v, chunks);
       }
-      detail::project(ctx, b.o + r0 * H * d_v, n, {{w_.c_proj, y.data() + r0 * D}});
+      detail::project(ctx, b.o + r0 * H * d_v, n, {{w_.c_proj, y.data() + r0 * D}}, chunks);
     }
   }
 

@@ -200,7 +200,7 @@ class TensorProductAttention {
     for (Index s = 0; s < n_segs; ++s)
       new (&calls[s]) Params(params<CacheScalar>(b, segs[s], cache.view(segs[s].seq, layer)));
     tpa_attention<Backend>(ctx, calls, n_segs);
-    finish(ctx, b, x.dimension(0), y);
+    finish(ctx, b, x.dimension(0), y, {segs, n_segs, 0});
     call.commit();
   }
 
@@ -236,10 +236,12 @@ class TensorProductAttention {
                                       {w_.W_A_v, b.kv + b.kv_offset[kFactorAV]},
                                       {w_.W_B_v, b.kv + b.kv_offset[kFactorBV]}};
     if (cfg_.kv_only) {
-      detail::project(ctx, x.data(), N, {{w_.c_q, b.q}, kv[0], kv[1], kv[2], kv[3]});
+      detail::project(ctx, x.data(), N, {{w_.c_q, b.q}, kv[0], kv[1], kv[2], kv[3]},
+                      {segs, n_segs, 0});
     } else {
       detail::project(ctx, x.data(), N,
-                      {{w_.W_A_q, b.a_q}, {w_.W_B_q, b.b_q}, kv[0], kv[1], kv[2], kv[3]});
+                      {{w_.W_A_q, b.a_q}, {w_.W_B_q, b.b_q}, kv[0], kv[1], kv[2], kv[3]},
+                      {segs, n_segs, 0});
     }
     if (cfg_.factor_activation == FactorActivation::kSigmoid) {
       if (!cfg_.kv_only) sigmoid(b.a_q, N * H * RQ);
@@ -297,10 +299,11 @@ class TensorProductAttention {
   }
 
   // Optional per-head RMSNorm, then the output projection.
-  void finish(Context& ctx, const Buffers& b, Index N, TensorView<float, 2>& y) const {
+  void finish(Context& ctx, const Buffers& b, Index N, TensorView<float, 2>& y,
+              const detail::RowChunks& chunks = {}) const {
     if (cfg_.head_norm)
       detail::rms_norm_rows(b.o, N * cfg_.n_heads, cfg_.head_dim, w_.subln.data(), cfg_.norm_eps);
-    detail::project(ctx, b.o, N, {{w_.c_proj, y.data()}});
+    detail::project(ctx, b.o, N, {{w_.c_proj, y.data()}}, chunks);
   }
 
   TpaConfig cfg_;

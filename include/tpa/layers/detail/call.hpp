@@ -241,11 +241,78 @@ inline void dot_tile(const float* x, Index ldx, Index n, const float* w, Index l
   }
 }
 
+/// Rows of a chunk from which project() uses Eigen's GEMM instead of the dot kernel (prefill:
+/// the dot kernel re-reads each weight tile for every kDotRows rows, ~1.5× slower at 2K rows).
+constexpr Index kGemmRows = 64;
+/// Output features per GEMM of project() (whole tiles per thread, as kProjectTile).
+constexpr Index kGemmTile = 512;
+
+/// \brief How project() groups a call's rows: the segments (chunks) of a ragged call. The rows
+/// of a chunk of at least kGemmRows rows go through one GEMM per tile of kGemmTile features
+/// over that chunk alone, the other rows through the dot kernel; either way a row's bits depend
+/// only on its own chunk (the same call computes them when the chunk is alone) and never on
+/// the thread count.
+struct RowChunks {
+  const Segment* segs = nullptr;  ///< null: the call's rows are one chunk
+  Index n_segs = 0;
+  Index row0 = 0;  ///< the call's row 0 is row `row0` of the segments' numbering
+};
+
+/// Calls f(r0, r1, gemm) for the runs of rows [0, n) of a call: each chunk of at least
+/// kGemmRows rows (gemm), and each run of consecutive rows of smaller chunks.
+template <class F>
+void for_each_row_run(Index n, const RowChunks& chunks, const F& f) {
+  if (chunks.segs == nullptr) {
+    if (n > 0) f(Index(0), n, n >= kGemmRows);
+    return;
+  }
+  Index run0 = 0, run1 = 0;  // pending run of small-chunk rows
+  for (Index s = 0; s < chunks.n_segs; ++s) {
+    const Index a = std::max<Index>(0, chunks.segs[s].row0 - chunks.row0);
+    const Index b = std::min(n, chunks.segs[s].row0 - chunks.row0 + chunks.segs[s].n);
+    if (a >= b) continue;
+    if (chunks.segs[s].n >= kGemmRows) {
+      if (run1 > run0) f(run0, run1, false);
+      run0 = run1 = b;
+      f(a, b, true);
+    } else if (run1 == a && run1 > run0) {
+      run1 = b;
+    } else {
+      if (run1 > run0) f(run0, run1, false);
+      run0 = a;
+      run1 = b;
+    }
+  }
+  if (run1 > run0) f(run0, run1, false);
+}
+
+/// Features [c0, c0 + cols) of y = x · Wᵀ for n rows (x rows ldx apart, W [out, depth] row-major,
+/// y rows ldy apart, y pointing at feature 0), on the calling thread: Eigen's GEMM or the dot
+/// kernel.
+inline void project_block(const float* x, Index ldx, Index n, const ConstMatrixMap<float>& w,
+                          Index c0, Index cols, float* y, Index ldy, bool gemm) {
+  const Index depth = w.cols();
+  if (!gemm) {
+    dot_tile(x, ldx, n, w.data() + c0 * depth, depth, depth, cols, y + c0, ldy);
+    return;
+  }
+  using Strided = Eigen::Map<const Matrix<float>, 0, Eigen::OuterStride<>>;
+  using StridedOut = Eigen::Map<Matrix<float>, 0, Eigen::OuterStride<>>;
+  const Strided xm(x, n, depth, Eigen::OuterStride<>(ldx));
+  StridedOut ym(y + c0, n, cols, Eigen::OuterStride<>(ldy));
+  ym.noalias() = xm * w.middleRows(c0, cols).transpose();
+}
+
 /// y[n, out] = x[n, depth] · Wᵀ with strided x and y (W [out, depth] row-major) on the calling
 /// thread, with the same per-element guarantee as project(ctx, …).
 inline void project_strided(const float* x, Index ldx, Index n, const ConstMatrixMap<float>& w,
-                            float* y, Index ldy) {
-  dot_tile(x, ldx, n, w.data(), w.cols(), w.cols(), w.rows(), y, ldy);
+                            float* y, Index ldy, const RowChunks& chunks = {}) {
+  for_each_row_run(n, chunks, [&](Index r0, Index r1, bool gemm) {
+    const Index tile = gemm ? kGemmTile : w.rows();
+    for (Index c = 0; c < w.rows(); c += tile)
+      project_block(x + r0 * ldx, ldx, r1 - r0, w, c, std::min(tile, w.rows() - c), y + r0 * ldy,
+                    ldy, gemm);
+  });
 }
 
 /// One product of a batched project(): y[n, w.rows()] = x · wᵀ (w row-major).
@@ -257,37 +324,44 @@ struct Projection {
 };
 
 /// Every product of `ps` over the same input x[n, d] (each y row-major and contiguous), spread
-/// over ctx's threads by whole tiles of kProjectTile output features (contiguous runs of tiles
-/// per thread, so each thread streams its share of the weights once). Every output element is
-/// the same float with any thread count and any n (see kProjectTile). Allocates nothing.
-inline void project(Context& ctx, const float* x, Index n, std::initializer_list<Projection> ps) {
+/// over ctx's threads by whole tiles of output features (kProjectTile for the dot kernel,
+/// kGemmTile for a GEMM chunk; contiguous runs of tiles per thread, so each thread streams its
+/// share of the weights once). Every output element is the same float with any thread count and
+/// whatever the other chunks of the call (see kProjectTile, RowChunks). Allocates nothing for
+/// chunks under kGemmRows rows (decode, decode batches, drafts); Eigen's GEMM may for larger ones.
+inline void project(Context& ctx, const float* x, Index n, std::initializer_list<Projection> ps,
+                    const RowChunks& chunks = {}) {
   if (ps.size() == 0) return;
   const Index depth = ps.begin()->w.cols();
-  Index total = 0, tiles = 0;
-  for (const Projection& p : ps) {
-    total += p.w.rows();
-    tiles += (p.w.rows() + kProjectTile - 1) / kProjectTile;
-  }
-  // Below 64 K multiply-adds (256 KB of weights) waking a second thread costs about what it saves.
-  const Index parts =
-      total * depth * n < (Index(1) << 16) ? 1 : std::min<Index>(ctx.threads(), tiles);
-  const auto run_tiles = [&](Index t0, Index t1) {
-    Index t = 0;
+  for_each_row_run(n, chunks, [&](Index r0, Index r1, bool gemm) {
+    const Index rows = r1 - r0, tile_w = gemm ? kGemmTile : kProjectTile;
+    Index total = 0, tiles = 0;
     for (const Projection& p : ps) {
-      const Index out = p.w.rows();
-      for (Index c = 0; c < out; c += kProjectTile, ++t) {
-        if (t < t0 || t >= t1) continue;
-        dot_tile(x, depth, n, p.w.data() + c * depth, depth, depth,
-                 std::min(kProjectTile, out - c), p.y + c, out);
-      }
+      total += p.w.rows();
+      tiles += (p.w.rows() + tile_w - 1) / tile_w;
     }
-  };
-  if (parts <= 1) {
-    run_tiles(0, tiles);
-    return;
-  }
-  ctx.parallel_for(parts, [&](Index part) {
-    run_tiles(part * tiles / parts, (part + 1) * tiles / parts);
+    // Below 64 K multiply-adds (256 KB of weights) waking a second thread costs about what it
+    // saves.
+    const Index parts =
+        total * depth * rows < (Index(1) << 16) ? 1 : std::min<Index>(ctx.threads(), tiles);
+    const auto run_tiles = [&](Index t0, Index t1) {
+      Index t = 0;
+      for (const Projection& p : ps) {
+        const Index out = p.w.rows();
+        for (Index c = 0; c < out; c += tile_w, ++t) {
+          if (t < t0 || t >= t1) continue;
+          project_block(x + r0 * depth, depth, rows, p.w, c, std::min(tile_w, out - c),
+                        p.y + r0 * out, out, gemm);
+        }
+      }
+    };
+    if (parts <= 1) {
+      run_tiles(0, tiles);
+      return;
+    }
+    ctx.parallel_for(parts, [&](Index part) {
+      run_tiles(part * tiles / parts, (part + 1) * tiles / parts);
+    });
   });
 }
 
