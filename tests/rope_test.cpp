@@ -26,6 +26,17 @@ RopeTable table(RopeStyle style, tpa::Index dim, tpa::Index rotary = 0, double b
 }
 
 // x = [1, 2, 3, 4] at position 1, base 10000: θ_0 = 1, θ_1 = 10000^(-1/2) = 0.01.
+// fuzz_config found it: a rotary dim near 2^63 with decay overflowed r + r/2 in validate().
+TEST(Rope, HugeRotaryDimIsRefusedWithoutOverflow) {
+  RopeConfig c;
+  c.decay_base = 0.9;
+  c.max_positions = 1;
+  const tpa::Index dim = tpa::Index(1) << 62;
+  EXPECT_THROW(c.validate("test", dim), tpa::Error);
+  c.rotary_dim = dim - 2;
+  EXPECT_THROW(c.validate("test", dim), tpa::Error);
+}
+
 TEST(Rope, HalfSplitHandComputed) {
   std::vector<float> x = {1, 2, 3, 4};
   table(RopeStyle::kHalfSplit, 4).rotate(x.data(), 1);

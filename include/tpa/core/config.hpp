@@ -129,6 +129,10 @@ struct RopeConfig {
     TPA_CHECK(r % 2 == 0, who, ": rotary dim (", r, ") must be even");
     TPA_CHECK(r <= dim, who, ": rope.rotary_dim (", r, ") is larger than the rotated head dim (",
               dim, ")");
+    // Checked first so that table_floats_per_position (r + r/2) cannot overflow.
+    TPA_CHECK(r <= kMaxRopeTableBytes / static_cast<Index>(sizeof(float)) / 2, who,
+              ": rotary dim (", r, ") is too large: one position of its RoPE table would take "
+              "more than 1 GiB");
     const Index per_position = std::max<Index>(table_floats_per_position(dim), 2);
     const Index max_rows = kMaxRopeTableBytes / static_cast<Index>(sizeof(float)) / per_position;
     TPA_CHECK(max_positions <= max_rows, who, ": rope.max_positions (", max_positions,
