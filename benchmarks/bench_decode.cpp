@@ -65,6 +65,11 @@
 // step that reads 4096 of the 16384 tokens). Counters: VARIANT_ms, plain_ms (median step times)
 // and speedup = VARIANT_ms / plain_ms, i.e. the variant's relative cost (1.10 = 10 % slower),
 // with its quartiles speedup_lo, speedup_hi.
+// Benchmarks: prefill_kernel/KIND/cache:f32/tokens:N/threads:2, the attention of a causal
+// prefill of N tokens (N queries, query i over keys 0..i; one call of the same kernels, f32
+// cache in one 2 MiB-page arena): counters flops (the decode FLOP model above per (query, key)
+// pair, N·(N + 1)/2 pairs), GFLOPs, GFLOPs_now (the FMA probe right around the case) and
+// pct_flops_now (issue 23's prefill target: ≥ 60 % for MHA, GQA and TPA at 2K tokens).
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -103,6 +108,8 @@ const DecodeCase kCases[] = {{"MHA", 32, 32, 128, 0, 128, false},
 const Index kContexts[] = {16384};
 // decode_quant: bf16 against int8 caches at these contexts (the bandwidth-bound kinds).
 const Index kQuantContexts[] = {16384, 65536};
+// prefill_kernel: prompt lengths.
+const Index kPrefillTokens[] = {2048};
 constexpr Index kBlock = 64;
 constexpr double kWorkingSetBytes = 1.2e9;  // > 2 × L3
 
@@ -135,8 +142,9 @@ struct SequencesBase {
 template <class S>
 class Sequences final : public SequencesBase {
  public:
-  Sequences(const DecodeCase& c, Index len, bool huge, bool hot, tpa::TileOrder order)
-      : c_(c), len_(len) {
+  Sequences(const DecodeCase& c, Index len, bool huge, bool hot, tpa::TileOrder order,
+            Index n_q = 1)
+      : c_(c), len_(len), n_q_(n_q) {
     const auto f = factors(c, order);
     const tpa::CacheLayout layout(c.name, f);
     constexpr Index es = sizeof(S);
@@ -191,19 +199,23 @@ class Sequences final : public SequencesBase {
         views_.push_back(v);
       }
     }
-    // Grouped: q [H, d_qk]. TPA: A_Q [H, R_Q] then B_Q [R_Q, d].
-    q_.resize(static_cast<std::size_t>(c.tpa() && c.r_q > 0 ? c.r_q * (c.H + c.d_k0)
-                                                           : c.H * (c.d_k0 + c.d_k1)));
+    // The last n_q tokens' queries. Grouped: q [n_q, H, d_qk]. TPA: A_Q [n_q, H, R_Q] then
+    // B_Q [n_q, R_Q, d].
+    q_.resize(static_cast<std::size_t>(n_q * (c.tpa() && c.r_q > 0 ? c.r_q * (c.H + c.d_k0)
+                                                                   : c.H * (c.d_k0 + c.d_k1))));
     randomize(q_.data(), static_cast<Index>(q_.size()), 7);
-    o_.resize(static_cast<std::size_t>(c.H * c.d_v));
+    o_.resize(static_cast<std::size_t>(n_q * c.H * c.d_v));
     bytes_ = bytes;
-    flops_ = c.tpa() && c.r_q == 0  // full query: H·R_K·d for the scores
+    // (query, key) pairs: n_q causal queries ending at the last token.
+    const double pairs = static_cast<double>(n_q) * static_cast<double>(len - n_q) +
+                         0.5 * static_cast<double>(n_q) * static_cast<double>(n_q + 1);
+    flops_ = pairs / static_cast<double>(len) * (c.tpa() && c.r_q == 0  // full query: H·R_K·d for the scores
                  ? 2.0 * static_cast<double>(len * (c.H * c.r_k * (c.d_k0 + 1) +
                                                     c.H * c.r_v * (c.d_k0 + 1)))
              : c.tpa() ? 2.0 * static_cast<double>(len * (c.r_q * c.r_k * c.d_k0 +
                                                           c.H * c.r_k * (c.r_q + 1) +
                                                           c.H * c.r_v * (c.d_k0 + 1)))
-                     : 2.0 * static_cast<double>(c.H * len * (c.d_k0 + c.d_k1 + c.d_v));
+                     : 2.0 * static_cast<double>(c.H * len * (c.d_k0 + c.d_k1 + c.d_v)));
   }
 
   Index copies() const { return copies_; }
@@ -216,7 +228,7 @@ class Sequences final : public SequencesBase {
     if (c_.r_q > 0) {
       p.a_q = q_.data();
       p.a_q_stride = c_.H * c_.r_q;
-      p.b_q = q_.data() + c_.H * c_.r_q;
+      p.b_q = q_.data() + n_q_ * c_.H * c_.r_q;
       p.b_q_stride = c_.r_q * c_.d_k0;
     } else {  // TPA-KV: the full query
       p.q = q_.data();
@@ -224,8 +236,8 @@ class Sequences final : public SequencesBase {
     }
     p.o = o_.data();
     p.o_stride = c_.H * c_.d_k0;
-    p.n_q = 1;
-    p.q_pos0 = len_ - 1;
+    p.n_q = n_q_;
+    p.q_pos0 = len_ - n_q_;
     p.n_heads = c_.H;
     p.head_dim = c_.d_k0;
     p.k_rank = c_.r_k;
@@ -241,8 +253,8 @@ class Sequences final : public SequencesBase {
     p.q_stride = c_.H * (c_.d_k0 + c_.d_k1);
     p.o = o_.data();
     p.o_stride = c_.H * c_.d_v;
-    p.n_q = 1;
-    p.q_pos0 = len_ - 1;
+    p.n_q = n_q_;
+    p.q_pos0 = len_ - n_q_;
     p.n_heads = c_.H;
     p.n_kv_heads = c_.G;
     p.k_factor[0] = 0;
@@ -258,7 +270,7 @@ class Sequences final : public SequencesBase {
 
  private:
   DecodeCase c_;
-  Index len_, copies_ = 0;
+  Index len_, n_q_, copies_ = 0;
   double bytes_ = 0, flops_ = 0;
   std::vector<std::unique_ptr<tpa::KVCache<S>>> caches_;
   std::vector<std::unique_ptr<S, FreeDeleter>> arenas_;
@@ -274,17 +286,18 @@ class Sequences final : public SequencesBase {
 // slot 1 beside the head-major one in slot 0).
 template <class S>
 Sequences<S>& sequences(std::size_t c, Index len, bool huge, bool hot, int slot = 0,
-                        tpa::TileOrder order = tpa::TileOrder::kTokenMajor) {
+                        tpa::TileOrder order = tpa::TileOrder::kTokenMajor, Index n_q = 1) {
   static std::unique_ptr<SequencesBase> slots[2];
   static std::string keys[2];
   std::unique_ptr<SequencesBase>& cur = slots[slot];
   std::string& key = keys[slot];
   const std::string k = std::to_string(c) + "/" + std::to_string(len) + "/" + (huge ? "h" : "c") +
                         (hot ? "/hot/" : "/") + scalar_name<S>() +
-                        (order == tpa::TileOrder::kHeadMajor ? "/head" : "/token");
+                        (order == tpa::TileOrder::kHeadMajor ? "/head" : "/token") + "/q" +
+                        std::to_string(n_q);
   if (key != k) {
     cur.reset();
-    cur = std::make_unique<Sequences<S>>(kCases[c], len, huge, hot, order);
+    cur = std::make_unique<Sequences<S>>(kCases[c], len, huge, hot, order, n_q);
     key = k;
   }
   return static_cast<Sequences<S>&>(*cur);
@@ -337,6 +350,26 @@ void step(tpa::Context& ctx, std::size_t c, Sequences<S>& seqs, Index copy,
     p.variant = v;
     tpa::grouped_attention<tpa::Native>(ctx, &p, 1);
   }
+}
+
+// prefill_kernel: the attention of a causal prefill of `len` tokens (every token a query over
+// the tokens up to it), one call, against the FMA peak probed right around the case.
+void prefill_kernel(benchmark::State& state, std::size_t c, Index len, int threads) {
+  Sequences<float>& seqs =
+      sequences<float>(c, len, true, true, 0, tpa::TileOrder::kTokenMajor, len);
+  tpa::Context ctx(threads);
+  NowProbes probes(ctx);
+  for (auto _ : state) {
+    step(ctx, c, seqs, 0);
+    benchmark::ClobberMemory();
+  }
+  const Machine now = probes.finish();
+  const double n = static_cast<double>(state.iterations());
+  state.counters["flops"] = seqs.flops();
+  state.counters["GFLOPs"] = benchmark::Counter(seqs.flops() * n / 1e9, benchmark::Counter::kIsRate);
+  state.counters["GFLOPs_now"] = now.flops_per_s / 1e9;
+  state.counters["pct_flops_now"] = benchmark::Counter(100.0 * n * seqs.flops() / now.flops_per_s,
+                                                       benchmark::Counter::kIsRate);
 }
 
 // Times step_a() and step_b() back to back in every iteration (alternating which goes first) and
@@ -487,6 +520,17 @@ void register_all() {
         register_scalar<tpa::half>(c, len, huge, 2);
         register_scalar<float>(c, len, huge, 1);
       }
+  // Causal prefill attention, f32, 2 threads (issue 23's prefill target: ≥ 60 % of the FMA peak).
+  for (std::size_t c = 0; c < std::size(kCases); ++c)
+    for (Index len : kPrefillTokens) {
+      const std::string name = std::string("prefill_kernel/") + kCases[c].name +
+                               "/cache:f32/tokens:" + std::to_string(len) + "/threads:2";
+      benchmark::RegisterBenchmark(name.c_str(),
+                                   [=](benchmark::State& s) { prefill_kernel(s, c, len, 2); })
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(1.0);
+    }
   // L2-resident: ≈ 1 MiB of f32 cache per thread, a whole number of blocks; only the kinds with
   // enough FLOPs per cached byte for arithmetic to matter (MQA, MLA, TPA: G ≤ 1).
   for (std::size_t c = 0; c < std::size(kCases); ++c) {
