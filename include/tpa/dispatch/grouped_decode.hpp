@@ -11,10 +11,10 @@
 #include "tpa/backend/backends.hpp"
 #include "tpa/core/error.hpp"
 #include "tpa/core/tensor.hpp"
+#include "tpa/dispatch/split.hpp"
 #include "tpa/kernels/grouped_tiled.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/softmax.hpp"
-#include "tpa/kernels/split.hpp"
 #include "tpa/runtime/context.hpp"
 
 namespace tpa {

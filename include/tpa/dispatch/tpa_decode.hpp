@@ -10,10 +10,10 @@
 #include "tpa/backend/backends.hpp"
 #include "tpa/core/error.hpp"
 #include "tpa/core/tensor.hpp"
-#include "tpa/kernels/grouped_decode.hpp"
+#include "tpa/dispatch/grouped_decode.hpp"
+#include "tpa/dispatch/split.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/softmax.hpp"
-#include "tpa/kernels/split.hpp"
 #include "tpa/kernels/tpa_tiled.hpp"
 #include "tpa/runtime/context.hpp"
 
