@@ -31,7 +31,7 @@
 #include "test_util.hpp"
 #include "tpa/backend/backends.hpp"
 #include "tpa/cache/kv_cache.hpp"
-#include "tpa/kernels/grouped_decode.hpp"
+#include "tpa/dispatch/grouped_decode.hpp"
 #include "tpa/kernels/softmax.hpp"
 #include "tpa/runtime/context.hpp"
 

@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include <tpa/kernels/split.hpp>
+#include <tpa/dispatch/split.hpp>
 #include <tpa/tpa.hpp>
 
 namespace tpa_test {

@@ -35,7 +35,7 @@
 #include "test_util.hpp"
 #include "tpa/backend/backends.hpp"
 #include "tpa/cache/kv_cache.hpp"
-#include "tpa/kernels/tpa_decode.hpp"
+#include "tpa/dispatch/tpa_decode.hpp"
 #include "tpa/runtime/context.hpp"
 
 namespace tpa {

@@ -4,6 +4,8 @@
 #include <cstddef>
 #include <type_traits>
 
+#include "tpa/core/isa.hpp"
+
 namespace tpa {
 
 /// Scalar loops with double accumulation: the oracle every other backend is tested against.
@@ -20,14 +22,6 @@ struct Portable : Reference {
   using Parent = Reference;
   static constexpr const char* name = "portable";
 };
-
-#if defined(__AVX2__) && defined(__FMA__)
-#define TPA_HAVE_AVX2 1
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(TPA_HAVE_AVX2)
-#define TPA_HAVE_AVX512 1
-#endif
 
 /// AVX2 + FMA (+ F16C) intrinsics. Declared always, usable only when the compiler flags enable
 /// AVX2 and FMA (TPA_HAVE_AVX2, `enabled`): a layer or kernel instantiated with it otherwise

@@ -4,7 +4,7 @@
 // the tiled kernels.
 #pragma once
 
-#include "tpa/backend/tags.hpp"
+#include "tpa/core/isa.hpp"
 #include "tpa/core/tensor.hpp"
 
 #if defined(TPA_HAVE_AVX2)

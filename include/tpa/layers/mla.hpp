@@ -11,7 +11,7 @@
 #include "tpa/cache/kv_cache.hpp"
 #include "tpa/core/config.hpp"
 #include "tpa/core/rope.hpp"
-#include "tpa/kernels/grouped_decode.hpp"
+#include "tpa/dispatch/grouped_decode.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/layers/chunk.hpp"
 #include "tpa/layers/detail/call.hpp"

@@ -13,7 +13,7 @@
 #include "tpa/core/config.hpp"
 #include "tpa/core/rope.hpp"
 #include "tpa/kernels/params.hpp"
-#include "tpa/kernels/tpa_decode.hpp"
+#include "tpa/dispatch/tpa_decode.hpp"
 #include "tpa/layers/chunk.hpp"
 #include "tpa/layers/detail/call.hpp"
 #include "tpa/layers/detail/variant.hpp"
