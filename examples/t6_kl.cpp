@@ -15,7 +15,10 @@
 //
 //   t6_kl --model tests/data/t6_tiny.safetensors --texts tests/data/t6_tiny_generate.safetensors
 //
-// A cache type is one line of kCaches below.
+// A cache type is one line of kCaches below; "sim" lines are formats simulated in an f32 cache
+// (teacher_forced: after each step the token's factors are replaced by what the format stores;
+// the step itself read them unrounded). --factor-stats first prints, per cached factor, the
+// int8 and 4-bit rounding error of what the model stores next to that of N(0, 1) factors.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
