@@ -137,7 +137,8 @@ void simulate(const tpa::FactorSpec& fs, const SimFormat& fmt, Index len, float*
   const Index g = fmt.group > 0 ? std::min(fmt.group, n)
                                 : (fs.cols >= tpa::kQ8MinRowCols ? fs.cols : n);
   for (Index t = 0; t < len; ++t)
-    for (Index i = 0; i < n; i += g) sim_group(x + t * n + i, std::min(g, n - i), fmt.qmax, fmt.mse);
+    for (Index i = 0; i < n; i += g)
+      sim_group(x + t * n + i, std::min(g, n - i), fmt.qmax, fmt.mse);
 }
 
 // The decode output [kQueries, H, d_v] of case c over `len` tokens `src` stored as S.
@@ -238,7 +239,9 @@ int main(int argc, char** argv) {
         pos = end + 1;
       }
     } else {
-      std::fprintf(stderr, "usage: cache_accuracy [--contexts 1024,16384,32768] [--kind NAME] [--ablate]\n");
+      std::fprintf(stderr,
+                   "usage: cache_accuracy [--contexts 1024,16384,32768] [--kind NAME] "
+                   "[--ablate]\n");
       return 2;
     }
   }
@@ -304,7 +307,8 @@ int main(int argc, char** argv) {
           one[j] = f32;
           sim_row("sim int8, f32 " + f[j].name, one);
         }
-        sim_row("sim int8 mse scales", std::vector<SimFormat>(f.size(), SimFormat{127, 0, true}));
+        const SimFormat i8_mse{127, 0, true, false};
+        sim_row("sim int8 mse scales", std::vector<SimFormat>(f.size(), i8_mse));
         if (c.tpa()) {  // A factors [H, R] (groups: elements), B rows [R, d] (groups per row)
           for (Index ga : {Index{0}, Index{16}, Index{8}, Index{-1}})
             for (Index gb : {Index{0}, Index{64}, Index{32}}) {
@@ -319,9 +323,11 @@ int main(int argc, char** argv) {
               sim_row("sim int8 A " + a + " B " + b, fx);
             }
         }
-        sim_row("sim 4-bit g32 mse", std::vector<SimFormat>(f.size(), SimFormat{7, 32, true}));
+        const SimFormat i4_mse{7, 32, true, false};
+        sim_row("sim 4-bit g32 mse", std::vector<SimFormat>(f.size(), i4_mse));
       }
-      sim_row("sim 4-bit g32", std::vector<SimFormat>(f.size(), SimFormat{7, 32}));
+      const SimFormat i4{7, 32, false, false};
+      sim_row("sim 4-bit g32", std::vector<SimFormat>(f.size(), i4));
     }
   }
   return 0;

@@ -52,7 +52,8 @@ struct SimFormat {
 
 /// Replaces x[0, n) by the values `fmt` stores for them (quantize, then dequantize).
 void simulate(float* x, Index n, Index cols, const SimFormat& fmt) {
-  const Index g = fmt.group > 0 ? std::min(fmt.group, n) : (cols >= tpa::kQ8MinRowCols ? cols : n);
+  const Index g =
+      fmt.group > 0 ? std::min(fmt.group, n) : (cols >= tpa::kQ8MinRowCols ? cols : n);
   for (Index i0 = 0; i0 < n; i0 += g) {
     const Index m = std::min(g, n - i0);
     float amax = 0.f;
@@ -200,7 +201,8 @@ void factor_stats(const tpa::io::SafetensorsFile& file, const std::vector<Text>&
     }
   }
   std::printf("factor stored by the model (all layers) vs N(0,1) of the same shape: relative RMS "
-              "error of int8 (q8 groups) and 4-bit (groups of 32); mean max|x|/rms per int8 group\n");
+              "error of int8 (q8 groups) and 4-bit (groups of 32); mean max|x|/rms per int8 "
+              "group\n");
   std::printf("%-6s %10s %10s %10s %10s %10s %10s\n", "factor", "int8", "int8 N01", "4-bit",
               "4-bit N01", "crest", "crest N01");
   for (std::size_t f = 0; f < acc.size(); ++f) {
@@ -224,11 +226,11 @@ template <class CacheScalar>
 using Tpa = tpa::TensorProductAttention<tpa::Native, CacheScalar>;
 
 // The baseline, and one line per cache type measured against it.
-const CacheType kBaseline = {"f32", &teacher_forced<Tpa<float>>};
+const CacheType kBaseline = {"f32", &teacher_forced<Tpa<float>>, {0, 0}};
 const CacheType kCaches[] = {
-    {"bf16", &teacher_forced<Tpa<tpa::bfloat16>>},
-    {"f16", &teacher_forced<Tpa<tpa::half>>},
-    {"int8", &teacher_forced<Tpa<tpa::q8>>},
+    {"bf16", &teacher_forced<Tpa<tpa::bfloat16>>, {0, 0}},
+    {"f16", &teacher_forced<Tpa<tpa::half>>, {0, 0}},
+    {"int8", &teacher_forced<Tpa<tpa::q8>>, {0, 0}},
     // Simulated in an f32 cache (see teacher_forced): int8 with tpa::q8's groups (to compare
     // with the int8 line above) and a 4-bit format, groups of 32 elements.
     {"int8 sim", &teacher_forced<Tpa<float>>, {127, 0}},
