@@ -9,7 +9,14 @@
 //   rel_l2   ‖o − o_f32‖₂ / ‖o_f32‖₂   over all heads and queries
 //   rel_max  max |o − o_f32| / max |o_f32|
 //
-//   cache_accuracy [--contexts 1024,16384,32768]
+// Rows "sim …" are formats simulated in an f32 cache (SimFormat: each factor replaced by what
+// the format stores for it, then the f32 kernels, which accumulate in f32 like the quantized
+// ones, so the row is the format's output error): "sim 4-bit g32" is a 4-bit symmetric format
+// with an f32 scale per 32 elements (no 4-bit cache exists). --ablate adds, per kind, int8 on one
+// factor at a time, int8 with one factor in f32, MSE-chosen scales, and (TPA) finer scale groups
+// for A (per token today) and B (per row today); --kind NAME runs one kind.
+//
+//   cache_accuracy [--contexts 1024,16384,32768] [--kind TPA-KV] [--ablate]
 #include <tpa/tpa.hpp>
 
 #include <algorithm>
@@ -67,6 +74,71 @@ void normal(float* x, std::size_t n, std::uint64_t seed) {
     x[i] = static_cast<float>(r * std::cos(a));
     if (i + 1 < n) x[i + 1] = static_cast<float>(r * std::sin(a));
   }
+}
+
+// A storage format simulated in an f32 cache: every cached element is replaced by the value the
+// format stores for it (quantize, then dequantize), so the f32 kernels, which accumulate in f32
+// as the quantized kernels do, give the format's output exactly. Symmetric round to nearest over
+// groups of one token's factor (row-major [rows, cols]): `group` consecutive elements (0: tpa::q8's
+// rule, a row when rows hold >= tpa::kQ8MinRowCols elements, else the whole factor), q in
+// [-qmax, qmax], scale max|x| / qmax (mse: the scale of {max|x| / qmax · k / 64, k = 32..64} with
+// the least squared error of the group); qmax 0: rounded to f16.
+struct SimFormat {
+  int qmax = 127;
+  Index group = 0;
+  bool mse = false;
+  bool keep = false;  // stored exactly (f32): the factor is left out of the simulation
+};
+
+void sim_group(float* x, Index n, int qmax, bool mse) {
+  float amax = 0.f;
+  for (Index i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  if (amax == 0.f || !std::isfinite(amax)) return;
+  auto err = [&](float scale, bool write) {
+    double e = 0;
+    for (Index i = 0; i < n; ++i) {
+      const float q = std::min<float>(qmax, std::max<float>(-qmax, std::nearbyint(x[i] / scale)));
+      const float y = q * scale;
+      e += static_cast<double>(y - x[i]) * (y - x[i]);
+      if (write) x[i] = y;
+    }
+    return e;
+  };
+  float best = amax / static_cast<float>(qmax);
+  if (mse) {
+    double best_e = err(best, false);
+    for (int k = 32; k < 64; ++k) {
+      const float s = amax / static_cast<float>(qmax) * static_cast<float>(k) / 64.f;
+      const double e = err(s, false);
+      if (e < best_e) best_e = e, best = s;
+    }
+  }
+  err(best, true);
+}
+
+// Bytes per token of factor fs in format fmt (values and f32 scales).
+std::size_t sim_bytes(const tpa::FactorSpec& fs, const SimFormat& fmt) {
+  const Index n = fs.elements();
+  if (fmt.keep) return static_cast<std::size_t>(4 * n);
+  if (fmt.qmax == 0) return static_cast<std::size_t>(2 * n);
+  const Index g = fmt.group > 0 ? std::min(fmt.group, n)
+                                : (fs.cols >= tpa::kQ8MinRowCols ? fs.cols : n);
+  return static_cast<std::size_t>(n * (fmt.qmax > 7 ? 8 : 4) / 8 + 4 * ((n + g - 1) / g));
+}
+
+// Applies format `fmt` to `len` tokens of factor f (spec fs) in place.
+void simulate(const tpa::FactorSpec& fs, const SimFormat& fmt, Index len, float* x) {
+  if (fmt.keep) return;
+  if (fmt.qmax == 0) {  // f16
+    for (Index i = 0; i < len * fs.elements(); ++i) x[i] = static_cast<float>(tpa::half(x[i]));
+    return;
+  }
+  const Index n = fs.elements();
+  const Index g = fmt.group > 0 ? std::min(fmt.group, n)
+                                : (fs.cols >= tpa::kQ8MinRowCols ? fs.cols : n);
+  for (Index t = 0; t < len; ++t)
+    for (Index i = 0; i < n; i += g)
+      sim_group(x + t * n + i, std::min(g, n - i), fmt.qmax, fmt.mse);
 }
 
 // The decode output [kQueries, H, d_v] of case c over `len` tokens `src` stored as S.
@@ -147,7 +219,17 @@ Err compare(const std::vector<float>& o, const std::vector<float>& ref) {
 
 int main(int argc, char** argv) {
   std::vector<Index> contexts = {1024, 16384, 32768};
+  bool ablate = false;
+  std::string only;
   for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--ablate") == 0) {
+      ablate = true;
+      continue;
+    }
+    if (std::strcmp(argv[i], "--kind") == 0 && i + 1 < argc) {
+      only = argv[++i];
+      continue;
+    }
     if (std::strcmp(argv[i], "--contexts") == 0 && i + 1 < argc) {
       contexts.clear();
       std::string s = argv[++i];
@@ -157,7 +239,9 @@ int main(int argc, char** argv) {
         pos = end + 1;
       }
     } else {
-      std::fprintf(stderr, "usage: cache_accuracy [--contexts 1024,16384,32768]\n");
+      std::fprintf(stderr,
+                   "usage: cache_accuracy [--contexts 1024,16384,32768] [--kind NAME] "
+                   "[--ablate]\n");
       return 2;
     }
   }
@@ -168,6 +252,7 @@ int main(int argc, char** argv) {
   std::printf("| kind | context | cache | bytes/token | rel_l2 | rel_max |\n");
   std::printf("|---|---:|---|---:|---:|---:|\n");
   for (const Case& c : kCases) {
+    if (!only.empty() && only != c.name) continue;
     const auto f = factors(c);
     for (Index len : contexts) {
       std::vector<std::vector<float>> src(f.size());
@@ -199,6 +284,50 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "error: non-finite output\n");
           return 1;
         }
+      // Formats simulated in an f32 cache (one SimFormat per factor).
+      auto sim_row = [&](const std::string& name, const std::vector<SimFormat>& fmt) {
+        std::vector<std::vector<float>> s = src;
+        std::size_t bytes = 0, unused = 0;
+        for (std::size_t i = 0; i < f.size(); ++i) {
+          simulate(f[i], fmt[i], len, s[i].data());
+          bytes += sim_bytes(f[i], fmt[i]);
+        }
+        row(name.c_str(), attend<float>(c, len, s, q, &unused), bytes);
+      };
+      const SimFormat i8{}, f32{127, 0, false, true};
+      if (ablate) {
+        sim_row("sim int8", std::vector<SimFormat>(f.size(), i8));
+        for (std::size_t j = 0; j < f.size(); ++j) {
+          std::vector<SimFormat> one(f.size(), f32);
+          one[j] = i8;
+          sim_row("sim int8 " + f[j].name + " only", one);
+        }
+        for (std::size_t j = 0; j < f.size(); ++j) {
+          std::vector<SimFormat> one(f.size(), i8);
+          one[j] = f32;
+          sim_row("sim int8, f32 " + f[j].name, one);
+        }
+        const SimFormat i8_mse{127, 0, true, false};
+        sim_row("sim int8 mse scales", std::vector<SimFormat>(f.size(), i8_mse));
+        if (c.tpa()) {  // A factors [H, R] (groups: elements), B rows [R, d] (groups per row)
+          for (Index ga : {Index{0}, Index{16}, Index{8}, Index{-1}})
+            for (Index gb : {Index{0}, Index{64}, Index{32}}) {
+              if (ga == 0 && gb == 0) continue;
+              std::vector<SimFormat> fx(f.size(), i8);
+              for (std::size_t j = 0; j < f.size(); ++j) {
+                const Index g = f[j].cols < tpa::kQ8MinRowCols ? ga : gb;
+                if (g < 0) fx[j].qmax = 0; else fx[j].group = g;
+              }
+              const std::string a = ga < 0 ? "f16" : ga == 0 ? "token" : "g" + std::to_string(ga);
+              const std::string b = gb == 0 ? "row" : "g" + std::to_string(gb);
+              sim_row("sim int8 A " + a + " B " + b, fx);
+            }
+        }
+        const SimFormat i4_mse{7, 32, true, false};
+        sim_row("sim 4-bit g32 mse", std::vector<SimFormat>(f.size(), i4_mse));
+      }
+      const SimFormat i4{7, 32, false, false};
+      sim_row("sim 4-bit g32", std::vector<SimFormat>(f.size(), i4));
     }
   }
   return 0;

@@ -15,12 +15,17 @@
 //
 //   t6_kl --model tests/data/t6_tiny.safetensors --texts tests/data/t6_tiny_generate.safetensors
 //
-// A cache type is one line of kCaches below.
+// A cache type is one line of kCaches below; "sim" lines are formats simulated in an f32 cache
+// (teacher_forced: after each step the token's factors are replaced by what the format stores;
+// the step itself read them unrounded). --factor-stats first prints, per cached factor, the
+// int8 and 4-bit rounding error of what the model stores next to that of N(0, 1) factors.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "t6_model.hpp"
@@ -36,11 +41,57 @@ struct Run {
   std::size_t bytes_per_token = 0;
 };
 
+/// A storage format simulated in an f32 cache: symmetric round to nearest, q in [−qmax, qmax],
+/// scale max|x| / qmax per group of `group` consecutive elements of one token's factor (row-major
+/// [rows, cols]; 0: tpa::q8's rule, a row when rows hold >= tpa::kQ8MinRowCols elements, else
+/// the whole factor).
+struct SimFormat {
+  int qmax;
+  Index group;
+};
+
+/// Replaces x[0, n) by the values `fmt` stores for them (quantize, then dequantize).
+void simulate(float* x, Index n, Index cols, const SimFormat& fmt) {
+  const Index g =
+      fmt.group > 0 ? std::min(fmt.group, n) : (cols >= tpa::kQ8MinRowCols ? cols : n);
+  for (Index i0 = 0; i0 < n; i0 += g) {
+    const Index m = std::min(g, n - i0);
+    float amax = 0.f;
+    for (Index i = i0; i < i0 + m; ++i) amax = std::max(amax, std::fabs(x[i]));
+    if (amax == 0.f || !std::isfinite(amax)) continue;
+    const float scale = amax / static_cast<float>(fmt.qmax);
+    for (Index i = i0; i < i0 + m; ++i) x[i] = std::nearbyint(x[i] / scale) * scale;
+  }
+}
+
+/// Calls fn(layer, factor, spec, x) with a copy x of token t's factor (row-major [rows, cols]) for
+/// every layer and factor of an f32 cache, and writes x back (the cache owns its blocks
+/// non-const; the view only exposes them read-only).
+template <class Fn>
+void each_factor(tpa::KVCache<float>& cache, const std::vector<tpa::CacheLayout>& layouts,
+                 tpa::SeqId seq, Index t, Fn&& fn) {
+  std::vector<float> x;
+  for (std::size_t l = 0; l < layouts.size(); ++l) {
+    const tpa::SeqView<float> v = cache.view(seq, static_cast<int>(l));
+    for (std::size_t f = 0; f < layouts[l].num_factors(); ++f) {
+      const Index rows = v.rows(f), cols = v.cols(f);
+      x.resize(static_cast<std::size_t>(rows * cols));
+      for (Index r = 0; r < rows; ++r)
+        std::copy_n(v.row_at(f, t, r), cols, x.begin() + r * cols);
+      fn(l, f, layouts[l].factor(f), x.data());
+      for (Index r = 0; r < rows; ++r)
+        std::copy_n(x.begin() + r * cols, cols, const_cast<float*>(v.row_at(f, t, r)));
+    }
+  }
+}
+
 /// Loads the checkpoint as a Model<Attn> (its cache type is Attn::Cache) and feeds every text
-/// through it one token at a time.
+/// through it one token at a time. With `sim` (f32 caches only), after each step the token's
+/// cached factors of every layer are replaced by what format *sim stores for them: later steps
+/// read them in that format (the step itself read its own token's factors in f32).
 template <class Attn>
 Run teacher_forced(const tpa::io::SafetensorsFile& file, const std::vector<Text>& texts,
-                   int threads) {
+                   int threads, const SimFormat* sim = nullptr) {
   t6::ModelConfig<Attn> cfg = t6::checkpoint_config<Attn>(file);
   Index longest = 0;
   for (const Text& t : texts) longest = std::max<Index>(longest, static_cast<Index>(t.size()));
@@ -53,28 +104,137 @@ Run teacher_forced(const tpa::io::SafetensorsFile& file, const std::vector<Text>
     typename Attn::Cache cache(model.cache_layouts(), block, (n + block - 1) / block);
     const tpa::SeqId seq = cache.add_sequence();
     run.logits.emplace_back();
-    for (std::size_t t = 0; t + 1 < text.size(); ++t)
+    for (std::size_t t = 0; t + 1 < text.size(); ++t) {
       run.logits.back().push_back(model.forward(ctx, {text[t]}, cache, seq));
+      if constexpr (std::is_same<typename Attn::Cache, tpa::KVCache<float>>::value) {
+        if (sim != nullptr)
+          each_factor(cache, model.cache_layouts(), seq, static_cast<Index>(t),
+                      [&](std::size_t, std::size_t, const tpa::FactorSpec& fs, float* x) {
+                        simulate(x, fs.elements(), fs.cols, *sim);
+                      });
+      }
+    }
     run.bytes_per_token = cache.bytes_per_token();
+    if (sim != nullptr) {  // what the format would store: values and f32 scales
+      run.bytes_per_token = 0;
+      for (const tpa::CacheLayout& l : model.cache_layouts())
+        for (const tpa::FactorSpec& fs : l.factors()) {
+          const Index n = fs.elements();
+          const Index g = sim->group > 0 ? std::min(sim->group, n)
+                                         : (fs.cols >= tpa::kQ8MinRowCols ? fs.cols : n);
+          const int bits = sim->qmax > 7 ? 8 : 4;
+          run.bytes_per_token += static_cast<std::size_t>(n * bits / 8 + 4 * ((n + g - 1) / g));
+        }
+    }
   }
   return run;
+}
+
+/// Over the factors an f32 run of the model caches for `texts`: per factor (all layers), the
+/// relative RMS error ‖x − sim(x)‖₂ / ‖x‖₂ of int8 (tpa::q8's groups) and 4-bit (groups of 32),
+/// and the same for N(0, 1) factors of the same shapes, to see whether N(0, 1) data is
+/// representative of what the model stores.
+void factor_stats(const tpa::io::SafetensorsFile& file, const std::vector<Text>& texts) {
+  using Attn = tpa::TensorProductAttention<tpa::Native, float>;
+  t6::ModelConfig<Attn> cfg = t6::checkpoint_config<Attn>(file);
+  Index longest = 0;
+  for (const Text& t : texts) longest = std::max<Index>(longest, static_cast<Index>(t.size()));
+  cfg.attn.rope.max_positions = std::max(cfg.attn.rope.max_positions, longest);
+  const t6::Model<Attn> model(cfg, t6::Model<Attn>::load_weights(file, cfg));
+  const auto layouts = model.cache_layouts();
+  const SimFormat formats[2] = {{127, 0}, {7, 32}};
+  struct Acc {
+    double x2 = 0, e2[2] = {0, 0}, n2 = 0, ne2[2] = {0, 0}, crest = 0, ncrest = 0;
+    Index groups = 0;
+  };
+  std::vector<Acc> acc(layouts[0].num_factors());
+  std::uint64_t rng = 0x9E3779B97F4A7C15ull;
+  auto normal = [&] {  // Box–Muller over xorshift64*
+    auto u = [&] {
+      rng ^= rng >> 12, rng ^= rng << 25, rng ^= rng >> 27;
+      return (static_cast<double>((rng * 0x2545F4914F6CDD1Dull) >> 11) + 0.5) * 0x1.0p-53;
+    };
+    return static_cast<float>(std::sqrt(-2 * std::log(u())) * std::cos(6.283185307179586 * u()));
+  };
+  tpa::Context ctx(1);
+  for (const Text& text : texts) {
+    const Index block = 16, n = static_cast<Index>(text.size());
+    tpa::KVCache<float> cache(layouts, block, (n + block - 1) / block);
+    const tpa::SeqId seq = cache.add_sequence();
+    for (std::size_t t = 0; t + 1 < text.size(); ++t) {
+      model.forward(ctx, {text[t]}, cache, seq);
+      each_factor(cache, layouts, seq, static_cast<Index>(t),
+                  [&](std::size_t, std::size_t f, const tpa::FactorSpec& fs, float* x) {
+                    Acc& a = acc[f];
+                    const Index m = fs.elements();
+                    std::vector<float> g(x, x + m), y(static_cast<std::size_t>(m));
+                    for (float& v : y) v = normal();
+                    // crest factor max|x| / rms per int8 scale group
+                    const Index gs = fs.cols >= tpa::kQ8MinRowCols ? fs.cols : m;
+                    auto crest = [&](const float* z, Index i0) {
+                      double s2 = 0, mx = 0;
+                      for (Index i = i0; i < i0 + gs; ++i) {
+                        s2 += static_cast<double>(z[i]) * z[i];
+                        mx = std::max(mx, static_cast<double>(std::fabs(z[i])));
+                      }
+                      return s2 > 0 ? mx / std::sqrt(s2 / static_cast<double>(gs)) : 0.0;
+                    };
+                    for (Index i0 = 0; i0 < m; i0 += gs) {
+                      a.crest += crest(x, i0);
+                      a.ncrest += crest(y.data(), i0);
+                      ++a.groups;
+                    }
+                    for (Index i = 0; i < m; ++i) {
+                      a.x2 += static_cast<double>(x[i]) * x[i];
+                      a.n2 += static_cast<double>(y[i]) * y[i];
+                    }
+                    for (int k = 0; k < 2; ++k) {
+                      std::vector<float> gx = g, gy = y;
+                      simulate(gx.data(), m, fs.cols, formats[k]);
+                      simulate(gy.data(), m, fs.cols, formats[k]);
+                      for (Index i = 0; i < m; ++i) {
+                        a.e2[k] += static_cast<double>(gx[i] - g[i]) * (gx[i] - g[i]);
+                        a.ne2[k] += static_cast<double>(gy[i] - y[i]) * (gy[i] - y[i]);
+                      }
+                    }
+                  });
+    }
+  }
+  std::printf("factor stored by the model (all layers) vs N(0,1) of the same shape: relative RMS "
+              "error of int8 (q8 groups) and 4-bit (groups of 32); mean max|x|/rms per int8 "
+              "group\n");
+  std::printf("%-6s %10s %10s %10s %10s %10s %10s\n", "factor", "int8", "int8 N01", "4-bit",
+              "4-bit N01", "crest", "crest N01");
+  for (std::size_t f = 0; f < acc.size(); ++f) {
+    const Acc& a = acc[f];
+    std::printf("%-6s %10.2e %10.2e %10.2e %10.2e %10.2f %10.2f\n",
+                layouts[0].factor(f).name.c_str(), std::sqrt(a.e2[0] / a.x2),
+                std::sqrt(a.ne2[0] / a.n2), std::sqrt(a.e2[1] / a.x2), std::sqrt(a.ne2[1] / a.n2),
+                a.crest / static_cast<double>(a.groups), a.ncrest / static_cast<double>(a.groups));
+  }
+  std::printf("\n");
 }
 
 /// A KV cache type to compare with f32: its name and the run of a model with it.
 struct CacheType {
   const char* name;
-  Run (*run)(const tpa::io::SafetensorsFile&, const std::vector<Text>&, int);
+  Run (*run)(const tpa::io::SafetensorsFile&, const std::vector<Text>&, int, const SimFormat*);
+  SimFormat sim = {0, 0};  // qmax > 0: a format simulated in an f32 cache
 };
 
 template <class CacheScalar>
 using Tpa = tpa::TensorProductAttention<tpa::Native, CacheScalar>;
 
 // The baseline, and one line per cache type measured against it.
-const CacheType kBaseline = {"f32", &teacher_forced<Tpa<float>>};
+const CacheType kBaseline = {"f32", &teacher_forced<Tpa<float>>, {0, 0}};
 const CacheType kCaches[] = {
-    {"bf16", &teacher_forced<Tpa<tpa::bfloat16>>},
-    {"f16", &teacher_forced<Tpa<tpa::half>>},
-    {"int8", &teacher_forced<Tpa<tpa::q8>>},
+    {"bf16", &teacher_forced<Tpa<tpa::bfloat16>>, {0, 0}},
+    {"f16", &teacher_forced<Tpa<tpa::half>>, {0, 0}},
+    {"int8", &teacher_forced<Tpa<tpa::q8>>, {0, 0}},
+    // Simulated in an f32 cache (see teacher_forced): int8 with tpa::q8's groups (to compare
+    // with the int8 line above) and a 4-bit format, groups of 32 elements.
+    {"int8 sim", &teacher_forced<Tpa<float>>, {127, 0}},
+    {"4-bit g32 sim", &teacher_forced<Tpa<float>>, {7, 32}},
 };
 
 /// log softmax of v, in double.
@@ -119,7 +279,8 @@ const char* kUsage =
     "  --model PATH    model/T6.py checkpoint, config in its __metadata__\n"
     "  --texts PATH    safetensors file of promptK.ids + promptK.generated token ids\n"
     "  --text STRING   a text of the string's bytes (repeatable)\n"
-    "  --threads T     threads (1)\n";
+    "  --threads T     threads (1)\n"
+    "  --factor-stats  also print the int8 and 4-bit rounding error of the cached factors\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
   std::fprintf(stderr, "t6_kl: %s\n%s", msg.c_str(), kUsage);
@@ -130,11 +291,16 @@ int run(int argc, char** argv) {
   std::string model, texts_path;
   std::vector<std::string> strings;
   int threads = 1;
+  bool stats = false;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
       std::printf("%s", kUsage);
       return 0;
+    }
+    if (flag == "--factor-stats") {
+      stats = true;
+      continue;
     }
     if (i + 1 >= argc) usage_error("missing value after " + flag);
     const std::string v = argv[++i];
@@ -168,7 +334,8 @@ int run(int argc, char** argv) {
   Index positions = 0;
   for (const Text& t : texts) positions += static_cast<Index>(t.size()) - 1;
 
-  const Run base = kBaseline.run(file, texts, threads);
+  if (stats) factor_stats(file, texts);
+  const Run base = kBaseline.run(file, texts, threads, nullptr);
   // Mean NLL of the text's next tokens under a run.
   const auto nll = [&](const Run& r) {
     double sum = 0;
@@ -180,12 +347,12 @@ int run(int argc, char** argv) {
   std::printf("%s: %zu texts, %ld next-token positions, teacher forced, backend %s, %d thread%s\n",
               model.c_str(), texts.size(), static_cast<long>(positions), tpa::Native::name, threads,
               threads == 1 ? "" : "s");
-  std::printf("%-6s %9s %12s %12s %14s %12s\n", "cache", "bytes/tok", "mean KL", "max KL",
+  std::printf("%-13s %9s %12s %12s %14s %12s\n", "cache", "bytes/tok", "mean KL", "max KL",
               "top-1 agree", "NLL/token");
-  std::printf("%-6s %9zu %12s %12s %14s %12.6f\n", kBaseline.name, base.bytes_per_token, "-", "-",
+  std::printf("%-13s %9zu %12s %12s %14s %12.6f\n", kBaseline.name, base.bytes_per_token, "-", "-",
               "-", nll(base));
   for (const CacheType& c : kCaches) {
-    const Run r = c.run(file, texts, threads);
+    const Run r = c.run(file, texts, threads, c.sim.qmax > 0 ? &c.sim : nullptr);
     double kl_sum = 0, kl_max = 0;
     Index agree = 0;
     for (std::size_t k = 0; k < texts.size(); ++k) {
@@ -199,7 +366,7 @@ int run(int argc, char** argv) {
         agree += t6::Sampler::argmax(base.logits[k][t]) == t6::Sampler::argmax(r.logits[k][t]);
       }
     }
-    std::printf("%-6s %9zu %12.3e %12.3e %7ld / %-4ld %12.6f\n", c.name, r.bytes_per_token,
+    std::printf("%-13s %9zu %12.3e %12.3e %7ld / %-4ld %12.6f\n", c.name, r.bytes_per_token,
                 kl_sum / static_cast<double>(positions), kl_max, static_cast<long>(agree),
                 static_cast<long>(positions), nll(r));
   }
