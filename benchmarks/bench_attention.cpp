@@ -16,7 +16,9 @@
 //                                   output projection) for B sequences holding L tokens, in
 //                                   layer 0 of a cache whose blocks are ≥ 2 MiB like a whole
 //                                   model's (see cache_layers())
-//   decode_bf16/..., decode_f16/... the same with a bfloat16 / half cache (batch 1, 2 threads)
+//   decode_bf16/..., decode_f16/..., decode_int8/...
+//                                   the same with a bfloat16 / half / int8 (tpa::q8) cache (batch 1,
+//                                   2 threads)
 //   prefill/SHAPE/KIND/tokens:N/threads:T
 //                                   one layer's call on an N-token prompt (empty sequence)
 //   mixed/SHAPE/KIND/ragged|separate/threads:T
@@ -46,7 +48,7 @@
 //   speedup_vs_mha    MHA time / this kind's time, same shape, cache scalar, context, batch and
 //                     threads
 //   speedup_vs_eigen  Eigen baseline time / library time, same kind and case
-//   speedup_vs_f32    16-bit decode: the f32 cache's time / this one's, same kind and case
+//   speedup_vs_f32    16-bit and int8 decode: the f32 cache's time / this one's, same kind and case
 //   fixed_us          decode: the same call with one visible key per sequence (projections,
 //                     append, overhead), measured once per kind, batch and threads
 //   attn_us, attn_pct_roofline
@@ -483,7 +485,7 @@ double fixed_step_seconds(const AnyLayer& l, const DecodeCase& c, tpa::Context& 
   return results()[key] = times[times.size() / 2];
 }
 
-/// "decode" for an f32 cache, "decode_bf16" and "decode_f16" for 16-bit ones.
+/// "decode" for an f32 cache, "decode_bf16", "decode_f16" and "decode_int8" for the others.
 template <class S>
 std::string decode_name() {
   return std::is_same_v<S, float> ? std::string("decode") : std::string("decode_") + scalar_name<S>();
@@ -756,7 +758,8 @@ void register_all() {
               benchmark::RegisterBenchmark(name.c_str(), eigen ? decode_eigen : decode<float>, c)
                   ->UseRealTime()
                   ->Unit(benchmark::kMicrosecond);
-              // 16-bit caches at batch 1 and 2 threads (half the bytes of the f32 case).
+              // 16-bit and int8 caches at batch 1 and 2 threads (half and about a quarter of
+              // the f32 case's bytes).
               if (eigen || batch != 1 || t != 2) continue;
               benchmark::RegisterBenchmark(case_key(c, "decode_bf16", k).c_str(),
                                            decode<tpa::bfloat16>, c)
@@ -764,6 +767,10 @@ void register_all() {
                   ->Unit(benchmark::kMicrosecond);
               benchmark::RegisterBenchmark(case_key(c, "decode_f16", k).c_str(),
                                            decode<tpa::half>, c)
+                  ->UseRealTime()
+                  ->Unit(benchmark::kMicrosecond);
+              benchmark::RegisterBenchmark(case_key(c, "decode_int8", k).c_str(),
+                                           decode<tpa::q8>, c)
                   ->UseRealTime()
                   ->Unit(benchmark::kMicrosecond);
             }

@@ -205,8 +205,8 @@ class AnyLayer {
   virtual Index d_model() const = 0;
   virtual Index n_heads() const = 0;
 
-  /// One decode step: row b of x [B, D] is the next token of seqs[b]. 16-bit caches go to a
-  /// copy of the layer (same weights) built on first use.
+  /// One decode step: row b of x [B, D] is the next token of seqs[b]. 16-bit and int8 caches go
+  /// to a copy of the layer (same weights) built on first use.
   virtual void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
                       tpa::KVCache<float>& cache, const std::vector<tpa::SeqId>& seqs) const = 0;
   virtual void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
@@ -214,6 +214,8 @@ class AnyLayer {
                       const std::vector<tpa::SeqId>& seqs) const = 0;
   virtual void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
                       tpa::KVCache<tpa::half>& cache, const std::vector<tpa::SeqId>& seqs) const = 0;
+  virtual void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
+                      tpa::KVCache<tpa::q8>& cache, const std::vector<tpa::SeqId>& seqs) const = 0;
   /// Appends x [n, D] to `seq` (prefill / chunked prefill).
   virtual void forward(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
                        tpa::KVCache<float>& cache, tpa::SeqId seq) const = 0;
@@ -278,6 +280,10 @@ class LayerOf : public AnyLayer {
               tpa::KVCache<tpa::half>& cache, const std::vector<tpa::SeqId>& seqs) const override {
     with_cache(f16_).decode(ctx, x, y, cache, 0, seqs);
   }
+  void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,
+              tpa::KVCache<tpa::q8>& cache, const std::vector<tpa::SeqId>& seqs) const override {
+    with_cache(q8_).decode(ctx, x, y, cache, 0, seqs);
+  }
 
   tpa::CacheLayout cache_layout() const override { return layer_.cache_layout(); }
   Index d_model() const override { return cfg().d_model; }
@@ -311,6 +317,7 @@ class LayerOf : public AnyLayer {
   }
   mutable std::unique_ptr<Layer<tpa::bfloat16>> bf16_;
   mutable std::unique_ptr<Layer<tpa::half>> f16_;
+  mutable std::unique_ptr<Layer<tpa::q8>> q8_;
 };
 
 // ---- MHA / GQA / MQA ----

@@ -124,21 +124,23 @@ awk -v shape="$shape" -v batch="$batch" -v threads="$threads" -v table_ctx="$tab
              get(d, "speedup_vs_eigen", "%.2f×", 1),
              roofline(d)) > table
     }
-    # 16-bit caches beside f32, where the run has them.
+    # 16-bit and int8 caches beside f32, where the run has them.
     any16 = 0
+    split("bf16 f16 int8", narrow, " ")
     for (i = 1; i <= nk; ++i)
-      for (st = 1; st <= 2; ++st)
-        if (has["decode_" (st == 1 ? "bf16" : "f16") "/" shape "/" kinds[i] "/ctx:" table_ctx \
+      for (st = 1; st <= 3; ++st)
+        if (has["decode_" narrow[st] "/" shape "/" kinds[i] "/ctx:" table_ctx \
                 "/batch:" batch "/threads:" threads, "us_per_step"]) any16 = 1
     if (any16) {
-      printf("\nDecode with 16-bit caches (same case; speed-up vs f32 is the f32 row'"'"'s time / " \
-             "this one'"'"'s, ideally 2× where the step is bound by reading the cache)\n\n") > table
+      printf("\nDecode with 16-bit and int8 caches (same case; speed-up vs f32 is the f32 " \
+             "row'"'"'s time / this one'"'"'s, ideally 2× (16-bit) and ≈ 3.9× (int8) where the " \
+             "step is bound by reading the cache)\n\n") > table
       printf("| kind | cache | bytes/token/layer | decode µs/step @%s | speed-up vs f32 | " \
              "speed-up vs MHA | %% of roofline |\n", ctx_label(table_ctx)) > table
       printf("|---|---|---:|---:|---:|---:|---:|\n") > table
       for (i = 1; i <= nk; ++i) {
-        for (st = 1; st <= 2; ++st) {
-          sn = st == 1 ? "bf16" : "f16"
+        for (st = 1; st <= 3; ++st) {
+          sn = narrow[st]
           d = "decode_" sn "/" shape "/" kinds[i] "/ctx:" table_ctx "/batch:" batch \
               "/threads:" threads
           if (!has[d, "us_per_step"]) continue

@@ -30,7 +30,7 @@ cmake --build --preset release --parallel "$jobs" --target bench_attention
 
 filter='^(probe(_end)?/(read_bw|read_bw_4k_pages|fma_peak)/threads:2/|cache_size/llama/'
 filter+='|decode/llama/[^/]+/ctx:[0-9]+/batch:1/threads:2/'
-filter+='|decode_(bf16|f16)/llama/[^/]+/ctx:16384/batch:1/threads:2/'
+filter+='|decode_(bf16|f16|int8)/llama/[^/]+/ctx:16384/batch:1/threads:2/'
 filter+='|decode_eigen/llama/[^/]+/ctx:16384/batch:1/threads:2/'
 filter+='|mixed/llama/(GQA|TPA)/[^/]+/threads:2/|fork_memory/llama/)'
 
