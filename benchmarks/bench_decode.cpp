@@ -3,7 +3,7 @@
 // roofline (bench_common.hpp probes). Complements bench_attention, which times whole layer calls.
 //
 // Benchmarks: decode_kernel/KIND/cache:C/ctx:L/pages:P/threads:T, one decode step (batch 1) over
-// a context of L tokens, LLaMA shape (H = 32 query heads, d = 128):
+// a context of L tokens (16K; TPA and TPA-KV also 64K), LLaMA shape (H = 32 query heads, d = 128):
 //   MHA  G = 32        GQA8  G = 8        MQA  G = 1
 //   MLA  G = 1, keys 512 + 64 (c_kv, k_pe), value = the 512-part (absorbed decode)
 //   TPA  R_Q = 6, R_K = R_V = 2 (the T6 ranks): factors A_K, B_K, A_V, B_V (FlashTPA kernel)
@@ -531,6 +531,14 @@ void register_all() {
           ->Unit(benchmark::kMillisecond)
           ->MinTime(1.0);
     }
+  // TPA and TPA-KV also at 64K tokens (2 MiB pages, 2 threads): their compute-bound steps.
+  for (std::size_t c = 0; c < std::size(kCases); ++c) {
+    if (!kCases[c].tpa()) continue;
+    register_scalar<float>(c, 65536, true, 2);
+    register_scalar<tpa::bfloat16>(c, 65536, true, 2);
+    register_scalar<tpa::q8>(c, 65536, true, 2);
+    register_scalar<tpa::half>(c, 65536, true, 2);
+  }
   // L2-resident: ≈ 1 MiB of f32 cache per thread, a whole number of blocks; only the kinds with
   // enough FLOPs per cached byte for arithmetic to matter (MQA, MLA, TPA: G ≤ 1).
   for (std::size_t c = 0; c < std::size(kCases); ++c) {

@@ -213,14 +213,16 @@ template <class B>
 class TpaKernel : public ::testing::Test {};
 TYPED_TEST_SUITE(TpaKernel, Backends, BackendName);
 
-// Head dims 40/64/72/128 × heads 1/5/32/47 × ranks (factored with R_Q 1–8, R_K ≠ R_V, and the
-// full query); decode (203 keys) and 13 queries at q_pos0 = 104; blocks of 24 tokens (not a
-// multiple of any tile, several blocks); the single-call entry, 1 thread and 2 threads.
+// Head dims 40/64/72/128 × heads 1/5/32/47 × ranks (factored with R_Q 1–8 and 12, R_K ≠ R_V,
+// and the full query); decode (203 keys) and 13 queries at q_pos0 = 104; blocks of 24 tokens
+// (not a multiple of any tile, several blocks); the single-call entry, 1 thread and 2 threads.
+// R_Q 12 takes the rank-mixing loop that reloads A_Qᵀ with 32 heads and, with AVX-512, the one
+// that keeps it in registers with 5 heads (TpaTiled::scores).
 TYPED_TEST(TpaKernel, HeadDimsHeadsRanksFloat) {
   using B = TypeParam;
-  const Shape ranks[] = {{1, 0, 1, 1, 1},  {5, 0, 6, 2, 2},  {32, 0, 6, 2, 2},
-                         {47, 0, 3, 5, 8}, {5, 0, 8, 8, 3},  {5, 0, 1, 3, 1},
-                         {32, 0, 0, 2, 2}, {47, 0, 0, 7, 4}, {1, 0, 0, 4, 6}};
+  const Shape ranks[] = {{1, 0, 1, 1, 1}, {5, 0, 6, 2, 2},   {32, 0, 6, 2, 2}, {47, 0, 3, 5, 8},
+                         {5, 0, 8, 8, 3}, {5, 0, 1, 3, 1},   {32, 0, 0, 2, 2}, {47, 0, 0, 7, 4},
+                         {1, 0, 0, 4, 6}, {32, 0, 12, 2, 2}, {5, 0, 12, 3, 2}};
   for (Index d : {40, 64, 72, 128}) {
     for (Shape sh : ranks) {
       sh.head_dim = d;

@@ -68,8 +68,10 @@ namespace detail {
 ///     factor per head and tile (applied in 3), one vector exp per token and head vector, and
 ///     the value weights W [T, R_V, H_pad] = P ⊙ A_V(t)[:, s];
 ///  3. acc [H, d] = acc·alpha + Wᵀ [H × (T·R_V)] · B_V [(T·R_V) × d], B_V rows read in place
-///     from the cache (or widened once per tile for 16-bit storage / d not a multiple of W):
-///     a register-blocked kPvRows × kPvCols product, B_V column blocks outer so they stay in L1.
+///     from the cache (16-bit or int8 storage, or d not a multiple of W: widened once per
+///     element into workspace, in decode by the first row block of each column block as it
+///     multiplies, in prefill by a pass before the tile's queries): a register-blocked
+///     kPvRows × kPvCols product, B_V column blocks outer so they stay in L1.
 ///     Tokens past a query's causal limit (diagonal tiles of prefill) are never read.
 /// Everything accumulates in f32. While a tile computes, the next tile's factors are prefetched
 /// into L2 a few lines per micro-kernel call (RowPrefetch). A software prefetch that misses the
@@ -89,14 +91,25 @@ namespace detail {
 /// T6-like shape (H = 32, d = 128, R_Q = 6, R_K = R_V = 2, f32): 2560 B and ≈ 20.7 KFLOP per
 /// token; at 16K tokens 41.9 MB and 0.34 GFLOP, i.e. 1.32 ms at 31.8 GB/s against 0.72 ms at
 /// 470 GFLOP/s (2-core Xeon, AVX-512): memory-bound, but only by 1.8×, so the cores must run FMAs
-/// at more than half their peak while the cache streams in. Measured on a 2-core Zen 5 (AVX-512,
-/// 228 GFLOP/s per core; rdtsc around each stage): ≈ 150 ns per token on one core with the
-/// factors in L2 (57% of the FMA peak): the value micro-GEMM ≈ 58% of the time at ≈ 80% of the
-/// peak, B_Q·B_K ≈ 21% (≈ 40%: its shuffle-tree reductions), scores ≈ 10%, softmax ≈ 10%;
-/// ≈ 185 ns streaming from DRAM on one core and ≈ 190 ns per token and core on two (16K tokens:
-/// 1.56 ms). Without the software prefetches the streaming step is 25–33% slower (and the
-/// L2-resident one 5–9% faster): they are spread evenly over the previous tile (bursts and longer
-/// distances measured slower), and memory and compute overlap only partly.
+/// at more than half their peak while the cache streams in. On a 2-core Zen 4 (AVX-512, one
+/// 512-bit FMA per cycle, ≈ 117 GFLOP/s per core, ≈ 61 GB/s) the step is compute-bound instead:
+/// 0.69 ms of bytes against 1.43 ms of FMAs at 16K.
+/// The multiply-adds executed match the model for this shape: B_Q·B_K once per token for all
+/// heads (never per head), no padded heads or dims (H and d multiples of W), the ranks in the
+/// broadcast and reduction dimensions (never in lanes). What the model leaves out is the work
+/// beside the FMAs: a shuffle tree per 16 dots of B_Q·B_K (lane_reduce: 30 shuffles, 15 adds
+/// per 128 FMAs), one vector exp per token and 16 heads, the de-interleaving loads of A_K, A_V.
+/// Stage split measured with rdtsc around each stage (Zen 4, one core, factors in L2, best of
+/// 300 steps of 384 tokens, 2026-12-06; f32 at 71% of the FMA peak, 243–248 ns per token):
+/// value micro-GEMM 61% of the time (at ≈ 92% of the peak), B_Q·B_K 18% (≈ 58%), rank mixing
+/// 7% (≈ 47%), softmax 11%, page touches, prologue and epilogue 2.5%. bf16 (B_V widened in the
+/// value product, 227–233 ns per token): value product 68% (incl. the widening), B_Q·B_K 18%,
+/// mixing 6%, softmax 7%. Streaming 16K tokens from DRAM on 2 MiB pages adds ≈ 9% per token on
+/// one core (bench_decode threads:1, 58.6% of the peak against 63.8% in L2): memory overlaps
+/// mostly; the rest of the gap to the peak is the non-FMA work above. Without the software
+/// prefetches the streaming step was 25–33% slower on a Zen 5 (and the L2-resident one 5–9%
+/// faster): they are spread evenly over the previous tile (bursts and longer distances measured
+/// slower).
 /// Rows (queries × heads) per pass of TpaTiled (TpaTiled::kRowCap); see kGroupedRowCap.
 constexpr Index kTpaRowCap = 128;
 
@@ -349,7 +362,8 @@ class TpaTiled {
     const Index rows = (ie - ib) * H, skip = (i_first - ib) * H, nr = rows - skip;
     const Index nq = ie - i_first;
     // The next tile is prefetched a few lines at each step of the loops below.
-    const Index per_token = 2 * ((H_pad / kW + kChunkVecs - 1) / kChunkVecs);
+    const Index per_token =
+        (H_pad / kW + kChunkVecs - 1) / kChunkVecs + (H_pad / kW + kScoreVecs - 1) / kScoreVecs;
     const Index points =
         (RQ > 0 ? nq * RK * ((n + kW / 2 - 1) / (kW / 2))
                 : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
@@ -388,13 +402,17 @@ class TpaTiled {
       v_ld = ld_bv;
       v_sd = d;
     }
-    if (sh.pack_v) {
+    // One query reads the tile (decode): its value product widens B_V as it goes (pv(), VSource).
+    const bool fuse_pack = sh.pack_v && ie - i_first == 1;
+    if (sh.pack_v && !fuse_pack) {
       for (Index t = 0; t < n; ++t)
         for (Index s = 0; s < RV; ++s)
           for (Index c = 0; c < sh.d_pad; c += kW)
             Ops::store(
                 b.bvp + (t * RV + s) * sh.d_pad + c,
                 Ops::template load_widen<S>(bv + t * ld_bv + s * d + c, std::min(kW, d - c)));
+    }
+    if (sh.pack_v) {
       vt = b.bvp;
       v_ld = RV * sh.d_pad;
       v_sd = sh.d_pad;
@@ -419,7 +437,7 @@ class TpaTiled {
               scale_lanes(b.c + (s * RQ + r) * kT, 1, p.kv.scales(p.b_k_factor, blk, s) + off,
                           count);
         }
-        for_chunks(H_pad / kW, [&](Index v0, auto nv) {
+        for_chunks<kScoreVecs>(H_pad / kW, [&](Index v0, auto nv) {
           scores<decltype(nv)::value>(b.aq + qi * RQ * H_pad + v0 * kW, sh, b.c, ak, v0 * kW, count,
                                       st + v0 * kW, next, per_call);
         });
@@ -465,8 +483,10 @@ class TpaTiled {
           }
         }
       }
+      VSource vs;
+      if (fuse_pack) vs = VSource{bv + lo * ld_bv, ld_bv, d, d, b.bvp + lo * v_ld};
       pv(w, 1, H_pad, RV * H_pad, alpha, vt + lo * v_ld, v_ld, v_sd, count - lo, RV,
-         b.acc + qi * H * sh.d_pad, sh.d_pad, H, next, per_call);
+         b.acc + qi * H * sh.d_pad, sh.d_pad, H, next, per_call, vs);
     }
     next.issue(next.pending());
   }
@@ -493,11 +513,12 @@ class TpaTiled {
   static constexpr Index kTokGroup = 4;
 
   // f(v0, integral_constant<int, k>) for the chunks [v0, v0 + k) of nvec head vectors, k ≤
-  // kChunkVecs.
-  template <class F>
+  // kMax ≤ kChunkVecs.
+  template <Index kMax = kChunkVecs, class F>
   static void for_chunks(Index nvec, F&& f) {
-    for (Index v0 = 0; v0 < nvec; v0 += kChunkVecs) {
-      const Index k = std::min(kChunkVecs, nvec - v0);
+    static_assert(kMax >= 1 && kMax <= kChunkVecs, "TpaTiled::for_chunks: chunk size");
+    for (Index v0 = 0; v0 < nvec; v0 += kMax) {
+      const Index k = std::min(kMax, nvec - v0);
       if (k == 4)
         f(v0, std::integral_constant<int, 4>{});
       else if (k == 3)
@@ -510,9 +531,17 @@ class TpaTiled {
   }
   static_assert(kChunkVecs == 4, "TpaTiled::for_chunks dispatches chunks of up to 4 vectors");
 
+  // scores() keeps a chunk's A_Qᵀ vectors (ranks × head vectors, up to kScoreRegs of them) in
+  // registers over the tile: chunks of kScoreVecs head vectors, half the register file (AVX-512:
+  // 32 registers, 2 head vectors × up to 8 ranks; 16 registers: 1 × 8). More ranks reload them
+  // per token and rank.
+  static constexpr Index kScoreVecs = kW >= 16 ? 2 : 1;
+  static constexpr Index kScoreRegs = kW >= 16 ? 16 : 8;
+
   // Heads h0 … h0 + NV·kW − 1 (at least one per vector), tokens t < count of one query:
   // st[t·H_pad + lane] = Σ_s A_K(t)[h, s] · Σ_r c[(s·RQ + r)·kT + t] · aq[r·H_pad + lane]
   // (st, aq at the chunk's first head; ak = the tile's first A_K row). Padded heads get 0.
+  // Both forms sum in the same order (r, then s, ascending), so their results are identical.
   template <int NV>
   static void scores(const float* aq, const Shape& sh, const float* c, const S* ak, Index h0,
                      Index count, float* st, TilePrefetch& pf, Index per_call) {
@@ -520,6 +549,43 @@ class TpaTiled {
     Index nh[NV];
     TPA_UNROLL
     for (int v = 0; v < NV; ++v) nh[v] = std::min(kW, H - h0 - v * kW);
+    constexpr int NR = static_cast<int>(kScoreRegs) / NV;
+    if (RQ <= NR) {
+      V aqr[NR][NV];
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        TPA_UNROLL
+        for (int v = 0; v < NV; ++v)
+          aqr[r][v] = r < RQ ? Ops::load(aq + r * H_pad + v * kW) : Ops::zero();
+      }
+      for (Index t = 0; t < count; ++t) {
+        if (t % kTokGroup == 0) pf.issue(per_call);
+        const S* row = ak + t * ld + h0 * RK;
+        V sc[NV];
+        TPA_UNROLL
+        for (int v = 0; v < NV; ++v) sc[v] = Ops::zero();
+        for (Index s = 0; s < RK; ++s) {
+          V u[NV];
+          TPA_UNROLL
+          for (int v = 0; v < NV; ++v) u[v] = Ops::zero();
+          const float* cs = c + s * RQ * kT + t;
+          TPA_UNROLL
+          for (int r = 0; r < NR; ++r) {
+            if (r >= RQ) break;
+            const V cb = Ops::set1(cs[r * kT]);
+            TPA_UNROLL
+            for (int v = 0; v < NV; ++v) u[v] = Ops::fmadd(cb, aqr[r][v], u[v]);
+          }
+          TPA_UNROLL
+          for (int v = 0; v < NV; ++v)
+            sc[v] = Ops::fmadd(Ops::template load_strided<S>(row + v * kW * RK + s, RK, nh[v]),
+                               u[v], sc[v]);
+        }
+        TPA_UNROLL
+        for (int v = 0; v < NV; ++v) Ops::store(st + t * H_pad + v * kW, sc[v]);
+      }
+      return;
+    }
     for (Index t = 0; t < count; ++t) {
       if (t % kTokGroup == 0) pf.issue(per_call);
       const S* row = ak + t * ld + h0 * RK;
@@ -752,12 +818,24 @@ class TpaTiled {
     }
   }
 
+  // B_V rows as cached (storage scalar S), for pv() to widen while it multiplies: row (t, s) at
+  // src + t·ld + s·sd, d elements, widened into dst (pv()'s v, writable). src null: the f32 rows
+  // pv() reads are ready.
+  struct VSource {
+    const S* src = nullptr;
+    Index ld = 0, sd = 0, d = 0;
+    float* dst = nullptr;
+  };
+
   // acc [nr, acc_ld] = acc · alpha (per row) + W · B_V: weight (row r, rank s, token t) at
   // w + r·w_r + s·w_s + t·w_t, B_V row (t, s) at v + t·v_ld + s·v_sd; n tokens, acc_ld / kW
-  // vectors per row. Column blocks outer: a B_V column block stays in L1.
+  // vectors per row. Column blocks outer: a B_V column block stays in L1. With vs.src set, v
+  // (= vs.dst) is written, not read, by each column block's first row block: it widens the
+  // cached rows in registers (once per element) and stores them for the other row blocks.
   static void pv(const float* w, Index w_r, Index w_s, Index w_t, const float* alpha,
                  const float* v, Index v_ld, Index v_sd, Index n, Index RV, float* acc,
-                 Index acc_ld, Index nr, TilePrefetch& pf, Index per_call) {
+                 Index acc_ld, Index nr, TilePrefetch& pf, Index per_call,
+                 const VSource& vs = VSource{}) {
     constexpr Index R = kPvRows, C = kPvCols;
     const Index nvec = acc_ld / kW;
     const Strides st{w_r, w_s, w_t, v_ld, v_sd, n, RV, acc_ld};
@@ -765,9 +843,19 @@ class TpaTiled {
       const Index nc = std::min(C, nvec - c);
       for (Index r = 0; r < nr; r += R) {
         pf.issue(per_call);
-        pv_dispatch<static_cast<int>(R), static_cast<int>(C)>(std::min(R, nr - r), nc, w + r * w_r,
-                                                              alpha + r, v + c * kW,
-                                                              acc + r * acc_ld + c * kW, st);
+        if (r == 0 && vs.src != nullptr) {
+          VSource part = vs;
+          part.src += c * kW;
+          part.d -= c * kW;
+          part.dst += c * kW;
+          pv_dispatch<static_cast<int>(R), static_cast<int>(C), true>(
+              std::min(R, nr - r), nc, w + r * w_r, alpha + r, v + c * kW,
+              acc + r * acc_ld + c * kW, st, part);
+        } else {
+          pv_dispatch<static_cast<int>(R), static_cast<int>(C), false>(
+              std::min(R, nr - r), nc, w + r * w_r, alpha + r, v + c * kW,
+              acc + r * acc_ld + c * kW, st, vs);
+        }
       }
     }
   }
@@ -776,23 +864,25 @@ class TpaTiled {
     Index w_r, w_s, w_t, v_ld, v_sd, n, RV, acc_ld;
   };
 
-  // pv_block<nr', nc'> for nr' ≤ NR, nc' ≤ NC given at run time.
-  template <int NR, int NC>
+  // pv_block<nr', nc', kPack> for nr' ≤ NR, nc' ≤ NC given at run time.
+  template <int NR, int NC, bool kPack>
   static void pv_dispatch(Index nr, Index nc, const float* w, const float* alpha, const float* v,
-                          float* acc, const Strides& st) {
+                          float* acc, const Strides& st, const VSource& vs) {
     if constexpr (NR > 0 && NC > 0) {
       if (nr < NR)
-        pv_dispatch<NR - 1, NC>(nr, nc, w, alpha, v, acc, st);
+        pv_dispatch<NR - 1, NC, kPack>(nr, nc, w, alpha, v, acc, st, vs);
       else if (nc < NC)
-        pv_dispatch<NR, NC - 1>(nr, nc, w, alpha, v, acc, st);
+        pv_dispatch<NR, NC - 1, kPack>(nr, nc, w, alpha, v, acc, st, vs);
       else
-        pv_block<NR, NC>(w, alpha, v, acc, st);
+        pv_block<NR, NC, kPack>(w, alpha, v, acc, st, vs);
     }
   }
 
-  template <int NR, int NC>
+  // One NR × NC register block of pv(); kPack: B_V's vectors come from vs (widened, masked past
+  // vs.d) and are stored to vs.dst (= v) on the way.
+  template <int NR, int NC, bool kPack>
   static void pv_block(const float* w, const float* alpha, const float* v, float* acc,
-                       const Strides& st) {
+                       const Strides& st, const VSource& vs) {
     const Index w_r = st.w_r, w_t = st.w_t, v_ld = st.v_ld, acc_ld = st.acc_ld;
     V a[NR][NC];
     TPA_UNROLL
@@ -801,13 +891,25 @@ class TpaTiled {
       TPA_UNROLL
       for (int c = 0; c < NC; ++c) a[r][c] = Ops::mul(Ops::load(acc + r * acc_ld + c * kW), al);
     }
+    Index cnt[NC];
+    TPA_UNROLL
+    for (int c = 0; c < NC; ++c) cnt[c] = kPack ? std::min(kW, vs.d - c * kW) : kW;
     for (Index s = 0; s < st.RV; ++s) {
       const float* ws = w + s * st.w_s;
-      const float* vs = v + s * st.v_sd;
+      const float* vv = v + s * st.v_sd;
       for (Index t = 0; t < st.n; ++t) {
         V x[NC];
-        TPA_UNROLL
-        for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(vs + t * v_ld + c * kW);
+        if constexpr (kPack) {
+          const S* src = vs.src + t * vs.ld + s * vs.sd;
+          TPA_UNROLL
+          for (int c = 0; c < NC; ++c) {
+            x[c] = Ops::template load_widen<S>(src + c * kW, cnt[c]);
+            Ops::store(vs.dst + s * st.v_sd + t * v_ld + c * kW, x[c]);
+          }
+        } else {
+          TPA_UNROLL
+          for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(vv + t * v_ld + c * kW);
+        }
         TPA_UNROLL
         for (int r = 0; r < NR; ++r) {
           const V wb = Ops::set1(ws[r * w_r + t * w_t]);
