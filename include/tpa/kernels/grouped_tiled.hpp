@@ -154,6 +154,30 @@ class RowPrefetch {
 ///    so they stay in L1.
 /// Everything accumulates in f32. While a step runs, the cache rows of the next step are
 /// prefetched into L2 a few lines per micro-kernel call (RowPrefetch).
+///
+/// Roofline of token-lane decode (MHA, GQA-8: 32 query heads, d 128, 16K context) on a 2-core
+/// Zen 4 (AVX-512 ops double-pumped: one 512-bit FMA per cycle and core, ~3.66 GHz, 234
+/// GFLOP/s; 55–61 GB/s read with 2 MiB pages):
+///   FLOPs 2·32·16384·256 = 268 M for both = 8.4 M 512-bit FMAs: 1.15 ms on 2 cores.
+///   Bytes: MHA 537 MB f32, 268 MB bf16/f16, 138 MB int8 (values + f32 scales); GQA-8 a quarter
+///   (134, 67, 34.6 MB): at 60 GB/s MHA 9.0 / 4.5 / 2.3 ms, GQA-8 2.2 / 1.1 / 0.58 ms.
+///   Widening: bf16 vpmovzxwd + vpslld, int8 vpmovsxbd + vcvtdq2ps (+ nothing for the scale:
+///   folded into the score and the probability), f16 vcvtph2ps: 2 ops per 16 elements once
+///   per element (qk_group, the in-place value micro-kernel), + G_q FMAs for the G_q query heads
+///   sharing it (MHA 1, GQA-8 4). Inner loops (objdump): qk_group<4> per 16 K elements 2 widen +
+///   1 q load + 4 FMA; pv_block<4, 4> per 16 V elements 2 widen + 1 broadcast + 4 FMA;
+///   dot_rows (MHA) 2 widen + 1 FMA.
+///   Instruction bound at 1 512-bit op per cycle and core: MHA 8.4 M vectors × 3 ops = 3.4 ms
+///   (int8 is widen-bound there, above its 2.3 ms of bytes: int8/bf16 ≤ 1.3×; 1.9× if the
+///   widening issues beside the FMAs); GQA-8 2.1 M vectors × (2 + 4) ops = 1.7 ms, and its 1.15
+///   ms of FMAs alone exceed int8's 0.58 ms of bytes: with f32 arithmetic GQA-8 int8 cannot run
+///   1.8× bf16 on this CPU (that needs fewer FMAs, e.g. bf16 dot products).
+///   Measured (perf cpu-clock samples, CPU ms of both threads per step in GroupedTiled, 16K,
+///   2 MiB pages, host load 6–8 from other builds, so ±20 %): GQA-8 f32 18.4 → 14.7, bf16
+///   12.3 → 6.9–8.9, f16 15.7 → 8.5, int8 10.8 → 6.7–7.8 (of which qk_group 4.3, pv_block 2.6,
+///   the rest 0.8; the FMA bound is 1.15 each); MHA bf16 19.8 → 17.1, f16 18.9 → 15.3, int8
+///   14.4 → 13.0–14.0 (qk_dot 8.3–8.9, pv_block 3.6: the score side stalls on memory), f32
+///   unchanged (the dims-blocked copy and the staged V tile before, in registers after).
 /// Rows (query heads × queries) per pass of GroupedTiled (GroupedTiled::kRowCap). A query's
 /// reduction order depends on the pass it is in, so the schedulers cut a prefill part only at
 /// multiples of a pass's queries (split.hpp, CutItem::quantum).
