@@ -533,6 +533,30 @@ void check_storage() {
     }
   }
 }
+// Token-lane decode with 2 … 7 rows per KV head (GQA): K read in place by the several-row score
+// micro-kernel (groups of 2, 4 or 8 rows, padded rows repeating the last one), 16-bit V widened
+// in registers by the value micro-kernel; a key size with a tail (40) and whole vectors (128),
+// f32 and 16-bit storage, within the f32 bound and bit-identical for one and two threads.
+template <class B, class S>
+void check_several_rows() {
+  for (Index gs : {2, 3, 4, 5, 6, 7})
+    for (Index d : {40, 128}) {
+      const Shape sh{2 * gs, 2, d, 0, d, false};
+      for (Index n_q : {1, 2}) {
+        const Problem<S> pr(sh, 77, n_q, 16, 29u + static_cast<unsigned>(gs));
+        SCOPED_TRACE(sh.name() + " n_q " + std::to_string(n_q));
+        const std::vector<float> one = run<B>(pr, 1, 1);
+        EXPECT_LE(pr.error(one), 1.0);
+        EXPECT_TRUE(one == run<B>(pr, 2, 2));
+      }
+    }
+}
+TYPED_TEST(GroupedKernel, SeveralRowsPerKvHead) {
+  check_several_rows<TypeParam, float>();
+  check_several_rows<TypeParam, bfloat16>();
+  check_several_rows<TypeParam, half>();
+}
+
 TYPED_TEST(GroupedKernel, Bfloat16Storage) { check_storage<TypeParam, bfloat16>(); }
 TYPED_TEST(GroupedKernel, HalfStorage) { check_storage<TypeParam, half>(); }
 

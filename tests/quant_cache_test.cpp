@@ -259,10 +259,10 @@ void check_kind(const std::string& what, Index D, Make&& make) {
   }
 }
 
-tpa::GqaConfig gqa_config(Index kv_heads, Index head_dim) {
+tpa::GqaConfig gqa_config(Index kv_heads, Index head_dim, Index n_heads) {
   tpa::GqaConfig c;
   c.d_model = 64;
-  c.n_heads = 4;
+  c.n_heads = n_heads;
   c.n_kv_heads = kv_heads;
   c.head_dim = head_dim;
   c.rope.max_positions = 64;
@@ -270,8 +270,9 @@ tpa::GqaConfig gqa_config(Index kv_heads, Index head_dim) {
 }
 
 template <class B>
-void check_grouped(const std::string& what, Index kv_heads, Index head_dim = 36) {
-  const tpa::GqaConfig c = gqa_config(kv_heads, head_dim);
+void check_grouped(const std::string& what, Index kv_heads, Index head_dim = 36,
+                   Index n_heads = 4) {
+  const tpa::GqaConfig c = gqa_config(kv_heads, head_dim, n_heads);
   const tpa::GqaWeights w = tpa::GqaWeights::random(c, 7);
   check_kind<B>(what, c.d_model, [&](auto b, auto s) {
     return tpa::GroupedQueryAttention<typename decltype(b)::type, typename decltype(s)::type>(c, w);
@@ -331,6 +332,13 @@ TYPED_TEST(QuantCacheKinds, Mha) {
   check_grouped<TypeParam>("MHA d 12", 4, 12);  // rows under kQ8MinRowCols: a scale per token
 }
 TYPED_TEST(QuantCacheKinds, Gqa) { check_grouped<TypeParam>("GQA-2", 2); }
+// 3, 6 and 7 query heads per KV head: decode's several-row score micro-kernel with padded row
+// groups (of 4 and 8 on Avx512), int8 K scaled per score, int8 V read in place.
+TYPED_TEST(QuantCacheKinds, GqaRowGroups) {
+  check_grouped<TypeParam>("GQA 12/4", 4, 36, 12);
+  check_grouped<TypeParam>("GQA 12/2", 2, 48, 12);
+  check_grouped<TypeParam>("GQA 14/2", 2, 32, 14);
+}
 TYPED_TEST(QuantCacheKinds, Mqa) { check_grouped<TypeParam>("MQA", 1); }
 TYPED_TEST(QuantCacheKinds, MlaAbsorbed) {
   check_mla<TypeParam>(tpa::MlaForm::kAbsorbed);

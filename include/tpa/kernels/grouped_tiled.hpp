@@ -61,7 +61,7 @@ class RowPrefetch {
   /// Adds `rows` rows of `bytes` bytes, row r at base + r·stride bytes (rows that touch each
   /// other become one).
   void add(const void* base, Index stride, Index bytes, Index rows) {
-    if (n_ == 3 || rows <= 0 || bytes <= 0) return;
+    if (n_ == kMaxRanges || rows <= 0 || bytes <= 0) return;
     if (stride == bytes) {
       bytes *= rows;
       rows = 1;
@@ -106,7 +106,8 @@ class RowPrefetch {
     const char* base;  // 64-byte aligned
     Index stride, lines, rows;
   };
-  Range ranges_[3] = {};
+  static constexpr int kMaxRanges = 5;  // K's two parts, V, and int8 scales of K and V
+  Range ranges_[kMaxRanges] = {};
   int n_ = 0, cur_ = 0;
   Index row_ = 0, line_ = 0, total_ = 0;
 };
@@ -137,8 +138,9 @@ class RowPrefetch {
 ///    memory once per step whatever the group size, in one of two forms:
 ///    token lanes (R < kLaneRowsMin, e.g. MHA, GQA-8): per row, W token accumulators fed by
 ///      vector loads of W dims at a time, then one transposing reduction tree (lane_reduce)
-///      turns them into the row's W token scores; one row (MHA) reads the K rows in place,
-///      several (GQA) first copy the tile once into a dims-blocked buffer they all read;
+///      turns them into the row's W token scores; one row (MHA) reads the K rows in place;
+///      several (GQA) too, in groups of RB rows × W / RB tokens of accumulators, each K vector
+///      widened once in a register and multiplied into all RB rows (qk_group);
 ///    row lanes (R ≥ kLaneRowsMin, e.g. MQA, MLA, prefill): Qᵀ is packed once per pass; vectors
 ///      run over rows, each K element is broadcast straight from the cache row, no transpose,
 ///      and the softmax below is all vertical (no horizontal reductions);
@@ -152,6 +154,30 @@ class RowPrefetch {
 ///    so they stay in L1.
 /// Everything accumulates in f32. While a step runs, the cache rows of the next step are
 /// prefetched into L2 a few lines per micro-kernel call (RowPrefetch).
+///
+/// Roofline of token-lane decode (MHA, GQA-8: 32 query heads, d 128, 16K context) on a 2-core
+/// Zen 4 (AVX-512 ops double-pumped: one 512-bit FMA per cycle and core, ~3.66 GHz, 234
+/// GFLOP/s; 55–61 GB/s read with 2 MiB pages):
+///   FLOPs 2·32·16384·256 = 268 M for both = 8.4 M 512-bit FMAs: 1.15 ms on 2 cores.
+///   Bytes: MHA 537 MB f32, 268 MB bf16/f16, 138 MB int8 (values + f32 scales); GQA-8 a quarter
+///   (134, 67, 34.6 MB): at 60 GB/s MHA 9.0 / 4.5 / 2.3 ms, GQA-8 2.2 / 1.1 / 0.58 ms.
+///   Widening: bf16 vpmovzxwd + vpslld, int8 vpmovsxbd + vcvtdq2ps (+ nothing for the scale:
+///   folded into the score and the probability), f16 vcvtph2ps: 2 ops per 16 elements once
+///   per element (qk_group, the in-place value micro-kernel), + G_q FMAs for the G_q query heads
+///   sharing it (MHA 1, GQA-8 4). Inner loops (objdump): qk_group<4> per 16 K elements 2 widen +
+///   1 q load + 4 FMA; pv_block<4, 4> per 16 V elements 2 widen + 1 broadcast + 4 FMA;
+///   dot_rows (MHA) 2 widen + 1 FMA.
+///   Instruction bound at 1 512-bit op per cycle and core: MHA 8.4 M vectors × 3 ops = 3.4 ms
+///   (int8 is widen-bound there, above its 2.3 ms of bytes: int8/bf16 ≤ 1.3×; 1.9× if the
+///   widening issues beside the FMAs); GQA-8 2.1 M vectors × (2 + 4) ops = 1.7 ms, and its 1.15
+///   ms of FMAs alone exceed int8's 0.58 ms of bytes: with f32 arithmetic GQA-8 int8 cannot run
+///   1.8× bf16 on this CPU (that needs fewer FMAs, e.g. bf16 dot products).
+///   Measured (perf cpu-clock samples, CPU ms of both threads per step in GroupedTiled, 16K,
+///   2 MiB pages, host load 6–8 from other builds, so ±20 %): GQA-8 f32 18.4 → 14.7, bf16
+///   12.3 → 6.9–8.9, f16 15.7 → 8.5, int8 10.8 → 6.7–7.8 (of which qk_group 4.3, pv_block 2.6,
+///   the rest 0.8; the FMA bound is 1.15 each); MHA bf16 19.8 → 17.1, f16 18.9 → 15.3, int8
+///   14.4 → 13.0–14.0 (qk_dot 8.3–8.9, pv_block 3.6: the score side stalls on memory), f32
+///   unchanged (the dims-blocked copy and the staged V tile before, in registers after).
 /// Rows (query heads × queries) per pass of GroupedTiled (GroupedTiled::kRowCap). A query's
 /// reduction order depends on the pass it is in, so the schedulers cut a prefill part only at
 /// multiples of a pass's queries (split.hpp, CutItem::quantum).
@@ -225,7 +251,7 @@ class GroupedTiled {
     Index ni = 0;         // queries per pass
     Index rp = 0;         // row pitch per KV head: rows of one KV head, rounded up to kW
     bool pack_v = false;  // V is widened/padded into workspace (not read in place)
-    bool pack_k = false;  // token-lane passes may have several rows per KV head (see qk_dot)
+    bool pack_k = false;  // token-lane keys in two scaled parts (int8 MLA, see qk_dot)
     bool acc_t = false;   // accumulators transposed: per KV head accᵀ [d_v_pad, rp]
   };
 
@@ -276,7 +302,7 @@ class GroupedTiled {
     // process): MLA d_v 512 3-9 % faster, MQA d_v 128 3-8 % slower, so only from kPvtMinDims.
     sh.acc_t = sh.ni == 1 && sh.gs >= Ops::kLaneRowsMin && sh.d_v >= kPvtMinDims;
     sh.pack_v = !std::is_same<S, float>::value || p.d_v % kW != 0;
-    sh.pack_k = sh.gs < Ops::kLaneRowsMin && (sh.ni * sh.gs > 1 || two_scaled_parts(p));
+    sh.pack_k = sh.gs < Ops::kLaneRowsMin && two_scaled_parts(p);
     return sh;
   }
 
@@ -436,10 +462,16 @@ class GroupedTiled {
       const Index ld = p.kv.token_stride(f);
       pf.add(p.kv.row(f, blk, g) + off * ld, ld * Index(sizeof(S)), dim * Index(sizeof(S)), n);
     }
-    if (!(p.v_factor == p.k_factor[0] && sh.d_v <= p.k_dims[0])) {
+    const bool v_own = !(p.v_factor == p.k_factor[0] && sh.d_v <= p.k_dims[0]);
+    if (v_own) {
       const Index ld = p.kv.token_stride(p.v_factor);
       pf.add(p.kv.row(p.v_factor, blk, g) + off * ld, ld * Index(sizeof(S)),
              sh.d_v * Index(sizeof(S)), n);
+    }
+    if constexpr (is_quantized_v<S>) {  // the tokens' f32 scales: one run per factor
+      const Index bytes = n * Index(sizeof(float));
+      pf.add(row_scales(p, p.k_factor[0], blk, g, off), bytes, bytes, 1);
+      if (v_own) pf.add(row_scales(p, p.v_factor, blk, g, off), bytes, bytes, 1);
     }
   }
 
@@ -453,7 +485,10 @@ class GroupedTiled {
     const Index qk_points =
         rw.lanes ? ((p.k_dims[0] + kChunk - 1) / kChunk + (p.k_dims[1] + kChunk - 1) / kChunk) *
                        (rp / kW) * (kT / Ops::kLaneTokens)
-                 : (n + kW - 1) / kW * nr;
+                 : nr == 1 || two_scaled_parts(p)
+                     ? (n + kW - 1) / kW * nr
+                     : (nr + group_rows(nr) - 1) / group_rows(nr) *
+                           ((n + kW / group_rows(nr) - 1) / (kW / group_rows(nr)));
     const Index pv_points = sh.acc_t ? (rp / kW + Ops::kLaneVecs - 1) / Ops::kLaneVecs *
                                            ((d_v + kPvtDims - 1) / kPvtDims)
                             : nr == 1 ? (sh.d_v_pad / kW + kPv1Cols - 1) / kPv1Cols
@@ -488,7 +523,7 @@ class GroupedTiled {
       p_rs = kT;
       p_ts = 1;
       qk_dot(p, sh, g, blk, off, n, b.q + (rw.base + rw.skip) * sh.dq_pad, nr, sp,
-             nr > 1 || two_scaled_parts(p) ? b.kp : nullptr, next, per_call);
+             two_scaled_parts(p) ? b.kp : nullptr, next, per_call);
       for (Index rr = 0; rr < nr; ++rr) {
         const Index r = rw.base + rw.skip + rr;
         const Index i = ib + (rw.skip + rr) / gs;
@@ -536,12 +571,13 @@ class GroupedTiled {
         rr = end;
       }
     };
-    // int8 values are read in place by the row-major value micro-kernel when each of its calls
-    // covers all rows of the tile (MHA and GQA decode: each element widened once per step),
-    // their per-token scales folded into the probabilities; otherwise widened and scaled into vp.
-    const bool q8_in_place = is_quantized_v<S> && !sh.acc_t && d_v % kW == 0 &&
-                             nr <= Ops::kPvRows;
-    if (q8_in_place) {
+    // 16-bit and int8 values are read in place by the row-major value micro-kernel, widened in
+    // registers, when each of its calls covers all rows of the tile (MHA and GQA decode: each
+    // element widened once per step), int8's per-token scales folded into the probabilities;
+    // otherwise widened and scaled into vp.
+    const bool v_in_place = !std::is_same<S, float>::value && !sh.acc_t && d_v % kW == 0 &&
+                            nr <= Ops::kPvRows;
+    if (v_in_place) {
       value_product(v_src, v_src_ld, row_scales(p, p.v_factor, blk, g, off));
       next.issue(next.pending());
       return;
@@ -667,15 +703,24 @@ class GroupedTiled {
   // s [nr, kT] (rows × tokens) = q [nr, dq_pad] · K tile [n, d_qk]ᵀ: per row and block of W
   // tokens, W accumulators over the key dims, then lane_reduce (lane t = token t). Blocks past
   // n are not computed; scores of tokens past n are masked later.
-  // One row reads K in place (a short last block repeats its last token). Several rows re-read
-  // each block, so with kp non-null the tile is first copied (widened, q's padding) into
-  // kp [dq_pad / W][kT][W], tokens past n zero: every load of the product is then at a fixed
-  // offset from one pointer. Measured in L1 on Zen 5, 4 rows × 32 tokens × 128 dims: 932 TSC
-  // ticks in place (16 row addresses), 375 from such a layout; and in a token-major cache K rows
-  // are often a multiple of 4 KiB apart (GQA-8, d 128), which puts a block's rows in one L1 set.
+  // One row reads K in place (a short last block repeats its last token); several rows too
+  // (qk_group), unless kp is non-null (int8 keys in two scaled parts): the tile is then first
+  // copied (dequantized, q's padding) into kp [dq_pad / W][kT][W], tokens past n zero.
+  // (All GQA decode went through kp before; widening in registers instead took GQA-8's step
+  // 1.8× less CPU time with bf16, 1.6× with int8, 1.25× with f32: see qk_group.)
   static void qk_dot(const P& p, const Shape& sh, Index g, Index blk, Index off, Index n,
                      const float* q, Index nr, float* s, float* kp, RowPrefetch& pf,
                      Index per_call) {
+    if (kW >= 4 && kp == nullptr && nr > 1) {
+      const Index rb = group_rows(nr);
+      if (rb == 2)
+        qk_group<std::min<int>(2, kGroupRowsMax)>(p, sh, g, blk, off, n, q, nr, s, pf, per_call);
+      else if (rb == 4)
+        qk_group<std::min<int>(4, kGroupRowsMax)>(p, sh, g, blk, off, n, q, nr, s, pf, per_call);
+      else
+        qk_group<kGroupRowsMax>(p, sh, g, blk, off, n, q, nr, s, pf, per_call);
+      return;
+    }
     const Index nvec = sh.dq_pad / kW;
     if (kp != nullptr) {
       Index c0 = 0;
@@ -760,6 +805,102 @@ class GroupedTiled {
       TPA_UNROLL
       for (Index t = 0; t < kW; ++t)
         acc[t] = Ops::fmadd(Ops::template load_widen<T>(row(t) + j, dim - j), qv, acc[t]);
+    }
+  }
+
+  // ---- token lanes, several rows (GQA decode) ---------------------------------------------
+
+  // Keeps v in a register. GCC otherwise folds every use of a q vector into its FMA as a memory
+  // operand: RB·TB + TB loads per RB·TB FMAs instead of RB + TB, and the loads, not the FMAs,
+  // bound the several-row score kernel (int8 GQA-8, perf annotate).
+  TPA_ALWAYS_INLINE static V pinned(V v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+  }
+
+  // Rows per group of the several-row score micro-kernel: 2, 4 or kGroupRowsMax (kW / 2).
+  static constexpr int kGroupRowsMax = static_cast<int>(kW >= 16 ? 8 : kW >= 4 ? kW / 2 : 1);
+  static Index group_rows(Index nr) {
+    return nr <= 2 && kGroupRowsMax >= 2 ? 2 : nr <= 4 && kGroupRowsMax >= 4 ? 4 : kGroupRowsMax;
+  }
+
+  // qk_dot for nr ≥ 2 rows, K read in place: rows in groups of RB, tokens in blocks of
+  // TB = kW / RB; per group and block, RB × TB accumulators over the key dims, each K vector
+  // widened once in a register and multiplied into all RB rows (no copy of the tile), then one
+  // lane_reduce gives the block's RB × TB scores (lane r·TB + t: row r, token t). A short last
+  // block repeats its last token; rows past nr repeat row nr − 1 (their lanes are dropped).
+  // Quantized K (one part): each score times its token's scale.
+  template <int RB>
+  static void qk_group(const P& p, const Shape& sh, Index g, Index blk, Index off, Index n,
+                       const float* q, Index nr, float* s, RowPrefetch& pf, Index per_call) {
+    constexpr int TB = static_cast<int>(kW) / RB;
+    static_assert(RB >= 1 && RB * TB == kW, "GroupedTiled: RB must divide kWidth");
+    for (Index r0 = 0; r0 < nr; r0 += RB) {
+      const Index nrg = std::min<Index>(RB, nr - r0);
+      const float* qr[RB];
+      TPA_UNROLL
+      for (int r = 0; r < RB; ++r) qr[r] = q + (r0 + std::min<Index>(r, nrg - 1)) * sh.dq_pad;
+      for (Index tb = 0; tb < n; tb += TB) {
+        pf.issue(per_call);
+        const Index nt = std::min<Index>(TB, n - tb);
+        V acc[kW];
+        TPA_UNROLL
+        for (Index i = 0; i < kW; ++i) acc[i] = Ops::zero();
+        Index qoff = 0;
+        for (int part = 0; part < 2; ++part) {
+          Index dim, ld;
+          const S* k = key_part(p, part, g, blk, off + tb, &dim, &ld);
+          if (k == nullptr) continue;
+          if (nt == TB)
+            dot_group<RB, true>(k, ld, nt, dim, qr, qoff, acc);
+          else
+            dot_group<RB, false>(k, ld, nt, dim, qr, qoff, acc);
+          qoff += round_up(dim, kW);
+        }
+        alignas(64) float res[kW];
+        Ops::store(res, lane_reduce<Ops>(acc));
+        const float* k_sc = row_scales(p, p.k_factor[0], blk, g, off + tb);
+        for (Index r = 0; r < nrg; ++r)
+          for (Index t = 0; t < TB; ++t)
+            s[(r0 + r) * kT + tb + t] =
+                k_sc != nullptr ? res[r * TB + t] * k_sc[std::min(t, nt - 1)] : res[r * TB + t];
+      }
+    }
+  }
+
+  // acc[r·TB + t] += k[t][j…]·q_r[qoff + j…] lane-wise over `dim` dims, for TB token rows (the
+  // first nt real; kFull: all) and RB rows.
+  template <int RB, bool kFull>
+  TPA_ALWAYS_INLINE static void dot_group(const S* k, Index ld, Index nt, Index dim,
+                                          const float* const* qr, Index qoff, V* acc) {
+    constexpr int TB = static_cast<int>(kW) / RB;
+    const S* row[TB];
+    TPA_UNROLL
+    for (int t = 0; t < TB; ++t) row[t] = k + (kFull ? t : std::min<Index>(t, nt - 1)) * ld;
+    Index j = 0;
+    for (; j + kW <= dim; j += kW) {
+      V qv[RB];
+      TPA_UNROLL
+      for (int r = 0; r < RB; ++r) qv[r] = pinned(Ops::load(qr[r] + qoff + j));
+      TPA_UNROLL
+      for (int t = 0; t < TB; ++t) {
+        const V kv = Ops::template load_widen<S>(row[t] + j, kW);
+        TPA_UNROLL
+        for (int r = 0; r < RB; ++r) acc[r * TB + t] = Ops::fmadd(kv, qv[r], acc[r * TB + t]);
+      }
+    }
+    if (j < dim) {  // q is zero-padded past dim; K is read only up to it
+      V qv[RB];
+      TPA_UNROLL
+      for (int r = 0; r < RB; ++r) qv[r] = Ops::load(qr[r] + qoff + j);
+      TPA_UNROLL
+      for (int t = 0; t < TB; ++t) {
+        const V kv = Ops::template load_widen<S>(row[t] + j, dim - j);
+        TPA_UNROLL
+        for (int r = 0; r < RB; ++r) acc[r * TB + t] = Ops::fmadd(kv, qv[r], acc[r * TB + t]);
+      }
     }
   }
 
@@ -1013,12 +1154,13 @@ class GroupedTiled {
     for (Index t = 0; t < n; ++t) {
       V x[NC];
       float vs = 1.f;  // the token's value scale, folded into its probabilities (int8)
+      (void)v_sc;
       if constexpr (std::is_same<T, float>::value) {
         (void)v_sc;
         TPA_UNROLL
         for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(v + t * v_ld + c * kW);
       } else {
-        vs = v_sc[t];
+        if constexpr (is_quantized_v<T>) vs = v_sc[t];
         TPA_UNROLL
         for (int c = 0; c < NC; ++c) x[c] = Ops::template load_widen<T>(v + t * v_ld + c * kW, kW);
       }
