@@ -1154,9 +1154,8 @@ class GroupedTiled {
     for (Index t = 0; t < n; ++t) {
       V x[NC];
       float vs = 1.f;  // the token's value scale, folded into its probabilities (int8)
-      (void)v_sc;
+      (void)v_sc;  // read for int8 only
       if constexpr (std::is_same<T, float>::value) {
-        (void)v_sc;
         TPA_UNROLL
         for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(v + t * v_ld + c * kW);
       } else {
