@@ -38,10 +38,9 @@
 //   us_per_step       decode: wall time of one step, µs
 //   tokens_per_s      tokens produced (decode: B per step) or consumed (prefill) per second
 //   pct_roofline      100 · roofline time / measured time, roofline time = max(bytes / read
-//                     bandwidth, FLOPs / FMA peak). decode: against the probes taken right before
-//                     and right after the case (read_GBps_now, GFLOPS_now: best of 2 passes of
-//                     each, both sides); other cases: this run's probes at the same thread count
-//                     (above 100 when the data stayed in the CPU caches between calls)
+//                     bandwidth, FLOPs / FMA peak), against the probes taken right before and
+//                     right after the case (read_GBps_now, GFLOPS_now: best of 2 passes of each,
+//                     both sides), never the run's first probes alone
 //   model_bytes, model_flops
 //                     the byte and FLOP model of the call (its roofline inputs), so a report can
 //                     recompute the fraction with other probe figures
@@ -430,7 +429,6 @@ double timed_decode_steps(benchmark::State& state, F& f, tpa::Context& ctx) {
 }
 
 void decode_eigen(benchmark::State& state, DecodeCase c) {
-  const Machine& m = machine(c.threads);
   release_probe_buffer();
   const AnyLayer& l = layer(c.shape, c.kind);
   const std::string fkey = case_key({c.shape, c.kind, c.ctx, c.batch, 0}, "decode_eigen", c.kind);
@@ -438,7 +436,9 @@ void decode_eigen(benchmark::State& state, DecodeCase c) {
       fixture<EigenDecode>(fkey, [&] { return std::make_unique<EigenDecode>(l, c.ctx, c.batch); });
   tpa::Context ctx(c.threads);
   f.step(ctx);  // warm-up
+  NowProbes probes(ctx);
   const double sec = timed_decode_steps(state, f, ctx);
+  const Machine m = probes.finish();
   results()[case_key(c, "decode_eigen", c.kind)] = sec;
   const double B = static_cast<double>(f.batch()), keys = f.mean_keys();
   const double weights = l.decode_weights();  // same projections (TPA: + head expansion, small)
@@ -452,6 +452,8 @@ void decode_eigen(benchmark::State& state, DecodeCase c) {
   cnt["us_per_step"] = sec * 1e6;
   cnt["tokens_per_s"] = B / sec;
   cnt["pct_roofline"] = 100 * m.roofline_seconds(4 * weights + cache_bytes, flops) / sec;
+  cnt["read_GBps_now"] = m.read_bytes_per_s / 1e9;
+  cnt["GFLOPS_now"] = m.flops_per_s / 1e9;
   cnt["model_bytes"] = bytes_counter(4 * weights + cache_bytes);
   cnt["model_flops"] = flops;
 }
@@ -569,19 +571,20 @@ std::string prefill_key(std::size_t shape, Kind kind, Index tokens) {
 }
 
 void prefill(benchmark::State& state, std::size_t shape, Kind kind, Index tokens, int threads) {
-  const Machine& m = machine(threads);
   release_probe_buffer();
   const AnyLayer& l = layer(shape, kind);
   auto& f = fixture<Prefill>(prefill_key(shape, kind, tokens),
                              [&] { return std::make_unique<Prefill>(l, tokens); });
   tpa::Context ctx(threads);
   f.run(ctx);  // warm-up
+  NowProbes probes(ctx);
   StepTimer timer;
   for (auto _ : state) {
     timer.start();
     f.run(ctx);
     timer.stop();
   }
+  const Machine m = probes.finish();
   const double sec = timer.total() / static_cast<double>(state.iterations());
   const auto rkey = [&](Kind k) {
     return prefill_key(shape, k, tokens) + "/threads:" + std::to_string(threads);
@@ -595,6 +598,8 @@ void prefill(benchmark::State& state, std::size_t shape, Kind kind, Index tokens
   cnt["tokens_per_s"] = n / sec;
   cnt["GFLOPS"] = flops / sec / 1e9;
   cnt["pct_roofline"] = 100 * m.roofline_seconds(bytes, flops) / sec;
+  cnt["read_GBps_now"] = m.read_bytes_per_s / 1e9;
+  cnt["GFLOPS_now"] = m.flops_per_s / 1e9;
   cnt["model_bytes"] = bytes_counter(bytes);
   cnt["model_flops"] = flops;
   const auto mha = results().find(rkey(Kind::kMHA));
