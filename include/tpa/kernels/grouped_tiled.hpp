@@ -8,8 +8,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
-#include <memory>
-#include <new>
 #include <type_traits>
 
 #include "tpa/core/quant.hpp"
@@ -18,6 +16,7 @@
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/score_variant.hpp"
 #include "tpa/kernels/softmax.hpp"
+#include "tpa/kernels/workspace.hpp"
 
 /// Fully unrolls the next loop (its trip count is a small compile-time constant), so that the
 /// register-blocked accumulator arrays below live in registers at -O2 too.
@@ -229,18 +228,10 @@ class GroupedTiled {
   /// The whole call on the calling thread, with a workspace allocated for it.
   static void run_whole(const P& p) {
     const GroupedPart part = GroupedPart::whole(p);
-    const auto n = static_cast<std::size_t>(workspace_floats(p, part)) * sizeof(float);
-    std::unique_ptr<float, FreeDeleter> ws(
-        static_cast<float*>(std::aligned_alloc(64, (n + 63) / 64 * 64)));
-    if (!ws) throw std::bad_alloc();
-    run(p, part, ws.get(), nullptr);
+    with_workspace(workspace_floats(p, part), [&](float* ws) { run(p, part, ws, nullptr); });
   }
 
  private:
-  struct FreeDeleter {
-    void operator()(float* p) const { std::free(p); }
-  };
-
   struct Shape {
     Index gs = 0;         // query heads per KV head
     Index d_qk = 0;       // key size (both parts)

@@ -8,8 +8,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
-#include <memory>
-#include <new>
 #include <type_traits>
 
 #include "tpa/core/quant.hpp"
@@ -18,6 +16,7 @@
 #include "tpa/kernels/lane_reduce.hpp"
 #include "tpa/kernels/params.hpp"
 #include "tpa/kernels/score_variant.hpp"
+#include "tpa/kernels/workspace.hpp"
 
 namespace tpa {
 
@@ -151,18 +150,10 @@ class TpaTiled {
     p.check(who);
     if (p.n_q == 0) return;
     const TpaPart part = TpaPart::whole(p);
-    const auto n = static_cast<std::size_t>(workspace_floats(p, part)) * sizeof(float);
-    std::unique_ptr<float, FreeDeleter> ws(
-        static_cast<float*>(std::aligned_alloc(64, (n + 63) / 64 * 64)));
-    if (!ws) throw std::bad_alloc();
-    run(p, part, ws.get(), nullptr);
+    with_workspace(workspace_floats(p, part), [&](float* ws) { run(p, part, ws, nullptr); });
   }
 
  private:
-  struct FreeDeleter {
-    void operator()(float* p) const { std::free(p); }
-  };
-
   struct Shape {
     Index H = 0, d = 0, d_pad = 0;  // heads, head dim, head dim rounded up to kW
     Index RQ = 0, RK = 0, RV = 0;   // ranks (RQ = 0: full query)
