@@ -4,7 +4,8 @@
 //
 // Benchmarks: decode_kernel/KIND/cache:C/ctx:L/pages:P/threads:T, one decode step (batch 1) over
 // a context of L tokens (16K; TPA and TPA-KV also 64K), LLaMA shape (H = 32 query heads, d = 128):
-//   MHA  G = 32        GQA8  G = 8        MQA  G = 1
+//   MHA  G = 32        GQA8  G = 8        GQA4  G = 4 (8 rows per KV head: row lanes)
+//   MQA  G = 1
 //   MLA  G = 1, keys 512 + 64 (c_kv, k_pe), value = the 512-part (absorbed decode)
 //   TPA  R_Q = 6, R_K = R_V = 2 (the T6 ranks): factors A_K, B_K, A_V, B_V (FlashTPA kernel)
 //   TPA-KV  the same factors, full query (R_Q = 0: the K/V-only variant)
@@ -101,6 +102,7 @@ struct DecodeCase {
 };
 const DecodeCase kCases[] = {{"MHA", 32, 32, 128, 0, 128, false},
                              {"GQA8", 32, 8, 128, 0, 128, false},
+                             {"GQA4", 32, 4, 128, 0, 128, false},
                              {"MQA", 32, 1, 128, 0, 128, false},
                              {"MLA", 32, 1, 512, 64, 512, true},
                              {"TPA", 32, 0, 128, 0, 128, false, 6, 2, 2},

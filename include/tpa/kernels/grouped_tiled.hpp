@@ -489,6 +489,14 @@ class GroupedTiled {
     const ScoreVariant& var = p.variant;
     const bool varies = var.transforms_scores() || var.window > 0;
 
+    const Index v_src_ld = p.kv.token_stride(p.v_factor);
+    const S* v_src = p.kv.row(p.v_factor, blk, g) + off * v_src_ld;
+    // MLA's latent is both V and key part 0: a 16-bit or int8 tile is widened (and scaled) into
+    // vp once, before the scores, and both products read it there.
+    const bool v_is_k0 = sh.pack_v && rw.lanes && p.v_factor == p.k_factor[0] &&
+                         p.k_dims[0] == d_v;
+    if (v_is_k0) pack_v_tile(p, sh, b, g, blk, off, n, v_src, v_src_ld);
+
     // Scores of the rows that see the tile: token lanes sp[r][t], row lanes sp[t][r].
     float* sp;
     Index p_rs, p_ts;  // strides of (row, token) in sp
@@ -496,7 +504,8 @@ class GroupedTiled {
       sp = b.sp;
       p_rs = 1;
       p_ts = rp;
-      qk_lanes(p, g, blk, off, n, b.q + rw.base * d_qk, rp, sp, next, per_call);
+      qk_lanes(p, g, blk, off, n, b.q + rw.base * d_qk, rp, sp, next, per_call,
+               v_is_k0 ? b.vp : nullptr, sh.d_v_pad);
       if (varies) vary_lanes(p, sh, g, t0, n, ib, rw.n, sp);
       // Rows whose query sees only a prefix of the tile (prefill, diagonal tiles).
       if (t0 + n - 1 > p.q_pos0 + ib) {
@@ -528,8 +537,6 @@ class GroupedTiled {
     // V tile: in place when it is f32 with whole vectors, else widened into vp. (Copying
     // tiles whose power-of-two row stride crowds L1 sets, e.g. MLA's 2 KiB c_kv rows, gained
     // nothing measurable: the copy costs what the conflicts do.)
-    const Index v_src_ld = p.kv.token_stride(p.v_factor);
-    const S* v_src = p.kv.row(p.v_factor, blk, g) + off * v_src_ld;
     const float* v = nullptr;
     Index v_ld = 0;
     if constexpr (std::is_same<S, float>::value) {
@@ -574,15 +581,7 @@ class GroupedTiled {
       return;
     }
     if (sh.pack_v) {
-      const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
-      for (Index t = 0; t < n; ++t) {
-        const V sc = Ops::set1(v_sc != nullptr ? v_sc[t] : 1.f);
-        for (Index c = 0; c < sh.d_v_pad; c += kW)
-          Ops::store(b.vp + t * sh.d_v_pad + c,
-                     dequant(Ops::template load_widen<S>(v_src + t * v_src_ld + c,
-                                                         std::min(kW, d_v - c)),
-                             sc));
-      }
+      if (!v_is_k0) pack_v_tile(p, sh, b, g, blk, off, n, v_src, v_src_ld);
       v = b.vp;
       v_ld = sh.d_v_pad;
     }
@@ -592,6 +591,21 @@ class GroupedTiled {
     else
       value_product(v, v_ld, nullptr);
     next.issue(next.pending());
+  }
+
+  // vp [n, d_v_pad] = the V tile v_src [n, d_v] (rows v_ld apart) widened to f32, int8 rows
+  // times their scales, each row padded with zeros to d_v_pad.
+  static void pack_v_tile(const P& p, const Shape& sh, const Buffers& b, Index g, Index blk,
+                          Index off, Index n, const S* v_src, Index v_ld) {
+    const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
+    for (Index t = 0; t < n; ++t) {
+      const V sc = Ops::set1(v_sc != nullptr ? v_sc[t] : 1.f);
+      for (Index c = 0; c < sh.d_v_pad; c += kW)
+        Ops::store(b.vp + t * sh.d_v_pad + c,
+                   dequant(Ops::template load_widen<S>(v_src + t * v_ld + c,
+                                                       std::min(kW, sh.d_v - c)),
+                           sc));
+    }
   }
 
   // ---- score variants (ScoreVariant; only when one is on) ----------------------------------
@@ -898,10 +912,13 @@ class GroupedTiled {
   // ---- row lanes --------------------------------------------------------------------------
 
   // s [n, rp] (tokens × rows) = K tile [n, d_qk] · qt [d_qk, rp], K read in place from the
-  // cache. Dims in chunks of kChunk (the qᵀ slice stays in L1), row vectors in groups of
-  // kLaneVecs, tokens in blocks of kLaneTokens (a short last block repeats its last token).
+  // cache, or its part 0 from k0 [n, k0_ld] when non-null (the tile already widened and
+  // scaled: MLA's latent, which is also V). Dims in chunks of kChunk (the qᵀ slice stays in L1),
+  // row vectors in groups of kLaneVecs, tokens in blocks of kLaneTokens (a short last block
+  // repeats its last token).
   static void qk_lanes(const P& p, Index g, Index blk, Index off, Index n, const float* qt,
-                       Index rp, float* s, RowPrefetch& pf, Index per_call) {
+                       Index rp, float* s, RowPrefetch& pf, Index per_call,
+                       const float* k0 = nullptr, Index k0_ld = 0) {
     constexpr Index VB = Ops::kLaneVecs, NT = Ops::kLaneTokens;
     const Index nv = rp / kW;
     Index j0 = 0;
@@ -910,19 +927,31 @@ class GroupedTiled {
       Index dim, ld;
       const S* k = key_part(p, part, g, blk, off, &dim, &ld);
       if (k == nullptr) continue;
+      const bool wide = part == 0 && k0 != nullptr;
       for (Index jc = 0; jc < dim; jc += kChunk) {
         const Index len = std::min(kChunk, dim - jc);
         const float* q = qt + (j0 + jc) * rp;
         for (Index v = 0; v < nv; v += VB) {
           for (Index tb = 0; tb < n; tb += NT) {
             pf.issue(per_call);
+            const Index nt = std::min(NT, n - tb);
+            float* st = s + tb * rp + v * kW;
+            if (wide) {
+              if (v + VB <= nv)
+                qk_lane_block<VB>(k0 + tb * k0_ld + jc, k0_ld, nullptr, nt, len, q + v * kW, rp,
+                                  st, rp, first);
+              else
+                qk_lane_tail<VB - 1>(nv - v, k0 + tb * k0_ld + jc, k0_ld, nullptr, nt, len,
+                                     q + v * kW, rp, st, rp, first);
+              continue;
+            }
             const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off + tb);
             if (v + VB <= nv)
-              qk_lane_block<VB>(k + tb * ld + jc, ld, k_sc, std::min(NT, n - tb), len,
-                                q + v * kW, rp, s + tb * rp + v * kW, rp, first);
+              qk_lane_block<VB>(k + tb * ld + jc, ld, k_sc, nt, len, q + v * kW, rp, st, rp,
+                                first);
             else
-              qk_lane_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, k_sc, std::min(NT, n - tb), len,
-                                   q + v * kW, rp, s + tb * rp + v * kW, rp, first);
+              qk_lane_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, k_sc, nt, len, q + v * kW, rp,
+                                   st, rp, first);
           }
         }
         first = false;
@@ -931,8 +960,8 @@ class GroupedTiled {
     }
   }
 
-  template <int N>
-  static void qk_lane_tail(Index nvec, const S* k, Index k_ld, const float* k_sc, Index nt,
+  template <int N, class T>
+  static void qk_lane_tail(Index nvec, const T* k, Index k_ld, const float* k_sc, Index nt,
                            Index len, const float* q, Index q_ld, float* s, Index s_ld,
                            bool first) {
     if constexpr (N > 0) {
@@ -944,15 +973,15 @@ class GroupedTiled {
   }
 
   // s[t][v] (+)= Σ_j k[t][j] · q[j][v] for kLaneTokens tokens (the first nt real) and VB row
-  // vectors, over `len` ≤ kChunk dims. 16-bit K rows are first widened with vector loads into a
-  // [kLaneTokens, kChunk] f32 block on the stack (L1), so the broadcasts below are plain f32
-  // loads instead of one scalar conversion per element and row vector; int8 rows are
-  // dequantized there too (k_sc: their tokens' scales; null unless S is quantized).
-  template <int VB>
-  static void qk_lane_block(const S* k, Index k_ld, const float* k_sc, Index nt, Index len,
+  // vectors, over `len` ≤ kChunk dims. 16-bit K rows (T = S) are first widened with vector
+  // loads into a [kLaneTokens, kChunk] f32 block on the stack (L1), so the broadcasts below are
+  // plain f32 loads instead of one scalar conversion per element and row vector; int8 rows are
+  // dequantized there too (k_sc: their tokens' scales; null unless T is quantized).
+  template <int VB, class T>
+  static void qk_lane_block(const T* k, Index k_ld, const float* k_sc, Index nt, Index len,
                             const float* q, Index q_ld, float* s, Index s_ld, bool first) {
     constexpr int NT = static_cast<int>(Ops::kLaneTokens);
-    if constexpr (std::is_same<S, float>::value) {
+    if constexpr (std::is_same<T, float>::value) {
       (void)k_sc;
       const float* rows[NT];
       TPA_UNROLL
@@ -965,10 +994,10 @@ class GroupedTiled {
       for (int t = 0; t < NT; ++t) {
         float* w = wide + t * kChunk;
         const Index tt = std::min<Index>(t, nt - 1);
-        const S* src = k + tt * k_ld;
+        const T* src = k + tt * k_ld;
         const V sc = Ops::set1(k_sc != nullptr ? k_sc[tt] : 1.f);
         for (Index j = 0; j < len; j += kW)
-          Ops::store(w + j, dequant(Ops::template load_widen<S>(src + j, std::min(kW, len - j)), sc));
+          Ops::store(w + j, dequant(Ops::template load_widen<T>(src + j, std::min(kW, len - j)), sc));
         rows[t] = w;
       }
       qk_lane_rows<VB>(rows, len, q, q_ld, s, s_ld, first);
