@@ -113,6 +113,13 @@ namespace detail {
 /// Rows (queries × heads) per pass of TpaTiled (TpaTiled::kRowCap); see kGroupedRowCap.
 constexpr Index kTpaRowCap = 128;
 
+/// Whether Ops has the int8 value-product primitives (kHasQ8Pairs: q8_pairs, dot_pairs,
+/// store_pairs16, q8_unpair; Avx512Ops with VNNI).
+template <class O, class = void>
+struct HasQ8Pairs : std::false_type {};
+template <class O>
+struct HasQ8Pairs<O, std::enable_if_t<O::kHasQ8Pairs>> : std::true_type {};
+
 template <class Ops, class S>
 class TpaTiled {
  public:
@@ -127,6 +134,14 @@ class TpaTiled {
   /// Value micro-kernel: rows × vectors of accumulators (24 of the 32 registers with AVX-512).
   static constexpr Index kPvRows = Ops::kPvRows;
   static constexpr Index kPvCols = Ops::kPvCols;
+  /// int8 B_V by integer products (pv_q8) where Ops has them.
+  static constexpr bool kQ8Pairs = is_quantized_v<S> && HasQ8Pairs<Ops>::value;
+  /// pv_q8's limits: d a multiple of 32 (whole pairs of vectors), R_V ≤ 16 (int32 sums of a
+  /// tile: kT·R_V/2 pairs of ≤ 2·32767·128 each stay below 2³¹).
+  static constexpr Index kQ8PairsMaxRank = 16;
+  /// pv_q8's register block: kQ8Rows heads × kQ8Groups·32 dims, 2·kQ8Groups int32 accumulators
+  /// per head (16 in all: more spill with GCC, since vpdpwssd overwrites its accumulator).
+  static constexpr Index kQ8Rows = 4, kQ8Groups = 2;
 
   /// Floats of workspace run() needs for `part` (64-byte aligned storage). Depends on the
   /// shapes and on min(n_q, kRowCap / H) only, not on the number of keys.
@@ -169,6 +184,7 @@ class TpaTiled {
     Index H_pad = 0;                // heads rounded up to kW (heads in lanes)
     Index ni = 0;                   // queries per pass
     bool pack_v = false;            // B_V is widened/padded into workspace
+    bool q8_pairs = false;          // int8 B_V by integer products (pv_q8)
   };
 
   // Per-query arrays (st, w, m, l, alpha, aq) hold query i − ib at + (i − ib)·(their size).
@@ -186,6 +202,8 @@ class TpaTiled {
     float* alpha;  // [ni][H_pad] rescale factor of the current tile
     float* acc;    // [ni·H, d_pad]
     float* bvp;    // [kT·RV, d_pad] widened B_V tile (pack_v only)
+    float* wq;     // q8_pairs: [kT·RV/2 + 1, H_pad] int16 weight pairs (store_pairs16)
+    float* sw;     // q8_pairs: [H_pad] their scale per head
     Index total;   // floats
   };
 
@@ -201,7 +219,8 @@ class TpaTiled {
     sh.RV = p.v_rank;
     sh.H_pad = round_up(sh.H, kW);
     sh.ni = std::max<Index>(1, std::min(part.i1 - part.i0, kRowCap / sh.H));
-    sh.pack_v = !std::is_same<S, float>::value || sh.d % kW != 0;
+    sh.q8_pairs = kQ8Pairs && sh.d % (2 * kW) == 0 && sh.RV <= kQ8PairsMaxRank;
+    sh.pack_v = !sh.q8_pairs && (!std::is_same<S, float>::value || sh.d % kW != 0);
     return sh;
   }
 
@@ -228,6 +247,8 @@ class TpaTiled {
     b.alpha = take(sh.ni * sh.H_pad);
     b.acc = take(rows * sh.d_pad);
     b.bvp = take(sh.pack_v ? kT * sh.RV * sh.d_pad : 0);
+    b.wq = take(sh.q8_pairs ? (kT * sh.RV / 2 + 1) * sh.H_pad : 0);
+    b.sw = take(sh.q8_pairs ? sh.H_pad : 0);
     b.total = off;
     return b;
   }
@@ -368,7 +389,10 @@ class TpaTiled {
         (RQ > 0 ? nq * RK * ((n + kW / 2 - 1) / (kW / 2))
                 : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
         nq * (per_token * ((n + kTokGroup - 1) / kTokGroup) +
-              (H + kPvRows - 1) / kPvRows * ((sh.d_pad / kW + kPvCols - 1) / kPvCols));
+              (sh.q8_pairs ? (H + kQ8Rows - 1) / kQ8Rows *
+                                 ((sh.d / kW + 2 * kQ8Groups - 1) / (2 * kQ8Groups))
+                           : (H + kPvRows - 1) / kPvRows *
+                                 ((sh.d_pad / kW + kPvCols - 1) / kPvCols)));
     const Index per_call = (next.pending() + points - 1) / points;
 
     if (RQ == 0) {  // scores of all rows that see the tile, tokens in lanes
@@ -481,6 +505,13 @@ class TpaTiled {
             for (Index h = 0; h < H_pad; h += kW)
               Ops::store(wt + h, Ops::mul(Ops::load(wt + h), Ops::mul(sa.at(t, h, H), b_scale)));
           }
+        }
+      }
+      if constexpr (kQ8Pairs) {
+        if (sh.q8_pairs) {
+          pv_q8(sh, b, w, (count - lo) * RV, alpha, bv + lo * ld_bv, b.acc + qi * H * sh.d_pad,
+                next, per_call);
+          continue;
         }
       }
       VSource vs;
@@ -814,6 +845,108 @@ class TpaTiled {
         } else {
           Ops::store(o, acc[r][v]);
         }
+      }
+    }
+  }
+
+  // pv() for an int8 B_V (q8_pairs): acc [H, d_pad] = acc · alpha + W · B_V over the K = n·R_V
+  // weight rows k = t·R_V + s (w + k·H_pad, heads in lanes, value scales folded in) and the
+  // cached B_V rows (bv + k·d, int8, contiguous). Each head's K weights are rounded to int16
+  // against their maximum (w ≈ sw_h·q, |q| ≤ 32767: relative error ≤ 2⁻¹⁶ of the tile's
+  // largest weight) and paired (k = 2p, 2p + 1); vpdpwssd sums q·B_V exactly in int32 (32
+  // products per instruction, against 16 FMAs) and the scale is applied once per tile and head.
+  // A non-finite weight makes the head's scale NaN, as it makes the f32 product's sums.
+  static void pv_q8(const Shape& sh, const Buffers& b, const float* w, Index K, const float* alpha,
+                    const S* bv, float* acc, TilePrefetch& pf, Index per_call) {
+    const Index H_pad = sh.H_pad, np = (K + 1) / 2;
+    for (Index h = 0; h < H_pad; h += kW) {
+      V amax = Ops::zero(), sum = Ops::zero();
+      for (Index k = 0; k < K; ++k) {
+        const V x = Ops::load(w + k * H_pad + h);
+        amax = Ops::max(amax, Ops::max(x, Ops::sub(Ops::zero(), x)));
+        sum = Ops::add(sum, x);
+      }
+      alignas(64) float mx[kW], inv[kW], sc[kW];
+      Ops::store(mx, amax);
+      Ops::store(sc, Ops::mul(sum, Ops::zero()));  // 0, or NaN after a non-finite weight
+      for (Index i = 0; i < kW; ++i) {
+        inv[i] = mx[i] > 0.f ? 32767.f / mx[i] : 0.f;
+        sc[i] += mx[i] / 32767.f;
+      }
+      Ops::store(b.sw + h, Ops::load(sc));
+      const V iv = Ops::load(inv);
+      for (Index p = 0; p < np; ++p) {
+        const V w0 = Ops::mul(Ops::load(w + 2 * p * H_pad + h), iv);
+        const V w1 =
+            2 * p + 1 < K ? Ops::mul(Ops::load(w + (2 * p + 1) * H_pad + h), iv) : Ops::zero();
+        Ops::store_pairs16(b.wq + p * H_pad + h, w0, w1);
+      }
+    }
+    constexpr Index R = kQ8Rows, C = 2 * kQ8Groups;
+    const Index nvec = sh.d / kW, H = sh.H;
+    for (Index c = 0; c < nvec; c += C) {
+      const Index ng = std::min(C, nvec - c) / 2;
+      for (Index r = 0; r < H; r += R) {
+        pf.issue(per_call);
+        q8_dispatch<static_cast<int>(R), static_cast<int>(C / 2)>(
+            std::min(R, H - r), ng, sh, b.wq + r, b.sw + r, alpha + r, bv + c * kW, np, K,
+            acc + r * sh.d_pad + c * kW);
+      }
+    }
+  }
+
+  // q8_block<nr', ng'> for nr' ≤ NR, ng' ≤ NG given at run time.
+  template <int NR, int NG>
+  static void q8_dispatch(Index nr, Index ng, const Shape& sh, const float* wq, const float* sw,
+                          const float* alpha, const S* bv, Index np, Index K, float* acc) {
+    if constexpr (NR > 0 && NG > 0) {
+      if (nr < NR)
+        q8_dispatch<NR - 1, NG>(nr, ng, sh, wq, sw, alpha, bv, np, K, acc);
+      else if (ng < NG)
+        q8_dispatch<NR, NG - 1>(nr, ng, sh, wq, sw, alpha, bv, np, K, acc);
+      else
+        q8_block<NR, NG>(sh, wq, sw, alpha, bv, np, K, acc);
+    }
+  }
+
+  // One NR heads × NG·32 dims register block of pv_q8 (rows at wq, sw, alpha, acc + r·d_pad;
+  // dims from bv, acc).
+  template <int NR, int NG>
+  static void q8_block(const Shape& sh, const float* wq, const float* sw, const float* alpha,
+                       const S* bv, Index np, Index K, float* acc) {
+    using VI = typename Ops::VI;
+    const Index d = sh.d, H_pad = sh.H_pad;
+    VI a[NR][2 * NG];
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      TPA_UNROLL
+      for (int j = 0; j < 2 * NG; ++j) a[r][j] = Ops::izero();
+    }
+    for (Index p = 0; p < np; ++p) {
+      const S* r0 = bv + 2 * p * d;
+      const S* r1 = 2 * p + 1 < K ? r0 + d : r0;  // odd K: the last pair's weight is 0
+      VI x[2 * NG];
+      TPA_UNROLL
+      for (int g = 0; g < NG; ++g)
+        Ops::q8_pairs(r0 + g * 2 * kW, r1 + g * 2 * kW, x[2 * g], x[2 * g + 1]);
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        const float* wp = wq + p * H_pad + r;
+        TPA_UNROLL
+        for (int j = 0; j < 2 * NG; ++j) a[r][j] = Ops::dot_pairs(a[r][j], x[j], wp);
+      }
+    }
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const V al = Ops::set1(alpha[r]), sc = Ops::set1(sw[r]);
+      float* o = acc + r * sh.d_pad;
+      TPA_UNROLL
+      for (int g = 0; g < NG; ++g) {
+        V f0, f1;
+        Ops::q8_unpair(a[r][2 * g], a[r][2 * g + 1], f0, f1);
+        float* og = o + g * 2 * kW;
+        Ops::store(og, Ops::fmadd(f0, sc, Ops::mul(Ops::load(og), al)));
+        Ops::store(og + kW, Ops::fmadd(f1, sc, Ops::mul(Ops::load(og + kW), al)));
       }
     }
   }
