@@ -185,6 +185,16 @@ struct Avx512Ops {
     for (int i = 0; i < 16; ++i) r[i] = t[i];
   }
 
+  // FlashTPA's bf16 B_Q·B_K: 32 bf16 widened in one op per 16 (TpaTiled::dots_block).
+  static constexpr bool kHasBf16Pairs = true;
+  /// The 32 bf16 at p as f32: even = elements 0, 2, …, 30, odd = 1, 3, …, 31.
+  static void bf16_pairs(const bfloat16* p, V& even, V& odd) {
+    const __m512i x = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd =
+        _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+
 #if defined(TPA_HAVE_AVX512VNNI)
   // FlashTPA's int8 value product (TpaTiled::pv_q8): int16 weight pairs × int8 B_V rows on
   // vpdpwssd, exact int32 sums, one scale per row at the end.

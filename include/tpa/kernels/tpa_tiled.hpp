@@ -57,7 +57,8 @@ namespace detail {
 ///       [R_Q × d]·[d × (T·R_K)] product, R_Q·R_K·d multiply-adds per token — read straight
 ///       from the cache rows: blocks of W/2 tokens × 2 ranks accumulate W dot products in W
 ///       vector registers over d, then one shuffle tree (lane_reduce) turns them into one vector
-///       of W results; then per token S(t) = Σ_s A_K(t)[:, s] ⊙ Σ_r C[s·R_Q + r][t]·A_Qᵀ[r]
+///       of W results (bf16 B_K with Ops::bf16_pairs: 2W elements widened as even and odd
+///       halves, one op per W, against a B_Q copied in that order per pass); then per token S(t) = Σ_s A_K(t)[:, s] ⊙ Σ_r C[s·R_Q + r][t]·A_Qᵀ[r]
 ///       (broadcast C, H·R_K·(R_Q+1) multiply-adds per token, A_Qᵀ [R_Q, H_pad] built per pass);
 ///     full query (K/V-only): A_K and B_K are transposed into akt [H·R_K, T] and bkt [R_K·d, T]
 ///       (tokens in lanes), S[h] = Σ_s akt[h,s] ⊙ (q_h · bkt_s) is the [rows × d]·[d × T]
@@ -71,7 +72,11 @@ namespace detail {
 ///     from the cache (16-bit or int8 storage, or d not a multiple of W: widened once per
 ///     element into workspace, in decode by the first row block of each column block as it
 ///     multiplies, in prefill by a pass before the tile's queries): a register-blocked
-///     kPvRows × kPvCols product, B_V column blocks outer so they stay in L1.
+///     kPvRows × kPvCols product, B_V column blocks outer so they stay in L1. int8 B_V where
+///     Ops has VNNI (pv_q8, d a multiple of 2W): each head's tile weights are rounded to int16
+///     against their maximum (relative error ≤ 2⁻¹⁶ of that maximum), vpdpwssd sums pairs of
+///     weight rows × B_V rows exactly in int32 (2W products per instruction, 2× an FMA's), and
+///     one scale multiply per tile and head (de-interleaving the pairs) adds them to acc.
 ///     Tokens past a query's causal limit (diagonal tiles of prefill) are never read.
 /// Everything accumulates in f32. While a tile computes, the next tile's factors are prefetched
 /// into L2 a few lines per micro-kernel call (RowPrefetch). A software prefetch that misses the
@@ -110,6 +115,10 @@ namespace detail {
 /// prefetches the streaming step was 25–33% slower on a Zen 5 (and the L2-resident one 5–9%
 /// faster): they are spread evenly over the previous tile (bursts and longer distances measured
 /// slower).
+/// The int8 and bf16 paths above (VNNI value product, bf16_pairs), same one-core L2 setup, 384
+/// tokens, best of 400 steps (2026-12-06): TPA int8 236 → 171–173 ns per token (bf16 231 →
+/// 226–228, f32 241 unchanged), TPA-KV int8 395 → 335 (bf16 ≈ 396, f32 403): int8 is now the
+/// fastest, the value product at 2× the MACs per instruction.
 /// Rows (queries × heads) per pass of TpaTiled (TpaTiled::kRowCap); see kGroupedRowCap.
 constexpr Index kTpaRowCap = 128;
 
@@ -119,6 +128,11 @@ template <class O, class = void>
 struct HasQ8Pairs : std::false_type {};
 template <class O>
 struct HasQ8Pairs<O, std::enable_if_t<O::kHasQ8Pairs>> : std::true_type {};
+/// Whether Ops widens 2·kWidth bf16 in one op per kWidth (kHasBf16Pairs: bf16_pairs; Avx512Ops).
+template <class O, class = void>
+struct HasBf16Pairs : std::false_type {};
+template <class O>
+struct HasBf16Pairs<O, std::enable_if_t<O::kHasBf16Pairs>> : std::true_type {};
 
 template <class Ops, class S>
 class TpaTiled {
@@ -136,6 +150,8 @@ class TpaTiled {
   static constexpr Index kPvCols = Ops::kPvCols;
   /// int8 B_V by integer products (pv_q8) where Ops has them.
   static constexpr bool kQ8Pairs = is_quantized_v<S> && HasQ8Pairs<Ops>::value;
+  /// bf16 B_K rows widened as even/odd halves (bf16_pairs) against a B_Q in that order (bqp).
+  static constexpr bool kBf16Pairs = std::is_same<S, bfloat16>::value && HasBf16Pairs<Ops>::value;
   /// pv_q8's limits: d a multiple of 32 (whole pairs of vectors), R_V ≤ 16 (int32 sums of a
   /// tile: kT·R_V/2 pairs of ≤ 2·32767·128 each stay below 2³¹).
   static constexpr Index kQ8PairsMaxRank = 16;
@@ -202,6 +218,7 @@ class TpaTiled {
     float* alpha;  // [ni][H_pad] rescale factor of the current tile
     float* acc;    // [ni·H, d_pad]
     float* bvp;    // [kT·RV, d_pad] widened B_V tile (pack_v only)
+    float* bqp;    // kBf16Pairs, factored: [ni][RQ, d] B_Q, each whole 2·kW chunk even then odd
     float* wq;     // q8_pairs: [kT·RV/2 + 1, H_pad] int16 weight pairs (store_pairs16)
     float* sw;     // q8_pairs: [H_pad] their scale per head
     Index total;   // floats
@@ -247,6 +264,7 @@ class TpaTiled {
     b.alpha = take(sh.ni * sh.H_pad);
     b.acc = take(rows * sh.d_pad);
     b.bvp = take(sh.pack_v ? kT * sh.RV * sh.d_pad : 0);
+    b.bqp = take(kBf16Pairs && factored ? sh.ni * sh.RQ * sh.d : 0);
     b.wq = take(sh.q8_pairs ? (kT * sh.RV / 2 + 1) * sh.H_pad : 0);
     b.sw = take(sh.q8_pairs ? sh.H_pad : 0);
     b.total = off;
@@ -287,6 +305,19 @@ class TpaTiled {
         for (Index r = 0; r < RQ; ++r)
           for (Index h = 0; h < H_pad; ++h)
             dst[r * H_pad + h] = h < H ? a[h * RQ + r] * qk_scale : 0.f;
+        if constexpr (kBf16Pairs) {
+          for (Index r = 0; r < RQ; ++r) {
+            const float* q = p.b_q + i * p.b_q_stride + r * d;
+            float* qp = b.bqp + ((i - ib) * RQ + r) * d;
+            Index j = 0;
+            for (; j + 2 * kW <= d; j += 2 * kW)
+              for (Index k = 0; k < kW; ++k) {
+                qp[j + k] = q[j + 2 * k];
+                qp[j + kW + k] = q[j + 2 * k + 1];
+              }
+            for (; j < d; ++j) qp[j] = q[j];
+          }
+        }
       } else {
         const float* q = p.q + i * p.q_stride;
         float* dst = b.q + (i - ib) * H * d;
@@ -389,10 +420,10 @@ class TpaTiled {
         (RQ > 0 ? nq * RK * ((n + kW / 2 - 1) / (kW / 2))
                 : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
         nq * (per_token * ((n + kTokGroup - 1) / kTokGroup) +
-              (sh.q8_pairs ? (H + kQ8Rows - 1) / kQ8Rows *
-                                 ((sh.d / kW + 2 * kQ8Groups - 1) / (2 * kQ8Groups))
-                           : (H + kPvRows - 1) / kPvRows *
-                                 ((sh.d_pad / kW + kPvCols - 1) / kPvCols)));
+              (sh.q8_pairs
+                   ? (H + kQ8Rows - 1) / kQ8Rows *
+                         ((sh.d / kW + 2 * kQ8Groups - 1) / (2 * kQ8Groups))
+                   : (H + kPvRows - 1) / kPvRows * ((sh.d_pad / kW + kPvCols - 1) / kPvCols)));
     const Index per_call = (next.pending() + points - 1) / points;
 
     if (RQ == 0) {  // scores of all rows that see the tile, tokens in lanes
@@ -454,7 +485,8 @@ class TpaTiled {
       if (lo >= count) continue;
       float* st = b.st + qi * kT * H_pad;
       if (RQ > 0) {
-        factor_dots(p.b_q + i * p.b_q_stride, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
+        const float* bq = kBf16Pairs ? b.bqp + qi * RQ * d : p.b_q + i * p.b_q_stride;
+        factor_dots(bq, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
         if constexpr (is_quantized_v<S>) {  // B_Q·B_K(t)[s] times B_K's scale of (t, s)
           for (Index s = 0; s < RK; ++s)
             for (Index r = 0; r < RQ; ++r)
@@ -778,6 +810,21 @@ class TpaTiled {
     TPA_UNROLL
     for (Index i = 0; i < kW; ++i) acc[i] = Ops::zero();
     Index j = 0;
+    if constexpr (kBf16Pairs) {  // q0, q1 in bqp's order: each 2·kW chunk even, then odd
+      for (; j + 2 * kW <= d; j += 2 * kW) {
+        const V a0 = Ops::loadu(q0 + j), a1 = Ops::loadu(q1 + j);
+        const V b0 = Ops::loadu(q0 + j + kW), b1 = Ops::loadu(q1 + j + kW);
+        TPA_UNROLL
+        for (Index i = 0; i < G; ++i) {
+          V ke, ko;
+          Ops::bf16_pairs(row[i] + j, ke, ko);
+          acc[i] = Ops::fmadd(ke, a0, acc[i]);
+          acc[G + i] = Ops::fmadd(ke, a1, acc[G + i]);
+          acc[i] = Ops::fmadd(ko, b0, acc[i]);
+          acc[G + i] = Ops::fmadd(ko, b1, acc[G + i]);
+        }
+      }
+    }
     for (; j + kW <= d; j += kW) {
       const V a0 = Ops::loadu(q0 + j), a1 = Ops::loadu(q1 + j);
       TPA_UNROLL
