@@ -129,8 +129,8 @@ struct Problem {
     const auto p = params(nullptr);
     const Index H = p.n_heads, d = p.head_dim, RQ = p.q_rank, RK = p.k_rank, RV = p.v_rank;
     const double lambda = 8, qk_scale = p.qk_scale(), v_scale = p.v_scale();
-    auto at = [&](std::size_t f, Index t, Index k) {
-      return static_cast<double>(static_cast<float>(p.kv.at(f, t, k)));
+    auto at = [&](std::size_t f, Index t, Index k) {  // dequantized for q8
+      return static_cast<double>(p.kv.value(f, t, k / p.kv.cols(f), k % p.kv.cols(f)));
     };
     std::vector<double> tol(o_ref.size());
     std::vector<double> w, qh(static_cast<std::size_t>(d)), v, vabs;
@@ -168,6 +168,26 @@ struct Problem {
         double l = 0;
         for (auto& x : w) l += (x = std::exp(x - m));
         for (auto& x : w) x /= l;
+        // int8 caches: the value product may round a head's weights of a tile to int16 against
+        // their maximum (TpaTiled::pv_q8): weight (t, s) = p_t·A_V[h, s]·sb(t, s) (sb: B_V's
+        // scale) is off by ≤ its tile's largest / 65534 (taken as / 32767) and multiplies B_V's
+        // integer B_V[s, j] / sb(t, s). A tile holds ≤ 64 tokens, so every weight of t's tile is
+        // within 63 tokens of t: wq[t] = the largest weight of tokens t − 63 … t + 63, / 32767.
+        std::vector<double> wq;
+        if constexpr (is_quantized_v<S>) {
+          std::vector<double> u(static_cast<std::size_t>(n_keys), 0.0);
+          for (Index t = 0; t < n_keys; ++t)
+            for (Index s = 0; s < RV; ++s)
+              u[static_cast<std::size_t>(t)] =
+                  std::max(u[static_cast<std::size_t>(t)],
+                           w[static_cast<std::size_t>(t)] *
+                               std::abs(at(p.a_v_factor, t, h * RV + s)) * bv_scale(p, t, s));
+          wq.assign(static_cast<std::size_t>(n_keys), 0.0);
+          for (Index t = 0; t < n_keys; ++t)
+            for (Index t2 = std::max<Index>(0, t - 63); t2 < std::min(n_keys, t + 64); ++t2)
+              wq[static_cast<std::size_t>(t)] =
+                  std::max(wq[static_cast<std::size_t>(t)], u[static_cast<std::size_t>(t2)] / 32767);
+        }
         for (Index j = 0; j < d; ++j) {
           v.assign(static_cast<std::size_t>(n_keys), 0.0);
           vabs.assign(static_cast<std::size_t>(n_keys), 0.0);
@@ -186,13 +206,23 @@ struct Problem {
             dev += w[k] * std::abs(v[k] - o);
             mag += w[k] * vabs[k];
           }
+          double q16 = 0;  // int8: the int16 weights' error
+          for (Index t = 0; t < static_cast<Index>(wq.size()); ++t)
+            for (Index s = 0; s < RV; ++s)
+              q16 += wq[static_cast<std::size_t>(t)] * std::abs(at(p.b_v_factor, t, s * d + j)) /
+                     bv_scale(p, t, s) * v_scale;
           tol[static_cast<std::size_t>((i * H + h) * d + j)] =
               eps * dev + 2 * lambda * std::sqrt(static_cast<double>(n_keys * RV + 2)) * kU * mag +
-              2 * kU * std::abs(o);
+              2 * kU * std::abs(o) + q16;
         }
       }
     }
     return tol;
+  }
+
+  // int8: B_V's scale of token t, rank s.
+  static double bv_scale(const TpaAttentionParams<S>& p, Index t, Index s) {
+    return p.kv.scales(p.b_v_factor, t / p.kv.block_tokens, s)[t % p.kv.block_tokens];
   }
 
   // max_k |o_k − o_ref,k| / tol_k: ≤ 1 passes (∞ on NaN).
@@ -333,6 +363,31 @@ void check_storage() {
 }
 TYPED_TEST(TpaKernel, Bfloat16Storage) { check_storage<TypeParam, bfloat16>(); }
 TYPED_TEST(TpaKernel, HalfStorage) { check_storage<TypeParam, half>(); }
+
+// int8 storage: the Reference reads the same dequantized values; the bound adds the int16
+// weights' rounding (see tolerance()). Shapes for pv_q8 (head dims that are multiples of 32, an
+// odd number of weight rows with R_V 1, heads not a multiple of its 4-row blocks) and for the
+// f32 value product it leaves to d = 72 and 40; decode, prefill, a 4100-key decode.
+TYPED_TEST(TpaKernel, Int8Storage) {
+  using B = TypeParam;
+  for (const Shape& sh : {Shape{32, 128, 6, 2, 2}, Shape{5, 96, 3, 4, 1}, Shape{47, 64, 0, 2, 3},
+                          Shape{6, 32, 2, 1, 5}, Shape{5, 72, 3, 4, 1}, Shape{47, 40, 0, 2, 5}}) {
+    for (Index n_q : {1, 6}) {
+      const Problem<q8> pr(sh, 77, n_q, 16, 3u);
+      SCOPED_TRACE(sh.name() + " n_q " + std::to_string(n_q));
+      EXPECT_LE(pr.error(run<B>(pr, 2, 2)), 1.0);
+      std::vector<float> o(pr.o_ref.size());
+      Kernels<B>::tpa_attention(pr.params(o.data()));
+      EXPECT_LE(pr.error(o), 1.0) << "single-call entry";
+    }
+  }
+  for (const Shape& sh : {Shape{32, 128, 6, 2, 2}, Shape{29, 64, 0, 2, 2}}) {
+    const Problem<q8> pr(sh, 4100, 1, 64, 17u);
+    SCOPED_TRACE(sh.name());
+    EXPECT_LE(pr.error(run<B>(pr, 1, 1)), 1.0);
+    EXPECT_LE(pr.error(run<B>(pr, 2, 2)), 1.0);
+  }
+}
 
 // Large score ranges: far-below-max and masked keys must weigh exactly 0 (no NaN from
 // −inf − −inf, no denormals), and a dominant key must win.

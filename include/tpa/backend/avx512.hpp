@@ -184,6 +184,50 @@ struct Avx512Ops {
     TPA_UNROLL
     for (int i = 0; i < 16; ++i) r[i] = t[i];
   }
+
+  // FlashTPA's bf16 B_Q·B_K: 32 bf16 widened in one op per 16 (TpaTiled::dots_block).
+  static constexpr bool kHasBf16Pairs = true;
+  /// The 32 bf16 at p as f32: even = elements 0, 2, …, 30, odd = 1, 3, …, 31.
+  static void bf16_pairs(const bfloat16* p, V& even, V& odd) {
+    const __m512i x = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd =
+        _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+
+#if defined(TPA_HAVE_AVX512VNNI)
+  // FlashTPA's int8 value product (TpaTiled::pv_q8): int16 weight pairs × int8 B_V rows on
+  // vpdpwssd, exact int32 sums, one scale per row at the end.
+  static constexpr bool kHasQ8Pairs = true;
+  using VI = __m512i;
+  static VI izero() { return _mm512_setzero_si512(); }
+  /// Elements 0–31 of the int8 rows a and b as 16-bit pairs (a_j, b_j) in 32-bit lanes:
+  /// lo holds j = 0–7, 16–23, hi j = 8–15, 24–31 (q8_unpair restores the order).
+  static void q8_pairs(const q8* a, const q8* b, VI& lo, VI& hi) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x, y));
+    hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x, y));
+  }
+  /// acc + x.lo·w.lo + x.hi·w.hi per 32-bit lane (16-bit halves), w = the pair stored at *wp
+  /// by store_pairs16.
+  static VI dot_pairs(VI acc, VI x, const float* wp) {
+    return _mm512_dpwssd_epi32(acc, x, _mm512_castps_si512(_mm512_set1_ps(*wp)));
+  }
+  /// Lane i of p (16 floats' room, 64-byte aligned) = the 16-bit pair (round(w0_i), round(w1_i));
+  /// |w0|, |w1| ≤ 32767.
+  static void store_pairs16(float* p, V w0, V w1) {
+    const __m512i a = _mm512_cvtps_epi32(w0);
+    const __m512i b = _mm512_slli_epi32(_mm512_cvtps_epi32(w1), 16);
+    _mm512_store_si512(p, _mm512_mask_blend_epi16(0xAAAAAAAAu, a, b));
+  }
+  /// The int32 sums of q8_pairs' lo and hi lanes as f32 in element order: f0 = 0–15, f1 = 16–31.
+  static void q8_unpair(VI lo, VI hi, V& f0, V& f1) {
+    const V a = _mm512_cvtepi32_ps(lo), b = _mm512_cvtepi32_ps(hi);
+    f0 = _mm512_shuffle_f32x4(a, b, 0x44);
+    f1 = _mm512_shuffle_f32x4(a, b, 0xEE);
+  }
+#endif  // TPA_HAVE_AVX512VNNI
 };
 
 }  // namespace detail

@@ -56,7 +56,8 @@ namespace detail {
 ///       [R_Q × d]·[d × (T·R_K)] product, R_Q·R_K·d multiply-adds per token — read straight
 ///       from the cache rows: blocks of W/2 tokens × 2 ranks accumulate W dot products in W
 ///       vector registers over d, then one shuffle tree (lane_reduce) turns them into one vector
-///       of W results; then per token S(t) = Σ_s A_K(t)[:, s] ⊙ Σ_r C[s·R_Q + r][t]·A_Qᵀ[r]
+///       of W results (bf16 B_K with Ops::bf16_pairs: 2W elements widened as even and odd
+///       halves, one op per W, against a B_Q copied in that order per pass); then per token S(t) = Σ_s A_K(t)[:, s] ⊙ Σ_r C[s·R_Q + r][t]·A_Qᵀ[r]
 ///       (broadcast C, H·R_K·(R_Q+1) multiply-adds per token, A_Qᵀ [R_Q, H_pad] built per pass);
 ///     full query (K/V-only): A_K and B_K are transposed into akt [H·R_K, T] and bkt [R_K·d, T]
 ///       (tokens in lanes), S[h] = Σ_s akt[h,s] ⊙ (q_h · bkt_s) is the [rows × d]·[d × T]
@@ -70,7 +71,11 @@ namespace detail {
 ///     from the cache (16-bit or int8 storage, or d not a multiple of W: widened once per
 ///     element into workspace, in decode by the first row block of each column block as it
 ///     multiplies, in prefill by a pass before the tile's queries): a register-blocked
-///     kPvRows × kPvCols product, B_V column blocks outer so they stay in L1.
+///     kPvRows × kPvCols product, B_V column blocks outer so they stay in L1. int8 B_V where
+///     Ops has VNNI (pv_q8, d a multiple of 2W): each head's tile weights are rounded to int16
+///     against their maximum (relative error ≤ 2⁻¹⁶ of that maximum), vpdpwssd sums pairs of
+///     weight rows × B_V rows exactly in int32 (2W products per instruction, 2× an FMA's), and
+///     one scale multiply per tile and head (de-interleaving the pairs) adds them to acc.
 ///     Tokens past a query's causal limit (diagonal tiles of prefill) are never read.
 /// Everything accumulates in f32. While a tile computes, the next tile's factors are prefetched
 /// into L2 a few lines per micro-kernel call (RowPrefetch). A software prefetch that misses the
@@ -109,8 +114,24 @@ namespace detail {
 /// prefetches the streaming step was 25–33% slower on a Zen 5 (and the L2-resident one 5–9%
 /// faster): they are spread evenly over the previous tile (bursts and longer distances measured
 /// slower).
+/// The int8 and bf16 paths above (VNNI value product, bf16_pairs), same one-core L2 setup, 384
+/// tokens, best of 400 steps (2026-12-06): TPA int8 236 → 171–173 ns per token (bf16 231 →
+/// 226–228, f32 241 unchanged), TPA-KV int8 395 → 335 (bf16 ≈ 396, f32 403): int8 is now the
+/// fastest, the value product at 2× the MACs per instruction.
 /// Rows (queries × heads) per pass of TpaTiled (TpaTiled::kRowCap); see kGroupedRowCap.
 constexpr Index kTpaRowCap = 128;
+
+/// Whether Ops has the int8 value-product primitives (kHasQ8Pairs: q8_pairs, dot_pairs,
+/// store_pairs16, q8_unpair; Avx512Ops with VNNI).
+template <class O, class = void>
+struct HasQ8Pairs : std::false_type {};
+template <class O>
+struct HasQ8Pairs<O, std::enable_if_t<O::kHasQ8Pairs>> : std::true_type {};
+/// Whether Ops widens 2·kWidth bf16 in one op per kWidth (kHasBf16Pairs: bf16_pairs; Avx512Ops).
+template <class O, class = void>
+struct HasBf16Pairs : std::false_type {};
+template <class O>
+struct HasBf16Pairs<O, std::enable_if_t<O::kHasBf16Pairs>> : std::true_type {};
 
 template <class Ops, class S>
 class TpaTiled {
@@ -126,6 +147,16 @@ class TpaTiled {
   /// Value micro-kernel: rows × vectors of accumulators (24 of the 32 registers with AVX-512).
   static constexpr Index kPvRows = Ops::kPvRows;
   static constexpr Index kPvCols = Ops::kPvCols;
+  /// int8 B_V by integer products (pv_q8) where Ops has them.
+  static constexpr bool kQ8Pairs = is_quantized_v<S> && HasQ8Pairs<Ops>::value;
+  /// bf16 B_K rows widened as even/odd halves (bf16_pairs) against a B_Q in that order (bqp).
+  static constexpr bool kBf16Pairs = std::is_same<S, bfloat16>::value && HasBf16Pairs<Ops>::value;
+  /// pv_q8's limits: d a multiple of 32 (whole pairs of vectors), R_V ≤ 16 (int32 sums of a
+  /// tile: kT·R_V/2 pairs of ≤ 2·32767·128 each stay below 2³¹).
+  static constexpr Index kQ8PairsMaxRank = 16;
+  /// pv_q8's register block: kQ8Rows heads × kQ8Groups·32 dims, 2·kQ8Groups int32 accumulators
+  /// per head (16 in all: more spill with GCC, since vpdpwssd overwrites its accumulator).
+  static constexpr Index kQ8Rows = 4, kQ8Groups = 2;
 
   /// Floats of workspace run() needs for `part` (64-byte aligned storage). Depends on the
   /// shapes and on min(n_q, kRowCap / H) only, not on the number of keys.
@@ -160,6 +191,7 @@ class TpaTiled {
     Index H_pad = 0;                // heads rounded up to kW (heads in lanes)
     Index ni = 0;                   // queries per pass
     bool pack_v = false;            // B_V is widened/padded into workspace
+    bool q8_pairs = false;          // int8 B_V by integer products (pv_q8)
   };
 
   // Per-query arrays (st, w, m, l, alpha, aq) hold query i − ib at + (i − ib)·(their size).
@@ -177,6 +209,9 @@ class TpaTiled {
     float* alpha;  // [ni][H_pad] rescale factor of the current tile
     float* acc;    // [ni·H, d_pad]
     float* bvp;    // [kT·RV, d_pad] widened B_V tile (pack_v only)
+    float* bqp;    // kBf16Pairs, factored: [ni][RQ, d] B_Q, each whole 2·kW chunk even then odd
+    float* wq;     // q8_pairs: [kT·RV/2 + 1, H_pad] int16 weight pairs (store_pairs16)
+    float* sw;     // q8_pairs: [H_pad] their scale per head
     Index total;   // floats
   };
 
@@ -192,7 +227,8 @@ class TpaTiled {
     sh.RV = p.v_rank;
     sh.H_pad = round_up(sh.H, kW);
     sh.ni = std::max<Index>(1, std::min(part.i1 - part.i0, kRowCap / sh.H));
-    sh.pack_v = !std::is_same<S, float>::value || sh.d % kW != 0;
+    sh.q8_pairs = kQ8Pairs && sh.d % (2 * kW) == 0 && sh.RV <= kQ8PairsMaxRank;
+    sh.pack_v = !sh.q8_pairs && (!std::is_same<S, float>::value || sh.d % kW != 0);
     return sh;
   }
 
@@ -219,6 +255,9 @@ class TpaTiled {
     b.alpha = take(sh.ni * sh.H_pad);
     b.acc = take(rows * sh.d_pad);
     b.bvp = take(sh.pack_v ? kT * sh.RV * sh.d_pad : 0);
+    b.bqp = take(kBf16Pairs && factored ? sh.ni * sh.RQ * sh.d : 0);
+    b.wq = take(sh.q8_pairs ? (kT * sh.RV / 2 + 1) * sh.H_pad : 0);
+    b.sw = take(sh.q8_pairs ? sh.H_pad : 0);
     b.total = off;
     return b;
   }
@@ -257,6 +296,19 @@ class TpaTiled {
         for (Index r = 0; r < RQ; ++r)
           for (Index h = 0; h < H_pad; ++h)
             dst[r * H_pad + h] = h < H ? a[h * RQ + r] * qk_scale : 0.f;
+        if constexpr (kBf16Pairs) {
+          for (Index r = 0; r < RQ; ++r) {
+            const float* q = p.b_q + i * p.b_q_stride + r * d;
+            float* qp = b.bqp + ((i - ib) * RQ + r) * d;
+            Index j = 0;
+            for (; j + 2 * kW <= d; j += 2 * kW)
+              for (Index k = 0; k < kW; ++k) {
+                qp[j + k] = q[j + 2 * k];
+                qp[j + kW + k] = q[j + 2 * k + 1];
+              }
+            for (; j < d; ++j) qp[j] = q[j];
+          }
+        }
       } else {
         const float* q = p.q + i * p.q_stride;
         float* dst = b.q + (i - ib) * H * d;
@@ -359,7 +411,10 @@ class TpaTiled {
         (RQ > 0 ? nq * RK * ((n + kW / 2 - 1) / (kW / 2))
                 : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
         nq * (per_token * ((n + kTokGroup - 1) / kTokGroup) +
-              (H + kPvRows - 1) / kPvRows * ((sh.d_pad / kW + kPvCols - 1) / kPvCols));
+              (sh.q8_pairs
+                   ? (H + kQ8Rows - 1) / kQ8Rows *
+                         ((sh.d / kW + 2 * kQ8Groups - 1) / (2 * kQ8Groups))
+                   : (H + kPvRows - 1) / kPvRows * ((sh.d_pad / kW + kPvCols - 1) / kPvCols)));
     const Index per_call = (next.pending() + points - 1) / points;
 
     if (RQ == 0) {  // scores of all rows that see the tile, tokens in lanes
@@ -421,7 +476,8 @@ class TpaTiled {
       if (lo >= count) continue;
       float* st = b.st + qi * kT * H_pad;
       if (RQ > 0) {
-        factor_dots(p.b_q + i * p.b_q_stride, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
+        const float* bq = kBf16Pairs ? b.bqp + qi * RQ * d : p.b_q + i * p.b_q_stride;
+        factor_dots(bq, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
         if constexpr (is_quantized_v<S>) {  // B_Q·B_K(t)[s] times B_K's scale of (t, s)
           for (Index s = 0; s < RK; ++s)
             for (Index r = 0; r < RQ; ++r)
@@ -472,6 +528,13 @@ class TpaTiled {
             for (Index h = 0; h < H_pad; h += kW)
               Ops::store(wt + h, Ops::mul(Ops::load(wt + h), Ops::mul(sa.at(t, h, H), b_scale)));
           }
+        }
+      }
+      if constexpr (kQ8Pairs) {
+        if (sh.q8_pairs) {
+          pv_q8(sh, b, w, (count - lo) * RV, alpha, bv + lo * ld_bv, b.acc + qi * H * sh.d_pad,
+                next, per_call);
+          continue;
         }
       }
       VSource vs;
@@ -738,6 +801,21 @@ class TpaTiled {
     TPA_UNROLL
     for (Index i = 0; i < kW; ++i) acc[i] = Ops::zero();
     Index j = 0;
+    if constexpr (kBf16Pairs) {  // q0, q1 in bqp's order: each 2·kW chunk even, then odd
+      for (; j + 2 * kW <= d; j += 2 * kW) {
+        const V a0 = Ops::loadu(q0 + j), a1 = Ops::loadu(q1 + j);
+        const V b0 = Ops::loadu(q0 + j + kW), b1 = Ops::loadu(q1 + j + kW);
+        TPA_UNROLL
+        for (Index i = 0; i < G; ++i) {
+          V ke, ko;
+          Ops::bf16_pairs(row[i] + j, ke, ko);
+          acc[i] = Ops::fmadd(ke, a0, acc[i]);
+          acc[G + i] = Ops::fmadd(ke, a1, acc[G + i]);
+          acc[i] = Ops::fmadd(ko, b0, acc[i]);
+          acc[G + i] = Ops::fmadd(ko, b1, acc[G + i]);
+        }
+      }
+    }
     for (; j + kW <= d; j += kW) {
       const V a0 = Ops::loadu(q0 + j), a1 = Ops::loadu(q1 + j);
       TPA_UNROLL
@@ -805,6 +883,108 @@ class TpaTiled {
         } else {
           Ops::store(o, acc[r][v]);
         }
+      }
+    }
+  }
+
+  // pv() for an int8 B_V (q8_pairs): acc [H, d_pad] = acc · alpha + W · B_V over the K = n·R_V
+  // weight rows k = t·R_V + s (w + k·H_pad, heads in lanes, value scales folded in) and the
+  // cached B_V rows (bv + k·d, int8, contiguous). Each head's K weights are rounded to int16
+  // against their maximum (w ≈ sw_h·q, |q| ≤ 32767: relative error ≤ 2⁻¹⁶ of the tile's
+  // largest weight) and paired (k = 2p, 2p + 1); vpdpwssd sums q·B_V exactly in int32 (32
+  // products per instruction, against 16 FMAs) and the scale is applied once per tile and head.
+  // A non-finite weight makes the head's scale NaN, as it makes the f32 product's sums.
+  static void pv_q8(const Shape& sh, const Buffers& b, const float* w, Index K, const float* alpha,
+                    const S* bv, float* acc, TilePrefetch& pf, Index per_call) {
+    const Index H_pad = sh.H_pad, np = (K + 1) / 2;
+    for (Index h = 0; h < H_pad; h += kW) {
+      V amax = Ops::zero(), sum = Ops::zero();
+      for (Index k = 0; k < K; ++k) {
+        const V x = Ops::load(w + k * H_pad + h);
+        amax = Ops::max(amax, Ops::max(x, Ops::sub(Ops::zero(), x)));
+        sum = Ops::add(sum, x);
+      }
+      alignas(64) float mx[kW], inv[kW], sc[kW];
+      Ops::store(mx, amax);
+      Ops::store(sc, Ops::mul(sum, Ops::zero()));  // 0, or NaN after a non-finite weight
+      for (Index i = 0; i < kW; ++i) {
+        inv[i] = mx[i] > 0.f ? 32767.f / mx[i] : 0.f;
+        sc[i] += mx[i] / 32767.f;
+      }
+      Ops::store(b.sw + h, Ops::load(sc));
+      const V iv = Ops::load(inv);
+      for (Index p = 0; p < np; ++p) {
+        const V w0 = Ops::mul(Ops::load(w + 2 * p * H_pad + h), iv);
+        const V w1 =
+            2 * p + 1 < K ? Ops::mul(Ops::load(w + (2 * p + 1) * H_pad + h), iv) : Ops::zero();
+        Ops::store_pairs16(b.wq + p * H_pad + h, w0, w1);
+      }
+    }
+    constexpr Index R = kQ8Rows, C = 2 * kQ8Groups;
+    const Index nvec = sh.d / kW, H = sh.H;
+    for (Index c = 0; c < nvec; c += C) {
+      const Index ng = std::min(C, nvec - c) / 2;
+      for (Index r = 0; r < H; r += R) {
+        pf.issue(per_call);
+        q8_dispatch<static_cast<int>(R), static_cast<int>(C / 2)>(
+            std::min(R, H - r), ng, sh, b.wq + r, b.sw + r, alpha + r, bv + c * kW, np, K,
+            acc + r * sh.d_pad + c * kW);
+      }
+    }
+  }
+
+  // q8_block<nr', ng'> for nr' ≤ NR, ng' ≤ NG given at run time.
+  template <int NR, int NG>
+  static void q8_dispatch(Index nr, Index ng, const Shape& sh, const float* wq, const float* sw,
+                          const float* alpha, const S* bv, Index np, Index K, float* acc) {
+    if constexpr (NR > 0 && NG > 0) {
+      if (nr < NR)
+        q8_dispatch<NR - 1, NG>(nr, ng, sh, wq, sw, alpha, bv, np, K, acc);
+      else if (ng < NG)
+        q8_dispatch<NR, NG - 1>(nr, ng, sh, wq, sw, alpha, bv, np, K, acc);
+      else
+        q8_block<NR, NG>(sh, wq, sw, alpha, bv, np, K, acc);
+    }
+  }
+
+  // One NR heads × NG·32 dims register block of pv_q8 (rows at wq, sw, alpha, acc + r·d_pad;
+  // dims from bv, acc).
+  template <int NR, int NG>
+  static void q8_block(const Shape& sh, const float* wq, const float* sw, const float* alpha,
+                       const S* bv, Index np, Index K, float* acc) {
+    using VI = typename Ops::VI;
+    const Index d = sh.d, H_pad = sh.H_pad;
+    VI a[NR][2 * NG];
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      TPA_UNROLL
+      for (int j = 0; j < 2 * NG; ++j) a[r][j] = Ops::izero();
+    }
+    for (Index p = 0; p < np; ++p) {
+      const S* r0 = bv + 2 * p * d;
+      const S* r1 = 2 * p + 1 < K ? r0 + d : r0;  // odd K: the last pair's weight is 0
+      VI x[2 * NG];
+      TPA_UNROLL
+      for (int g = 0; g < NG; ++g)
+        Ops::q8_pairs(r0 + g * 2 * kW, r1 + g * 2 * kW, x[2 * g], x[2 * g + 1]);
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        const float* wp = wq + p * H_pad + r;
+        TPA_UNROLL
+        for (int j = 0; j < 2 * NG; ++j) a[r][j] = Ops::dot_pairs(a[r][j], x[j], wp);
+      }
+    }
+    TPA_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const V al = Ops::set1(alpha[r]), sc = Ops::set1(sw[r]);
+      float* o = acc + r * sh.d_pad;
+      TPA_UNROLL
+      for (int g = 0; g < NG; ++g) {
+        V f0, f1;
+        Ops::q8_unpair(a[r][2 * g], a[r][2 * g + 1], f0, f1);
+        float* og = o + g * 2 * kW;
+        Ops::store(og, Ops::fmadd(f0, sc, Ops::mul(Ops::load(og), al)));
+        Ops::store(og + kW, Ops::fmadd(f1, sc, Ops::mul(Ops::load(og + kW), al)));
       }
     }
   }
