@@ -1,5 +1,6 @@
-// Which SIMD instruction sets the compiler flags enable: TPA_HAVE_AVX2 (AVX2 + FMA) and
-// TPA_HAVE_AVX512 (AVX-512F/BW/VL, with AVX2 + FMA). The backend tags (tpa/backend/tags.hpp) and
+// Which SIMD instruction sets the compiler flags enable: TPA_HAVE_AVX2 (AVX2 + FMA),
+// TPA_HAVE_AVX512 (AVX-512F/BW/VL, with AVX2 + FMA) and TPA_HAVE_AVX512_VNNI (AVX-512 VNNI
+// integer dot products, with TPA_HAVE_AVX512). The backend tags (tpa/backend/tags.hpp) and
 // the micro-kernels' intrinsic paths (tpa/kernels/) both read them.
 #pragma once
 
@@ -9,4 +10,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(TPA_HAVE_AVX2)
 #define TPA_HAVE_AVX512 1
+#endif
+#if defined(__AVX512VNNI__) && defined(TPA_HAVE_AVX512)
+#define TPA_HAVE_AVX512_VNNI 1
 #endif
