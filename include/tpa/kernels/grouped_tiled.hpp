@@ -185,7 +185,7 @@ struct OpsDotI16<Ops, std::void_t<decltype(Ops::kDotI16)>> : std::bool_constant<
 ///   Score side on Avx512 since (kSplit, kDotI): bf16 K per 32 elements one 512-bit load
 ///   widened by 2 ops (even elements vpslld, odd vpandd; q's 32-dim blocks stored even/odd), so
 ///   dot_rows 2 widen + 2 FMA and qk_group<4> 2 widen + 8 FMA per 32 (was 4 + 2, 4 + 8); int8 K
-///   with VNNI (int16 q) per 32 elements 1 vpmovsxbw + 1 vpdpwssd per row: MHA 2 ops (was 6),
+///   with VNNI (q rows rounded to int16, ±32767 up to 516 dims) per 32 elements 1 vpmovsxbw + 1 vpdpwssd per row: MHA 2 ops (was 6),
 ///   qk_group<4> 5 (was 12). Score-side issue, MHA: 4.2 M K vectors of 16 × 3 ops = 1.7 ms
 ///   before, bf16 × 2 = 1.15 ms, int8 × 1 = 0.57 ms; GQA-8: 1.05 M × 6 = 0.86 ms before, bf16
 ///   × 5 = 0.72 ms, int8 × 2.5 = 0.36 ms (the FMAs of the value side unchanged here).
@@ -997,7 +997,12 @@ class GroupedTiled {
   // q_scale·k_scale[t]·dot in f32 (qk_i16). 1032 · 127 · 16383 < 2³¹.
   static constexpr bool kDotI = is_quantized_v<S> && OpsDotI16<Ops>::value;
   static constexpr Index kI16MaxDims = 1032;
-  static constexpr float kI16Max = 16383.f;
+  // The int16 range of a q row of `dim` dims: ±32767 up to 516 dims, else as large as keeps
+  // dim · 127 · range < 2³¹ (≥ 16383).
+  static double i16_range(Index dim) {
+    return static_cast<double>(
+        std::min<Index>(32767, (Index{1} << 31) / (127 * std::max<Index>(dim, 1)) - 1));
+  }
 
   // Reorders each whole 2·kW block of row [dim] to its even elements, then its odd ones.
   static void split_q(float* row, Index dim) {
@@ -1012,8 +1017,9 @@ class GroupedTiled {
   }
 
   // Quantizes the scaled f32 q row [dim] in place to int16: round_up(dim, 2·kW) values
-  // rint(q_j / s), zero past dim, s = max|q| / 16383 returned (0 for a zero row; NaN for a row
-  // with a NaN or ±Inf, whose scores are then NaN as in f32). The row's dq_pad floats hold them.
+  // rint(q_j / s), zero past dim, s = max|q| / i16_range(dim) returned (0 for a zero row; NaN
+  // for a row with a NaN or ±Inf, whose scores are then NaN as in f32). The row's dq_pad floats
+  // hold them.
   static float quantize_q(float* row, Index dim) {
     static_assert(!kDotI || kW == 16, "GroupedTiled: int16 q rows assume 16 f32 lanes");
     std::int16_t qi[kI16MaxDims + 32] = {};
@@ -1027,8 +1033,9 @@ class GroupedTiled {
     if (!finite) {
       sc = std::numeric_limits<float>::quiet_NaN();
     } else if (amax > 0.f) {
-      sc = amax / kI16Max;
-      const double inv = static_cast<double>(kI16Max) / static_cast<double>(amax);
+      const double range = i16_range(dim);
+      sc = static_cast<float>(static_cast<double>(amax) / range);
+      const double inv = range / static_cast<double>(amax);
       for (Index j = 0; j < dim; ++j)
         qi[j] = static_cast<std::int16_t>(std::lrint(static_cast<double>(row[j]) * inv));
     }
