@@ -533,14 +533,16 @@ void check_storage() {
     }
   }
 }
-// Token-lane decode with 2 … 7 rows per KV head (GQA): K read in place by the several-row score
-// micro-kernel (groups of 2, 4 or 8 rows, padded rows repeating the last one), 16-bit V widened
-// in registers by the value micro-kernel; a key size with a tail (40) and whole vectors (128),
-// f32 and 16-bit storage, within the f32 bound and bit-identical for one and two threads.
+// Token-lane decode with 1 (MHA) and 2 … 7 rows per KV head (GQA): K read in place by the
+// one-row and several-row score micro-kernels (groups of 2, 4 or 8 rows, padded rows repeating
+// the last one; bf16 on Avx512 by its even/odd split over 32-dim blocks), 16-bit V widened in
+// registers by the value micro-kernel; key sizes with a tail past the 32-dim blocks (40) and
+// whole blocks (64, 128), f32 and 16-bit storage, short last tiles (77 tokens in blocks of 16),
+// within the f32 bound and bit-identical for one and two threads.
 template <class B, class S>
 void check_several_rows() {
-  for (Index gs : {2, 3, 4, 5, 6, 7})
-    for (Index d : {40, 128}) {
+  for (Index gs : {1, 2, 3, 4, 5, 6, 7})
+    for (Index d : {40, 64, 128}) {
       const Shape sh{2 * gs, 2, d, 0, d, false};
       for (Index n_q : {1, 2}) {
         const Problem<S> pr(sh, 77, n_q, 16, 29u + static_cast<unsigned>(gs));

@@ -130,8 +130,8 @@ Inputs make_inputs(Index D) {
 // output row of every call, in call order. With `nan_b`, B's first decode input is NaN.
 template <class Layer, class S>
 std::vector<float> run(const Layer& layer, KVCache<S>& cache, const Inputs& in, Index D,
-                       bool nan_b = false) {
-  tpa::Context ctx(2);
+                       bool nan_b = false, int threads = 2) {
+  tpa::Context ctx(threads);
   std::vector<float> out;
   const SeqId a = cache.add_sequence(), b = cache.add_sequence();
   auto call = [&](const Tensor2& x, SeqId seq) {
@@ -338,6 +338,29 @@ TYPED_TEST(QuantCacheKinds, GqaRowGroups) {
   check_grouped<TypeParam>("GQA 12/4", 4, 36, 12);
   check_grouped<TypeParam>("GQA 12/2", 2, 48, 12);
   check_grouped<TypeParam>("GQA 14/2", 2, 32, 14);
+}
+// Token-lane decode scores of int8 keys (Avx512 with VNNI: int16 q rows × int8 K in integer
+// lanes, GroupedTiled::qk_i16) for 1 (MHA) … 7 query heads per KV head and head dims 40 (a tail
+// past the 32-dim blocks), 64 and 128: within 1e-4 of max|y| of Reference (check_kind), and
+// bit-identical for one and two threads.
+TYPED_TEST(QuantCacheKinds, TokenLaneScores) {
+  using B = TypeParam;
+  for (Index gs : {1, 2, 3, 4, 5, 6, 7})
+    for (Index d : {40, 64, 128}) {
+      const tpa::GqaConfig c = gqa_config(2, d, 2 * gs);
+      const tpa::GqaWeights w = tpa::GqaWeights::random(c, 7);
+      auto make = [&](auto b, auto s) {
+        return tpa::GroupedQueryAttention<typename decltype(b)::type,
+                                          typename decltype(s)::type>(c, w);
+      };
+      const std::string what = "G/Q " + std::to_string(gs) + " d " + std::to_string(d);
+      check_kind<B>(what, c.d_model, make);
+      const auto layer = make(Tag<B>{}, Tag<q8>{});
+      const Inputs in = make_inputs(c.d_model);
+      KVCache<q8> c1({layer.cache_layout()}, kBlock, 16), c2({layer.cache_layout()}, kBlock, 16);
+      EXPECT_TRUE(run(layer, c1, in, c.d_model, false, 1) == run(layer, c2, in, c.d_model, false, 2))
+          << what;
+    }
 }
 TYPED_TEST(QuantCacheKinds, Mqa) { check_grouped<TypeParam>("MQA", 1); }
 TYPED_TEST(QuantCacheKinds, MlaAbsorbed) {

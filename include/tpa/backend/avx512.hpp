@@ -90,6 +90,72 @@ struct Avx512Ops {
     }
   }
 
+  // ---- GroupedTiled's token-lane scores: split bf16 widening, int16 × int8 dot products ----
+
+  /// bf16 keys widened one op per 16 elements: of the 32 bf16 at p (unaligned), the even
+  /// elements p[0], p[2], …, p[30] (bf16_even: the low halves of the 32-bit words, shifted up)
+  /// or the odd ones (bf16_odd: the high halves, masked), exact, as 16 f32 lanes.
+  static constexpr bool kBf16Split = true;
+  static V bf16_even(const bfloat16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
+  }
+  static V bf16_odd(const bfloat16* p) {
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+
+#if defined(TPA_HAVE_AVX512VNNI)
+  /// int8 keys scored as int16 q × int8 K in 32-bit integer lanes (vpdpwssd).
+  static constexpr bool kDotI16 = true;
+  using VI = __m512i;  // 16 int32 accumulator lanes, or 32 int16 operands
+  static VI izero() { return _mm512_setzero_si512(); }
+  /// 32 int16 at p (64-byte aligned).
+  static VI load_i16(const std::int16_t* p) { return _mm512_load_si512(p); }
+  /// q8 elements p[0 … n) (n ∈ [1, 32]) sign-extended to int16, lanes ≥ n zero; reads only n.
+  TPA_ALWAYS_INLINE static VI widen_i8(const q8* p, Index n) {
+    const __m256i b = n == 2 * kWidth ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                      : _mm256_maskz_loadu_epi8(
+                                            static_cast<__mmask32>((1ull << n) - 1u), p);
+    return _mm512_cvtepi8_epi16(b);
+  }
+  /// acc lane i + a[2i]·b[2i] + a[2i+1]·b[2i+1] (int16 operands, int32 lanes, wrapping).
+  /// (Inline asm under GCC: its intrinsic form copied every accumulator around each vpdpwssd.)
+  TPA_ALWAYS_INLINE static VI dot_i16(VI acc, VI a, VI b) {
+#if defined(__GNUC__)
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+#else
+    return _mm512_dpwssd_epi32(acc, a, b);
+#endif
+  }
+  /// Like lane_reduce: lane i is the (exact, int32) sum of the lanes of a[i], then as f32.
+  TPA_ALWAYS_INLINE static V lane_reduce_i32(const VI* a) {
+    // lane_reduce's tree (tpa/kernels/lane_reduce.hpp) with integer adds.
+    constexpr int in[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+    VI b[8], c[4], d[2];
+    TPA_UNROLL
+    for (int i = 0; i < 8; ++i)
+      b[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(a[in[i]], a[in[i + 8]], 0x44),
+                              _mm512_shuffle_i32x4(a[in[i]], a[in[i + 8]], 0xEE));
+    TPA_UNROLL
+    for (int i = 0; i < 4; ++i)
+      c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[i], b[i + 4], 0x88),
+                              _mm512_shuffle_i32x4(b[i], b[i + 4], 0xDD));
+    TPA_UNROLL
+    for (int i = 0; i < 2; ++i)
+      d[i] = _mm512_add_epi32(shuffle_words<0x44>(c[i], c[i + 2]),
+                              shuffle_words<0xEE>(c[i], c[i + 2]));
+    return _mm512_cvtepi32_ps(
+        _mm512_add_epi32(shuffle_words<0x88>(d[0], d[1]), shuffle_words<0xDD>(d[0], d[1])));
+  }
+  // vshufps on 32-bit integer lanes.
+  template <int I>
+  TPA_ALWAYS_INLINE static VI shuffle_words(VI x, VI y) {
+    return _mm512_castps_si512(
+        _mm512_shuffle_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(y), I));
+  }
+#endif
+
   /// Lanes i < n: p[i·stride] as f32; lanes ≥ n: 0. Reads only those n elements' range.
   /// Stride 2 (the T6 ranks' interleaved head factors) is two loads and one permute.
   template <class S>

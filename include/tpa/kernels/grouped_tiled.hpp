@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -111,6 +112,20 @@ class RowPrefetch {
   Index row_ = 0, line_ = 0, total_ = 0;
 };
 
+/// Optional Ops primitives of the token-lane score kernels, false when Ops lacks them:
+/// kBf16Split (bf16_even / bf16_odd: 2·kWidth bf16 widened as their even and odd elements, one
+/// op each) and kDotI16 (VI, izero, load_i16, widen_i8, dot_i16, lane_reduce_i32: int16 × int8
+/// dot products into int32 lanes).
+template <class Ops, class = void>
+struct OpsBf16Split : std::false_type {};
+template <class Ops>
+struct OpsBf16Split<Ops, std::void_t<decltype(Ops::kBf16Split)>>
+    : std::bool_constant<Ops::kBf16Split> {};
+template <class Ops, class = void>
+struct OpsDotI16 : std::false_type {};
+template <class Ops>
+struct OpsDotI16<Ops, std::void_t<decltype(Ops::kDotI16)>> : std::bool_constant<Ops::kDotI16> {};
+
 /// \brief The grouped-attention kernel over one GroupedPart, for storage scalar S, built from
 /// the vector primitives of `Ops`.
 ///
@@ -166,6 +181,13 @@ class RowPrefetch {
 ///   sharing it (MHA 1, GQA-8 4). Inner loops (objdump): qk_group<4> per 16 K elements 2 widen +
 ///   1 q load + 4 FMA; pv_block<4, 4> per 16 V elements 2 widen + 1 broadcast + 4 FMA;
 ///   dot_rows (MHA) 2 widen + 1 FMA.
+///   Score side on Avx512 since (kSplit, kDotI): bf16 K per 32 elements one 512-bit load
+///   widened by 2 ops (even elements vpslld, odd vpandd; q's 32-dim blocks stored even/odd), so
+///   dot_rows 2 widen + 2 FMA and qk_group<4> 2 widen + 8 FMA per 32 (was 4 + 2, 4 + 8); int8 K
+///   with VNNI (q rows rounded to int16, ±32767 up to 516 dims) per 32 elements 1 vpmovsxbw + 1 vpdpwssd per row: MHA 2 ops (was 6),
+///   qk_group<4> 5 (was 12). Score-side issue, MHA: 4.2 M K vectors of 16 × 3 ops = 1.7 ms
+///   before, bf16 × 2 = 1.15 ms, int8 × 1 = 0.57 ms; GQA-8: 1.05 M × 6 = 0.86 ms before, bf16
+///   × 5 = 0.72 ms, int8 × 2.5 = 0.36 ms (the FMAs of the value side unchanged here).
 ///   Instruction bound at 1 512-bit op per cycle and core: MHA 8.4 M vectors × 3 ops = 3.4 ms
 ///   (int8 is widen-bound there, above its 2.3 ms of bytes: int8/bf16 ≤ 1.3×; 1.9× if the
 ///   widening issues beside the FMAs); GQA-8 2.1 M vectors × (2 + 4) ops = 1.7 ms, and its 1.15
@@ -244,6 +266,7 @@ class GroupedTiled {
     bool pack_v = false;  // V is widened/padded into workspace (not read in place)
     bool pack_k = false;  // token-lane keys in two scaled parts (int8 MLA, see qk_dot)
     bool acc_t = false;   // accumulators transposed: per KV head accᵀ [d_v_pad, rp]
+    bool q_i16 = false;   // token-lane q rows as int16 for int8 keys (kDotI, see qk_i16)
   };
 
   struct Buffers {
@@ -256,6 +279,7 @@ class GroupedTiled {
     float* acc;    // [ng·rp, d_v_pad]; acc_t: per KV head [d_v_pad, rp]
     float* vp;     // [kT, d_v_pad] widened V tile (pack_v only)
     float* kp;     // [dq_pad / kW, kT, kW] K tile, widened, padded like q (pack_k only)
+    float* qs;     // [ng·rp] scale of each int16 token-lane q row (q_i16 only)
     Index total;   // floats
   };
 
@@ -294,6 +318,8 @@ class GroupedTiled {
     sh.acc_t = sh.ni == 1 && sh.gs >= Ops::kLaneRowsMin && sh.d_v >= kPvtMinDims;
     sh.pack_v = !std::is_same<S, float>::value || p.d_v % kW != 0;
     sh.pack_k = sh.gs < Ops::kLaneRowsMin && two_scaled_parts(p);
+    sh.q_i16 = kDotI && sh.gs < Ops::kLaneRowsMin && p.k_dims[1] == 0 &&
+               p.k_dims[0] <= kI16MaxDims;
     return sh;
   }
 
@@ -314,6 +340,7 @@ class GroupedTiled {
     b.acc = take(rows * sh.d_v_pad);
     b.vp = sh.pack_v ? take(kT * sh.d_v_pad) : nullptr;
     b.kp = sh.pack_k ? take(kT * sh.dq_pad) : nullptr;
+    b.qs = sh.q_i16 ? take(rows) : nullptr;
     b.total = off;
     return b;
   }
@@ -361,6 +388,11 @@ class GroupedTiled {
           float* dst = q_g + rl * sh.dq_pad;
           for (Index j = 0; j < d_qk; ++j)
             dst[j < p.k_dims[0] ? j : pad0 + j - p.k_dims[0]] = q[j] * p.scale;
+          if constexpr (kSplit) {
+            split_q(dst, p.k_dims[0]);
+            split_q(dst + pad0, p.k_dims[1]);
+          }
+          if (sh.q_i16) b.qs[(g - gb) * rp + rl] = quantize_q(dst, p.k_dims[0]);
         }
       }
     }
@@ -522,7 +554,8 @@ class GroupedTiled {
       sp = b.sp + (rw.base + rw.skip) * kT;
       p_rs = kT;
       p_ts = 1;
-      qk_dot(p, sh, g, blk, off, n, b.q + (rw.base + rw.skip) * sh.dq_pad, nr, sp,
+      qk_dot(p, sh, g, blk, off, n, b.q + (rw.base + rw.skip) * sh.dq_pad,
+             sh.q_i16 ? b.qs + rw.base + rw.skip : nullptr, nr, sp,
              two_scaled_parts(p) ? b.kp : nullptr, next, per_call);
       for (Index rr = 0; rr < nr; ++rr) {
         const Index r = rw.base + rw.skip + rr;
@@ -713,9 +746,25 @@ class GroupedTiled {
   // copied (dequantized, q's padding) into kp [dq_pad / W][kT][W], tokens past n zero.
   // (All GQA decode went through kp before; widening in registers instead took GQA-8's step
   // 1.8× less CPU time with bf16, 1.6× with int8, 1.25× with f32: see qk_group.)
+  // With sh.q_i16, q holds int16 rows and q_sc their scales (qk_i16).
   static void qk_dot(const P& p, const Shape& sh, Index g, Index blk, Index off, Index n,
-                     const float* q, Index nr, float* s, float* kp, RowPrefetch& pf,
-                     Index per_call) {
+                     const float* q, const float* q_sc, Index nr, float* s, float* kp,
+                     RowPrefetch& pf, Index per_call) {
+    if constexpr (kDotI) {
+      if (sh.q_i16) {
+        const Index rb = nr == 1 ? 1 : group_rows(nr);
+        if (rb == 1)
+          qk_i16<1>(p, sh, g, blk, off, n, q, q_sc, nr, s, pf, per_call);
+        else if (rb == 2)
+          qk_i16<2>(p, sh, g, blk, off, n, q, q_sc, nr, s, pf, per_call);
+        else if (rb == 4)
+          qk_i16<4>(p, sh, g, blk, off, n, q, q_sc, nr, s, pf, per_call);
+        else
+          qk_i16<kGroupRowsMax>(p, sh, g, blk, off, n, q, q_sc, nr, s, pf, per_call);
+        return;
+      }
+    }
+    (void)q_sc;
     if (kW >= 4 && kp == nullptr && nr > 1) {
       const Index rb = group_rows(nr);
       if (rb == 2)
@@ -799,6 +848,16 @@ class GroupedTiled {
                                          V* acc) {
     auto row = [&](Index t) { return k + (kFull ? t : std::min(t, nt - 1)) * ld; };
     Index j = 0;
+    if constexpr (kSplit && std::is_same<T, S>::value) {  // q's block: even dims, odd dims
+      for (; j + 2 * kW <= dim; j += 2 * kW) {
+        const V qe = Ops::load(q + j), qo = Ops::load(q + j + kW);
+        TPA_UNROLL
+        for (Index t = 0; t < kW; ++t) {
+          acc[t] = Ops::fmadd(Ops::bf16_even(row(t) + j), qe, acc[t]);
+          acc[t] = Ops::fmadd(Ops::bf16_odd(row(t) + j), qo, acc[t]);
+        }
+      }
+    }
     for (; j + kW <= dim; j += kW) {
       const V qv = Ops::load(q + j);
       TPA_UNROLL
@@ -885,6 +944,12 @@ class GroupedTiled {
     TPA_UNROLL
     for (int t = 0; t < TB; ++t) row[t] = k + (kFull ? t : std::min<Index>(t, nt - 1)) * ld;
     Index j = 0;
+    if constexpr (kSplit) {  // q's block: even dims, then odd dims; K read once per half (L1)
+      for (; j + 2 * kW <= dim; j += 2 * kW) {
+        split_half<RB, false>(row, j, qr, qoff, acc);
+        split_half<RB, true>(row, j, qr, qoff, acc);
+      }
+    }
     for (; j + kW <= dim; j += kW) {
       V qv[RB];
       TPA_UNROLL
@@ -905,6 +970,177 @@ class GroupedTiled {
         const V kv = Ops::template load_widen<S>(row[t] + j, dim - j);
         TPA_UNROLL
         for (int r = 0; r < RB; ++r) acc[r * TB + t] = Ops::fmadd(kv, qv[r], acc[r * TB + t]);
+      }
+    }
+  }
+
+  // dot_group's step over the even (kOdd: odd) elements of dims [j, j + 2·kW) (kSplit).
+  template <int RB, bool kOdd>
+  TPA_ALWAYS_INLINE static void split_half(const S* const* row, Index j, const float* const* qr,
+                                           Index qoff, V* acc) {
+    constexpr int TB = static_cast<int>(kW) / RB;
+    V qv[RB];
+    TPA_UNROLL
+    for (int r = 0; r < RB; ++r) qv[r] = pinned(Ops::load(qr[r] + qoff + j + (kOdd ? kW : 0)));
+    TPA_UNROLL
+    for (int t = 0; t < TB; ++t) {
+      const V kv = kOdd ? Ops::bf16_odd(row[t] + j) : Ops::bf16_even(row[t] + j);
+      TPA_UNROLL
+      for (int r = 0; r < RB; ++r) acc[r * TB + t] = Ops::fmadd(kv, qv[r], acc[r * TB + t]);
+    }
+  }
+
+  // ---- token lanes, split bf16 and int16 q (Avx512 with VNNI) -----------------------------
+
+  // bf16 keys (Ops::kBf16Split): each whole 2·kW-dim block of a key part is widened as its
+  // even and its odd elements (one op per kW each, exact), so q's block is stored as its even
+  // dims, then its odd ones; a part's last dim % 2·kW dims keep the kW-wide form. Only the
+  // summation order changes.
+  static constexpr bool kSplit = std::is_same<S, bfloat16>::value && OpsBf16Split<Ops>::value;
+  // int8 keys in one part of ≤ kI16MaxDims dims (Ops::kDotI16): token-lane q rows quantized to
+  // int16 (see quantize_q), dot products with the int8 keys exact in int32, the score
+  // q_scale·k_scale[t]·dot in f32 (qk_i16). 1032 · 127 · 16383 < 2³¹.
+  static constexpr bool kDotI = is_quantized_v<S> && OpsDotI16<Ops>::value;
+  static constexpr Index kI16MaxDims = 1032;
+  // The int16 range of a q row of `dim` dims: ±32767 up to 516 dims, else as large as keeps
+  // dim · 127 · range < 2³¹ (≥ 16383).
+  static double i16_range(Index dim) {
+    return static_cast<double>(
+        std::min<Index>(32767, (Index{1} << 31) / (127 * std::max<Index>(dim, 1)) - 1));
+  }
+
+  // Reorders each whole 2·kW block of row [dim] to its even elements, then its odd ones.
+  static void split_q(float* row, Index dim) {
+    for (Index b = 0; b + 2 * kW <= dim; b += 2 * kW) {
+      float tmp[2 * kW];
+      std::copy(row + b, row + b + 2 * kW, tmp);
+      for (Index i = 0; i < kW; ++i) {
+        row[b + i] = tmp[2 * i];
+        row[b + kW + i] = tmp[2 * i + 1];
+      }
+    }
+  }
+
+  // Quantizes the scaled f32 q row [dim] in place to int16: round_up(dim, 2·kW) values
+  // rint(q_j / s), zero past dim, s = max|q| / i16_range(dim) returned (0 for a zero row; NaN
+  // for a row with a NaN or ±Inf, whose scores are then NaN as in f32). The row's dq_pad floats
+  // hold them.
+  static float quantize_q(float* row, Index dim) {
+    static_assert(!kDotI || kW == 16, "GroupedTiled: int16 q rows assume 16 f32 lanes");
+    std::int16_t qi[kI16MaxDims + 32] = {};
+    float amax = 0.f;
+    bool finite = true;
+    for (Index j = 0; j < dim; ++j) {
+      finite = finite && std::isfinite(row[j]);
+      amax = std::max(amax, std::abs(row[j]));
+    }
+    float sc = 0.f;
+    if (!finite) {
+      sc = std::numeric_limits<float>::quiet_NaN();
+    } else if (amax > 0.f) {
+      const double range = i16_range(dim);
+      sc = static_cast<float>(static_cast<double>(amax) / range);
+      const double inv = range / static_cast<double>(amax);
+      for (Index j = 0; j < dim; ++j)
+        qi[j] = static_cast<std::int16_t>(std::lrint(static_cast<double>(row[j]) * inv));
+    }
+    std::memcpy(row, qi, static_cast<std::size_t>(round_up(dim, 32)) * sizeof(std::int16_t));
+    return sc;
+  }
+
+  // Keeps an integer vector in a register (see pinned).
+  template <class X>
+  TPA_ALWAYS_INLINE static X pinned_i(X v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+  }
+
+  // qk_dot for int16 q rows (sh.q_i16, one key part): as qk_group, rows in groups of RB (1:
+  // MHA), tokens in blocks of TB = kW / RB, RB × TB int32 accumulators, each K vector of 32
+  // int8 sign-extended once to int16 and multiplied into all RB rows by one vpdpwssd each; one
+  // integer lane_reduce gives the block's exact dot products; score = q_sc[r]·k_sc[t]·dot.
+  template <int RB>
+  static void qk_i16(const P& p, const Shape& sh, Index g, Index blk, Index off, Index n,
+                     const float* q, const float* q_sc, Index nr, float* s, RowPrefetch& pf,
+                     Index per_call) {
+    if constexpr (kDotI) {
+      using VI = typename Ops::VI;
+      constexpr int TB = static_cast<int>(kW) / RB;
+      static_assert(RB >= 1 && RB * TB == kW, "GroupedTiled: RB must divide kWidth");
+      Index dim, ld;
+      const S* k = key_part(p, 0, g, blk, off, &dim, &ld);
+      const float* k_sc = row_scales(p, p.k_factor[0], blk, g, off);
+      for (Index r0 = 0; r0 < nr; r0 += RB) {
+        const Index nrg = std::min<Index>(RB, nr - r0);
+        const std::int16_t* qr[RB];
+        TPA_UNROLL
+        for (int r = 0; r < RB; ++r)
+          qr[r] = reinterpret_cast<const std::int16_t*>(q + (r0 + std::min<Index>(r, nrg - 1)) *
+                                                                sh.dq_pad);
+        for (Index tb = 0; tb < n; tb += TB) {
+          pf.issue(per_call);
+          const Index nt = std::min<Index>(TB, n - tb);
+          VI acc[kW];
+          TPA_UNROLL
+          for (Index i = 0; i < kW; ++i) acc[i] = Ops::izero();
+          if (nt == TB)
+            dot_i16<RB, true>(k + tb * ld, ld, nt, dim, qr, acc);
+          else
+            dot_i16<RB, false>(k + tb * ld, ld, nt, dim, qr, acc);
+          const V res = Ops::lane_reduce_i32(acc);
+          if constexpr (RB == 1) {
+            Ops::store(s + r0 * kT + tb,
+                       Ops::mul(Ops::mul(res, Ops::set1(q_sc[r0])),
+                                Ops::template load_widen<float>(k_sc + tb, nt)));
+          } else {
+            alignas(64) float rs[kW];
+            Ops::store(rs, res);
+            for (Index r = 0; r < nrg; ++r)
+              for (Index t = 0; t < TB; ++t)
+                s[(r0 + r) * kT + tb + t] =
+                    rs[r * TB + t] * q_sc[r0 + r] * k_sc[tb + std::min<Index>(t, nt - 1)];
+          }
+        }
+      }
+    } else {
+      (void)p, (void)sh, (void)g, (void)blk, (void)off, (void)n, (void)q, (void)q_sc, (void)nr,
+          (void)s, (void)pf, (void)per_call;
+    }
+  }
+
+  // acc[r·TB + t] += Σ k[t][j…]·q_r[j…] in int32 lanes over `dim` dims, 2·kW at a time, for TB
+  // token rows (the first nt real; kFull: all) and RB int16 q rows (zero past dim).
+  template <int RB, bool kFull, class VI>
+  TPA_ALWAYS_INLINE static void dot_i16(const S* k, Index ld, Index nt, Index dim,
+                                        const std::int16_t* const* qr, VI* acc) {
+    constexpr int TB = static_cast<int>(kW) / RB;
+    constexpr Index D = 2 * kW;
+    const S* row[TB];
+    TPA_UNROLL
+    for (int t = 0; t < TB; ++t) row[t] = k + (kFull ? t : std::min<Index>(t, nt - 1)) * ld;
+    Index j = 0;
+    for (; j + D <= dim; j += D) {
+      VI qv[RB];
+      TPA_UNROLL
+      for (int r = 0; r < RB; ++r) qv[r] = pinned_i(Ops::load_i16(qr[r] + j));
+      TPA_UNROLL
+      for (int t = 0; t < TB; ++t) {
+        const VI kv = Ops::widen_i8(row[t] + j, D);
+        TPA_UNROLL
+        for (int r = 0; r < RB; ++r) acc[r * TB + t] = Ops::dot_i16(acc[r * TB + t], kv, qv[r]);
+      }
+    }
+    if (j < dim) {  // q is zero past dim; K is read only up to it
+      VI qv[RB];
+      TPA_UNROLL
+      for (int r = 0; r < RB; ++r) qv[r] = Ops::load_i16(qr[r] + j);
+      TPA_UNROLL
+      for (int t = 0; t < TB; ++t) {
+        const VI kv = Ops::widen_i8(row[t] + j, dim - j);
+        TPA_UNROLL
+        for (int r = 0; r < RB; ++r) acc[r * TB + t] = Ops::dot_i16(acc[r * TB + t], kv, qv[r]);
       }
     }
   }
