@@ -338,6 +338,10 @@ TYPED_TEST(QuantCacheKinds, GqaRowGroups) {
   check_grouped<TypeParam>("GQA 12/4", 4, 36, 12);
   check_grouped<TypeParam>("GQA 12/2", 2, 48, 12);
   check_grouped<TypeParam>("GQA 14/2", 2, 32, 14);
+  // Head sizes in blocks of 32: int8 V by integer products on AVX-512 VNNI (pv_pair).
+  check_grouped<TypeParam>("MHA d 64", 4, 64);
+  check_grouped<TypeParam>("GQA 12/4 d 64", 4, 64, 12);
+  check_grouped<TypeParam>("GQA 14/2 d 128", 2, 128, 14);
 }
 TYPED_TEST(QuantCacheKinds, Mqa) { check_grouped<TypeParam>("MQA", 1); }
 TYPED_TEST(QuantCacheKinds, MlaAbsorbed) {
