@@ -177,7 +177,15 @@ struct Avx512Ops {
   static VI dot_pairs(VI acc, VI x, const std::int16_t* w) {
     std::int32_t w2;
     std::memcpy(&w2, w, sizeof w2);
-    return _mm512_dpwssd_epi32(acc, x, _mm512_set1_epi32(w2));
+    const VI wv = _mm512_set1_epi32(w2);
+#if defined(__GNUC__)
+    // GCC 12 copies the intrinsic's accumulators between registers (and spills them) around
+    // every vpdpwssd of pv_pair's loop; tied in place here.
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(wv));
+    return acc;
+#else
+    return _mm512_dpwssd_epi32(acc, x, wv);
+#endif
   }
 
   /// q[t] = round(p[t]·sc[t] / s) as int16 for t < n ≤ kTile, 0 for t ∈ [n, kTile); returns s =
