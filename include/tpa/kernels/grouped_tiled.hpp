@@ -130,6 +130,10 @@ class RowPrefetch {
 ///   load_widen<S>(p, n): n ∈ [1, W] elements of S widened to f32, lanes ≥ n zero, reads only n;
 ///   transpose_block<S>(src, ld, rows, cols, dst, dst_ld): dst[c·dst_ld + r] = src[r·ld + c]
 ///   for c < cols ≤ W and r < W, with 0 for r ≥ rows (rows ∈ [0, W]); dst aligned.
+/// Optional (PairValues): kPairValues<S> true makes token-lane passes of ≤ kPvRows rows per KV
+///   head read V in blocks of 2·W dims (pv_pair), with pair_order<S>(a) (a block of acc back in
+///   dim order), and for bf16 widen_pairs(p, even, odd), for q8 VI, izero(), to_float(VI),
+///   interleave_rows(a, b, lo, hi), dot_pairs(acc, x, w), quantize_probs(p, sc, n, q).
 ///
 /// A pass holds a set of rows (query heads × queries of some KV heads: at most kRowCap, unless
 /// one KV head has more query heads) and walks the key tiles (≤ kTile tokens inside one cache
@@ -167,6 +171,13 @@ class RowPrefetch {
 ///   sharing it (MHA 1, GQA-8 4). Inner loops (objdump): qk_group<4> per 16 K elements 2 widen +
 ///   1 q load + 4 FMA; pv_block<4, 4> per 16 V elements 2 widen + 1 broadcast + 4 FMA;
 ///   dot_rows (MHA) 2 widen + 1 FMA.
+///   Value side on Avx512 (pv_pair, objdump): bf16 per 32 V elements 2 widen (vpslld / vpandd
+///   of one 64-byte load: even, odd dims) + 2·G_q FMA, broadcasts 1 per row and token (pv_pair_block<4,
+///   2>: 4 widen + 4 broadcast + 16 FMA per token and 64 dims, was 8 + 4 + 16); int8 (VNNI) per
+///   2 tokens × 32 dims 2 vpmovsxbw + 2 vpunpck[lh]wd + 2·G_q vpdpwssd, 1 broadcast per row
+///   and token pair (pv_pair_block<4, 2>: 34 ops per 2 tokens × 64 dims incl. 6 register moves,
+///   was 56; MHA 12 per 2 tokens × 32 dims, was 24), + per row and tile 2 scale-quantize
+///   vectors and per accumulator one cvt + mul + FMA at the tile's end.
 ///   Instruction bound at 1 512-bit op per cycle and core: MHA 8.4 M vectors × 3 ops = 3.4 ms
 ///   (int8 is widen-bound there, above its 2.3 ms of bytes: int8/bf16 ≤ 1.3×; 1.9× if the
 ///   widening issues beside the FMAs); GQA-8 2.1 M vectors × (2 + 4) ops = 1.7 ms, and its 1.15
