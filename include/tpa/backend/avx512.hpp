@@ -143,11 +143,13 @@ struct Avx512Ops {
 
   // ---- GroupedTiled's paired value micro-kernel (pv_pair): V read in blocks of 32 dims ----
   /// Whether pv_pair reads V of storage S: bf16 (2 widening ops per 32 dims, not 4), and int8
-  /// with AVX-512 VNNI (int16 probabilities × int8 V in int32, vpdpwssd). Each 32-dim block of
-  /// its accumulators holds two vectors in an order pair_order<S> restores.
+  /// with AVX-512 VNNI if TPA_INT8_VALUE_DOTS is defined (int16 probabilities × int8 V in int32,
+  /// vpdpwssd; opt-in: its rounding of the probabilities, ≈ 1.5e-5 of a tile's largest weight,
+  /// makes int8 decode differ from a row-lane prefill by more than quant_cache_test's 1e-5).
+  /// Each 32-dim block of its accumulators holds two vectors in an order pair_order<S> restores.
   template <class S>
   static constexpr bool kPairValues = std::is_same<S, bfloat16>::value
-#if defined(TPA_HAVE_AVX512VNNI)
+#if defined(TPA_HAVE_AVX512VNNI) && defined(TPA_INT8_VALUE_DOTS)
                                       || is_quantized_v<S>
 #endif
       ;

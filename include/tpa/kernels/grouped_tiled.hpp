@@ -172,12 +172,13 @@ class RowPrefetch {
 ///   1 q load + 4 FMA; pv_block<4, 4> per 16 V elements 2 widen + 1 broadcast + 4 FMA;
 ///   dot_rows (MHA) 2 widen + 1 FMA.
 ///   Value side on Avx512 (pv_pair, objdump): bf16 per 32 V elements 2 widen (vpslld / vpandd
-///   of one 64-byte load: even, odd dims) + 2·G_q FMA, broadcasts 1 per row and token (pv_pair_block<4,
-///   2>: 4 widen + 4 broadcast + 16 FMA per token and 64 dims, was 8 + 4 + 16); int8 (VNNI) per
-///   2 tokens × 32 dims 2 vpmovsxbw + 2 vpunpck[lh]wd + 2·G_q vpdpwssd, 1 broadcast per row
-///   and token pair (pv_pair_block<4, 2>: 34 ops per 2 tokens × 64 dims incl. 6 register moves,
-///   was 56; MHA 12 per 2 tokens × 32 dims, was 24), + per row and tile 2 scale-quantize
-///   vectors and per accumulator one cvt + mul + FMA at the tile's end.
+///   of one 64-byte load: even, odd dims) + 2·G_q FMA, 1 broadcast per row and token
+///   (pv_pair_block<4, 2>: 4 widen + 4 broadcast + 16 FMA per token and 64 dims, was 8 + 4 +
+///   16); int8 (VNNI, opt-in TPA_INT8_VALUE_DOTS) per 2 tokens × 32 dims 2 vpmovsxbw + 2
+///   vpunpck[lh]wd + 2·G_q vpdpwssd, 1 broadcast per row and token pair (GQA-8, <4, 2>: 28 +
+///   6 register moves per 2 tokens × 64 dims, was 56; MHA, <1, 4>: 25 + 12 moves per 2 tokens ×
+///   128 dims, was 50), + per row and tile 2 quantizing vectors, per accumulator a cvt + mul +
+///   FMA at the tile's end.
 ///   Instruction bound at 1 512-bit op per cycle and core: MHA 8.4 M vectors × 3 ops = 3.4 ms
 ///   (int8 is widen-bound there, above its 2.3 ms of bytes: int8/bf16 ≤ 1.3×; 1.9× if the
 ///   widening issues beside the FMAs); GQA-8 2.1 M vectors × (2 + 4) ops = 1.7 ms, and its 1.15
