@@ -558,8 +558,8 @@ TYPED_TEST(GroupedKernel, SeveralRowsPerKvHead) {
 }
 
 // Token-lane decode and short prefill (rows per KV head ≤ 6) with 1 … 7 rows per KV head and
-// bf16 or int8 V read in place: Avx512's paired value micro-kernel (pv_pair; int8 with VNNI and TPA_INT8_VALUE_DOTS)
-// for d_v 64 and 128 (2 and 4 blocks of 32 dims), the unpaired one for d_v 40; blocks of 24
+// bf16 or int8 V read in place: Avx512's paired value micro-kernel (pv_pair; int8 with VNNI
+// and TPA_INT8_VALUE_DOTS) for d_v 64 and 128 (2 and 4 blocks of 32 dims), the unpaired one for d_v 40; blocks of 24
 // tokens (every tile short, odd lengths) and 64 (whole tiles, an 11-token last one); one key
 // piece and three (split-K states merged), each on 1 and 2 threads bit-identical. bf16 within
 // the f32 bound; int8 within 1e-4 of max|y| of Reference on the same cache (as
