@@ -214,7 +214,10 @@ void check_kind(const std::string& what, Index D, Make&& make) {
     EXPECT_LE(tpa_test::rel_err(y8, yref, n), 1e-4);
   }
 
-  // Decode == prefill: A's tokens in one prefill call.
+  // Decode == prefill: A's tokens in one prefill call. (3e-5, not f32's 1e-5: with AVX-512
+  // VNNI, token-lane decode rounds each query row and each tile's probabilities to int16 for
+  // integer products with the int8 cache, ≤ 1.5e-5 of their largest element; row-lane prefill
+  // keeps them in f32. Measured up to 1.6e-5; a dropped or misapplied scale is O(1).)
   {
     KVCache<q8> cache({layout}, kBlock, 16);
     tpa::Context ctx(2);
@@ -223,7 +226,7 @@ void check_kind(const std::string& what, Index D, Make&& make) {
     layer8.forward(ctx, in.a, y, cache, 0, a);
     const std::vector<float> dec = a_decode_rows(y8, D);
     std::vector<float> pre(y.data() + kPrefillA * D, y.data() + y.size());
-    EXPECT_LE(tpa_test::rel_err(dec, pre, static_cast<Index>(pre.size())), 1e-5);
+    EXPECT_LE(tpa_test::rel_err(dec, pre, static_cast<Index>(pre.size())), 3e-5);
   }
 
   // A NaN in B's decode input: A's outputs are bit-identical, B's later outputs not finite.
@@ -338,6 +341,10 @@ TYPED_TEST(QuantCacheKinds, GqaRowGroups) {
   check_grouped<TypeParam>("GQA 12/4", 4, 36, 12);
   check_grouped<TypeParam>("GQA 12/2", 2, 48, 12);
   check_grouped<TypeParam>("GQA 14/2", 2, 32, 14);
+  // Head sizes in blocks of 32: int8 V by integer products on AVX-512 VNNI (pv_pair).
+  check_grouped<TypeParam>("MHA d 64", 4, 64);
+  check_grouped<TypeParam>("GQA 12/4 d 64", 4, 64, 12);
+  check_grouped<TypeParam>("GQA 14/2 d 128", 2, 128, 14);
 }
 // Token-lane decode scores of int8 keys (Avx512 with VNNI: int16 q rows × int8 K in integer
 // lanes, GroupedTiled::qk_i16) for 1 (MHA) … 7 query heads per KV head and head dims 40 (a tail

@@ -12,8 +12,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "tpa/kernels/grouped_tiled.hpp"
@@ -102,6 +104,13 @@ struct Avx512Ops {
   static V bf16_odd(const bfloat16* p) {
     return _mm512_castsi512_ps(
         _mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  /// Both halves from one load: even = p[0], p[2], …, p[30], odd = p[1], p[3], …, p[31].
+  static void bf16_pairs(const bfloat16* p, V& even, V& odd) {
+    const __m512i x = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd =
+        _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 
 #if defined(TPA_HAVE_AVX512VNNI)
@@ -205,6 +214,81 @@ struct Avx512Ops {
     }
   }
 
+  // ---- GroupedTiled's paired value micro-kernel (pv_pair): V read in blocks of 32 dims ----
+  /// Whether pv_pair reads V of storage S: bf16 (2 widening ops per 32 dims, not 4), and int8
+  /// with AVX-512 VNNI (int16 probabilities × int8 V in int32, vpdpwssd; the probabilities'
+  /// rounding, ≤ 1.5e-5 of a tile's largest weight, is its only added error).
+  /// Each 32-dim block of its accumulators holds two vectors in an order pair_order<S> restores.
+  template <class S>
+  static constexpr bool kPairValues = std::is_same<S, bfloat16>::value
+#if defined(TPA_HAVE_AVX512VNNI)
+                                      || is_quantized_v<S>
+#endif
+      ;
+
+#if defined(TPA_HAVE_AVX512VNNI)
+  static V to_float(VI x) { return _mm512_cvtepi32_ps(x); }
+
+  /// Two int8 rows a, b [0, 32) as int16 pairs (a[d], b[d]), one per 32-bit lane: lane 4L + k
+  /// (k < 4) of *lo holds dim 8L + k, of *hi dim 8L + 4 + k.
+  static void interleave_rows(const q8* a, const q8* b, VI* lo, VI* hi) {
+    const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+    const __m512i y = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    *lo = _mm512_unpacklo_epi16(x, y);
+    *hi = _mm512_unpackhi_epi16(x, y);
+  }
+
+  /// acc + x·w per 32-bit lane, x and w pairs of int16 (w = w[0], w[1] in every lane; w's
+  /// bytes may sit in storage of another type): vpdpwssd.
+  TPA_ALWAYS_INLINE static VI dot_pairs(VI acc, VI x, const void* w) {
+    std::int32_t w2;
+    std::memcpy(&w2, w, sizeof w2);
+    return dot_i16(acc, x, _mm512_set1_epi32(w2));
+  }
+
+  /// q[t] = round(p[t]·sc[t] / s) as int16 for t < n ≤ kTile, 0 for t ∈ [n, kTile); returns s =
+  /// max_t |p[t]·sc[t]| / 32767 (0 if all are 0; NaN, with q all 0, if one is not finite).
+  static float quantize_probs(const float* p, const float* sc, Index n, std::int16_t* q) {
+    constexpr Index NV = kTile / kWidth;
+    V w[NV];
+    V mx = zero(), sum = zero();
+    TPA_UNROLL
+    for (Index v = 0; v < NV; ++v) {
+      const __mmask16 k = first(std::clamp<Index>(n - v * kWidth, 0, kWidth));
+      w[v] = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + v * kWidth),
+                           _mm512_maskz_loadu_ps(k, sc + v * kWidth));
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(w[v]));
+      sum = _mm512_add_ps(sum, w[v]);  // NaN or Inf if one is
+    }
+    const float m = _mm512_reduce_max_ps(mx);
+    const bool finite = std::abs(_mm512_reduce_add_ps(sum)) <= std::numeric_limits<float>::max();
+    const V inv = set1(m > 0.f ? 32767.f / m : 0.f);
+    TPA_UNROLL
+    for (Index v = 0; v < NV; ++v) {
+      const V x = finite ? _mm512_mul_ps(w[v], inv) : zero();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + v * kWidth),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(x)));
+    }
+    return finite ? m / 32767.f : std::numeric_limits<float>::quiet_NaN();
+  }
+#endif
+
+  /// a[0, 32): one 32-dim block of pv_pair's accumulators back in dim order.
+  template <class S>
+  static void pair_order(float* a) {
+    __m512i i0, i1;
+    if constexpr (std::is_same<S, bfloat16>::value) {  // even dims, then odd ones
+      i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    } else {  // interleave_rows' lo, hi
+      i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+      i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    }
+    const V x = _mm512_loadu_ps(a), y = _mm512_loadu_ps(a + kWidth);
+    _mm512_storeu_ps(a, _mm512_permutex2var_ps(x, i0, y));
+    _mm512_storeu_ps(a + kWidth, _mm512_permutex2var_ps(x, i1, y));
+  }
+
   template <class S>
   static void transpose_block(const S* src, Index ld, Index rows, Index cols, float* dst,
                               Index dst_ld) {
@@ -251,22 +335,10 @@ struct Avx512Ops {
     for (int i = 0; i < 16; ++i) r[i] = t[i];
   }
 
-  // FlashTPA's bf16 B_Q·B_K: 32 bf16 widened in one op per 16 (TpaTiled::dots_block).
-  static constexpr bool kHasBf16Pairs = true;
-  /// The 32 bf16 at p as f32: even = elements 0, 2, …, 30, odd = 1, 3, …, 31.
-  static void bf16_pairs(const bfloat16* p, V& even, V& odd) {
-    const __m512i x = _mm512_loadu_si512(p);
-    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-    odd =
-        _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  }
-
 #if defined(TPA_HAVE_AVX512VNNI)
   // FlashTPA's int8 value product (TpaTiled::pv_q8): int16 weight pairs × int8 B_V rows on
   // vpdpwssd, exact int32 sums, one scale per row at the end.
   static constexpr bool kHasQ8Pairs = true;
-  using VI = __m512i;
-  static VI izero() { return _mm512_setzero_si512(); }
   /// Elements 0–31 of the int8 rows a and b as 16-bit pairs (a_j, b_j) in 32-bit lanes:
   /// lo holds j = 0–7, 16–23, hi j = 8–15, 24–31 (q8_unpair restores the order).
   static void q8_pairs(const q8* a, const q8* b, VI& lo, VI& hi) {
@@ -274,11 +346,6 @@ struct Avx512Ops {
     const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
     lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x, y));
     hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x, y));
-  }
-  /// acc + x.lo·w.lo + x.hi·w.hi per 32-bit lane (16-bit halves), w = the pair stored at *wp
-  /// by store_pairs16.
-  static VI dot_pairs(VI acc, VI x, const float* wp) {
-    return _mm512_dpwssd_epi32(acc, x, _mm512_castps_si512(_mm512_set1_ps(*wp)));
   }
   /// Lane i of p (16 floats' room, 64-byte aligned) = the 16-bit pair (round(w0_i), round(w1_i));
   /// |w0|, |w1| ≤ 32767.

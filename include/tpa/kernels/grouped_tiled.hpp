@@ -144,6 +144,10 @@ struct OpsDotI16<Ops, std::void_t<decltype(Ops::kDotI16)>> : std::bool_constant<
 ///   load_widen<S>(p, n): n ∈ [1, W] elements of S widened to f32, lanes ≥ n zero, reads only n;
 ///   transpose_block<S>(src, ld, rows, cols, dst, dst_ld): dst[c·dst_ld + r] = src[r·ld + c]
 ///   for c < cols ≤ W and r < W, with 0 for r ≥ rows (rows ∈ [0, W]); dst aligned.
+/// Optional (PairValues): kPairValues<S> true makes token-lane passes of ≤ kPvRows rows per KV
+///   head read V in blocks of 2·W dims (pv_pair), with pair_order<S>(a) (a block of acc back in
+///   dim order), and for bf16 bf16_pairs(p, even, odd), for q8 VI, izero(), to_float(VI),
+///   interleave_rows(a, b, lo, hi), dot_pairs(acc, x, w), quantize_probs(p, sc, n, q).
 ///
 /// A pass holds a set of rows (query heads × queries of some KV heads: at most kRowCap, unless
 /// one KV head has more query heads) and walks the key tiles (≤ kTile tokens inside one cache
@@ -188,6 +192,14 @@ struct OpsDotI16<Ops, std::void_t<decltype(Ops::kDotI16)>> : std::bool_constant<
 ///   qk_group<4> 5 (was 12). Score-side issue, MHA: 4.2 M K vectors of 16 × 3 ops = 1.7 ms
 ///   before, bf16 × 2 = 1.15 ms, int8 × 1 = 0.57 ms; GQA-8: 1.05 M × 6 = 0.86 ms before, bf16
 ///   × 5 = 0.72 ms, int8 × 2.5 = 0.36 ms (the FMAs of the value side unchanged here).
+///   Value side on Avx512 (pv_pair, objdump): bf16 per 32 V elements 2 widen (vpslld / vpandd
+///   of one 64-byte load: even, odd dims) + 2·G_q FMA, 1 broadcast per row and token
+///   (pv_pair_block<4, 2>: 4 widen + 4 broadcast + 16 FMA per token and 64 dims, was 8 + 4 +
+///   16); int8 (VNNI) per 2 tokens × 32 dims 2 vpmovsxbw + 2
+///   vpunpck[lh]wd + 2·G_q vpdpwssd, 1 broadcast per row and token pair (GQA-8, <4, 2>: 28 +
+///   6 register moves per 2 tokens × 64 dims, was 56; MHA, <1, 4>: 25 + 12 moves per 2 tokens ×
+///   128 dims, was 50), + per row and tile 2 quantizing vectors, per accumulator a cvt + mul +
+///   FMA at the tile's end.
 ///   Instruction bound at 1 512-bit op per cycle and core: MHA 8.4 M vectors × 3 ops = 3.4 ms
 ///   (int8 is widen-bound there, above its 2.3 ms of bytes: int8/bf16 ≤ 1.3×; 1.9× if the
 ///   widening issues beside the FMAs); GQA-8 2.1 M vectors × (2 + 4) ops = 1.7 ms, and its 1.15
@@ -203,6 +215,13 @@ struct OpsDotI16<Ops, std::void_t<decltype(Ops::kDotI16)>> : std::bool_constant<
 /// reduction order depends on the pass it is in, so the schedulers cut a prefill part only at
 /// multiples of a pass's queries (split.hpp, CutItem::quantum).
 constexpr Index kGroupedRowCap = 64;
+
+/// Whether Ops reads V of storage S with the paired value micro-kernel (GroupedTiled::pv_pair):
+/// Ops::kPairValues<S> if Ops declares it, else false.
+template <class Ops, class S, class = void>
+struct PairValues : std::false_type {};
+template <class Ops, class S>
+struct PairValues<Ops, S, std::enable_if_t<Ops::template kPairValues<S>>> : std::true_type {};
 
 template <class Ops, class S>
 class GroupedTiled {
@@ -289,6 +308,7 @@ class GroupedTiled {
     Index n = 0;     // rows of g in the pass (queries × query heads)
     Index skip = 0;  // leading rows whose queries see no key of the tile
     bool lanes = false;
+    bool pair_v = false;  // the pass's acc in pv_pair's order (restored as it leaves, pair_order)
   };
 
   static Index round_up(Index n, Index m) { return (n + m - 1) / m * m; }
@@ -353,6 +373,10 @@ class GroupedTiled {
     const Index gs = sh.gs, d_qk = sh.d_qk, rows_g = (ie - ib) * gs, rp = sh.rp;
     const bool lanes = rows_g >= Ops::kLaneRowsMin;
     const Index rows = (ge - gb) * rp;
+    // V read in place by pv_pair on every tile of the pass (it holds ≤ kPvRows rows per KV
+    // head), whose acc leaves in another order: restored at the end of the pass.
+    const bool pair_v = PairValues<Ops, S>::value && !lanes && !sh.acc_t &&
+                        sh.d_v % (2 * kW) == 0 && rows_g <= Ops::kPvRows;
     for (Index g = gb; g < ge; ++g) {
       auto q_row = [&](Index rl) {  // query row rl (query ib + rl / gs) of KV head g
         return p.q + (ib + rl / gs) * p.q_stride + (g * gs + rl % gs) * d_qk;
@@ -427,6 +451,7 @@ class GroupedTiled {
         rw.n = rows_t;
         rw.skip = (i_first - ib) * gs;
         rw.lanes = lanes;
+        rw.pair_v = pair_v;
         tile(p, sh, b, g, blk, off, t, n, rw, ib, next);
       }
       t += n;
@@ -467,7 +492,9 @@ class GroupedTiled {
         for (Index rl = 0; rl < rows_g; ++rl) {
           float scale;
           float* o = dest(g, rl, &scale);
-          const float* a = acc_g + rl * sh.d_v_pad;
+          float* a = b.acc + ((g - gb) * rp + rl) * sh.d_v_pad;
+          if (pair_v)
+            for (Index j = 0; j < sh.d_v; j += 2 * kW) pair_order(a + j);
           for (Index j = 0; j < sh.d_v; ++j) o[j] = a[j] * scale;
         }
       }
@@ -587,7 +614,7 @@ class GroupedTiled {
     auto value_product = [&](const auto* vv, Index ld, const float* v_sc) {
       if (whole_tile) {
         pv(sp, p_rs, p_ts, b.alpha + r0, vv, ld, v_sc, n, b.acc + r0 * sh.d_v_pad, sh.d_v_pad, nr,
-           next, per_call);
+           next, per_call, rw.pair_v);
         return;
       }
       for (Index rr = 0; rr < nr;) {
@@ -598,7 +625,7 @@ class GroupedTiled {
             var.window > 0 ? std::clamp<Index>(var.first_key(p.q_pos0 + ib + q) - t0, 0, count) : 0;
         pv(sp + rr * p_rs + lo * p_ts, p_rs, p_ts, b.alpha + r0 + rr, vv + lo * ld, ld,
            v_sc == nullptr ? nullptr : v_sc + lo, count - lo, b.acc + (r0 + rr) * sh.d_v_pad,
-           sh.d_v_pad, end - rr, next, per_call);
+           sh.d_v_pad, end - rr, next, per_call, rw.pair_v);
         rr = end;
       }
     };
@@ -1296,11 +1323,18 @@ class GroupedTiled {
   // acc [nr, acc_ld] = acc · alpha (per row) + P · v [n, v_ld], P(r, t) = pr[r·p_rs + t·p_ts],
   // over acc_ld / kW vectors per row. Column blocks outer: a V column block stays in L1.
   // T is float, or the quantized S read in place (whole vectors only), P(r, t) then multiplied
-  // by token t's scale v_sc[t] (null for float).
+  // by token t's scale v_sc[t] (null for float). pair: pv_pair instead (PairValues<Ops, T>).
   template <class T>
   static void pv(const float* pr, Index p_rs, Index p_ts, const float* alpha, const T* v,
                  Index v_ld, const float* v_sc, Index n, float* acc, Index acc_ld, Index nr,
-                 RowPrefetch& pf, Index per_call) {
+                 RowPrefetch& pf, Index per_call, bool pair) {
+    if constexpr (PairValues<Ops, T>::value) {
+      if (pair) {
+        pv_pair(pr, p_rs, alpha, v, v_ld, v_sc, n, acc, acc_ld, nr, pf, per_call);
+        return;
+      }
+    }
+    (void)pair;
     constexpr Index R = Ops::kPvRows, C = Ops::kPvCols;
     const Index nvec = acc_ld / kW;
     if (nr == 1) {  // MHA decode: kPv1Cols vectors of one row at a time
@@ -1431,6 +1465,136 @@ class GroupedTiled {
       TPA_UNROLL
       for (int c = 0; c < NC; ++c) Ops::store(acc + r * acc_ld + c * kW, a[r][c]);
     }
+  }
+
+  // ---- paired values (PairValues<Ops, T>: bf16, int8 with VNNI) -----------------------------
+
+  // pv for token-lane probabilities (p_ts = 1), nr ≤ kPvRows, acc_ld a multiple of 2·kW: V read
+  // in place 2·kW dims at a time; each such block of acc holds its dims in the order
+  // Ops::pair_order<T> restores. bf16: each block widened in 2 ops into its even and odd dims.
+  // int8: per row, the probabilities times the tokens' scales quantized to int16 (a scale per
+  // row and tile, Ops::quantize_probs), two tokens' rows interleaved into int16 pairs, Σ_t in
+  // int32 (Ops::dot_pairs), added to acc · alpha once at the end of the tile.
+  template <class T>
+  static void pv_pair(const float* pr, Index p_rs, const float* alpha, const T* v, Index v_ld,
+                      const float* v_sc, Index n, float* acc, Index acc_ld, Index nr,
+                      RowPrefetch& pf, Index per_call) {
+    constexpr Index R = Ops::kPvRows, C = Ops::kPvCols / 2, C1 = kPv1Cols / 2;
+    static_assert(C >= 1 && C1 >= 1, "GroupedTiled: pv_pair needs kPvCols, kPv1Cols ≥ 2");
+    // int8: 32767 · 128 per token must sum over a tile within int32.
+    static_assert(kT * 32767 * 128 < (Index{1} << 31), "GroupedTiled: kTile too long for pv_pair");
+    const Index npair = acc_ld / (2 * kW);
+    alignas(64) std::int16_t pq[is_quantized_v<T> ? R * kT : 1];
+    float ps[R];
+    if constexpr (is_quantized_v<T>) {
+      for (Index r = 0; r < nr; ++r)
+        ps[r] = Ops::quantize_probs(pr + r * p_rs, v_sc, n, pq + r * kT);
+    } else {
+      (void)v_sc;
+      (void)ps;
+    }
+    const Index cb = nr == 1 ? C1 : C;  // MHA decode: kPv1Cols vectors of one row at a time
+    for (Index c = 0; c < npair; c += cb)
+      for (Index r = 0; r < nr; r += R) {
+        pf.issue(per_call);
+        const Index np = std::min(cb, npair - c);
+        const Index off = c * 2 * kW;
+        if (nr == 1)
+          pv_pair_dispatch<1, C1>(1, np, pr, pq, ps, alpha, v + off, v_ld, n, acc + off, acc_ld);
+        else
+          pv_pair_dispatch<R, C>(std::min(R, nr - r), np, pr + r * p_rs, pq + r * kT, ps + r,
+                                 alpha + r, v + off, v_ld, n, acc + r * acc_ld + off, acc_ld);
+      }
+  }
+
+  // pv_pair_block<nr', np'> for nr' ≤ NR, np' ≤ NP given at run time.
+  template <int NR, int NP, class T>
+  static void pv_pair_dispatch(Index nr, Index np, const float* pr, const std::int16_t* pq,
+                               const float* ps, const float* alpha, const T* v, Index v_ld,
+                               Index n, float* acc, Index acc_ld) {
+    if constexpr (NR > 0 && NP > 0) {
+      if (nr < NR)
+        pv_pair_dispatch<NR - 1, NP>(nr, np, pr, pq, ps, alpha, v, v_ld, n, acc, acc_ld);
+      else if (np < NP)
+        pv_pair_dispatch<NR, NP - 1>(nr, np, pr, pq, ps, alpha, v, v_ld, n, acc, acc_ld);
+      else
+        pv_pair_block<NR, NP>(pr, pq, ps, alpha, v, v_ld, n, acc, acc_ld);
+    }
+  }
+
+  // NR rows × NP blocks of 2·kW dims. bf16: P(r, t) = pr[r·kT + t]; int8: pq[r·kT + t] · ps[r].
+  template <int NR, int NP, class T>
+  static void pv_pair_block(const float* pr, const std::int16_t* pq, const float* ps,
+                            const float* alpha, const T* v, Index v_ld, Index n, float* acc,
+                            Index acc_ld) {
+    constexpr int NC = 2 * NP;
+    if constexpr (is_quantized_v<T>) {
+      (void)pr;
+      using VI = typename Ops::VI;
+      VI ia[NR][NC];
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) ia[r][c] = Ops::izero();
+      }
+      for (Index t = 0; t < n; t += 2) {  // an odd n pairs its last row with itself (q = 0)
+        const T* r0 = v + t * v_ld;
+        const T* r1 = t + 1 < n ? r0 + v_ld : r0;
+        VI x[NC];
+        TPA_UNROLL
+        for (int c = 0; c < NP; ++c)
+          Ops::interleave_rows(r0 + c * 2 * kW, r1 + c * 2 * kW, &x[2 * c], &x[2 * c + 1]);
+        TPA_UNROLL
+        for (int r = 0; r < NR; ++r) {
+          TPA_UNROLL
+          for (int c = 0; c < NC; ++c) ia[r][c] = Ops::dot_pairs(ia[r][c], x[c], pq + r * kT + t);
+        }
+      }
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        const V al = Ops::set1(alpha[r]), sc = Ops::set1(ps[r]);
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          float* a = acc + r * acc_ld + c * kW;
+          Ops::store(a, Ops::fmadd(Ops::to_float(ia[r][c]), sc, Ops::mul(Ops::load(a), al)));
+        }
+      }
+    } else {
+      (void)pq;
+      (void)ps;
+      V a[NR][NC];
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        const V al = Ops::set1(alpha[r]);
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) a[r][c] = Ops::mul(Ops::load(acc + r * acc_ld + c * kW), al);
+      }
+      for (Index t = 0; t < n; ++t) {
+        V x[NC];
+        TPA_UNROLL
+        for (int c = 0; c < NP; ++c)
+          Ops::bf16_pairs(v + t * v_ld + c * 2 * kW, x[2 * c], x[2 * c + 1]);
+        TPA_UNROLL
+        for (int r = 0; r < NR; ++r) {
+          const V w = Ops::set1(pr[r * kT + t]);
+          TPA_UNROLL
+          for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(w, x[c], a[r][c]);
+        }
+      }
+      TPA_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        TPA_UNROLL
+        for (int c = 0; c < NC; ++c) Ops::store(acc + r * acc_ld + c * kW, a[r][c]);
+      }
+    }
+  }
+
+  // One 2·kW-dim block of a pv_pair accumulator row back in dim order.
+  static void pair_order(float* a) {
+    if constexpr (PairValues<Ops, S>::value)
+      Ops::template pair_order<S>(a);
+    else
+      (void)a;
   }
 };
 

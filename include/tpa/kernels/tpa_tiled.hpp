@@ -127,11 +127,11 @@ template <class O, class = void>
 struct HasQ8Pairs : std::false_type {};
 template <class O>
 struct HasQ8Pairs<O, std::enable_if_t<O::kHasQ8Pairs>> : std::true_type {};
-/// Whether Ops widens 2·kWidth bf16 in one op per kWidth (kHasBf16Pairs: bf16_pairs; Avx512Ops).
+/// Whether Ops widens 2·kWidth bf16 in one op per kWidth (kBf16Split: bf16_pairs; Avx512Ops).
 template <class O, class = void>
 struct HasBf16Pairs : std::false_type {};
 template <class O>
-struct HasBf16Pairs<O, std::enable_if_t<O::kHasBf16Pairs>> : std::true_type {};
+struct HasBf16Pairs<O, std::enable_if_t<O::kBf16Split>> : std::true_type {};
 
 template <class Ops, class S>
 class TpaTiled {
