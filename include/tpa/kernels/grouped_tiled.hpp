@@ -15,13 +15,10 @@
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/lane_reduce.hpp"
 #include "tpa/kernels/params.hpp"
+#include "tpa/kernels/register_block.hpp"
 #include "tpa/kernels/score_variant.hpp"
 #include "tpa/kernels/softmax.hpp"
 #include "tpa/kernels/workspace.hpp"
-
-/// Fully unrolls the next loop (its trip count is a small compile-time constant), so that the
-/// register-blocked accumulator arrays below live in registers at -O2 too.
-#define TPA_UNROLL _Pragma("GCC unroll 32")
 
 namespace tpa {
 
@@ -1409,11 +1406,7 @@ class GroupedTiled {
         for (int w = 0; w < NW; ++w) a[j][w] = Ops::fmadd(vb, x[w], a[j][w]);
       }
     }
-    TPA_UNROLL
-    for (int j = 0; j < ND; ++j) {
-      TPA_UNROLL
-      for (int w = 0; w < NW; ++w) Ops::store(acc + j * acc_ld + w * kW, a[j][w]);
-    }
+    store_block<Ops>(a, acc, acc_ld);
   }
 
   // pv_block<nr', nc'> for nr' ≤ NR, nc' ≤ NC given at run time.
@@ -1435,12 +1428,7 @@ class GroupedTiled {
   static void pv_block(const float* pr, Index p_rs, Index p_ts, const float* alpha, const T* v,
                        Index v_ld, const float* v_sc, Index n, float* acc, Index acc_ld) {
     V a[NR][NC];
-    TPA_UNROLL
-    for (int r = 0; r < NR; ++r) {
-      const V al = Ops::set1(alpha[r]);
-      TPA_UNROLL
-      for (int c = 0; c < NC; ++c) a[r][c] = Ops::mul(Ops::load(acc + r * acc_ld + c * kW), al);
-    }
+    load_rescaled<Ops>(a, acc, acc_ld, alpha);
     for (Index t = 0; t < n; ++t) {
       V x[NC];
       float vs = 1.f;  // the token's value scale, folded into its probabilities (int8)
@@ -1453,18 +1441,9 @@ class GroupedTiled {
         TPA_UNROLL
         for (int c = 0; c < NC; ++c) x[c] = Ops::template load_widen<T>(v + t * v_ld + c * kW, kW);
       }
-      TPA_UNROLL
-      for (int r = 0; r < NR; ++r) {
-        const V w = Ops::set1(pr[r * p_rs + t * p_ts] * vs);
-        TPA_UNROLL
-        for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(w, x[c], a[r][c]);
-      }
+      rank1_update<Ops>(a, x, pr + t * p_ts, p_rs, vs);
     }
-    TPA_UNROLL
-    for (int r = 0; r < NR; ++r) {
-      TPA_UNROLL
-      for (int c = 0; c < NC; ++c) Ops::store(acc + r * acc_ld + c * kW, a[r][c]);
-    }
+    store_block<Ops>(a, acc, acc_ld);
   }
 
   // ---- paired values (PairValues<Ops, T>: bf16, int8 with VNNI) -----------------------------
@@ -1563,29 +1542,15 @@ class GroupedTiled {
       (void)pq;
       (void)ps;
       V a[NR][NC];
-      TPA_UNROLL
-      for (int r = 0; r < NR; ++r) {
-        const V al = Ops::set1(alpha[r]);
-        TPA_UNROLL
-        for (int c = 0; c < NC; ++c) a[r][c] = Ops::mul(Ops::load(acc + r * acc_ld + c * kW), al);
-      }
+      load_rescaled<Ops>(a, acc, acc_ld, alpha);
       for (Index t = 0; t < n; ++t) {
         V x[NC];
         TPA_UNROLL
         for (int c = 0; c < NP; ++c)
           Ops::bf16_pairs(v + t * v_ld + c * 2 * kW, x[2 * c], x[2 * c + 1]);
-        TPA_UNROLL
-        for (int r = 0; r < NR; ++r) {
-          const V w = Ops::set1(pr[r * kT + t]);
-          TPA_UNROLL
-          for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(w, x[c], a[r][c]);
-        }
+        rank1_update<Ops>(a, x, pr + t, kT);
       }
-      TPA_UNROLL
-      for (int r = 0; r < NR; ++r) {
-        TPA_UNROLL
-        for (int c = 0; c < NC; ++c) Ops::store(acc + r * acc_ld + c * kW, a[r][c]);
-      }
+      store_block<Ops>(a, acc, acc_ld);
     }
   }
 

@@ -15,6 +15,7 @@
 #include "tpa/kernels/grouped_tiled.hpp"
 #include "tpa/kernels/lane_reduce.hpp"
 #include "tpa/kernels/params.hpp"
+#include "tpa/kernels/register_block.hpp"
 #include "tpa/kernels/score_variant.hpp"
 #include "tpa/kernels/workspace.hpp"
 
@@ -1056,12 +1057,7 @@ class TpaTiled {
                        const Strides& st, const VSource& vs) {
     const Index w_r = st.w_r, w_t = st.w_t, v_ld = st.v_ld, acc_ld = st.acc_ld;
     V a[NR][NC];
-    TPA_UNROLL
-    for (int r = 0; r < NR; ++r) {
-      const V al = Ops::set1(alpha[r]);
-      TPA_UNROLL
-      for (int c = 0; c < NC; ++c) a[r][c] = Ops::mul(Ops::load(acc + r * acc_ld + c * kW), al);
-    }
+    load_rescaled<Ops>(a, acc, acc_ld, alpha);
     Index cnt[NC];
     TPA_UNROLL
     for (int c = 0; c < NC; ++c) cnt[c] = kPack ? std::min(kW, vs.d - c * kW) : kW;
@@ -1081,19 +1077,10 @@ class TpaTiled {
           TPA_UNROLL
           for (int c = 0; c < NC; ++c) x[c] = Ops::loadu(vv + t * v_ld + c * kW);
         }
-        TPA_UNROLL
-        for (int r = 0; r < NR; ++r) {
-          const V wb = Ops::set1(ws[r * w_r + t * w_t]);
-          TPA_UNROLL
-          for (int c = 0; c < NC; ++c) a[r][c] = Ops::fmadd(wb, x[c], a[r][c]);
-        }
+        rank1_update<Ops>(a, x, ws + t * w_t, w_r);
       }
     }
-    TPA_UNROLL
-    for (int r = 0; r < NR; ++r) {
-      TPA_UNROLL
-      for (int c = 0; c < NC; ++c) Ops::store(acc + r * acc_ld + c * kW, a[r][c]);
-    }
+    store_block<Ops>(a, acc, acc_ld);
   }
 };
 
