@@ -4,7 +4,7 @@
 //
 // Benchmarks: decode_kernel/KIND/cache:C/ctx:L/pages:P/threads:T, one decode step (batch 1) over
 // a context of L tokens (16K; TPA and TPA-KV also 64K), LLaMA shape (H = 32 query heads, d = 128):
-//   MHA  G = 32        GQA8  G = 8        GQA4  G = 4 (8 rows per KV head: row lanes)
+//   MHA  G = 32        GQA8  G = 8        GQA4  G = 4 (8 query heads per KV head)
 //   MQA  G = 1
 //   MLA  G = 1, keys 512 + 64 (c_kv, k_pe), value = the 512-part (absorbed decode)
 //   TPA  R_Q = 6, R_K = R_V = 2 (the T6 ranks): factors A_K, B_K, A_V, B_V (FlashTPA kernel)
@@ -50,6 +50,11 @@
 // bf16_ms, int8_ms (median step times), speedup (bf16_ms / int8_ms; issue 26's target is ≥ 1.8
 // for the bandwidth-bound MHA, GQA8, TPA, TPA-KV), speedup_lo, speedup_hi, and the bytes each
 // step reads (bf16_bytes, int8_bytes: values and scales).
+//
+// Benchmarks: decode_narrow/KIND/f32_vs_bf16/ctx:16384/pages:huge/threads:2, an f32 and a bf16
+// cache alternated the same way. Counters: f32_ms, bf16_ms, speedup (f32_ms / bf16_ms; issue 23's
+// target is ≥ 1.82, i.e. bf16 ≤ 0.55× the f32 time, where the step is bound by its bytes, and
+// ≥ 1 where it is bound by its FLOPs), speedup_lo, speedup_hi, f32_bytes, bf16_bytes.
 //
 // Benchmarks: decode_order/KIND/cache:C/ctx:16384/pages:huge/threads:2 (MHA, GQA8; f32, bf16),
 // the same case with its K and V placed token-major (all KV heads' rows of a token together: one
@@ -477,25 +482,27 @@ void decode_order(benchmark::State& state, std::size_t c, Index len, int threads
       });
 }
 
-// decode_quant: case c with a bf16 and an int8 cache, steps alternated (see the file's header).
-void decode_quant(benchmark::State& state, std::size_t c, Index len, int threads) {
-  Sequences<tpa::bfloat16>& b16 = sequences<tpa::bfloat16>(c, len, true, false, 0);
-  Sequences<tpa::q8>& i8 = sequences<tpa::q8>(c, len, true, false, 0);
+// decode_quant, decode_narrow: case c with an SA and an SB cache, steps alternated (see the
+// file's header).
+template <class SA, class SB>
+void decode_vs(benchmark::State& state, std::size_t c, Index len, int threads) {
+  Sequences<SA>& a = sequences<SA>(c, len, true, false, 0);
+  Sequences<SB>& b = sequences<SB>(c, len, true, false, 0);
   tpa::Context ctx(threads);
-  Index copy_b = 0, copy_i = 0;
+  Index copy_a = 0, copy_b = 0;
   alternate(
-      state, "bf16",
+      state, scalar_name<SA>(),
       [&] {
-        step(ctx, c, b16, copy_b);
-        copy_b = (copy_b + 1) % b16.copies();
+        step(ctx, c, a, copy_a);
+        copy_a = (copy_a + 1) % a.copies();
       },
-      "int8",
+      scalar_name<SB>(),
       [&] {
-        step(ctx, c, i8, copy_i);
-        copy_i = (copy_i + 1) % i8.copies();
+        step(ctx, c, b, copy_b);
+        copy_b = (copy_b + 1) % b.copies();
       });
-  state.counters["bf16_bytes"] = b16.bytes();
-  state.counters["int8_bytes"] = i8.bytes();
+  state.counters[std::string(scalar_name<SA>()) + "_bytes"] = a.bytes();
+  state.counters[std::string(scalar_name<SB>()) + "_bytes"] = b.bytes();
 }
 
 template <class S>
@@ -565,17 +572,28 @@ void register_all() {
           ->Unit(benchmark::kMillisecond)
           ->MinTime(2.0);
     }
-  // bf16 against int8 caches, steps alternated: every kind, 2 MiB pages, 2 threads.
+  // bf16 against int8, and f32 against bf16 caches, steps alternated: every kind, 2 MiB pages,
+  // 2 threads.
   for (std::size_t c = 0; c < std::size(kCases); ++c)
     for (Index len : kQuantContexts) {
       const std::string name = std::string("decode_quant/") + kCases[c].name +
                                "/bf16_vs_int8/ctx:" + std::to_string(len) + "/pages:huge/threads:2";
-      benchmark::RegisterBenchmark(name.c_str(),
-                                   [=](benchmark::State& s) { decode_quant(s, c, len, 2); })
+      benchmark::RegisterBenchmark(
+          name.c_str(),
+          [=](benchmark::State& s) { decode_vs<tpa::bfloat16, tpa::q8>(s, c, len, 2); })
           ->UseManualTime()
           ->Unit(benchmark::kMillisecond)
           ->MinTime(2.0);
     }
+  for (std::size_t c = 0; c < std::size(kCases); ++c) {
+    const std::string name = std::string("decode_narrow/") + kCases[c].name +
+                             "/f32_vs_bf16/ctx:16384/pages:huge/threads:2";
+    benchmark::RegisterBenchmark(
+        name.c_str(), [=](benchmark::State& s) { decode_vs<float, tpa::bfloat16>(s, c, 16384, 2); })
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(2.0);
+  }
   // Each attention variant against the plain step, alternated: f32, 2 MiB pages, 2 threads.
   static const std::vector<float> slopes = tpa::AttentionVariant::standard_alibi_slopes(32);
   static const std::vector<float> sinks(32, 0.5f);

@@ -533,15 +533,16 @@ void check_storage() {
     }
   }
 }
-// Token-lane decode with 1 (MHA) and 2 … 7 rows per KV head (GQA): K read in place by the
+// Token-lane decode with 1 (MHA) and 2 … 8 rows per KV head (GQA; 9 is Avx512's first row-lane
+// case): K read in place by the
 // one-row and several-row score micro-kernels (groups of 2, 4 or 8 rows, padded rows repeating
 // the last one; bf16 on Avx512 by its even/odd split over 32-dim blocks), 16-bit V widened in
-// registers by the value micro-kernel; key sizes with a tail past the 32-dim blocks (40) and
+// registers by the value micro-kernel (7–8 rows: Avx512's wide 8-row block); key sizes with a tail past the 32-dim blocks (40) and
 // whole blocks (64, 128), f32 and 16-bit storage, short last tiles (77 tokens in blocks of 16),
 // within the f32 bound and bit-identical for one and two threads.
 template <class B, class S>
 void check_several_rows() {
-  for (Index gs : {1, 2, 3, 4, 5, 6, 7})
+  for (Index gs : {1, 2, 3, 4, 5, 6, 7, 8, 9})
     for (Index d : {40, 64, 128}) {
       const Shape sh{2 * gs, 2, d, 0, d, false};
       for (Index n_q : {1, 2}) {
@@ -559,7 +560,7 @@ TYPED_TEST(GroupedKernel, SeveralRowsPerKvHead) {
   check_several_rows<TypeParam, half>();
 }
 
-// Token-lane decode and short prefill (rows per KV head ≤ 6) with 1 … 7 rows per KV head and
+// Token-lane decode and short prefill (rows per KV head ≤ 8) with 1 … 8 rows per KV head and
 // bf16 or int8 V read in place: Avx512's paired value micro-kernel (pv_pair; int8 with VNNI)
 // for d_v 64 and 128 (2 and 4 blocks of 32 dims), the unpaired one for d_v 40; blocks of 24
 // tokens (every tile short, odd lengths) and 64 (whole tiles, an 11-token last one); one key
@@ -568,11 +569,11 @@ TYPED_TEST(GroupedKernel, SeveralRowsPerKvHead) {
 // quant_cache_test: pv_pair rounds int8's probabilities to int16).
 template <class B, class S>
 void check_paired_values() {
-  for (Index gs : {1, 2, 3, 4, 5, 6, 7})
+  for (Index gs : {1, 2, 3, 4, 5, 6, 7, 8})
     for (Index d : {40, 64, 128})
       for (Index n_q : {1, 2})
         for (Index block : {24, 64}) {
-          if (n_q * gs > 6 && n_q > 1) continue;  // prefill: only passes of ≤ kPvRows rows
+          if (n_q * gs > 8 && n_q > 1) continue;  // prefill: only passes of ≤ kPvRowsMax rows
           const Shape sh{2 * gs, 2, d, 0, d, false};
           const Problem<S> pr(sh, 203, n_q, block, 41u + static_cast<unsigned>(gs * d + block));
           SCOPED_TRACE(sh.name() + " n_q " + std::to_string(n_q) + " block " +

@@ -345,14 +345,15 @@ TYPED_TEST(QuantCacheKinds, GqaRowGroups) {
   check_grouped<TypeParam>("MHA d 64", 4, 64);
   check_grouped<TypeParam>("GQA 12/4 d 64", 4, 64, 12);
   check_grouped<TypeParam>("GQA 14/2 d 128", 2, 128, 14);
+  check_grouped<TypeParam>("GQA 16/2 d 128", 2, 128, 16);  // 8 rows per KV head
 }
 // Token-lane decode scores of int8 keys (Avx512 with VNNI: int16 q rows × int8 K in integer
-// lanes, GroupedTiled::qk_i16) for 1 (MHA) … 7 query heads per KV head and head dims 40 (a tail
+// lanes, GroupedTiled::qk_i16) for 1 (MHA) … 8 query heads per KV head and head dims 40 (a tail
 // past the 32-dim blocks), 64 and 128: within 1e-4 of max|y| of Reference (check_kind), and
 // bit-identical for one and two threads.
 TYPED_TEST(QuantCacheKinds, TokenLaneScores) {
   using B = TypeParam;
-  for (Index gs : {1, 2, 3, 4, 5, 6, 7})
+  for (Index gs : {1, 2, 3, 4, 5, 6, 7, 8})
     for (Index d : {40, 64, 128}) {
       const tpa::GqaConfig c = gqa_config(2, d, 2 * gs);
       const tpa::GqaWeights w = tpa::GqaWeights::random(c, 7);

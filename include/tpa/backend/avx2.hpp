@@ -35,9 +35,12 @@ struct Avx2Ops {
   static constexpr Index kQkRows = 4;      // 4 rows × 2 token vectors = 8 accumulators
   static constexpr Index kLaneTokens = 4;  // 4 tokens × 2 row vectors = 8 accumulators
   static constexpr Index kLaneVecs = 2;
-  static constexpr Index kLaneRowsMin = 4;
+  // 4 rows (GQA-8) in token lanes: row lanes would leave half of each 8-lane vector empty.
+  static constexpr Index kLaneRowsMin = 5;
   static constexpr Index kPvRows = 2;  // 2 rows × 4 vectors = 8 accumulators
   static constexpr Index kPvCols = 4;
+  static constexpr Index kPvRowsWide = 4;  // 3–4 rows: 4 × 2 = 8 accumulators, V widened once
+  static constexpr Index kPvColsWide = 2;
   static constexpr Index kPv1Cols = 4;
   static constexpr Index kPvtDims = 4;  // 4 value dims × 2 row vectors = 8 accumulators
 

@@ -34,9 +34,13 @@ struct Avx512Ops {
   static constexpr Index kQkRows = 8;      // 8 rows × 2 token vectors = 16 accumulators
   static constexpr Index kLaneTokens = 8;  // 8 tokens × 2 row vectors = 16 accumulators
   static constexpr Index kLaneVecs = 2;
-  static constexpr Index kLaneRowsMin = 8;
+  // Up to 8 rows (GQA with 8 query heads per KV head) in token lanes: row lanes would leave
+  // half of each 16-lane vector empty.
+  static constexpr Index kLaneRowsMin = 9;
   static constexpr Index kPvRows = 6;  // 6 rows × 4 vectors = 24 accumulators
   static constexpr Index kPvCols = 4;
+  static constexpr Index kPvRowsWide = 8;  // 7–8 rows (GQA with 8 query heads per KV head):
+  static constexpr Index kPvColsWide = 3;  // 8 × 3 = 24 accumulators (pv_pair: 8 × 2)
   static constexpr Index kPv1Cols = 8;   // one row: 8 vectors, so its FMA chains hide latency
   static constexpr Index kPvtDims = 12;  // 12 value dims × 2 row vectors = 24 accumulators
 
