@@ -233,15 +233,6 @@ struct Avx512Ops {
 #if defined(TPA_HAVE_AVX512VNNI)
   static V to_float(VI x) { return _mm512_cvtepi32_ps(x); }
 
-  /// Two int8 rows a, b [0, 32) as int16 pairs (a[d], b[d]), one per 32-bit lane: lane 4L + k
-  /// (k < 4) of *lo holds dim 8L + k, of *hi dim 8L + 4 + k.
-  static void interleave_rows(const q8* a, const q8* b, VI* lo, VI* hi) {
-    const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-    const __m512i y = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
-    *lo = _mm512_unpacklo_epi16(x, y);
-    *hi = _mm512_unpackhi_epi16(x, y);
-  }
-
   /// acc + x·w per 32-bit lane, x and w pairs of int16 (w = w[0], w[1] in every lane; w's
   /// bytes may sit in storage of another type): vpdpwssd.
   TPA_ALWAYS_INLINE static VI dot_pairs(VI acc, VI x, const void* w) {
@@ -284,9 +275,9 @@ struct Avx512Ops {
     if constexpr (std::is_same<S, bfloat16>::value) {  // even dims, then odd ones
       i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
       i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    } else {  // interleave_rows' lo, hi
-      i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-      i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    } else {  // q8_pairs' lo (dims 0–7, 16–23), hi (8–15, 24–31)
+      i0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+      i1 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     }
     const V x = _mm512_loadu_ps(a), y = _mm512_loadu_ps(a + kWidth);
     _mm512_storeu_ps(a, _mm512_permutex2var_ps(x, i0, y));
@@ -344,7 +335,8 @@ struct Avx512Ops {
   // vpdpwssd, exact int32 sums, one scale per row at the end.
   static constexpr bool kHasQ8Pairs = true;
   /// Elements 0–31 of the int8 rows a and b as 16-bit pairs (a_j, b_j) in 32-bit lanes:
-  /// lo holds j = 0–7, 16–23, hi j = 8–15, 24–31 (q8_unpair restores the order).
+  /// lo holds j = 0–7, 16–23, hi j = 8–15, 24–31 (q8_unpair, and pair_order<q8> for pv_pair's
+  /// accumulators, restore the order). Also GroupedTiled's pv_pair's two token rows.
   static void q8_pairs(const q8* a, const q8* b, VI& lo, VI& hi) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
     const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));

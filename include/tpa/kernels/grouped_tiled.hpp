@@ -155,7 +155,7 @@ struct OpsPvWide<Ops, std::void_t<decltype(Ops::kPvRowsWide)>> {
 /// Optional (PairValues): kPairValues<S> true makes token-lane passes of ≤ kPvRows rows per KV
 ///   head read V in blocks of 2·W dims (pv_pair), with pair_order<S>(a) (a block of acc back in
 ///   dim order), and for bf16 bf16_pairs(p, even, odd), for q8 VI, izero(), to_float(VI),
-///   interleave_rows(a, b, lo, hi), dot_pairs(acc, x, w), quantize_probs(p, sc, n, q).
+///   q8_pairs(a, b, lo, hi), dot_pairs(acc, x, w), quantize_probs(p, sc, n, q).
 ///
 /// A pass holds a set of rows (query heads × queries of some KV heads: at most kRowCap, unless
 /// one KV head has more query heads) and walks the key tiles (≤ kTile tokens inside one cache
@@ -1565,7 +1565,7 @@ class GroupedTiled {
         VI x[NC];
         TPA_UNROLL
         for (int c = 0; c < NP; ++c)
-          Ops::interleave_rows(r0 + c * 2 * kW, r1 + c * 2 * kW, &x[2 * c], &x[2 * c + 1]);
+          Ops::q8_pairs(r0 + c * 2 * kW, r1 + c * 2 * kW, x[2 * c], x[2 * c + 1]);
         TPA_UNROLL
         for (int r = 0; r < NR; ++r) {
           TPA_UNROLL
