@@ -142,9 +142,9 @@ struct OpsPvWide<Ops, std::void_t<decltype(Ops::kPvRowsWide)>> {
 ///   kLaneRowsMin (rows per KV head from which the row-lane form is used); kPvRows × kPvCols
 ///   (rows × vectors of the value micro-kernel); kPv1Cols (its vectors for a single row, MHA
 ///   decode); optionally kPvRowsWide × kPvColsWide (its block for kPvRows < rows ≤ kPvRowsWide,
-///   so that one call covers all rows of a KV head, e.g. GQA with 8 query heads per KV head); kPvtDims (value dims × kLaneVecs row vectors of
-///   the transposed one, row-lane decode); kQkRows (rows of a transposed-K score
-///   micro-kernel: not used here, by other tiled kernels);
+///   so that one call covers all rows of a KV head, e.g. GQA with 8 query heads per KV head);
+///   kPvtDims (value dims × kLaneVecs row vectors of the transposed one, row-lane decode);
+///   kQkRows (rows of a transposed-K score micro-kernel: not used here, by other tiled kernels);
 ///   zero(), set1(x), load(p) (p aligned to W floats), loadu(p), store(p, v) (aligned),
 ///   add, sub, mul, div (score variants only), max, fmadd(a, b, c) = a·b + c, reduce_max(v),
 ///   reduce_add(v);
@@ -385,7 +385,7 @@ class GroupedTiled {
     const Index gs = sh.gs, d_qk = sh.d_qk, rows_g = (ie - ib) * gs, rp = sh.rp;
     const bool lanes = rows_g >= Ops::kLaneRowsMin;
     const Index rows = (ge - gb) * rp;
-    // V read in place by pv_pair on every tile of the pass (it holds ≤ kPvRows rows per KV
+    // V read in place by pv_pair on every tile of the pass (it holds ≤ kPvRowsMax rows per KV
     // head), whose acc leaves in another order: restored at the end of the pass.
     const bool pair_v = PairValues<Ops, S>::value && !lanes && !sh.acc_t &&
                         sh.d_v % (2 * kW) == 0 && rows_g <= kPvRowsMax;
@@ -1479,8 +1479,8 @@ class GroupedTiled {
 
   // ---- paired values (PairValues<Ops, T>: bf16, int8 with VNNI) -----------------------------
 
-  // pv for token-lane probabilities (p_ts = 1), nr ≤ kPvRowsMax, acc_ld a multiple of 2·kW: V read
-  // in place 2·kW dims at a time; each such block of acc holds its dims in the order
+  // pv for token-lane probabilities (p_ts = 1), nr ≤ kPvRowsMax, acc_ld a multiple of 2·kW: V
+  // read in place 2·kW dims at a time; each such block of acc holds its dims in the order
   // Ops::pair_order<T> restores. bf16: each block widened in 2 ops into its even and odd dims.
   // int8: per row, the probabilities times the tokens' scales quantized to int16 (a scale per
   // row and tile, Ops::quantize_probs), two tokens' rows interleaved into int16 pairs, Σ_t in
