@@ -534,11 +534,11 @@ void check_storage() {
   }
 }
 // Token-lane decode with 1 (MHA) and 2 … 8 rows per KV head (GQA; 9 is Avx512's first row-lane
-// case): K read in place by the
-// one-row and several-row score micro-kernels (groups of 2, 4 or 8 rows, padded rows repeating
-// the last one; bf16 on Avx512 by its even/odd split over 32-dim blocks), 16-bit V widened in
-// registers by the value micro-kernel (7–8 rows: Avx512's wide 8-row block); key sizes with a tail past the 32-dim blocks (40) and
-// whole blocks (64, 128), f32 and 16-bit storage, short last tiles (77 tokens in blocks of 16),
+// case): K read in place by the one-row and several-row score micro-kernels (groups of 2, 4 or
+// 8 rows, padded rows repeating the last one; bf16 on Avx512 by its even/odd split over 32-dim
+// blocks), 16-bit V widened in registers by the value micro-kernel (7–8 rows: Avx512's wide
+// 8-row block); key sizes with a tail past the 32-dim blocks (40) and whole blocks (64, 128),
+// f32 and 16-bit storage, short last tiles (77 tokens in blocks of 16),
 // within the f32 bound and bit-identical for one and two threads.
 template <class B, class S>
 void check_several_rows() {

@@ -152,7 +152,7 @@ struct OpsPvWide<Ops, std::void_t<decltype(Ops::kPvRowsWide)>> {
 ///   load_widen<S>(p, n): n ∈ [1, W] elements of S widened to f32, lanes ≥ n zero, reads only n;
 ///   transpose_block<S>(src, ld, rows, cols, dst, dst_ld): dst[c·dst_ld + r] = src[r·ld + c]
 ///   for c < cols ≤ W and r < W, with 0 for r ≥ rows (rows ∈ [0, W]); dst aligned.
-/// Optional (PairValues): kPairValues<S> true makes token-lane passes of ≤ kPvRows rows per KV
+/// Optional (PairValues): kPairValues<S> true makes token-lane passes of ≤ kPvRowsMax rows per KV
 ///   head read V in blocks of 2·W dims (pv_pair), with pair_order<S>(a) (a block of acc back in
 ///   dim order), and for bf16 bf16_pairs(p, even, odd), for q8 VI, izero(), to_float(VI),
 ///   q8_pairs(a, b, lo, hi), dot_pairs(acc, x, w), quantize_probs(p, sc, n, q).
