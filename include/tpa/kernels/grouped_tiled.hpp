@@ -566,10 +566,10 @@ class GroupedTiled {
     const Index v_src_ld = p.kv.token_stride(p.v_factor);
     const S* v_src = p.kv.row(p.v_factor, blk, g) + off * v_src_ld;
     // MLA's latent is both V and key part 0: a 16-bit or int8 tile is widened (and scaled) into
-    // vp once, before the scores, and both products read it there.
+    // vp once, by the score product as it first reads each chunk, and both products read it
+    // there.
     const bool v_is_k0 = sh.pack_v && rw.lanes && p.v_factor == p.k_factor[0] &&
                          p.k_dims[0] == d_v;
-    if (v_is_k0) pack_v_tile(p, sh, b, g, blk, off, n, v_src, v_src_ld);
 
     // Scores of the rows that see the tile: token lanes sp[r][t], row lanes sp[t][r].
     float* sp;
@@ -1190,13 +1190,14 @@ class GroupedTiled {
   // ---- row lanes --------------------------------------------------------------------------
 
   // s [n, rp] (tokens × rows) = K tile [n, d_qk] · qt [d_qk, rp], K read in place from the
-  // cache, or its part 0 from k0 [n, k0_ld] when non-null (the tile already widened and
-  // scaled: MLA's latent, which is also V). Dims in chunks of kChunk (the qᵀ slice stays in L1),
-  // row vectors in groups of kLaneVecs, tokens in blocks of kLaneTokens (a short last block
-  // repeats its last token).
+  // cache. With k0 non-null (MLA's latent, which is also V, in 16-bit or int8 storage), part 0
+  // is widened and scaled into k0 [n, k0_ld] by the first group of row vectors, which reads it
+  // from the cache, and read there by the others and by the value product. Dims in chunks of
+  // kChunk (the qᵀ slice stays in L1), row vectors in groups of kLaneVecs, tokens in blocks of
+  // kLaneTokens (a short last block repeats its last token).
   static void qk_lanes(const P& p, Index g, Index blk, Index off, Index n, const float* qt,
-                       Index rp, float* s, RowPrefetch& pf, Index per_call,
-                       const float* k0 = nullptr, Index k0_ld = 0) {
+                       Index rp, float* s, RowPrefetch& pf, Index per_call, float* k0 = nullptr,
+                       Index k0_ld = 0) {
     constexpr Index VB = Ops::kLaneVecs, NT = Ops::kLaneTokens;
     const Index nv = rp / kW;
     Index j0 = 0;
@@ -1214,7 +1215,10 @@ class GroupedTiled {
             pf.issue(per_call);
             const Index nt = std::min(NT, n - tb);
             float* st = s + tb * rp + v * kW;
-            if (wide) {
+            const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off + tb);
+            // The first row group widens part 0 into k0 on its way.
+            float* stage = wide && v == 0 ? k0 + tb * k0_ld + jc : nullptr;
+            if (wide && v > 0) {
               if (v + VB <= nv)
                 qk_lane_block<VB>(k0 + tb * k0_ld + jc, k0_ld, nullptr, nt, len, q + v * kW, rp,
                                   st, rp, first);
@@ -1223,13 +1227,12 @@ class GroupedTiled {
                                      q + v * kW, rp, st, rp, first);
               continue;
             }
-            const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off + tb);
             if (v + VB <= nv)
               qk_lane_block<VB>(k + tb * ld + jc, ld, k_sc, nt, len, q + v * kW, rp, st, rp,
-                                first);
+                                first, stage, k0_ld);
             else
               qk_lane_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, k_sc, nt, len, q + v * kW, rp,
-                                   st, rp, first);
+                                   st, rp, first, stage, k0_ld);
           }
         }
         first = false;
@@ -1240,75 +1243,37 @@ class GroupedTiled {
 
   template <int N, class T>
   static void qk_lane_tail(Index nvec, const T* k, Index k_ld, const float* k_sc, Index nt,
-                           Index len, const float* q, Index q_ld, float* s, Index s_ld,
-                           bool first) {
+                           Index len, const float* q, Index q_ld, float* s, Index s_ld, bool first,
+                           float* stage = nullptr, Index stage_ld = 0) {
     if constexpr (N > 0) {
       if (nvec == N)
-        qk_lane_block<N>(k, k_ld, k_sc, nt, len, q, q_ld, s, s_ld, first);
+        qk_lane_block<N>(k, k_ld, k_sc, nt, len, q, q_ld, s, s_ld, first, stage, stage_ld);
       else
-        qk_lane_tail<N - 1>(nvec, k, k_ld, k_sc, nt, len, q, q_ld, s, s_ld, first);
+        qk_lane_tail<N - 1>(nvec, k, k_ld, k_sc, nt, len, q, q_ld, s, s_ld, first, stage,
+                            stage_ld);
     }
   }
 
   // s[t][v] (+)= Σ_j k[t][j] · q[j][v] for kLaneTokens tokens (the first nt real) and VB row
   // vectors, over `len` ≤ kChunk dims. 16-bit K rows (T = S) are first widened with vector
-  // loads into a [kLaneTokens, kChunk] f32 block on the stack (L1), so the broadcasts below are
-  // plain f32 loads instead of one scalar conversion per element and row vector; int8 rows are
-  // dequantized there too (k_sc: their tokens' scales; null unless T is quantized).
+  // loads into a [kLaneTokens, kChunk] f32 block on the stack (L1), or into stage [nt, stage_ld]
+  // when non-null, so the broadcasts are plain f32 loads instead of one scalar conversion per
+  // element and row vector; int8 rows are dequantized there too (k_sc: their tokens' scales;
+  // null unless T is quantized).
   template <int VB, class T>
   static void qk_lane_block(const T* k, Index k_ld, const float* k_sc, Index nt, Index len,
-                            const float* q, Index q_ld, float* s, Index s_ld, bool first) {
+                            const float* q, Index q_ld, float* s, Index s_ld, bool first,
+                            float* stage = nullptr, Index stage_ld = 0) {
     constexpr int NT = static_cast<int>(Ops::kLaneTokens);
-    if constexpr (std::is_same<T, float>::value) {
-      (void)k_sc;
-      const float* rows[NT];
-      TPA_UNROLL
-      for (int t = 0; t < NT; ++t) rows[t] = k + std::min<Index>(t, nt - 1) * k_ld;
-      qk_lane_rows<VB>(rows, len, q, q_ld, s, s_ld, first);
-    } else {
-      static_assert(kChunk % kW == 0, "GroupedTiled: kChunk must be a multiple of kWidth");
-      alignas(64) float wide[NT * kChunk];
-      const float* rows[NT];
-      for (int t = 0; t < NT; ++t) {
-        float* w = wide + t * kChunk;
-        const Index tt = std::min<Index>(t, nt - 1);
-        const T* src = k + tt * k_ld;
-        const V sc = Ops::set1(k_sc != nullptr ? k_sc[tt] : 1.f);
-        for (Index j = 0; j < len; j += kW)
-          Ops::store(w + j, dequant(Ops::template load_widen<T>(src + j, std::min(kW, len - j)), sc));
-        rows[t] = w;
-      }
-      qk_lane_rows<VB>(rows, len, q, q_ld, s, s_ld, first);
+    static_assert(kChunk % kW == 0, "GroupedTiled: kChunk must be a multiple of kWidth");
+    alignas(64) float wide[std::is_same<T, float>::value ? 1 : NT * kChunk];
+    if (!std::is_same<T, float>::value && stage == nullptr) {
+      stage = wide;
+      stage_ld = kChunk;
     }
-  }
-
-  template <int VB>
-  static void qk_lane_rows(const float* const* rows, Index len, const float* q, Index q_ld,
-                           float* s, Index s_ld, bool first) {
-    constexpr int NT = static_cast<int>(Ops::kLaneTokens);
-    V acc[NT][VB];
-    TPA_UNROLL
-    for (int t = 0; t < NT; ++t) {
-      TPA_UNROLL
-      for (int v = 0; v < VB; ++v)
-        acc[t][v] = first ? Ops::zero() : Ops::load(s + t * s_ld + v * kW);
-    }
-    for (Index j = 0; j < len; ++j) {
-      V qv[VB];
-      TPA_UNROLL
-      for (int v = 0; v < VB; ++v) qv[v] = Ops::load(q + j * q_ld + v * kW);
-      TPA_UNROLL
-      for (int t = 0; t < NT; ++t) {
-        const V kb = Ops::set1(rows[t][j]);
-        TPA_UNROLL
-        for (int v = 0; v < VB; ++v) acc[t][v] = Ops::fmadd(kb, qv[v], acc[t][v]);
-      }
-    }
-    TPA_UNROLL
-    for (int t = 0; t < NT; ++t) {
-      TPA_UNROLL
-      for (int v = 0; v < VB; ++v) Ops::store(s + t * s_ld + v * kW, acc[t][v]);
-    }
+    const float* rows[NT];
+    lane_rows<Ops, NT>(k, k_ld, nt, len, k_sc, stage, stage_ld, rows);
+    lane_rows_product<Ops, NT, VB>(rows, len, q, q_ld, s, s_ld, first);
   }
 
   // The online-softmax update of the rp rows (lanes) of one KV head over tokens [0, n) of

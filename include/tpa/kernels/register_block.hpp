@@ -3,6 +3,9 @@
 // rescale, updated one token at a time, stored back.
 #pragma once
 
+#include <algorithm>
+#include <type_traits>
+
 #include "tpa/core/tensor.hpp"
 #include "tpa/kernels/lane_reduce.hpp"
 
@@ -46,6 +49,66 @@ TPA_ALWAYS_INLINE void store_block(const typename Ops::V (&a)[NR][NC], float* ac
   for (int r = 0; r < NR; ++r) {
     TPA_UNROLL
     for (int c = 0; c < NC; ++c) Ops::store(acc + r * ld + c * Ops::kWidth, a[r][c]);
+  }
+}
+
+/// Row pointers of a block of NT key rows for lane_rows_product: row t at k + t·k_ld for
+/// t < nt (rows past nt repeat row nt − 1, so nothing past it is read), `len` elements each.
+/// f32 rows without a stage are used in place; otherwise each row is widened to f32 (times
+/// sc[t] if sc is non-null) into stage + t·stage_ld, zero-padded to a whole vector.
+template <class Ops, int NT, class T>
+TPA_ALWAYS_INLINE void lane_rows(const T* k, Index k_ld, Index nt, Index len, const float* sc,
+                                 float* stage, Index stage_ld, const float* (&rows)[NT]) {
+  constexpr Index W = Ops::kWidth;
+  for (int t = 0; t < NT; ++t) {
+    const Index tt = std::min<Index>(t, nt - 1);
+    const T* src = k + tt * k_ld;
+    if constexpr (std::is_same<T, float>::value) {
+      if (stage == nullptr) {
+        rows[t] = src;
+        continue;
+      }
+    }
+    float* w = stage + tt * stage_ld;
+    rows[t] = w;
+    if (t != tt) continue;
+    const typename Ops::V scale = Ops::set1(sc != nullptr ? sc[t] : 1.f);
+    for (Index j = 0; j < len; j += W) {
+      const typename Ops::V x = Ops::template load_widen<T>(src + j, std::min(W, len - j));
+      Ops::store(w + j, sc != nullptr ? Ops::mul(x, scale) : x);
+    }
+  }
+}
+
+/// s[t·s_ld + v·W, +W) (+)= Σ_j rows[t][j] · q[j·q_ld + v·W, +W) for t < NT, v < VB, j < len:
+/// NT key rows against VB vectors of rows in lanes (qᵀ), each key element broadcast from its
+/// row; NT × VB accumulators. first: s is written, not added to.
+template <class Ops, int NT, int VB>
+TPA_ALWAYS_INLINE void lane_rows_product(const float* const* rows, Index len, const float* q,
+                                         Index q_ld, float* s, Index s_ld, bool first) {
+  using V = typename Ops::V;
+  constexpr Index W = Ops::kWidth;
+  V acc[NT][VB];
+  TPA_UNROLL
+  for (int t = 0; t < NT; ++t) {
+    TPA_UNROLL
+    for (int v = 0; v < VB; ++v) acc[t][v] = first ? Ops::zero() : Ops::load(s + t * s_ld + v * W);
+  }
+  for (Index j = 0; j < len; ++j) {
+    V qv[VB];
+    TPA_UNROLL
+    for (int v = 0; v < VB; ++v) qv[v] = Ops::load(q + j * q_ld + v * W);
+    TPA_UNROLL
+    for (int t = 0; t < NT; ++t) {
+      const V kb = Ops::set1(rows[t][j]);
+      TPA_UNROLL
+      for (int v = 0; v < VB; ++v) acc[t][v] = Ops::fmadd(kb, qv[v], acc[t][v]);
+    }
+  }
+  TPA_UNROLL
+  for (int t = 0; t < NT; ++t) {
+    TPA_UNROLL
+    for (int v = 0; v < VB; ++v) Ops::store(s + t * s_ld + v * W, acc[t][v]);
   }
 }
 
