@@ -60,10 +60,14 @@ namespace detail {
 ///       of W results (bf16 B_K with Ops::bf16_pairs: 2W elements widened as even and odd
 ///       halves, one op per W, against a B_Q copied in that order per pass); then per token S(t) = Σ_s A_K(t)[:, s] ⊙ Σ_r C[s·R_Q + r][t]·A_Qᵀ[r]
 ///       (broadcast C, H·R_K·(R_Q+1) multiply-adds per token, A_Qᵀ [R_Q, H_pad] built per pass);
-///     full query (K/V-only): A_K and B_K are transposed into akt [H·R_K, T] and bkt [R_K·d, T]
-///       (tokens in lanes), S[h] = Σ_s akt[h,s] ⊙ (q_h · bkt_s) is the [rows × d]·[d × T]
-///       product per s with the A_K mix folded into its epilogue, and one register transpose
-///       per W × W block turns it into heads in lanes;
+///     full query (K/V-only), one query per pass (decode): the tile's T·R_K B_K rows
+///       (contiguous) times qᵀ [d, H_pad] (built once per pass) with heads in lanes, each B_K
+///       element broadcast from its row (lane_scores; no transpose of the tile), then
+///       S(t) = Σ_s A_K(t)[:, s] ⊙ (q · B_K(t)[s]) with A_K de-interleaved by load_strided;
+///     full query, several queries per pass (prefill): A_K and B_K are transposed into akt
+///       [H·R_K, T] and bkt [R_K·d, T] (tokens in lanes), S[h] = Σ_s akt[h,s] ⊙ (q_h · bkt_s)
+///       is the [rows × d]·[d × T] product per s with the A_K mix folded into its epilogue, and
+///       one register transpose per W × W block turns it into heads in lanes;
 ///     qk_scale() is folded into A_Q (or q);
 ///  2. online softmax: the tile's maximum per head (vector max over tokens), one rescale
 ///     factor per head and tile (applied in 3), one vector exp per token and head vector, and
@@ -201,6 +205,8 @@ class TpaTiled {
     float* q;      // full: [ni·H, d] q · qk_scale
     float* akt;    // full: [H·RK, kT] A_K tile transposed
     float* bkt;    // full: [RK·d, kT] B_K tile transposed
+    float* qt;     // full, one-query passes: [d, H_pad] (q · qk_scale)ᵀ, padded heads 0
+    float* ck;     // full, one-query passes: [kT·RK, H_pad] q_h · B_K(t)[s], row t·RK + s
     float* c;      // factored: [RK·RQ, kT] B_Q·B_Kᵀ of one query, row s·RQ + r
     float* sp;     // full: [ni·H, kT] scores, tokens in lanes
     float* st;     // [ni][kT, H_pad] scores, heads in lanes
@@ -247,6 +253,8 @@ class TpaTiled {
     b.q = take(factored ? 0 : rows * sh.d);
     b.akt = take(factored ? 0 : sh.H * sh.RK * kT);
     b.bkt = take(factored ? 0 : sh.RK * sh.d * kT);
+    b.qt = take(factored ? 0 : sh.d * sh.H_pad);
+    b.ck = take(factored ? 0 : kT * sh.RK * sh.H_pad);
     b.c = take(factored ? sh.RK * sh.RQ * kT : 0);
     b.sp = take(factored ? 0 : rows * kT);
     b.st = take(sh.ni * kT * sh.H_pad);
@@ -314,6 +322,12 @@ class TpaTiled {
         const float* q = p.q + i * p.q_stride;
         float* dst = b.q + (i - ib) * H * d;
         for (Index k = 0; k < H * d; ++k) dst[k] = q[k] * qk_scale;
+        if (ie - ib == 1)  // heads in lanes for lane_scores: kW × kW register transposes
+          for (Index h0 = 0; h0 < H_pad; h0 += kW)
+            for (Index j0 = 0; j0 < d; j0 += kW)
+              Ops::template transpose_block<float>(dst + h0 * d + j0, d, std::min(kW, H - h0),
+                                                   std::min(kW, d - j0), b.qt + j0 * H_pad + h0,
+                                                   H_pad);
       }
     }
     const Index stats = (ie - ib) * H_pad;
@@ -408,9 +422,13 @@ class TpaTiled {
     // The next tile is prefetched a few lines at each step of the loops below.
     const Index per_token =
         (H_pad / kW + kChunkVecs - 1) / kChunkVecs + (H_pad / kW + kScoreVecs - 1) / kScoreVecs;
+    // Full queries, one query in the pass (decode): scores with heads in lanes (lane_scores).
+    const bool lane_qk = RQ == 0 && ie - ib == 1;
     const Index points =
-        (RQ > 0 ? nq * RK * ((n + kW / 2 - 1) / (kW / 2))
-                : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
+        (RQ > 0    ? nq * RK * ((n + kW / 2 - 1) / (kW / 2))
+         : lane_qk ? (n * RK + kLaneTok - 1) / kLaneTok * ((H_pad / kW + kLaneVecs - 1) / kLaneVecs) *
+                         ((d + kLaneDims - 1) / kLaneDims)
+                   : RK * ((nr + Ops::kQkRows - 1) / Ops::kQkRows)) +
         nq * (per_token * ((n + kTokGroup - 1) / kTokGroup) +
               (sh.q8_pairs
                    ? (H + kQ8Rows - 1) / kQ8Rows *
@@ -418,7 +436,7 @@ class TpaTiled {
                    : (H + kPvRows - 1) / kPvRows * ((sh.d_pad / kW + kPvCols - 1) / kPvCols)));
     const Index per_call = (next.pending() + points - 1) / points;
 
-    if (RQ == 0) {  // scores of all rows that see the tile, tokens in lanes
+    if (RQ == 0 && !lane_qk) {  // scores of all rows that see the tile, tokens in lanes
       transpose_tile(ak, ld_ak, n, b.akt);
       transpose_tile(bk, ld_bk, n, b.bkt);
       if constexpr (is_quantized_v<S>) {
@@ -496,6 +514,8 @@ class TpaTiled {
               Ops::store(st + t * H_pad + h,
                          Ops::mul(Ops::load(st + t * H_pad + h), sa.at(t, h, H)));
         }
+      } else if (lane_qk) {
+        lane_scores(p, sh, b, blk, off, ak, bk, count, st, next, per_call);
       } else {
         for (Index hb = 0; hb < H; hb += kW)
           for (Index tb = 0; tb < count; tb += kW)
@@ -546,6 +566,69 @@ class TpaTiled {
     next.issue(next.pending());
   }
 
+  // Full-query scores of a one-query pass, heads in lanes, over tokens t < n of the tile (ak,
+  // bk: its first A_K and B_K rows): ck[t·RK + s] = B_K(t)[s] · qt (the tile's n·RK B_K rows,
+  // contiguous, against the heads in lanes: kLaneTok rows × kLaneVecs head vectors of
+  // accumulators, each B_K element broadcast from its row once per head group — 16-bit and
+  // int8 rows widened into an L1 block first), then st[t] = Σ_s A_K(t)[:, s] ⊙ ck[t·RK + s]
+  // (int8: times B_K's scale of (t, s), then A_K's of t). No transposes of the tile.
+  static void lane_scores(const P& p, const Shape& sh, const Buffers& b, Index blk, Index off,
+                          const S* ak, const S* bk, Index n, float* st, TilePrefetch& pf,
+                          Index per_call) {
+    const Index H = sh.H, H_pad = sh.H_pad, d = sh.d, RK = sh.RK, nk = n * RK;
+    const Index nv = H_pad / kW;
+    alignas(64) float wide[std::is_same<S, float>::value ? 1 : kLaneTok * kLaneDims];
+    float* stage = std::is_same<S, float>::value ? nullptr : wide;
+    for (Index j0 = 0; j0 < d; j0 += kLaneDims) {
+      const Index len = std::min(kLaneDims, d - j0);
+      for (Index k = 0; k < nk; k += kLaneTok) {
+        const float* rows[kLaneTok];
+        lane_rows<Ops, kLaneTok>(bk + k * d + j0, d, std::min(kLaneTok, nk - k), len, nullptr,
+                                 stage, kLaneDims, rows);
+        for (Index v = 0; v < nv; v += kLaneVecs) {
+          pf.issue(per_call);
+          lane_dispatch<kLaneVecs>(std::min(kLaneVecs, nv - v), rows, len,
+                                   b.qt + j0 * H_pad + v * kW, H_pad, b.ck + k * H_pad + v * kW,
+                                   H_pad, j0 == 0);
+        }
+      }
+    }
+    const Index ld = H * RK;
+    for (Index t = 0; t < n; ++t) {
+      const S* row = ak + t * ld;
+      for (Index v = 0; v < nv; ++v) {
+        const Index nh = std::min(kW, H - v * kW);
+        V sc = Ops::zero();
+        for (Index s = 0; s < RK; ++s) {
+          V a = Ops::template load_strided<S>(row + v * kW * RK + s, RK, nh);
+          if constexpr (is_quantized_v<S>)
+            a = Ops::mul(a, Ops::set1(p.kv.scales(p.b_k_factor, blk, s)[off + t]));
+          sc = Ops::fmadd(a, Ops::load(b.ck + (t * RK + s) * H_pad + v * kW), sc);
+        }
+        Ops::store(st + t * H_pad + v * kW, sc);
+      }
+    }
+    if constexpr (is_quantized_v<S>) {  // times A_K's scale of token t (and head)
+      const HeadScales sa(p, p.a_k_factor, blk, off);
+      for (Index t = 0; t < n; ++t)
+        for (Index h = 0; h < H_pad; h += kW)
+          Ops::store(st + t * H_pad + h, Ops::mul(Ops::load(st + t * H_pad + h), sa.at(t, h, H)));
+    }
+  }
+
+  // lane_rows_product<kLaneTok, nv'> for nv' ≤ NV given at run time.
+  template <int NV>
+  static void lane_dispatch(Index nv, const float* const* rows, Index len, const float* q,
+                            Index q_ld, float* s, Index s_ld, bool first) {
+    if constexpr (NV > 0) {
+      if (nv < NV)
+        lane_dispatch<NV - 1>(nv, rows, len, q, q_ld, s, s_ld, first);
+      else
+        lane_rows_product<Ops, static_cast<int>(kLaneTok), NV>(rows, len, q, q_ld, s, s_ld,
+                                                                 first);
+    }
+  }
+
   // Score variants of one query (position pos) over tokens [lo, count) of the tile starting at
   // key t0, st [kT, H_pad] (heads in lanes): soft-cap, then ALiBi.
   static void vary_scores(const P& p, const Shape& sh, float* st, Index pos, Index t0, Index lo,
@@ -565,6 +648,10 @@ class TpaTiled {
   // Head vectors per chunk of the per-token loops (scores, softmax): their accumulators stay in
   // registers. Tokens between two prefetch issues in those loops.
   static constexpr Index kChunkVecs = 4;
+  // lane_scores' register block: kLaneTok B_K rows × kLaneVecs head vectors (Ops' row-lane
+  // block), over kLaneDims dims at a time (the qᵀ slice stays in L1).
+  static constexpr Index kLaneTok = Ops::kLaneTokens, kLaneVecs = Ops::kLaneVecs;
+  static constexpr Index kLaneDims = 128;
   static constexpr Index kTokGroup = 4;
 
   // f(v0, integral_constant<int, k>) for the chunks [v0, v0 + k) of nvec head vectors, k ≤
