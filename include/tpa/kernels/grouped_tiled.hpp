@@ -551,14 +551,16 @@ class GroupedTiled {
                      ? (n + kW - 1) / kW * nr
                      : (nr + group_rows(nr) - 1) / group_rows(nr) *
                            ((n + kW / group_rows(nr) - 1) / (kW / group_rows(nr)));
+    // 16-bit and int8 values are read in place by the row-major value micro-kernel, widened in
+    // registers, when each of its calls covers all rows of the tile (MHA and GQA decode: each
+    // element widened once per step), int8's per-token scales folded into the probabilities;
+    // otherwise widened and scaled into vp.
+    const bool v_in_place = !std::is_same<S, float>::value && !sh.acc_t && d_v % kW == 0 &&
+                            nr <= kPvRowsMax;
     const Index pv_points = sh.acc_t ? (rp / kW + Ops::kLaneVecs - 1) / Ops::kLaneVecs *
                                            ((d_v + kPvtDims - 1) / kPvtDims)
-                            : nr == 1 ? (sh.d_v_pad / kW + kPv1Cols - 1) / kPv1Cols
-                            : !std::is_same<S, float>::value && nr > Ops::kPvRows &&
-                                      nr <= kPvRowsMax
-                                ? (sh.d_v_pad / kW + kPvColsWide - 1) / kPvColsWide
-                                : (nr + Ops::kPvRows - 1) / Ops::kPvRows *
-                                      ((sh.d_v_pad / kW + Ops::kPvCols - 1) / Ops::kPvCols);
+                            : v_in_place ? pv_calls<S>(sh, nr, rw.pair_v)
+                                         : pv_calls<float>(sh, nr, false);
     const Index per_call = (next.pending() + qk_points + pv_points - 1) / (qk_points + pv_points);
     const ScoreVariant& var = p.variant;
     const bool varies = var.transforms_scores() || var.window > 0;
@@ -644,12 +646,6 @@ class GroupedTiled {
         rr = end;
       }
     };
-    // 16-bit and int8 values are read in place by the row-major value micro-kernel, widened in
-    // registers, when each of its calls covers all rows of the tile (MHA and GQA decode: each
-    // element widened once per step), int8's per-token scales folded into the probabilities;
-    // otherwise widened and scaled into vp.
-    const bool v_in_place = !std::is_same<S, float>::value && !sh.acc_t && d_v % kW == 0 &&
-                            nr <= kPvRowsMax;
     if (v_in_place) {
       value_product(v_src, v_src_ld, row_scales(p, p.v_factor, blk, g, off));
       next.issue(next.pending());
@@ -1326,10 +1322,8 @@ class GroupedTiled {
       }
       return;
     }
-    // 16-bit and int8 V: one call covers all ≤ kPvRowsMax rows, so V is widened once (f32 V,
-    // which needs no widening, keeps the deeper kPvRows × kPvCols blocks: 4 % faster, GQA-4).
     if constexpr (kPvRowsMax > R && !std::is_same<T, float>::value) {
-      if (nr > R && nr <= kPvRowsMax) {
+      if (pv_wide<T>(nr)) {
         constexpr Index CW = kPvColsWide;
         for (Index c = 0; c < nvec; c += CW) {
           pf.issue(per_call);
@@ -1347,6 +1341,27 @@ class GroupedTiled {
                           v_ld, v_sc, n, acc + r * acc_ld + c * kW, acc_ld);
       }
     }
+  }
+
+  // Whether one value micro-kernel call covers all nr rows (the kPvRowsWide × kPvColsWide
+  // block, kPvRows < nr ≤ kPvRowsMax): 16-bit and int8 V, so each element is widened once. f32
+  // V, which needs no widening, keeps the deeper kPvRows × kPvCols blocks (4 % faster, GQA-4).
+  template <class T>
+  static constexpr bool pv_wide(Index nr) {
+    return kPvRowsMax > Ops::kPvRows && !std::is_same<T, float>::value && nr > Ops::kPvRows &&
+           nr <= kPvRowsMax;
+  }
+
+  // Value micro-kernel calls of pv() over nr rows of V storage T (pair: of pv_pair), where the
+  // next step's prefetch is issued.
+  template <class T>
+  static Index pv_calls(const Shape& sh, Index nr, bool pair) {
+    const Index units = sh.d_v_pad / kW / (pair ? 2 : 1);  // vectors, or pairs of them
+    auto blocks = [&](Index cols) { return (units + cols - 1) / cols; };
+    if (pv_wide<T>(nr)) return blocks(pair ? std::max<Index>(1, kPvColsWide / 2) : kPvColsWide);
+    if (nr == 1) return blocks(pair ? kPv1Cols / 2 : kPv1Cols);
+    return (nr + Ops::kPvRows - 1) / Ops::kPvRows *
+           blocks(pair ? Ops::kPvCols / 2 : Ops::kPvCols);
   }
 
   // accᵀ [d_v, rp] = accᵀ · alpha (per row lane) + V [n, d_v]ᵀ · P [n, rp] (rows in lanes, as
@@ -1470,7 +1485,7 @@ class GroupedTiled {
       (void)ps;
     }
     if constexpr (kPvRowsMax > R) {
-      if (nr > R) {  // one call covers all rows (≤ kPvRowsMax): V widened once
+      if (pv_wide<T>(nr)) {  // one call covers all rows: V widened once
         for (Index c = 0; c < npair; c += CW) {
           pf.issue(per_call);
           const Index off = c * 2 * kW;
