@@ -137,10 +137,10 @@ class LibDecode final : public Fixture {
         layers_(cache_layers(static_cast<double>(sizeof(S)) *
                              static_cast<double>(layer.cache_layout().elements_per_token()))),
         cache_(std::vector<tpa::CacheLayout>(static_cast<std::size_t>(layers_),
-                                             layer.cache_layout()),
+                                             layer.template layout_for<S>()),
                kBlockTokens,
                batch * ((ctx + slack_ + 1 + kBlockTokens - 1) / kBlockTokens)),
-        src_(layer.cache_layout(), 256, 7),
+        src_(layer.template layout_for<S>(), 256, 7),
         x_(batch, layer.d_model()),
         y_(batch, layer.d_model()) {
     cache_.reserve_blocks(cache_.max_blocks());
@@ -373,7 +373,7 @@ void probe_fma_peak(benchmark::State& state, int threads) {
 
 template <class S>
 void cache_size(benchmark::State& state, std::size_t shape, Kind kind) {
-  const tpa::CacheLayout layout = layer(shape, kind).cache_layout();
+  const tpa::CacheLayout layout = layer(shape, kind).layout_for<S>();
   const int n_layers = shapes()[shape].n_layers;
   const tpa::KVCache<S> one({layout}, kBlockTokens, 1);
   const tpa::KVCache<S> model(
@@ -469,7 +469,7 @@ double fixed_step_seconds(const AnyLayer& l, const DecodeCase& c, tpa::Context& 
                           "/threads:" + std::to_string(c.threads);
   const auto it = results().find(key);
   if (it != results().end()) return it->second;
-  tpa::KVCache<S> cache({l.cache_layout()}, kBlockTokens, c.batch);
+  tpa::KVCache<S> cache({l.layout_for<S>()}, kBlockTokens, c.batch);
   std::vector<tpa::SeqId> seqs(static_cast<std::size_t>(c.batch));
   tpa::Tensor<float, 2> x(c.batch, l.d_model()), y(c.batch, l.d_model());
   randomize(x.data(), x.size(), 17);

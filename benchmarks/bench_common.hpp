@@ -201,7 +201,18 @@ class AnyLayer {
   virtual ~AnyLayer() = default;
 
   virtual Kind kind() const = 0;
+  /// The layout of the layer's f32 and 16-bit caches.
   virtual tpa::CacheLayout cache_layout() const = 0;
+  /// The layout of its int8 cache (GQA kinds place K/V head-major there: tpa::kv_tile_order).
+  virtual tpa::CacheLayout cache_layout_q8() const = 0;
+  /// The layout of a cache of scalar S.
+  template <class S>
+  tpa::CacheLayout layout_for() const {
+    if constexpr (tpa::is_quantized_v<S>)
+      return cache_layout_q8();
+    else
+      return cache_layout();
+  }
   virtual Index d_model() const = 0;
   virtual Index n_heads() const = 0;
 
@@ -286,6 +297,7 @@ class LayerOf : public AnyLayer {
   }
 
   tpa::CacheLayout cache_layout() const override { return layer_.cache_layout(); }
+  tpa::CacheLayout cache_layout_q8() const override { return with_cache(q8_).cache_layout(); }
   Index d_model() const override { return cfg().d_model; }
   Index n_heads() const override { return cfg().n_heads; }
   void decode(tpa::Context& ctx, const tpa::Tensor<float, 2>& x, tpa::Tensor<float, 2>& y,

@@ -56,12 +56,15 @@
 // target is ≥ 1.82, i.e. bf16 ≤ 0.55× the f32 time, where the step is bound by its bytes, and
 // ≥ 1 where it is bound by its FLOPs), speedup_lo, speedup_hi, f32_bytes, bf16_bytes.
 //
-// Benchmarks: decode_order/KIND/cache:C/ctx:16384/pages:huge/threads:2 (MHA, GQA8; f32, bf16),
+// Benchmarks: decode_order/KIND/cache:C/ctx:16384/pages:huge/threads:2 (MHA, GQA8, GQA4; f32,
+// bf16, f16, int8),
 // the same case with its K and V placed token-major (all KV heads' rows of a token together: one
 // head's tile is block_tokens rows G·d elements apart) and head-major (one head's tile is one
 // contiguous run), steps alternated as in decode_pair. Counters: token_ms, head_ms (median step
 // times), speedup (token_ms / head_ms), speedup_lo and speedup_hi (quartiles of the
-// per-iteration ratios). decode_kernel and decode_pair place K/V token-major, as the layers do.
+// per-iteration ratios). The other benchmarks place K/V as the layers do (tpa::kv_tile_order:
+// head-major from 4 query heads per KV head and byte of a cached element: GQA8 int8, GQA4
+// 16-bit and int8).
 //
 // Benchmarks: decode_variant/KIND/VARIANT/cache:f32/ctx:16384/pages:huge/threads:2, the cost of an
 // attention variant (README, "Attention variants"): each iteration times one plain step and one
@@ -86,6 +89,7 @@
 #include <cstring>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -124,11 +128,17 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
+// Where GroupedQueryAttention places a case's K and V in a cache of S (tpa::kv_tile_order).
+template <class S>
+tpa::TileOrder layer_order(const DecodeCase& c) {
+  return c.G > 0 ? tpa::kv_tile_order<S>(c.H / c.G) : tpa::TileOrder::kTokenMajor;
+}
+
 // The per-token factors of a case: one key part or two, then the value unless it is in the key,
-// placed in `order` (as GroupedQueryAttention's cache_layout(), token-major, by default; with one
-// KV head both orders place alike); TPA's A_K, B_K, A_V, B_V, token-major (as the layer's).
-std::vector<tpa::FactorSpec> factors(const DecodeCase& c,
-                                     tpa::TileOrder order = tpa::TileOrder::kTokenMajor) {
+// placed in `order` (GroupedQueryAttention's cache_layout() places them per tpa::kv_tile_order;
+// with one KV head both orders place alike); TPA's A_K, B_K, A_V, B_V, token-major (as the
+// layer's).
+std::vector<tpa::FactorSpec> factors(const DecodeCase& c, tpa::TileOrder order) {
   if (c.tpa())
     return {{"A_K", c.H, c.r_k, false},
             {"B_K", c.r_k, c.d_k0, true},
@@ -293,7 +303,8 @@ class Sequences final : public SequencesBase {
 // slot 1 beside the head-major one in slot 0).
 template <class S>
 Sequences<S>& sequences(std::size_t c, Index len, bool huge, bool hot, int slot = 0,
-                        tpa::TileOrder order = tpa::TileOrder::kTokenMajor, Index n_q = 1) {
+                        std::optional<tpa::TileOrder> placement = std::nullopt, Index n_q = 1) {
+  const tpa::TileOrder order = placement ? *placement : layer_order<S>(kCases[c]);
   static std::unique_ptr<SequencesBase> slots[2];
   static std::string keys[2];
   std::unique_ptr<SequencesBase>& cur = slots[slot];
@@ -363,7 +374,7 @@ void step(tpa::Context& ctx, std::size_t c, Sequences<S>& seqs, Index copy,
 // the tokens up to it), one call, against the FMA peak probed right around the case.
 void prefill_kernel(benchmark::State& state, std::size_t c, Index len, int threads) {
   Sequences<float>& seqs =
-      sequences<float>(c, len, true, true, 0, tpa::TileOrder::kTokenMajor, len);
+      sequences<float>(c, len, true, true, 0, std::nullopt, len);
   tpa::Context ctx(threads);
   NowProbes probes(ctx);
   for (auto _ : state) {
@@ -552,7 +563,8 @@ void register_all() {
   // enough FLOPs per cached byte for arithmetic to matter (MQA, MLA, TPA: G ≤ 1).
   for (std::size_t c = 0; c < std::size(kCases); ++c) {
     if (kCases[c].G > 1) continue;
-    const tpa::CacheLayout layout(kCases[c].name, factors(kCases[c]));
+    const tpa::CacheLayout layout(kCases[c].name,
+                                  factors(kCases[c], layer_order<float>(kCases[c])));
     const double bpt = 4.0 * static_cast<double>(layout.elements_per_token());
     for (int threads : {2, 1}) {
       const Index len = std::max<Index>(
@@ -625,7 +637,7 @@ void register_all() {
       }
     }
   // Token-major against head-major K/V (the kinds with several KV heads), steps alternated:
-  // f32 and bf16, 2 MiB pages, 2 threads.
+  // f32, bf16, f16 and int8, 2 MiB pages, 2 threads.
   for (std::size_t c = 0; c < std::size(kCases); ++c) {
     if (kCases[c].tpa() || kCases[c].G <= 1) continue;
     for (Index len : kContexts) {
@@ -642,6 +654,8 @@ void register_all() {
       };
       reg(float{});
       reg(tpa::bfloat16{});
+      reg(tpa::half{});
+      reg(tpa::q8{});
     }
   }
 }

@@ -328,9 +328,9 @@ TEST(KVCache, HeadMajorPlacesEachHeadsTileContiguously) {
   }
 }
 
-// The layers' layouts are all token-major (for GQA see GroupedQueryAttention's constructor:
-// head-major measured no faster yet). A cache of a GQA layer's factors placed head-major is
-// another layout, which the layer rejects; filled through the kernels' path (append), head g's
+// The layers' layouts are token-major, except GQA's K and V where each KV head serves enough
+// query heads per cached byte (tpa::kv_tile_order), which are head-major. A cache of a GQA
+// layer's factors placed otherwise than it places them is another layout, which the layer rejects; filled through the kernels' path (append), head g's
 // tile of every block is one run of block_len·d elements.
 TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
   tpa::GqaConfig gc;
@@ -339,6 +339,27 @@ TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
   gc.n_kv_heads = 2;
   gc.head_dim = 8;
   const tpa::GroupedQueryAttention<tpa::Native> gqa(gc, tpa::GqaWeights::random(gc, 1));
+  // K/V head-major from 4 query heads per KV head and byte of a cached element.
+  for (Index kv_heads : {16, 4, 2}) {
+    tpa::GqaConfig c = gc;
+    c.n_heads = 16;
+    c.n_kv_heads = kv_heads;
+    const Index group = 16 / kv_heads;
+    const auto w = tpa::GqaWeights::random(c, 1);
+    auto order = [&](const auto& layer) {
+      const auto& l = layer.cache_layout();
+      EXPECT_EQ(l.factor(0).order, l.factor(1).order);
+      return l.factor(0).order;
+    };
+    auto expect = [](bool head) {
+      return head ? tpa::TileOrder::kHeadMajor : tpa::TileOrder::kTokenMajor;
+    };
+    SCOPED_TRACE("group " + std::to_string(group));
+    EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native>(c, w)), expect(group >= 16));
+    EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native, tpa::bfloat16>(c, w)),
+              expect(group >= 8));
+    EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native, tpa::q8>(c, w)), expect(group >= 4));
+  }
   for (std::size_t f = 0; f < 2; ++f)
     EXPECT_EQ(gqa.cache_layout().factor(f).order, tpa::TileOrder::kTokenMajor) << f;
   tpa::TpaConfig tc;

@@ -182,10 +182,11 @@ void check_kind(const std::string& what, Index D, Make&& make) {
   const auto layer32 = make(Tag<B>{}, Tag<float>{});
   const auto layer8 = make(Tag<B>{}, Tag<q8>{});
   const auto ref8 = make(Tag<tpa::Reference>{}, Tag<q8>{});
-  const tpa::CacheLayout layout = layer32.cache_layout();
+  // The int8 layer's layout may place K/V otherwise than the f32 one's (tpa::kv_tile_order).
+  const tpa::CacheLayout layout = layer8.cache_layout();
   const Inputs in = make_inputs(D);
 
-  KVCache<float> cache32({layout}, kBlock, 16);
+  KVCache<float> cache32({layer32.cache_layout()}, kBlock, 16);
   KVCache<q8> cache8({layout}, kBlock, 16);
   const std::vector<float> y32 = run(layer32, cache32, in, D);
   const std::vector<float> y8 = run(layer8, cache8, in, D);

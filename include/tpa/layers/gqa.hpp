@@ -21,6 +21,20 @@
 
 namespace tpa {
 
+/// Where GroupedQueryAttention<B, S> places K and V inside a cache block, for `group` query
+/// heads per KV head (H / G): head-major (each KV head's tile of a block one contiguous run) when
+/// group ≥ 4 · sizeof(S), i.e. at ≥ 4 query heads per byte of a cached element, else token-major
+/// (a token's G rows together). The kernels give bit-identical outputs either way; the rule is
+/// what bench_decode decode_order measured (the two placements' steps alternated, 16K, 2 threads,
+/// 2-core AMD EPYC Zen 4; head-major speed-up): int8 GQA-8 (group 4) 1.24-1.25x, GQA-4 1.13x;
+/// 16-bit GQA-4 1.14x; and below the threshold int8 MHA 0.98x, bf16 GQA-8 1.01-1.03x, MHA
+/// 0.92-0.94x, f32 GQA-4 1.02-1.05x, GQA-8 0.97x, MHA 0.98-0.99x.
+template <class CacheScalar>
+constexpr TileOrder kv_tile_order(Index group) {
+  return group >= 4 * static_cast<Index>(sizeof(CacheScalar)) ? TileOrder::kHeadMajor
+                                                              : TileOrder::kTokenMajor;
+}
+
 /// \brief Grouped-query attention (SPEC.md, "MHA, GQA, MQA"): H query heads, G key/value heads,
 /// query head h reads KV head h / (H/G). The cache stores, per token, the rotated keys
 /// K [G, d] and the values V [G, d].
@@ -139,13 +153,8 @@ class GroupedQueryAttention {
     rope_ = RopeTable(cfg_.rope, cfg_.head_dim);
     alibi_ = cfg_.variant.resolved_alibi_slopes(cfg_.n_heads);
     const Index G = cfg_.kv_heads(), d = cfg_.head_dim;
-    // Token-major. Head-major K/V (TileOrder::kHeadMajor: a KV head's tile of a block in one
-    // run) was measured no faster with GroupedTiled as it is (bench_decode decode_order, steps
-    // of both placements alternated, 16K, 2 threads, 2-core AMD EPYC, Zen 4): GQA-8 f32
-    // head/token step time 1.13-1.20 (slower), bf16 0.92-0.98; MHA f32 1.0, bf16 1.1-1.2.
-    // Without the kernel's software prefetch head-major was 1.2x faster, so the prefetch, tuned
-    // for page-strided rows, is what decides; revisit with it.
-    layout_ = CacheLayout(kind_, {{"K", G, d, true}, {"V", G, d, false}});
+    const TileOrder order = kv_tile_order<CacheScalar>(cfg_.group_size());
+    layout_ = CacheLayout(kind_, {{"K", G, d, true, order}, {"V", G, d, false, order}});
   }
 
  private:
