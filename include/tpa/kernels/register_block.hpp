@@ -105,11 +105,7 @@ TPA_ALWAYS_INLINE void lane_rows_product(const float* const* rows, Index len, co
       for (int v = 0; v < VB; ++v) acc[t][v] = Ops::fmadd(kb, qv[v], acc[t][v]);
     }
   }
-  TPA_UNROLL
-  for (int t = 0; t < NT; ++t) {
-    TPA_UNROLL
-    for (int v = 0; v < VB; ++v) Ops::store(s + t * s_ld + v * W, acc[t][v]);
-  }
+  store_block<Ops>(acc, s, s_ld);
 }
 
 }  // namespace detail

@@ -494,19 +494,23 @@ class TpaTiled {
       const Index lo = var.window > 0 ? std::max<Index>(0, var.first_key(p.q_pos0 + i) - t0) : 0;
       if (lo >= count) continue;
       float* st = b.st + qi * kT * H_pad;
-      if (RQ > 0) {
-        const float* bq = kBf16Pairs ? b.bqp + qi * RQ * d : p.b_q + i * p.b_q_stride;
-        factor_dots(bq, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
-        if constexpr (is_quantized_v<S>) {  // B_Q·B_K(t)[s] times B_K's scale of (t, s)
-          for (Index s = 0; s < RK; ++s)
-            for (Index r = 0; r < RQ; ++r)
-              scale_lanes(b.c + (s * RQ + r) * kT, 1, p.kv.scales(p.b_k_factor, blk, s) + off,
-                          count);
+      if (RQ > 0 || lane_qk) {
+        if (RQ > 0) {
+          const float* bq = kBf16Pairs ? b.bqp + qi * RQ * d : p.b_q + i * p.b_q_stride;
+          factor_dots(bq, RQ, d, bk, ld_bk, RK, count, b.c, next, per_call);
+          if constexpr (is_quantized_v<S>) {  // B_Q·B_K(t)[s] times B_K's scale of (t, s)
+            for (Index s = 0; s < RK; ++s)
+              for (Index r = 0; r < RQ; ++r)
+                scale_lanes(b.c + (s * RQ + r) * kT, 1, p.kv.scales(p.b_k_factor, blk, s) + off,
+                            count);
+          }
+          for_chunks<kScoreVecs>(H_pad / kW, [&](Index v0, auto nv) {
+            scores<decltype(nv)::value>(b.aq + qi * RQ * H_pad + v0 * kW, sh, b.c, ak, v0 * kW,
+                                        count, st + v0 * kW, next, per_call);
+          });
+        } else {
+          lane_scores(p, sh, b, blk, off, ak, bk, count, st, next, per_call);
         }
-        for_chunks<kScoreVecs>(H_pad / kW, [&](Index v0, auto nv) {
-          scores<decltype(nv)::value>(b.aq + qi * RQ * H_pad + v0 * kW, sh, b.c, ak, v0 * kW, count,
-                                      st + v0 * kW, next, per_call);
-        });
         if constexpr (is_quantized_v<S>) {  // times A_K's scale of token t (and head)
           const HeadScales sa(p, p.a_k_factor, blk, off);
           for (Index t = 0; t < count; ++t)
@@ -514,8 +518,6 @@ class TpaTiled {
               Ops::store(st + t * H_pad + h,
                          Ops::mul(Ops::load(st + t * H_pad + h), sa.at(t, h, H)));
         }
-      } else if (lane_qk) {
-        lane_scores(p, sh, b, blk, off, ak, bk, count, st, next, per_call);
       } else {
         for (Index hb = 0; hb < H; hb += kW)
           for (Index tb = 0; tb < count; tb += kW)
@@ -571,7 +573,8 @@ class TpaTiled {
   // contiguous, against the heads in lanes: kLaneTok rows × kLaneVecs head vectors of
   // accumulators, each B_K element broadcast from its row once per head group — 16-bit and
   // int8 rows widened into an L1 block first), then st[t] = Σ_s A_K(t)[:, s] ⊙ ck[t·RK + s]
-  // (int8: times B_K's scale of (t, s), then A_K's of t). No transposes of the tile.
+  // (int8: ck times B_K's scale of (t, s); the caller applies A_K's of t). No transposes of the
+  // tile.
   static void lane_scores(const P& p, const Shape& sh, const Buffers& b, Index blk, Index off,
                           const S* ak, const S* bk, Index n, float* st, TilePrefetch& pf,
                           Index per_call) {
@@ -593,26 +596,28 @@ class TpaTiled {
         }
       }
     }
+    if constexpr (is_quantized_v<S>) {  // ck[t·RK + s] times B_K's scale of (t, s)
+      for (Index s = 0; s < RK; ++s) {
+        const float* sc = p.kv.scales(p.b_k_factor, blk, s) + off;
+        for (Index t = 0; t < n; ++t) {
+          float* row = b.ck + (t * RK + s) * H_pad;
+          const V f = Ops::set1(sc[t]);
+          for (Index v = 0; v < nv; ++v)
+            Ops::store(row + v * kW, Ops::mul(Ops::load(row + v * kW), f));
+        }
+      }
+    }
     const Index ld = H * RK;
     for (Index t = 0; t < n; ++t) {
       const S* row = ak + t * ld;
       for (Index v = 0; v < nv; ++v) {
         const Index nh = std::min(kW, H - v * kW);
         V sc = Ops::zero();
-        for (Index s = 0; s < RK; ++s) {
-          V a = Ops::template load_strided<S>(row + v * kW * RK + s, RK, nh);
-          if constexpr (is_quantized_v<S>)
-            a = Ops::mul(a, Ops::set1(p.kv.scales(p.b_k_factor, blk, s)[off + t]));
-          sc = Ops::fmadd(a, Ops::load(b.ck + (t * RK + s) * H_pad + v * kW), sc);
-        }
+        for (Index s = 0; s < RK; ++s)
+          sc = Ops::fmadd(Ops::template load_strided<S>(row + v * kW * RK + s, RK, nh),
+                          Ops::load(b.ck + (t * RK + s) * H_pad + v * kW), sc);
         Ops::store(st + t * H_pad + v * kW, sc);
       }
-    }
-    if constexpr (is_quantized_v<S>) {  // times A_K's scale of token t (and head)
-      const HeadScales sa(p, p.a_k_factor, blk, off);
-      for (Index t = 0; t < n; ++t)
-        for (Index h = 0; h < H_pad; h += kW)
-          Ops::store(st + t * H_pad + h, Ops::mul(Ops::load(st + t * H_pad + h), sa.at(t, h, H)));
     }
   }
 
