@@ -27,7 +27,7 @@ namespace tpa {
 /// (a token's G rows together). The kernels give bit-identical outputs either way; the rule is
 /// what bench_decode decode_order measured (the two placements' steps alternated, 16K, 2 threads,
 /// 2-core AMD EPYC Zen 4; head-major speed-up): int8 GQA-8 (group 4) 1.24-1.25x, GQA-4 1.13x;
-/// 16-bit GQA-4 1.14x; and below the threshold int8 MHA 0.98x, bf16 GQA-8 1.01-1.03x, MHA
+/// bf16 GQA-4 1.14x, f16 1.08x; and below the threshold int8 MHA 0.98x, bf16 GQA-8 1.01-1.03x, MHA
 /// 0.92-0.94x, f32 GQA-4 1.02-1.05x, GQA-8 0.97x, MHA 0.98-0.99x.
 template <class CacheScalar>
 constexpr TileOrder kv_tile_order(Index group) {
@@ -37,7 +37,7 @@ constexpr TileOrder kv_tile_order(Index group) {
 
 /// \brief Grouped-query attention (SPEC.md, "MHA, GQA, MQA"): H query heads, G key/value heads,
 /// query head h reads KV head h / (H/G). The cache stores, per token, the rotated keys
-/// K [G, d] and the values V [G, d].
+/// K [G, d] and the values V [G, d], placed in a block as kv_tile_order<CacheScalar>(H / G) says.
 /// RoPE variants (cfg.rope): decay_base < 1 also scales the rotated dims of q and k by
 /// decay_base^(p·θ_i) (the cached K carries its decay); style kNone rotates nothing and bounds
 /// positions only by the cache. Both act when a token is projected, never in the attention
