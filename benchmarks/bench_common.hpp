@@ -201,14 +201,21 @@ class AnyLayer {
   virtual ~AnyLayer() = default;
 
   virtual Kind kind() const = 0;
-  /// The layout of the layer's f32 and 16-bit caches.
+  /// The layout of the layer's f32 cache.
   virtual tpa::CacheLayout cache_layout() const = 0;
-  /// The layout of its int8 cache (GQA kinds place K/V head-major there: tpa::kv_tile_order).
+  /// The layouts of its bf16, f16 and int8 caches (GQA kinds may place K/V otherwise than in
+  /// f32: tpa::kv_tile_order).
+  virtual tpa::CacheLayout cache_layout_bf16() const = 0;
+  virtual tpa::CacheLayout cache_layout_f16() const = 0;
   virtual tpa::CacheLayout cache_layout_q8() const = 0;
-  /// The layout of a cache of scalar S.
+  /// The layout of the layer's cache of scalar S.
   template <class S>
   tpa::CacheLayout layout_for() const {
-    if constexpr (tpa::is_quantized_v<S>)
+    if constexpr (std::is_same<S, tpa::bfloat16>::value)
+      return cache_layout_bf16();
+    else if constexpr (std::is_same<S, tpa::half>::value)
+      return cache_layout_f16();
+    else if constexpr (tpa::is_quantized_v<S>)
       return cache_layout_q8();
     else
       return cache_layout();
@@ -297,6 +304,10 @@ class LayerOf : public AnyLayer {
   }
 
   tpa::CacheLayout cache_layout() const override { return layer_.cache_layout(); }
+  tpa::CacheLayout cache_layout_bf16() const override {
+    return with_cache(bf16_).cache_layout();
+  }
+  tpa::CacheLayout cache_layout_f16() const override { return with_cache(f16_).cache_layout(); }
   tpa::CacheLayout cache_layout_q8() const override { return with_cache(q8_).cache_layout(); }
   Index d_model() const override { return cfg().d_model; }
   Index n_heads() const override { return cfg().n_heads; }

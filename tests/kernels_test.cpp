@@ -612,8 +612,9 @@ TYPED_TEST(GroupedKernel, ExtremeScores) {
 
 // The placement of K and V inside a block (TileOrder) changes addresses, not arithmetic: the same
 // tokens token-major and head-major give bit-identical outputs, for every backend, f32, 16-bit
-// and int8 storage (int8 within 1e-4 of max|y| of Reference, as in check_paired_values), decode and prefill, one and two threads (split-K included), with blocks of 24
-// tokens (tiles cut at block ends) and of 64 (whole tiles).
+// and int8 storage (int8 within 1e-4 of max|y| of Reference, as in check_paired_values), decode
+// and prefill, one and two threads (split-K included), with blocks of 24 tokens (tiles cut at
+// block ends) and of 64 (whole tiles).
 template <class B, class S>
 void check_orders_agree() {
   const Shape shapes[] = {{8, 8, 64, 0, 64, false},  // MHA: one row per KV head
