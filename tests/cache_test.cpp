@@ -340,8 +340,8 @@ TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
   gc.n_kv_heads = 2;
   gc.head_dim = 8;
   const tpa::GroupedQueryAttention<tpa::Native> gqa(gc, tpa::GqaWeights::random(gc, 1));
-  // K/V head-major from 4 query heads per KV head and byte of a cached element.
-  for (Index kv_heads : {16, 4, 2}) {
+  // K/V head-major from 2 query heads per KV head and byte of a cached element.
+  for (Index kv_heads : {16, 8, 4, 2}) {
     tpa::GqaConfig c = gc;
     c.n_heads = 16;
     c.n_kv_heads = kv_heads;
@@ -356,13 +356,22 @@ TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
       return head ? tpa::TileOrder::kHeadMajor : tpa::TileOrder::kTokenMajor;
     };
     SCOPED_TRACE("group " + std::to_string(group));
-    EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native>(c, w)), expect(group >= 16));
+    EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native>(c, w)), expect(group >= 8));
     EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native, tpa::bfloat16>(c, w)),
-              expect(group >= 8));
-    EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native, tpa::q8>(c, w)), expect(group >= 4));
+              expect(group >= 4));
+    EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native, tpa::q8>(c, w)), expect(group >= 2));
   }
   for (std::size_t f = 0; f < 2; ++f)
     EXPECT_EQ(gqa.cache_layout().factor(f).order, tpa::TileOrder::kTokenMajor) << f;
+  {  // One KV head (MQA): both placements are the same bytes, so every scalar's layout agrees.
+    tpa::GqaConfig c = gc;
+    c.n_kv_heads = 1;
+    const auto w = tpa::GqaWeights::random(c, 1);
+    const tpa::GroupedQueryAttention<tpa::Native> f32(c, w);
+    const tpa::GroupedQueryAttention<tpa::Native, tpa::bfloat16> bf16(c, w);
+    EXPECT_NE(f32.cache_layout().factor(0).order, bf16.cache_layout().factor(0).order);
+    EXPECT_EQ(f32.cache_layout(), bf16.cache_layout());
+  }
   tpa::TpaConfig tc;
   tc.d_model = 32;
   tc.n_heads = 4;

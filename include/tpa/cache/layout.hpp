@@ -31,9 +31,11 @@ struct FactorSpec {
   TileOrder order = TileOrder::kTokenMajor;  ///< placement inside a cache block
 
   Index elements() const { return rows * cols; }
+  /// Equal names, shapes, rotation and placement; a one-row factor's two orders place the same
+  /// bytes (MQA's K and V) and compare equal.
   bool operator==(const FactorSpec& o) const {
     return name == o.name && rows == o.rows && cols == o.cols && rotated == o.rotated &&
-           order == o.order;
+           (order == o.order || rows == 1);
   }
   bool operator!=(const FactorSpec& o) const { return !(*this == o); }
 };
