@@ -241,6 +241,38 @@ TYPED_TEST(BackendOps, TransposeAndWiden) {
   check_transpose<Ops, tpa::q8>();
 }
 
+// chunk_transpose (the several-row score kernels' epilogue) for every RB dividing the width:
+// chunk b of v[r] comes out as chunk r of v[b] was (shuffles on Avx2/Avx512, memory otherwise).
+template <class Ops, int RB>
+void check_chunk_transpose() {
+  constexpr Index W = Ops::kWidth;
+  if constexpr (RB <= W && W % RB == 0) {
+    constexpr Index TB = W / RB;
+    typename Ops::V v[RB];
+    alignas(64) float x[W];
+    for (int b = 0; b < RB; ++b) {
+      for (Index i = 0; i < W; ++i) x[i] = static_cast<float>(100 * b + i);
+      v[b] = Ops::load(x);
+    }
+    tpa::detail::chunk_transpose<Ops, RB>(v);
+    for (int r = 0; r < RB; ++r) {
+      Ops::store(x, v[r]);
+      for (Index b = 0; b < RB; ++b)
+        for (Index t = 0; t < TB; ++t)
+          ASSERT_EQ(x[b * TB + t], static_cast<float>(100 * b + r * TB + t))
+              << "RB " << RB << ", vector " << r << ", chunk " << b << ", lane " << t;
+    }
+  }
+}
+TYPED_TEST(BackendOps, ChunkTranspose) {
+  using Ops = typename OpsOf<TypeParam>::type;
+  check_chunk_transpose<Ops, 1>();
+  check_chunk_transpose<Ops, 2>();
+  check_chunk_transpose<Ops, 4>();
+  check_chunk_transpose<Ops, 8>();
+  check_chunk_transpose<Ops, 16>();
+}
+
 // load_strided for strides 1 … 5 and every lane count: the last element read ends an exact-size
 // heap allocation, so a read past it is an AddressSanitizer error.
 template <class Ops, class S>

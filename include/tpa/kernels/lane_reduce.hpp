@@ -75,5 +75,96 @@ TPA_ALWAYS_INLINE typename Ops::V lane_reduce(const typename Ops::V* a) {
   return s;
 }
 
+/// Transposes RB vectors as an RB × RB matrix of chunks of W / RB lanes: on return, chunk b of
+/// v[r] is what chunk r of v[b] was. The several-row score kernels' epilogue: RB blocks of
+/// lane_reduce results, lane r·TB + t holding row r and token b·TB + t of block b, become one
+/// vector of W consecutive tokens per row. RB divides W. AVX-512 and AVX2 vectors use 2–24
+/// shuffles; other vector types go through memory.
+template <class Ops, int RB>
+TPA_ALWAYS_INLINE void chunk_transpose(typename Ops::V* v) {
+  using V = typename Ops::V;
+  constexpr Index W = Ops::kWidth;
+  static_assert(RB >= 1 && W % RB == 0, "chunk_transpose: RB must divide the vector width");
+  if constexpr (RB == 1) {
+    (void)v;
+    return;
+  } else {
+#if defined(TPA_HAVE_AVX512)
+    if constexpr (W == 16 && sizeof(V) == sizeof(__m512)) {
+      if constexpr (RB == 2) {  // 256-bit halves
+        const __m512 a = _mm512_shuffle_f32x4(v[0], v[1], 0x44);
+        v[1] = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
+        v[0] = a;
+        return;
+      } else if constexpr (RB == 4) {  // 128-bit quarters
+        const __m512 a = _mm512_shuffle_f32x4(v[0], v[1], 0x44);
+        const __m512 b = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
+        const __m512 c = _mm512_shuffle_f32x4(v[2], v[3], 0x44);
+        const __m512 d = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
+        v[0] = _mm512_shuffle_f32x4(a, c, 0x88);
+        v[1] = _mm512_shuffle_f32x4(a, c, 0xDD);
+        v[2] = _mm512_shuffle_f32x4(b, d, 0x88);
+        v[3] = _mm512_shuffle_f32x4(b, d, 0xDD);
+        return;
+      } else if constexpr (RB == 8) {  // 64-bit eighths: an 8 × 8 transpose of doubles
+        __m512d x[8], y[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) x[i] = _mm512_castps_pd(v[i]);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          y[2 * i] = _mm512_unpacklo_pd(x[2 * i], x[2 * i + 1]);
+          y[2 * i + 1] = _mm512_unpackhi_pd(x[2 * i], x[2 * i + 1]);
+        }
+        // y[2i + k], 128-bit lane L: chunk 2L + k of rows 2i, 2i + 1.
+#pragma GCC unroll 2
+        for (int k = 0; k < 2; ++k) {
+          x[k] = _mm512_shuffle_f64x2(y[k], y[2 + k], 0x88);      // lanes 0, 2 of rows 0–3
+          x[2 + k] = _mm512_shuffle_f64x2(y[k], y[2 + k], 0xDD);  // lanes 1, 3
+          x[4 + k] = _mm512_shuffle_f64x2(y[4 + k], y[6 + k], 0x88);
+          x[6 + k] = _mm512_shuffle_f64x2(y[4 + k], y[6 + k], 0xDD);
+        }
+#pragma GCC unroll 2
+        for (int k = 0; k < 2; ++k) {
+          v[k] = _mm512_castpd_ps(_mm512_shuffle_f64x2(x[k], x[4 + k], 0x88));
+          v[4 + k] = _mm512_castpd_ps(_mm512_shuffle_f64x2(x[k], x[4 + k], 0xDD));
+          v[2 + k] = _mm512_castpd_ps(_mm512_shuffle_f64x2(x[2 + k], x[6 + k], 0x88));
+          v[6 + k] = _mm512_castpd_ps(_mm512_shuffle_f64x2(x[2 + k], x[6 + k], 0xDD));
+        }
+        return;
+      }
+    }
+#endif
+#if defined(TPA_HAVE_AVX2)
+    if constexpr (W == 8 && sizeof(V) == sizeof(__m256)) {
+      if constexpr (RB == 2) {  // 128-bit halves
+        const __m256 a = _mm256_permute2f128_ps(v[0], v[1], 0x20);
+        v[1] = _mm256_permute2f128_ps(v[0], v[1], 0x31);
+        v[0] = a;
+        return;
+      } else if constexpr (RB == 4) {  // 64-bit quarters: a 4 × 4 transpose of doubles
+        const __m256d x0 = _mm256_castps_pd(v[0]), x1 = _mm256_castps_pd(v[1]);
+        const __m256d x2 = _mm256_castps_pd(v[2]), x3 = _mm256_castps_pd(v[3]);
+        const __m256d a = _mm256_unpacklo_pd(x0, x1), b = _mm256_unpackhi_pd(x0, x1);
+        const __m256d c = _mm256_unpacklo_pd(x2, x3), d = _mm256_unpackhi_pd(x2, x3);
+        v[0] = _mm256_castpd_ps(_mm256_permute2f128_pd(a, c, 0x20));
+        v[1] = _mm256_castpd_ps(_mm256_permute2f128_pd(b, d, 0x20));
+        v[2] = _mm256_castpd_ps(_mm256_permute2f128_pd(a, c, 0x31));
+        v[3] = _mm256_castpd_ps(_mm256_permute2f128_pd(b, d, 0x31));
+        return;
+      }
+    }
+#endif
+    constexpr Index TB = W / RB;
+    alignas(64) float in[RB * W];
+    for (Index b = 0; b < RB; ++b) Ops::store(in + b * W, v[b]);
+    alignas(64) float out[W];
+    for (Index r = 0; r < RB; ++r) {
+      for (Index b = 0; b < RB; ++b)
+        for (Index t = 0; t < TB; ++t) out[b * TB + t] = in[b * W + r * TB + t];
+      v[r] = Ops::load(out);
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace tpa
