@@ -199,7 +199,10 @@ struct OpsPvWide<Ops, std::void_t<decltype(Ops::kPvRowsWide)>> {
 ///   with VNNI (q rows rounded to int16, ±32767 up to 516 dims) per 32 elements 1 vpmovsxbw + 1 vpdpwssd per row: MHA 2 ops (was 6),
 ///   qk_group<4> 5 (was 12). Score-side issue, MHA: 4.2 M K vectors of 16 × 3 ops = 1.7 ms
 ///   before, bf16 × 2 = 1.15 ms, int8 × 1 = 0.57 ms; GQA-8: 1.05 M × 6 = 0.86 ms before, bf16
-///   × 5 = 0.72 ms, int8 × 2.5 = 0.36 ms (the FMAs of the value side unchanged here).
+///   × 5 = 0.72 ms, int8 × 2.5 = 0.36 ms (the FMAs of the value side unchanged here). The int8
+///   epilogue (qk_i16) since: per 16 tokens and RB rows one chunk_transpose, then per row 2
+///   vector multiplies and a store, instead of 2 multiplies and a scalar store per score (GQA-8:
+///   16 scores per 64 vpdpwssd); GQA-4 int8 1.51 → 1.36 ms at 16K (README, "Int8 scores").
 ///   Value side on Avx512 (pv_pair, objdump): bf16 per 32 V elements 2 widen (vpslld / vpandd
 ///   of one 64-byte load: even, odd dims) + 2·G_q FMA, 1 broadcast per row and token
 ///   (pv_pair_block<4, 2>: 4 widen + 4 broadcast + 16 FMA per token and 64 dims, was 8 + 4 +

@@ -82,7 +82,6 @@ TPA_ALWAYS_INLINE typename Ops::V lane_reduce(const typename Ops::V* a) {
 /// shuffles; other vector types go through memory.
 template <class Ops, int RB>
 TPA_ALWAYS_INLINE void chunk_transpose(typename Ops::V* v) {
-  using V = typename Ops::V;
   constexpr Index W = Ops::kWidth;
   static_assert(RB >= 1 && W % RB == 0, "chunk_transpose: RB must divide the vector width");
   if constexpr (RB == 1) {
@@ -90,7 +89,7 @@ TPA_ALWAYS_INLINE void chunk_transpose(typename Ops::V* v) {
     return;
   } else {
 #if defined(TPA_HAVE_AVX512)
-    if constexpr (W == 16 && sizeof(V) == sizeof(__m512)) {
+    if constexpr (W == 16 && sizeof(typename Ops::V) == sizeof(__m512)) {
       if constexpr (RB == 2) {  // 256-bit halves
         const __m512 a = _mm512_shuffle_f32x4(v[0], v[1], 0x44);
         v[1] = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
@@ -135,7 +134,7 @@ TPA_ALWAYS_INLINE void chunk_transpose(typename Ops::V* v) {
     }
 #endif
 #if defined(TPA_HAVE_AVX2)
-    if constexpr (W == 8 && sizeof(V) == sizeof(__m256)) {
+    if constexpr (W == 8 && sizeof(typename Ops::V) == sizeof(__m256)) {
       if constexpr (RB == 2) {  // 128-bit halves
         const __m256 a = _mm256_permute2f128_ps(v[0], v[1], 0x20);
         v[1] = _mm256_permute2f128_ps(v[0], v[1], 0x31);
