@@ -242,7 +242,7 @@ TYPED_TEST(BackendOps, TransposeAndWiden) {
 }
 
 // chunk_transpose (the several-row score kernels' epilogue) for every RB dividing the width:
-// chunk b of v[r] comes out as chunk r of v[b] was (shuffles on Avx2/Avx512, memory otherwise).
+// chunk b of v[r] comes out as chunk r of v[b] was (shuffles on Avx512, memory otherwise).
 template <class Ops, int RB>
 void check_chunk_transpose() {
   constexpr Index W = Ops::kWidth;

@@ -78,8 +78,8 @@ TPA_ALWAYS_INLINE typename Ops::V lane_reduce(const typename Ops::V* a) {
 /// Transposes RB vectors as an RB × RB matrix of chunks of W / RB lanes: on return, chunk b of
 /// v[r] is what chunk r of v[b] was. The several-row score kernels' epilogue: RB blocks of
 /// lane_reduce results, lane r·TB + t holding row r and token b·TB + t of block b, become one
-/// vector of W consecutive tokens per row. RB divides W. AVX-512 and AVX2 vectors use 2–24
-/// shuffles; other vector types go through memory.
+/// vector of W consecutive tokens per row (qk_i16, which only AVX-512 with VNNI runs). RB divides
+/// W. AVX-512 vectors use 2, 8 or 24 shuffles for RB 2, 4, 8; other widths go through memory.
 template <class Ops, int RB>
 TPA_ALWAYS_INLINE void chunk_transpose(typename Ops::V* v) {
   constexpr Index W = Ops::kWidth;
@@ -129,26 +129,6 @@ TPA_ALWAYS_INLINE void chunk_transpose(typename Ops::V* v) {
           v[2 + k] = _mm512_castpd_ps(_mm512_shuffle_f64x2(x[2 + k], x[6 + k], 0x88));
           v[6 + k] = _mm512_castpd_ps(_mm512_shuffle_f64x2(x[2 + k], x[6 + k], 0xDD));
         }
-        return;
-      }
-    }
-#endif
-#if defined(TPA_HAVE_AVX2)
-    if constexpr (W == 8 && sizeof(typename Ops::V) == sizeof(__m256)) {
-      if constexpr (RB == 2) {  // 128-bit halves
-        const __m256 a = _mm256_permute2f128_ps(v[0], v[1], 0x20);
-        v[1] = _mm256_permute2f128_ps(v[0], v[1], 0x31);
-        v[0] = a;
-        return;
-      } else if constexpr (RB == 4) {  // 64-bit quarters: a 4 × 4 transpose of doubles
-        const __m256d x0 = _mm256_castps_pd(v[0]), x1 = _mm256_castps_pd(v[1]);
-        const __m256d x2 = _mm256_castps_pd(v[2]), x3 = _mm256_castps_pd(v[3]);
-        const __m256d a = _mm256_unpacklo_pd(x0, x1), b = _mm256_unpackhi_pd(x0, x1);
-        const __m256d c = _mm256_unpacklo_pd(x2, x3), d = _mm256_unpackhi_pd(x2, x3);
-        v[0] = _mm256_castpd_ps(_mm256_permute2f128_pd(a, c, 0x20));
-        v[1] = _mm256_castpd_ps(_mm256_permute2f128_pd(b, d, 0x20));
-        v[2] = _mm256_castpd_ps(_mm256_permute2f128_pd(a, c, 0x31));
-        v[3] = _mm256_castpd_ps(_mm256_permute2f128_pd(b, d, 0x31));
         return;
       }
     }
