@@ -444,32 +444,49 @@ class GroupedTiled {
     const Index key_begin = std::max(part.k0, p.variant.first_key(p.q_pos0 + ib));
     const Index bt = p.kv.block_tokens;
     auto tile_len = [&](Index t) { return std::min(std::min(kT, key_end - t), bt - t % bt); };
+    // Keys go in spans: all KV heads run over a span before the next span starts. Where K is
+    // head-major a span is the rest of a block, so each head reads its run of the block front to
+    // back; token-major, a span is one tile (a head's rows of a tile lie G·d elements apart
+    // either way). Tiles outer, heads inner over head-major runs read G runs a tile at a time,
+    // which the hardware prefetchers followed at about half the speed (a stand-alone replica of
+    // MHA f32 decode, 64-token blocks, 2 threads, Zen 4: 35 against 58–64 GB/s; a plain
+    // streaming read 63); over token-major rows, whole-block spans were 13 % slower (GQA-8 f32
+    // decode). Each head's tiles keep their order: every row sees the same updates either way.
+    const std::size_t kf = p.k_dims[0] > 0 ? p.k_factor[0] : p.k_factor[1];
+    const bool block_spans = p.kv.rows(kf) > 1 && p.kv.token_stride(kf) == p.kv.cols(kf);
     for (Index t = key_begin; t < key_end;) {
-      const Index blk = t / bt, off = t - blk * bt;
-      const Index n = tile_len(t);
-      // Query i sees key t iff t ≤ q_pos0 + i: the rows of earlier queries skip this tile.
-      const Index i_first = std::max(ib, t - p.q_pos0);
-      // With a window, token-lane rows of queries whose window starts past the tile are left
-      // out (row lanes mask them instead).
-      const Index rows_t = p.variant.window > 0 && !lanes
-                               ? (std::min(ie, t + n - 1 + p.variant.window - p.q_pos0) - ib) * gs
-                               : rows_g;
-      for (Index g = gb; g < ge; ++g) {
-        // The next step: the next KV head of this tile, else the first one of the next tile.
-        RowPrefetch next;
-        if (g + 1 < ge)
-          add_rows(p, sh, g + 1, blk, off, n, next);
-        else if (t + n < key_end)
-          add_rows(p, sh, gb, (t + n) / bt, (t + n) % bt, tile_len(t + n), next);
-        Rows rw;
-        rw.base = (g - gb) * rp;
-        rw.n = rows_t;
-        rw.skip = (i_first - ib) * gs;
-        rw.lanes = lanes;
-        rw.pair_v = pair_v;
-        tile(p, sh, b, g, blk, off, t, n, rw, ib, next);
-      }
-      t += n;
+      const Index blk = t / bt;
+      const Index span_end = block_spans ? std::min(key_end, (blk + 1) * bt) : t + tile_len(t);
+      for (Index g = gb; g < ge; ++g)
+        for (Index u = t; u < span_end;) {
+          const Index off = u - blk * bt, n = tile_len(u);
+          // Query i sees key u iff u ≤ q_pos0 + i: the rows of earlier queries skip this tile.
+          const Index i_first = std::max(ib, u - p.q_pos0);
+          // With a window, token-lane rows of queries whose window starts past the tile are left
+          // out (row lanes mask them instead).
+          const Index rows_t =
+              p.variant.window > 0 && !lanes
+                  ? (std::min(ie, u + n - 1 + p.variant.window - p.q_pos0) - ib) * gs
+                  : rows_g;
+          // The next step: this head's next tile of the span, else the next head's first one,
+          // else the first head's first tile of the next span.
+          RowPrefetch next;
+          if (u + n < span_end)
+            add_rows(p, sh, g, blk, off + n, tile_len(u + n), next);
+          else if (g + 1 < ge)
+            add_rows(p, sh, g + 1, blk, t - blk * bt, tile_len(t), next);
+          else if (span_end < key_end)
+            add_rows(p, sh, gb, span_end / bt, span_end % bt, tile_len(span_end), next);
+          Rows rw;
+          rw.base = (g - gb) * rp;
+          rw.n = rows_t;
+          rw.skip = (i_first - ib) * gs;
+          rw.lanes = lanes;
+          rw.pair_v = pair_v;
+          tile(p, sh, b, g, blk, off, u, n, rw, ib, next);
+          u += n;
+        }
+      t = span_end;
     }
 
     // Row rl of KV head g: its output (normalised) or state (m, l, unnormalised acc).
