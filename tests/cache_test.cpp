@@ -329,10 +329,10 @@ TEST(KVCache, HeadMajorPlacesEachHeadsTileContiguously) {
 }
 
 // The layers' layouts are token-major, except GQA's K and V where each KV head serves enough
-// query heads per cached byte, or the cache is int8 (tpa::kv_tile_order), which are head-major. A cache of a GQA
-// layer's factors placed otherwise than it places them is another layout, which the layer
-// rejects; filled through the kernels' path (append), head g's tile of every block is one run of
-// block_len·d elements.
+// query heads per cached byte, or the cache is int8 (tpa::kv_tile_order), which are head-major.
+// A cache of a GQA layer's factors placed otherwise than it places them is another layout, which
+// the layer rejects; filled through the kernels' path (append), head g's tile of every block is
+// one run of block_len·d elements.
 TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
   tpa::GqaConfig gc;
   gc.d_model = 32;
