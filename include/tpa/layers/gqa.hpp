@@ -23,17 +23,18 @@ namespace tpa {
 
 /// Where GroupedQueryAttention<B, S> places K and V inside a cache block, for `group` query
 /// heads per KV head (H / G): head-major (each KV head's tile of a block one contiguous run) for
-/// int8, and for wider scalars when group ≥ 2 · sizeof(S), i.e. at ≥ 2 query heads per byte of a
-/// cached element; else token-major (a token's G rows together). The kernels give bit-identical
-/// outputs either way; the rule is what bench_decode decode_order measured with each head
-/// reading its run of a block front to back (the two placements' steps alternated, 16K,
-/// 2 threads, 2-core AMD EPYC Zen 4, 3 runs; head-major speed-up): int8 MHA 1.03-1.12x, GQA-8
-/// 1.22-1.30x, GQA-4 1.17-1.18x; bf16 GQA-8 1.07-1.15x, GQA-4 1.11-1.14x; f16 GQA-8 1.11-1.16x,
-/// GQA-4 1.06-1.10x; f32 GQA-4 1.07-1.08x; and below the threshold bf16 MHA 0.87-0.95x, f16 MHA
-/// 0.86-0.96x, f32 GQA-8 0.97-0.98x, f32 MHA 0.97-1.00x.
+/// int8, for MHA (group 1), and for wider scalars when group ≥ 2 · sizeof(S), i.e. at ≥ 2 query
+/// heads per byte of a cached element; else token-major (a token's G rows together). The kernels
+/// give bit-identical outputs either way; the rule is what bench_decode decode_order measured
+/// with each head reading its run of a block front to back (the two placements' steps
+/// alternated, 16K, 2 threads, 2-core AMD EPYC Zen 4; head-major speed-up): int8 MHA 1.30x,
+/// GQA-8 1.22-1.30x, GQA-4 1.17-1.18x; bf16 MHA 1.09x, GQA-8 1.07-1.15x, GQA-4 1.11-1.14x; f16
+/// MHA 1.10x, GQA-8 1.11-1.16x, GQA-4 1.06-1.10x; f32 MHA 1.02x, GQA-4 1.07-1.08x (MHA with its
+/// prefetch two steps ahead, GroupedTiled); and below the threshold f32 GQA-8 0.97-0.98x.
 template <class CacheScalar>
 constexpr TileOrder kv_tile_order(Index group) {
-  return sizeof(CacheScalar) == 1 || group >= 2 * static_cast<Index>(sizeof(CacheScalar))
+  return sizeof(CacheScalar) == 1 || group == 1 ||
+                 group >= 2 * static_cast<Index>(sizeof(CacheScalar))
              ? TileOrder::kHeadMajor
              : TileOrder::kTokenMajor;
 }
