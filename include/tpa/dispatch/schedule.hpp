@@ -80,7 +80,7 @@ void run_schedule(Context& ctx, const typename Kind::Params* calls, Index n_call
     // A decode piece's range of keys, from the first key of the call's window.
     auto piece_keys = [&](Index c, Index k) {
       const Index end = calls[c].q_pos0 + 1, k0 = calls[c].variant.first_key(calls[c].q_pos0);
-      return std::make_pair(k0 + k * pieces[c].len, std::min(end, k0 + (k + 1) * pieces[c].len));
+      return std::make_pair(k0 + pieces[c].begin(k), std::min(end, k0 + pieces[c].begin(k + 1)));
     };
     cum[0] = 0;
     {
