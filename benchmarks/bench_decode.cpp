@@ -63,8 +63,8 @@
 // contiguous run), steps alternated as in decode_pair. Counters: token_ms, head_ms (median step
 // times), speedup (token_ms / head_ms), speedup_lo and speedup_hi (quartiles of the
 // per-iteration ratios). The other benchmarks place K/V as the layers do (tpa::kv_tile_order:
-// head-major in int8, in MHA, and from 2 query heads per KV head and byte of a cached element:
-// MHA every scalar, GQA8 16-bit and int8, GQA4 f32, 16-bit and int8).
+// head-major in int8, and up to 1 and from 2 query heads per KV head and byte of a cached
+// element: MHA, GQA8 and GQA4 in every scalar).
 //
 // Benchmarks: decode_variant/KIND/VARIANT/cache:f32/ctx:16384/pages:huge/threads:2, the cost of an
 // attention variant (README, "Attention variants"): each iteration times one plain step and one

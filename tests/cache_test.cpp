@@ -22,7 +22,7 @@ using tpa::KVCache;
 
 namespace cache_test {
 
-// K [g, d] and V [g, d], placed like GroupedQueryAttention's (token-major) unless told otherwise.
+// K [g, d] and V [g, d], token-major unless told otherwise.
 CacheLayout kv_layout(Index g, Index d, tpa::TileOrder order = tpa::TileOrder::kTokenMajor) {
   return CacheLayout("GQA", {{"K", g, d, true, order}, {"V", g, d, false, order}});
 }
@@ -328,9 +328,9 @@ TEST(KVCache, HeadMajorPlacesEachHeadsTileContiguously) {
   }
 }
 
-// The layers' layouts are token-major, except GQA's K and V where each KV head serves one query
-// head (MHA) or enough query heads per cached byte, or the cache is int8 (tpa::kv_tile_order),
-// which are head-major.
+// The layers' layouts are token-major, except GQA's K and V, which are head-major where each KV
+// head serves at most one query head per cached byte or at least two, or the cache is int8
+// (tpa::kv_tile_order), and token-major in between.
 // A cache of a GQA layer's factors placed otherwise than it places them is another layout, which
 // the layer rejects; filled through the kernels' path (append), head g's tile of every block is
 // one run of block_len·d elements.
@@ -341,13 +341,14 @@ TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
   gc.n_kv_heads = 2;
   gc.head_dim = 8;
   const tpa::GroupedQueryAttention<tpa::Native> gqa(gc, tpa::GqaWeights::random(gc, 1));
-  // K/V head-major for MHA, from 2 query heads per KV head and byte of a cached element, and
-  // for int8 always.
-  for (Index kv_heads : {16, 8, 4, 2}) {
+  // K/V head-major up to 1 and from 2 query heads per KV head and byte of a cached element,
+  // and for int8 always.
+  for (Index kv_heads : {48, 24, 16, 12, 8, 6, 4, 2}) {
     tpa::GqaConfig c = gc;
-    c.n_heads = 16;
+    c.n_heads = 48;
+    c.d_model = 48 * c.head_dim;
     c.n_kv_heads = kv_heads;
-    const Index group = 16 / kv_heads;
+    const Index group = 48 / kv_heads;
     const auto w = tpa::GqaWeights::random(c, 1);
     auto order = [&](const auto& layer) {
       const auto& l = layer.cache_layout();
@@ -359,15 +360,17 @@ TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
     };
     SCOPED_TRACE("group " + std::to_string(group));
     EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native>(c, w)),
-              expect(group == 1 || group >= 8));
+              expect(group <= 4 || group >= 8));
     EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native, tpa::bfloat16>(c, w)),
-              expect(group == 1 || group >= 4));
+              expect(group <= 2 || group >= 4));
     EXPECT_EQ(order(tpa::GroupedQueryAttention<tpa::Native, tpa::q8>(c, w)), expect(true));
   }
   for (std::size_t f = 0; f < 2; ++f)
-    EXPECT_EQ(gqa.cache_layout().factor(f).order, tpa::TileOrder::kTokenMajor) << f;
+    EXPECT_EQ(gqa.cache_layout().factor(f).order, tpa::TileOrder::kHeadMajor) << f;
   {  // One KV head (MQA): both placements are the same bytes, so every scalar's layout agrees.
     tpa::GqaConfig c = gc;
+    c.n_heads = 6;  // f32 token-major, bf16 head-major
+    c.d_model = 6 * c.head_dim;
     c.n_kv_heads = 1;
     const auto w = tpa::GqaWeights::random(c, 1);
     const tpa::GroupedQueryAttention<tpa::Native> f32(c, w);
@@ -410,13 +413,15 @@ TEST(KVCache, LayerLayoutsChooseTheirTileOrder) {
         for (Index i = 0; i < view.block_len(b); ++i)
           EXPECT_EQ(view.row_at(f, b * bt + i, g), view.row(f, b, g) + i * d);
   EXPECT_EQ(view.row(0, 0, 1), view.row(0, 0, 0) + bt * d);
-  // Another placement of the same factors is another layout: the layer rejects such a cache.
+  // Another placement of the same factors is another layout: the (head-major) layer rejects a
+  // token-major cache.
   tpa::Context ctx(1);
   const auto x = tpa_test::random_tensor(T, 32, 5);
   tpa::Tensor<float, 2> y(T, 32);
-  const auto s2 = c.add_sequence();
-  EXPECT_THROW(gqa.forward(ctx, x, y, c, 0, s2), tpa::Error);
-  EXPECT_EQ(c.length(s2), 0);
+  KVCache<float> other({kv_layout(G, d, tpa::TileOrder::kTokenMajor)}, bt, 8);
+  const auto s2 = other.add_sequence();
+  EXPECT_THROW(gqa.forward(ctx, x, y, other, 0, s2), tpa::Error);
+  EXPECT_EQ(other.length(s2), 0);
   KVCache<float> same({gqa.cache_layout()}, bt, 8);
   const auto s3 = same.add_sequence();
   EXPECT_NO_THROW(gqa.forward(ctx, x, y, same, 0, s3));

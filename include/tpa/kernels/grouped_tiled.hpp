@@ -475,13 +475,14 @@ class GroupedTiled {
       }
       return true;
     };
-    // Steps prefetched ahead: with one row per KV head (MHA decode) a step is mostly its reads
-    // and one step of lead left the stream short: the next two steps' rows are prefetched (the
-    // next one again, a hit in L2 unless its first prefetch was dropped). Over head-major K/V
-    // that ran MHA decode 1.07-1.21x faster in f32 and 16-bit (int8 0.95-1.10x; steps of both
-    // alternated, 16K, 2 threads, Zen 4); only the step after next, 0.92-1.00x. With more rows
-    // per KV head it cost GQA-8's 16-bit and int8 steps 11 %.
-    const int ahead = rows_g == 1 ? 2 : 1;
+    // Steps prefetched ahead: where a KV head has at most one row in the pass per byte of a
+    // cached element (MHA decode; GQA-8 f32 decode) a step is mostly its reads, and one step of
+    // lead left the stream short: the next two steps' rows are prefetched (the next one again, a
+    // hit in L2 unless its first prefetch was dropped). Over head-major K/V that ran MHA decode
+    // 1.07-1.21x faster in f32 and 16-bit (int8 0.95-1.10x) and GQA-8 f32 1.08-1.11x (steps of
+    // both alternated, 16K, 2 threads, Zen 4); only the step after next, 0.92-1.00x. With more
+    // rows per byte it cost GQA-8's 16-bit and int8 steps 11 %, GQA-4 f32's 7 %.
+    const int ahead = rows_g <= static_cast<Index>(sizeof(S)) ? 2 : 1;
     for (Index t = key_begin; t < key_end;) {
       const Index blk = t / bt;
       const Index span_end = span_end_of(t);

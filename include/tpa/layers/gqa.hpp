@@ -23,18 +23,20 @@ namespace tpa {
 
 /// Where GroupedQueryAttention<B, S> places K and V inside a cache block, for `group` query
 /// heads per KV head (H / G): head-major (each KV head's tile of a block one contiguous run) for
-/// int8, for MHA (group 1), and for wider scalars when group ≥ 2 · sizeof(S), i.e. at ≥ 2 query
-/// heads per byte of a cached element; else token-major (a token's G rows together). The kernels
-/// give bit-identical outputs either way; the rule is what bench_decode decode_order measured
-/// with each head reading its run of a block front to back (the two placements' steps
-/// alternated, 16K, 2 threads, 2-core AMD EPYC Zen 4; head-major speed-up): int8 MHA 1.30x,
-/// GQA-8 1.22-1.30x, GQA-4 1.17-1.18x; bf16 MHA 1.09x, GQA-8 1.07-1.15x, GQA-4 1.11-1.14x; f16
-/// MHA 1.10x, GQA-8 1.11-1.16x, GQA-4 1.06-1.10x; f32 MHA 1.02x, GQA-4 1.07-1.08x (MHA with its
-/// prefetch two steps ahead, GroupedTiled); and below the threshold f32 GQA-8 0.97-0.98x.
+/// int8, and for wider scalars when group ≤ sizeof(S) (≤ 1 query head per byte of a cached
+/// element: the decode kernel then prefetches two steps ahead, GroupedTiled) or group ≥
+/// 2 · sizeof(S); token-major (a token's G rows together) in between (f32 groups 5-7, 16-bit
+/// 3), where nothing was measured. The kernels give bit-identical outputs either way; the rule
+/// is what bench_decode decode_order measured with each head reading its run of a block front
+/// to back (the two placements' steps alternated, 16K, 2 threads, 2-core AMD EPYC Zen 4;
+/// head-major speed-up): int8 MHA 1.30x, GQA-8 1.22-1.30x, GQA-4 1.17-1.18x; bf16 MHA 1.09x,
+/// GQA-8 1.07-1.15x, GQA-4 1.11-1.14x; f16 MHA 1.10x, GQA-8 1.11-1.16x, GQA-4 1.06-1.10x; f32
+/// MHA 1.02x, GQA-4 1.07-1.08x; f32 GQA-8 with its two-step prefetch 1.08-1.11x over token-major
+/// with one (0.97-0.98x with one step either way).
 template <class CacheScalar>
 constexpr TileOrder kv_tile_order(Index group) {
-  return sizeof(CacheScalar) == 1 || group == 1 ||
-                 group >= 2 * static_cast<Index>(sizeof(CacheScalar))
+  constexpr Index bytes = static_cast<Index>(sizeof(CacheScalar));
+  return bytes == 1 || group <= bytes || group >= 2 * bytes
              ? TileOrder::kHeadMajor
              : TileOrder::kTokenMajor;
 }
