@@ -713,13 +713,11 @@ class GroupedTiled {
   static void pack_v_tile(const P& p, const Shape& sh, const Buffers& b, Index g, Index blk,
                           Index off, Index n, const S* v_src, Index v_ld) {
     const float* v_sc = row_scales(p, p.v_factor, blk, g, off);
+    float* const vp = b.vp;
+    const Index d_v = sh.d_v, ld = sh.d_v_pad;
     for (Index t = 0; t < n; ++t) {
       const V sc = Ops::set1(v_sc != nullptr ? v_sc[t] : 1.f);
-      for (Index c = 0; c < sh.d_v_pad; c += kW)
-        Ops::store(b.vp + t * sh.d_v_pad + c,
-                   dequant(Ops::template load_widen<S>(v_src + t * v_ld + c,
-                                                       std::min(kW, sh.d_v - c)),
-                           sc));
+      widen_row<Ops>(v_src + t * v_ld, d_v, vp + t * ld, v_sc != nullptr ? &sc : nullptr);
     }
   }
 

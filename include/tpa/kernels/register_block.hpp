@@ -52,6 +52,20 @@ TPA_ALWAYS_INLINE void store_block(const typename Ops::V (&a)[NR][NC], float* ac
   }
 }
 
+/// dst[0, len) = src[0, len) widened to f32 (times *scale unless scale is null), zero up to the
+/// next whole vector: whole vectors first (no per-vector lane mask), then one partial vector.
+template <class Ops, class T>
+TPA_ALWAYS_INLINE void widen_row(const T* src, Index len, float* dst,
+                                 const typename Ops::V* scale) {
+  constexpr Index W = Ops::kWidth;
+  auto put = [&](Index j, typename Ops::V x) {
+    Ops::store(dst + j, scale != nullptr ? Ops::mul(x, *scale) : x);
+  };
+  Index j = 0;
+  for (; j + W <= len; j += W) put(j, Ops::template load_widen<T>(src + j, W));
+  if (j < len) put(j, Ops::template load_widen<T>(src + j, len - j));
+}
+
 /// Row pointers of a block of NT key rows for lane_rows_product: row t at k + t·k_ld for
 /// t < nt (rows past nt repeat row nt − 1, so nothing past it is read), `len` elements each.
 /// f32 rows without a stage are used in place; otherwise each row is widened to f32 (times
@@ -59,7 +73,6 @@ TPA_ALWAYS_INLINE void store_block(const typename Ops::V (&a)[NR][NC], float* ac
 template <class Ops, int NT, class T>
 TPA_ALWAYS_INLINE void lane_rows(const T* k, Index k_ld, Index nt, Index len, const float* sc,
                                  float* stage, Index stage_ld, const float* (&rows)[NT]) {
-  constexpr Index W = Ops::kWidth;
   for (int t = 0; t < NT; ++t) {
     const Index tt = std::min<Index>(t, nt - 1);
     const T* src = k + tt * k_ld;
@@ -73,10 +86,7 @@ TPA_ALWAYS_INLINE void lane_rows(const T* k, Index k_ld, Index nt, Index len, co
     rows[t] = w;
     if (t != tt) continue;
     const typename Ops::V scale = Ops::set1(sc != nullptr ? sc[t] : 1.f);
-    for (Index j = 0; j < len; j += W) {
-      const typename Ops::V x = Ops::template load_widen<T>(src + j, std::min(W, len - j));
-      Ops::store(w + j, sc != nullptr ? Ops::mul(x, scale) : x);
-    }
+    widen_row<Ops>(src, len, w, sc != nullptr ? &scale : nullptr);
   }
 }
 
