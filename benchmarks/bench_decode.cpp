@@ -213,6 +213,7 @@ class Sequences final : public SequencesBase {
         v.places = places_.data();
         v.n_tokens = len;
         v.block_tokens = kBlock;
+        v.huge_pages = true;
         views_.push_back(v);
       }
     }

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -272,6 +273,20 @@ TEST(KVCache, EnsureFreeBlocksMakesTheNextAppendsAllocationFree) {
   append(c, a, 0, 10);  // takes the two prepared blocks
   EXPECT_EQ(c.allocated_blocks(), 3);
   expect_contents(c, a, 0);
+}
+
+// SeqView::huge_pages: set for blocks of 2 MiB or more (2 MiB aligned, advised to huge pages)
+// when the system has transparent huge pages on, never for smaller blocks.
+TEST(KVCache, ViewsCarryTheHugePageHint) {
+  KVCache<float> small({kv_layout(1, 4)}, 4, 8);  // 128-byte blocks
+  const auto a = small.add_sequence();
+  append(small, a, 0, 5);
+  EXPECT_FALSE(small.view(a, 0).huge_pages);
+  KVCache<float> big({kv_layout(2, 1024)}, 128, 2);  // K and V of 2 × 1024 floats: 2 MiB blocks
+  const auto b = big.add_sequence();
+  append(big, b, 0, 3);
+  EXPECT_EQ(big.view(b, 0).huge_pages, tpa::detail::transparent_huge_pages());
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(big.view(b, 0).row(0, 0, 0)) % (2u << 20), 0u);
 }
 
 // Where append places factors inside a block, by address arithmetic through SeqView: head-major,

@@ -301,6 +301,26 @@ TYPED_TEST(TpaKernel, LongDecode) {
   }
 }
 
+// SeqView::huge_pages only decides whether FlashTPA touches each 4 KiB page of a tile before
+// prefetching it: the outputs are the same bits with and without it.
+TYPED_TEST(TpaKernel, HugePageHintChangesNoBits) {
+  using B = TypeParam;
+  for (const Shape& sh : {Shape{32, 128, 6, 2, 2}, Shape{29, 64, 0, 2, 2}}) {
+    const Problem<float> pr(sh, 515, 1, 64, 3u);
+    SCOPED_TRACE(sh.name());
+    std::vector<float> o[2];
+    for (int huge = 0; huge < 2; ++huge) {
+      o[huge].assign(pr.o_ref.size(), std::numeric_limits<float>::quiet_NaN());
+      Context ctx(2);
+      auto p = pr.params(o[huge].data());
+      p.kv.huge_pages = huge == 1;
+      tpa_attention<B>(ctx, &p, 1, tpa_test::forced_split(2));
+    }
+    EXPECT_EQ(o[0], o[1]);
+    EXPECT_LE(pr.error(o[1]), 1.0);
+  }
+}
+
 // Split-K: a batch-1 decode cut into 2, 3 and 7 key ranges (on 1 and 2 threads) equals the
 // unsplit result within the f32 bound; a prefill cut along its queries likewise.
 TYPED_TEST(TpaKernel, SplitEqualsUnsplit) {

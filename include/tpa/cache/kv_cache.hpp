@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -51,6 +52,10 @@ struct SeqView {
   /// Tokens before it were released (KVCache::drop_before; a multiple of block_tokens): their
   /// blocks are gone, so nothing may read them. 0 unless a sliding-window model dropped them.
   Index first_token = 0;
+  /// The blocks are (advised to be) backed by 2 MiB pages. A hint for the kernels, never needed
+  /// for correctness: on 4 KiB pages FlashTPA touches each page of a tile before its prefetches
+  /// run (a prefetch that misses the TLB is dropped), on 2 MiB pages it skips those loads.
+  bool huge_pages = false;
 
   Index num_blocks() const { return (n_tokens + block_tokens - 1) / block_tokens; }
   /// Tokens held by the i-th block of the sequence.
@@ -101,6 +106,26 @@ struct SeqView {
 };
 
 namespace detail {
+
+/// Whether anonymous memory advised with MADV_HUGEPAGE gets 2 MiB pages: Linux with transparent
+/// huge pages in mode "always" or "madvise" (/sys/kernel/mm/transparent_hugepage/enabled, read
+/// once). False elsewhere or if the file cannot be read.
+inline bool transparent_huge_pages() {
+#ifdef __linux__
+  static const bool on = [] {
+    std::FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (f == nullptr) return false;
+    char text[128] = {};
+    const std::size_t n = std::fread(text, 1, sizeof text - 1, f);
+    std::fclose(f);
+    text[n] = '\0';
+    return std::strstr(text, "[always]") != nullptr || std::strstr(text, "[madvise]") != nullptr;
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
 
 /// Writes one token's factor (src row-major [rows, cols]) into place `fp` of a block region, as
 /// the block's token t (of block_tokens), rounded to Scalar; tpa::q8 quantizes each scale group
@@ -228,6 +253,7 @@ class KVCache {
       layers_.push_back(std::move(info));
     }
     block_elements_ = offset;
+    huge_pages_ = block_bytes() >= kHugePage && detail::transparent_huge_pages();
     // Per-block bookkeeping grows with the blocks allocated (reserve_ids), not with max_blocks.
     layer_base_.resize(layers_.size());
   }
@@ -693,6 +719,7 @@ class KVCache {
     v.n_tokens = s.len[l];
     v.first_token = first_token_of(s);
     v.block_tokens = block_tokens_;
+    v.huge_pages = huge_pages_;
     return v;
   }
 
@@ -729,6 +756,10 @@ class KVCache {
     void operator()(Scalar* p) const { ::operator delete(p, std::align_val_t(align)); }
   };
   static constexpr std::size_t kHugePage = std::size_t(2) << 20;
+  // Bytes of one block's storage (whole cache lines).
+  std::size_t block_bytes() const {
+    return (static_cast<std::size_t>(block_elements_) * sizeof(Scalar) + 63) / 64 * 64;
+  }
   // Elements of one block at most: no size or byte count computed from it can overflow.
   static constexpr Index kMaxBlockElements = Index(1) << 57;
 
@@ -897,8 +928,7 @@ class KVCache {
   // returns its id. Strong guarantee.
   std::int32_t allocate_block() {
     if (empty_.empty()) reserve_ids(blocks_.size() + 1);
-    const std::size_t bytes =
-        (static_cast<std::size_t>(block_elements_) * sizeof(Scalar) + 63) / 64 * 64;
+    const std::size_t bytes = block_bytes();
     const std::size_t align = bytes >= kHugePage ? kHugePage : 64;
     std::unique_ptr<Scalar, BlockDeleter> owner(
         static_cast<Scalar*>(::operator new(bytes, std::align_val_t(align))), BlockDeleter{align});
@@ -936,6 +966,7 @@ class KVCache {
   Index block_tokens_ = 0;
   Index max_blocks_ = 0;
   Index block_elements_ = 0;  // elements of one block, all layers
+  bool huge_pages_ = false;   // blocks of ≥ 2 MiB with transparent huge pages on (SeqView)
   std::vector<std::unique_ptr<Scalar, BlockDeleter>> blocks_;  // [block id], null: no storage
   std::vector<std::vector<const Scalar*>> layer_base_;         // [layer][block id]
   std::vector<std::int32_t> free_;   // ids with storage that no sequence holds
