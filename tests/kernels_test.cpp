@@ -549,14 +549,17 @@ TYPED_TEST(GroupedKernel, BatchOfSequences) {
 }
 
 // 16-bit storage: the kernels widen K and V to f32 as they read; the Reference reads the same
-// stored values, so the f32 bound applies unchanged.
+// stored values, so the f32 bound applies unchanged (bf16 row lanes with AVX512-BF16 score
+// against q held to about 16 bits, 2^-17 relative, well inside it).
 template <class B, class S>
 void check_storage() {
   const Shape shapes[] = {{8, 2, 72, 0, 72, false},
                           {8, 8, 40, 0, 40, false},
                           {8, 1, 64, 0, 64, false},
                           {4, 1, 40, 8, 40, true},
-                          {8, 1, 264, 8, 264, true}};  // transposed accumulators in decode
+                          {8, 1, 264, 8, 264, true},   // transposed accumulators in decode
+                          {32, 1, 128, 0, 128, false},  // MQA: row lanes (bf16: pair products)
+                          {18, 2, 41, 0, 41, false}};   // row lanes, odd key size
   for (const Shape& sh : shapes) {
     for (Index n_q : {1, 6}) {
       const Problem<S> pr(sh, 77, n_q, 16, 3u);

@@ -117,6 +117,36 @@ struct Avx512Ops {
         _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 
+#if defined(__AVX512BF16__)
+  /// bf16 keys scored in row lanes by vdpbf16ps (GroupedTiled's k_pairs): lane i of an f32 q
+  /// vector split into bf16 pairs (split_bf16) times one broadcast pair of K elements.
+  static constexpr bool kDotBf16 = true;
+  /// The 32-bit word p[0], p[1] (a pair of bf16, p[0] in the low half) in every lane.
+  TPA_ALWAYS_INLINE static __m512i pair_bf16(const bfloat16* p) {
+    std::int32_t w;
+    std::memcpy(&w, p, sizeof w);
+    return _mm512_set1_epi32(w);
+  }
+  /// acc + q[2i]·k[0] + q[2i+1]·k[1] per lane i (q: 16 bf16 pairs held in an f32 vector's
+  /// bits; products exact, sums rounded to f32; bf16 denormals count as 0).
+  TPA_ALWAYS_INLINE static V dot_bf16(V acc, V q, __m512i k) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)q, (__m512bh)k);
+  }
+  /// even[0, 16) and odd[0, 16) (aligned) as bf16 pairs, lane i = (even[i], odd[i]): hi the
+  /// values rounded to bf16 (nearest even), lo the rounding of what that left, so hi + lo holds
+  /// each value to about 16 significant bits (a NaN or ±Inf makes lo NaN).
+  static void split_bf16(const float* even, const float* odd, float* hi, float* lo) {
+    const V a = load(even), b = load(odd);
+    auto up = [](__m256bh h) { return _mm512_cvtepu16_epi32((__m256i)h); };
+    const __m512i ah = up(_mm512_cvtneps_pbh(a)), bh = up(_mm512_cvtneps_pbh(b));
+    const V ar = _mm512_sub_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(ah, 16)));
+    const V br = _mm512_sub_ps(b, _mm512_castsi512_ps(_mm512_slli_epi32(bh, 16)));
+    const __m512i al = up(_mm512_cvtneps_pbh(ar)), bl = up(_mm512_cvtneps_pbh(br));
+    _mm512_store_si512(hi, _mm512_or_si512(ah, _mm512_slli_epi32(bh, 16)));
+    _mm512_store_si512(lo, _mm512_or_si512(al, _mm512_slli_epi32(bl, 16)));
+  }
+#endif
+
 #if defined(TPA_HAVE_AVX512VNNI)
   /// int8 keys scored as int16 q × int8 K in 32-bit integer lanes (vpdpwssd).
   static constexpr bool kDotI16 = true;

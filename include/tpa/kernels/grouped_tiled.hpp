@@ -118,6 +118,11 @@ struct OpsBf16Split : std::false_type {};
 template <class Ops>
 struct OpsBf16Split<Ops, std::void_t<decltype(Ops::kBf16Split)>>
     : std::bool_constant<Ops::kBf16Split> {};
+/// kDotBf16 (dot_bf16, split_bf16: f32 × bf16 pairs by vdpbf16ps, Avx512Ops with AVX512-BF16).
+template <class Ops, class = void>
+struct OpsDotBf16 : std::false_type {};
+template <class Ops>
+struct OpsDotBf16<Ops, std::void_t<decltype(Ops::kDotBf16)>> : std::bool_constant<Ops::kDotBf16> {};
 template <class Ops, class = void>
 struct OpsDotI16 : std::false_type {};
 template <class Ops>
@@ -169,7 +174,11 @@ struct OpsPvWide<Ops, std::void_t<decltype(Ops::kPvRowsWide)>> {
 ///      widened once in a register and multiplied into all RB rows (qk_group);
 ///    row lanes (R ≥ kLaneRowsMin, e.g. MQA, MLA, prefill): Qᵀ is packed once per pass; vectors
 ///      run over rows, each K element is broadcast straight from the cache row, no transpose,
-///      and the softmax below is all vertical (no horizontal reductions);
+///      and the softmax below is all vertical (no horizontal reductions); 16-bit and int8 rows
+///      are widened into an L1 block first, except bf16 where Ops has kDotBf16 (k_pairs): each
+///      pair of K elements is broadcast as one 32-bit word into vdpbf16ps against Qᵀ split into
+///      bf16 pairs of its rounded value and remainder (q to about 16 bits), two instructions per
+///      pair of dims as f32 takes two FMAs (MQA bf16 1.04×, steps alternated, Zen 4);
 ///  - online softmax: one vector exp per (row, tile) worth of scores, one rescale factor per row
 ///    and tile (folded into the value micro-kernel);
 ///  - acc [R × d_v] = acc·alpha + P [R × tile]·V [tile × d_v], the accumulator block in
@@ -298,6 +307,7 @@ class GroupedTiled {
     Index ni = 0;         // queries per pass
     Index rp = 0;         // row pitch per KV head: rows of one KV head, rounded up to kW
     bool pack_v = false;  // V is widened/padded into workspace (not read in place)
+    bool k_pairs = false;  // row lanes score bf16 K pairs in place against q2 (kDotBf16)
     bool pack_k = false;  // token-lane keys in two scaled parts (int8 MLA, see qk_dot)
     bool acc_t = false;   // accumulators transposed: per KV head accᵀ [d_v_pad, rp]
     bool q_i16 = false;   // token-lane q rows as int16 for int8 keys (kDotI, see qk_i16)
@@ -314,6 +324,8 @@ class GroupedTiled {
     float* vp;     // [kT, d_v_pad] widened V tile (pack_v only)
     float* kp;     // [dq_pad / kW, kT, kW] K tile, widened, padded like q (pack_k only)
     float* qs;     // [ng·rp] scale of each int16 token-lane q row (q_i16 only)
+    float* q2;     // k_pairs, per KV head: [d_qk / 2][2][rp] qᵀ as bf16 pairs (dims 2i, 2i + 1
+                   // in one 32-bit lane), the rounded value's pair, then its remainder's
     Index total;   // floats
   };
 
@@ -353,6 +365,9 @@ class GroupedTiled {
     sh.acc_t = sh.ni == 1 && sh.gs >= Ops::kLaneRowsMin && sh.d_v >= kPvtMinDims;
     sh.pack_v = !std::is_same<S, float>::value || p.d_v % kW != 0;
     sh.pack_k = sh.gs < Ops::kLaneRowsMin && two_scaled_parts(p);
+    // MLA's latent (V = key part 0) is widened into vp by the score product anyway.
+    sh.k_pairs = kPairsBf16 && p.k_dims[0] % 2 == 0 && p.k_dims[1] % 2 == 0 &&
+                 !(p.v_factor == p.k_factor[0] && p.k_dims[0] == p.d_v);
     sh.q_i16 = kDotI && sh.gs < Ops::kLaneRowsMin && p.k_dims[1] == 0 &&
                p.k_dims[0] <= kI16MaxDims;
     return sh;
@@ -376,6 +391,7 @@ class GroupedTiled {
     b.vp = sh.pack_v ? take(kT * sh.d_v_pad) : nullptr;
     b.kp = sh.pack_k ? take(kT * sh.dq_pad) : nullptr;
     b.qs = sh.q_i16 ? take(rows) : nullptr;
+    b.q2 = sh.k_pairs ? take(rows * sh.d_qk) : nullptr;
     b.total = off;
     return b;
   }
@@ -418,6 +434,15 @@ class GroupedTiled {
           }
         }
         for (Index k = 0; k < rp * d_qk; ++k) qt[k] *= p.scale;
+        if constexpr (kPairsBf16) {
+          if (sh.k_pairs) {
+            float* q2 = b.q2 + (g - gb) * rp * d_qk;
+            for (Index j = 0; j < d_qk; j += 2)
+              for (Index r = 0; r < rp; r += kW)
+                Ops::split_bf16(qt + j * rp + r, qt + (j + 1) * rp + r, q2 + j * rp + r,
+                                q2 + (j + 1) * rp + r);
+          }
+        }
       } else {  // scaled q rows, each key part padded to kW
         const Index pad0 = round_up(p.k_dims[0], kW);
         float* q_g = b.q + (g - gb) * rp * sh.dq_pad;
@@ -624,7 +649,8 @@ class GroupedTiled {
       sp = b.sp;
       p_rs = 1;
       p_ts = rp;
-      qk_lanes(p, g, blk, off, n, b.q + rw.base * d_qk, rp, sp, next, per_call,
+      qk_lanes(p, g, blk, off, n, b.q + rw.base * d_qk, sh.k_pairs ? b.q2 + rw.base * d_qk : nullptr,
+               rp, sp, next, per_call,
                v_is_k0 ? b.vp : nullptr, sh.d_v_pad);
       if (varies) vary_lanes(p, sh, g, t0, n, ib, rw.n, sp);
       // Rows whose query sees only a prefix of the tile (prefill, diagonal tiles).
@@ -1099,6 +1125,8 @@ class GroupedTiled {
   // int16 (see quantize_q), dot products with the int8 keys exact in int32, the score
   // q_scale·k_scale[t]·dot in f32 (qk_i16). 1032 · 127 · 16383 < 2³¹.
   static constexpr bool kDotI = is_quantized_v<S> && OpsDotI16<Ops>::value;
+  // bf16 K scored by bf16 pair dot products in row lanes (Ops::kDotBf16).
+  static constexpr bool kPairsBf16 = std::is_same<S, bfloat16>::value && OpsDotBf16<Ops>::value;
   static constexpr Index kI16MaxDims = 1032;
   // The int16 range of a q row of `dim` dims: ±32767 up to 516 dims, else as large as keeps
   // dim · 127 · range < 2³¹ (≥ 16383).
@@ -1251,8 +1279,8 @@ class GroupedTiled {
   // kChunk (the qᵀ slice stays in L1), row vectors in groups of kLaneVecs, tokens in blocks of
   // kLaneTokens (a short last block repeats its last token).
   static void qk_lanes(const P& p, Index g, Index blk, Index off, Index n, const float* qt,
-                       Index rp, float* s, RowPrefetch& pf, Index per_call, float* k0 = nullptr,
-                       Index k0_ld = 0) {
+                       const float* q2, Index rp, float* s, RowPrefetch& pf, Index per_call,
+                       float* k0 = nullptr, Index k0_ld = 0) {
     constexpr Index VB = Ops::kLaneVecs, NT = Ops::kLaneTokens;
     const Index nv = rp / kW;
     Index j0 = 0;
@@ -1271,6 +1299,17 @@ class GroupedTiled {
             const Index nt = std::min(NT, n - tb);
             float* st = s + tb * rp + v * kW;
             const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off + tb);
+            if constexpr (kPairsBf16) {
+              if (q2 != nullptr) {  // bf16 pairs against q2, no widening
+                const float* q2v = q2 + (j0 + jc) * rp + v * kW;
+                if (v + VB <= nv)
+                  qk_pairs_block<VB>(k + tb * ld + jc, ld, nt, len, q2v, rp, st, rp, first);
+                else
+                  qk_pairs_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, nt, len, q2v, rp, st, rp,
+                                        first);
+                continue;
+              }
+            }
             // The first row group widens part 0 into k0 on its way.
             float* stage = wide && v == 0 ? k0 + tb * k0_ld + jc : nullptr;
             if (wide && v > 0) {
@@ -1329,6 +1368,60 @@ class GroupedTiled {
     const float* rows[NT];
     lane_rows<Ops, NT>(k, k_ld, nt, len, k_sc, stage, stage_ld, rows);
     lane_rows_product<Ops, NT, VB>(rows, len, q, q_ld, s, s_ld, first);
+  }
+
+  // qk_pairs_block<N> for N = nvec ≤ NV given at run time.
+  template <int N>
+  static void qk_pairs_tail(Index nvec, const S* k, Index k_ld, Index nt, Index len,
+                            const float* q2, Index q_ld, float* s, Index s_ld, bool first) {
+    if constexpr (N > 0) {
+      if (nvec == N)
+        qk_pairs_block<N>(k, k_ld, nt, len, q2, q_ld, s, s_ld, first);
+      else
+        qk_pairs_tail<N - 1>(nvec, k, k_ld, nt, len, q2, q_ld, s, s_ld, first);
+    }
+  }
+
+  // qk_lane_block for bf16 K read in place (k_pairs): s[t][v] (+)= Σ_j k[t][j]·q[j][v] over an
+  // even `len` dims, each pair of K elements (one 32-bit word) broadcast from its row and
+  // multiplied by vdpbf16ps into the pairs of q2 (q's bf16 rounding, then the rounding of what
+  // it left: q to about 16 significant bits, products exact, sums in f32), two instructions per
+  // pair where f32 K takes two FMAs, and no widening pass.
+  template <int VB>
+  static void qk_pairs_block(const S* k, Index k_ld, Index nt, Index len, const float* q2,
+                             Index q_ld, float* s, Index s_ld, bool first) {
+    if constexpr (kPairsBf16) {
+      constexpr int NT = static_cast<int>(Ops::kLaneTokens);
+      const S* row[NT];
+      TPA_UNROLL
+      for (int t = 0; t < NT; ++t) row[t] = k + std::min<Index>(t, nt - 1) * k_ld;
+      V acc[NT][VB];
+      TPA_UNROLL
+      for (int t = 0; t < NT; ++t) {
+        TPA_UNROLL
+        for (int v = 0; v < VB; ++v)
+          acc[t][v] = first ? Ops::zero() : Ops::load(s + t * s_ld + v * kW);
+      }
+      for (Index j = 0; j < len; j += 2) {
+        V hi[VB], lo[VB];
+        TPA_UNROLL
+        for (int v = 0; v < VB; ++v) {
+          hi[v] = pinned(Ops::load(q2 + j * q_ld + v * kW));
+          lo[v] = pinned(Ops::load(q2 + (j + 1) * q_ld + v * kW));
+        }
+        TPA_UNROLL
+        for (int t = 0; t < NT; ++t) {
+          const auto kp = Ops::pair_bf16(row[t] + j);
+          TPA_UNROLL
+          for (int v = 0; v < VB; ++v)
+            acc[t][v] = Ops::dot_bf16(Ops::dot_bf16(acc[t][v], hi[v], kp), lo[v], kp);
+        }
+      }
+      store_block<Ops>(acc, s, s_ld);
+    } else {
+      (void)k, (void)k_ld, (void)nt, (void)len, (void)q2, (void)q_ld, (void)s, (void)s_ld,
+          (void)first;
+    }
   }
 
   // The online-softmax update of the rp rows (lanes) of one KV head over tokens [0, n) of
