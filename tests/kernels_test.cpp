@@ -656,7 +656,8 @@ void check_orders_agree() {
                           {8, 2, 72, 0, 72, false},  // GQA: packed K tile
                           {16, 2, 40, 0, 40, false}, // GQA: 8 rows per KV head
                           {4, 2, 24, 8, 20, false},  // two-part keys, d_v < d_k
-                          {8, 1, 64, 0, 64, false}}; // MQA: both orders place alike
+                          {8, 1, 64, 0, 64, false},  // MQA: both orders place alike
+                          {16, 1, 64, 0, 64, false}}; // MQA decode in row lanes
   for (const Shape& sh : shapes)
     for (Index block : {24, 64})
       for (Index n_q : {1, 7}) {

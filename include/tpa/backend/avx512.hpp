@@ -262,6 +262,13 @@ struct Avx512Ops {
 
 #if defined(TPA_HAVE_AVX512VNNI)
   static V to_float(VI x) { return _mm512_cvtepi32_ps(x); }
+  /// Stores x (64 bytes) at p (unaligned).
+  static void store_i(void* p, VI x) { _mm512_storeu_si512(p, x); }
+  /// Lane i = the pair (rint(a[i]), rint(b[i])) as int16 (a in the low half); |a|, |b| ≤ 32767.
+  static VI i16_pairs(V a, V b) {
+    return _mm512_or_si512(_mm512_and_si512(_mm512_cvtps_epi32(a), _mm512_set1_epi32(0xFFFF)),
+                           _mm512_slli_epi32(_mm512_cvtps_epi32(b), 16));
+  }
 
   /// acc + x·w per 32-bit lane, x and w pairs of int16 (w = w[0], w[1] in every lane; w's
   /// bytes may sit in storage of another type): vpdpwssd.

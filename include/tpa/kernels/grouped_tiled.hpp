@@ -178,7 +178,10 @@ struct OpsPvWide<Ops, std::void_t<decltype(Ops::kPvRowsWide)>> {
 ///      are widened into an L1 block first, except bf16 where Ops has kDotBf16 (k_pairs): each
 ///      pair of K elements is broadcast as one 32-bit word into vdpbf16ps against Qᵀ split into
 ///      bf16 pairs of its rounded value and remainder (q to about 16 bits), two instructions per
-///      pair of dims as f32 takes two FMAs (MQA bf16 1.04×, steps alternated, Zen 4);
+///      pair of dims as f32 takes two FMAs (MQA bf16 1.04×, steps alternated, Zen 4); and int8
+///      with kDotI (k_i16, one key part): rows sign-extended to int16 into L1, each pair
+///      broadcast into vpdpwssd against Qᵀ rounded to int16 per row (as the token-lane int8
+///      scores), exact in int32, one instruction per pair of dims (MQA int8 1.29×);
 ///  - online softmax: one vector exp per (row, tile) worth of scores, one rescale factor per row
 ///    and tile (folded into the value micro-kernel);
 ///  - acc [R × d_v] = acc·alpha + P [R × tile]·V [tile × d_v], the accumulator block in
@@ -308,6 +311,7 @@ class GroupedTiled {
     Index rp = 0;         // row pitch per KV head: rows of one KV head, rounded up to kW
     bool pack_v = false;  // V is widened/padded into workspace (not read in place)
     bool k_pairs = false;  // row lanes score bf16 K pairs in place against q2 (kDotBf16)
+    bool k_i16 = false;    // row lanes score int8 K against int16 pairs of q in q2 (kDotI)
     bool pack_k = false;  // token-lane keys in two scaled parts (int8 MLA, see qk_dot)
     bool acc_t = false;   // accumulators transposed: per KV head accᵀ [d_v_pad, rp]
     bool q_i16 = false;   // token-lane q rows as int16 for int8 keys (kDotI, see qk_i16)
@@ -325,7 +329,8 @@ class GroupedTiled {
     float* kp;     // [dq_pad / kW, kT, kW] K tile, widened, padded like q (pack_k only)
     float* qs;     // [ng·rp] scale of each int16 token-lane q row (q_i16 only)
     float* q2;     // k_pairs, per KV head: [d_qk / 2][2][rp] qᵀ as bf16 pairs (dims 2i, 2i + 1
-                   // in one 32-bit lane), the rounded value's pair, then its remainder's
+                   // in one 32-bit lane), the rounded value's pair, then its remainder's;
+                   // k_i16: [d_qk / 2][rp] qᵀ as int16 pairs, row r times 1 / qs[r]
     Index total;   // floats
   };
 
@@ -368,6 +373,8 @@ class GroupedTiled {
     // MLA's latent (V = key part 0) is widened into vp by the score product anyway.
     sh.k_pairs = kPairsBf16 && p.k_dims[0] % 2 == 0 && p.k_dims[1] % 2 == 0 &&
                  !(p.v_factor == p.k_factor[0] && p.k_dims[0] == p.d_v);
+    sh.k_i16 = kDotI && p.k_dims[1] == 0 && p.k_dims[0] % 2 == 0 &&
+               p.k_dims[0] <= kI16MaxDims && p.v_factor != p.k_factor[0];
     sh.q_i16 = kDotI && sh.gs < Ops::kLaneRowsMin && p.k_dims[1] == 0 &&
                p.k_dims[0] <= kI16MaxDims;
     return sh;
@@ -390,8 +397,8 @@ class GroupedTiled {
     b.acc = take(rows * sh.d_v_pad);
     b.vp = sh.pack_v ? take(kT * sh.d_v_pad) : nullptr;
     b.kp = sh.pack_k ? take(kT * sh.dq_pad) : nullptr;
-    b.qs = sh.q_i16 ? take(rows) : nullptr;
-    b.q2 = sh.k_pairs ? take(rows * sh.d_qk) : nullptr;
+    b.qs = sh.q_i16 || sh.k_i16 ? take(rows) : nullptr;
+    b.q2 = sh.k_pairs || sh.k_i16 ? take(rows * sh.d_qk) : nullptr;
     b.total = off;
     return b;
   }
@@ -434,6 +441,9 @@ class GroupedTiled {
           }
         }
         for (Index k = 0; k < rp * d_qk; ++k) qt[k] *= p.scale;
+        if constexpr (kDotI) {
+          if (sh.k_i16) quantize_qt(qt, d_qk, rp, b.q2 + (g - gb) * rp * d_qk, b.qs + (g - gb) * rp);
+        }
         if constexpr (kPairsBf16) {
           if (sh.k_pairs) {
             float* q2 = b.q2 + (g - gb) * rp * d_qk;
@@ -649,8 +659,9 @@ class GroupedTiled {
       sp = b.sp;
       p_rs = 1;
       p_ts = rp;
-      qk_lanes(p, g, blk, off, n, b.q + rw.base * d_qk, sh.k_pairs ? b.q2 + rw.base * d_qk : nullptr,
-               rp, sp, next, per_call,
+      qk_lanes(p, g, blk, off, n, b.q + rw.base * d_qk,
+               sh.k_pairs || sh.k_i16 ? b.q2 + rw.base * d_qk : nullptr,
+               sh.k_i16 ? b.qs + rw.base : nullptr, rp, sp, next, per_call,
                v_is_k0 ? b.vp : nullptr, sh.d_v_pad);
       if (varies) vary_lanes(p, sh, g, t0, n, ib, rw.n, sp);
       // Rows whose query sees only a prefix of the tile (prefill, diagonal tiles).
@@ -1279,8 +1290,8 @@ class GroupedTiled {
   // kChunk (the qᵀ slice stays in L1), row vectors in groups of kLaneVecs, tokens in blocks of
   // kLaneTokens (a short last block repeats its last token).
   static void qk_lanes(const P& p, Index g, Index blk, Index off, Index n, const float* qt,
-                       const float* q2, Index rp, float* s, RowPrefetch& pf, Index per_call,
-                       float* k0 = nullptr, Index k0_ld = 0) {
+                       const float* q2, const float* qs, Index rp, float* s, RowPrefetch& pf,
+                       Index per_call, float* k0 = nullptr, Index k0_ld = 0) {
     constexpr Index VB = Ops::kLaneVecs, NT = Ops::kLaneTokens;
     const Index nv = rp / kW;
     Index j0 = 0;
@@ -1299,6 +1310,18 @@ class GroupedTiled {
             const Index nt = std::min(NT, n - tb);
             float* st = s + tb * rp + v * kW;
             const float* k_sc = row_scales(p, p.k_factor[part], blk, g, off + tb);
+            if constexpr (kDotI) {
+              if (qs != nullptr) {  // int8 K against int16 pairs of q (one key part)
+                const float* q2v = q2 + jc / 2 * rp + v * kW;
+                if (v + VB <= nv)
+                  qk_i16_block<VB>(k + tb * ld + jc, ld, k_sc, nt, len, q2v, rp, qs + v * kW, st,
+                                   rp, first);
+                else
+                  qk_i16_tail<VB - 1>(nv - v, k + tb * ld + jc, ld, k_sc, nt, len, q2v, rp,
+                                      qs + v * kW, st, rp, first);
+                continue;
+              }
+            }
             if constexpr (kPairsBf16) {
               if (q2 != nullptr) {  // bf16 pairs against q2, no widening
                 const float* q2v = q2 + (j0 + jc) * rp + v * kW;
@@ -1368,6 +1391,104 @@ class GroupedTiled {
     const float* rows[NT];
     lane_rows<Ops, NT>(k, k_ld, nt, len, k_sc, stage, stage_ld, rows);
     lane_rows_product<Ops, NT, VB>(rows, len, q, q_ld, s, s_ld, first);
+  }
+
+  // qt [d_qk, rp] (row lanes, scaled) as int16 pairs for qk_i16_block: q2 row i (rp 32-bit
+  // lanes) = the pairs (dims 2i, 2i + 1) of each row r, rint(q / qs[r]) with qs[r] = max_j
+  // |q[j][r]| / i16_range(d_qk) (0 for a zero row, NaN with zero pairs for a row holding a NaN or
+  // ±Inf, so its scores are NaN as in f32).
+  static void quantize_qt(const float* qt, Index d_qk, Index rp, float* q2, float* qs) {
+    if constexpr (kDotI) {
+      const float range = static_cast<float>(i16_range(d_qk));
+      for (Index r = 0; r < rp; r += kW) {
+        V amax = Ops::zero(), bad = Ops::zero();
+        for (Index j = 0; j < d_qk; ++j) {
+          const V x = Ops::load(qt + j * rp + r);
+          amax = Ops::max(amax, Ops::max(x, Ops::sub(Ops::zero(), x)));
+          bad = Ops::add(bad, Ops::sub(x, x));  // NaN if x is NaN or ±Inf
+        }
+        alignas(64) float mx[kW], nan[kW], inv[kW];
+        Ops::store(mx, amax);
+        Ops::store(nan, bad);
+        for (Index i = 0; i < kW; ++i) {
+          const bool finite = nan[i] == 0.f;
+          qs[r + i] = !finite ? std::numeric_limits<float>::quiet_NaN() : mx[i] / range;
+          inv[i] = finite && mx[i] > 0.f ? range / mx[i] : 0.f;
+        }
+        const V iv = Ops::load(inv);
+        for (Index j = 0; j < d_qk; j += 2) {
+          const V a = Ops::mul(Ops::load(qt + j * rp + r), iv);
+          const V b = Ops::mul(Ops::load(qt + (j + 1) * rp + r), iv);
+          Ops::store_i(q2 + j / 2 * rp + r, Ops::i16_pairs(a, b));
+        }
+      }
+    } else {
+      (void)qt, (void)d_qk, (void)rp, (void)q2, (void)qs;
+    }
+  }
+
+  // qk_i16_block<N> for N = nvec ≤ NV given at run time.
+  template <int N>
+  static void qk_i16_tail(Index nvec, const S* k, Index k_ld, const float* k_sc, Index nt,
+                          Index len, const float* q2, Index q_ld, const float* qs, float* s,
+                          Index s_ld, bool first) {
+    if constexpr (N > 0) {
+      if (nvec == N)
+        qk_i16_block<N>(k, k_ld, k_sc, nt, len, q2, q_ld, qs, s, s_ld, first);
+      else
+        qk_i16_tail<N - 1>(nvec, k, k_ld, k_sc, nt, len, q2, q_ld, qs, s, s_ld, first);
+    }
+  }
+
+  // qk_lane_block for int8 K (k_i16): s[t][v] (+)= k_sc[t]·qs[v]·Σ_j k[t][j]·q2[j][v] over an
+  // even `len` dims: each K row sign-extended to int16 into an L1 block (one op per 32 elements,
+  // not two widening ops per 16 and a scale), then each pair of K elements broadcast as one
+  // 32-bit word into vpdpwssd against q's int16 pairs, exact in int32: one instruction per pair
+  // of dims where f32 K takes two FMAs.
+  template <int VB>
+  static void qk_i16_block(const S* k, Index k_ld, const float* k_sc, Index nt, Index len,
+                           const float* q2, Index q_ld, const float* qs, float* s, Index s_ld,
+                           bool first) {
+    if constexpr (kDotI) {
+      constexpr int NT = static_cast<int>(Ops::kLaneTokens);
+      using VI = typename Ops::VI;
+      alignas(64) std::int16_t w[NT][kChunk];
+      for (int t = 0; t < NT && t < nt; ++t)
+        for (Index j = 0; j < len; j += 2 * kW)
+          Ops::store_i(w[t] + j, Ops::widen_i8(k + t * k_ld + j, std::min(2 * kW, len - j)));
+      VI acc[NT][VB];
+      TPA_UNROLL
+      for (int t = 0; t < NT; ++t) {
+        TPA_UNROLL
+        for (int v = 0; v < VB; ++v) acc[t][v] = Ops::izero();
+      }
+      for (Index j = 0; j < len; j += 2) {
+        VI qv[VB];
+        TPA_UNROLL
+        for (int v = 0; v < VB; ++v)
+          qv[v] = pinned_i(Ops::load_i16(reinterpret_cast<const std::int16_t*>(q2 + j / 2 * q_ld +
+                                                                              v * kW)));
+        TPA_UNROLL
+        for (int t = 0; t < NT; ++t) {
+          const std::int16_t* kp = w[std::min<Index>(t, nt - 1)] + j;
+          TPA_UNROLL
+          for (int v = 0; v < VB; ++v) acc[t][v] = Ops::dot_pairs(acc[t][v], qv[v], kp);
+        }
+      }
+      TPA_UNROLL
+      for (int t = 0; t < NT; ++t) {
+        const V ks = Ops::set1(k_sc[std::min<Index>(t, nt - 1)]);
+        TPA_UNROLL
+        for (int v = 0; v < VB; ++v) {
+          const V x = Ops::mul(Ops::mul(Ops::to_float(acc[t][v]), Ops::load(qs + v * kW)), ks);
+          float* o = s + t * s_ld + v * kW;
+          Ops::store(o, first ? x : Ops::add(Ops::load(o), x));
+        }
+      }
+    } else {
+      (void)k, (void)k_ld, (void)k_sc, (void)nt, (void)len, (void)q2, (void)q_ld, (void)qs,
+          (void)s, (void)s_ld, (void)first;
+    }
   }
 
   // qk_pairs_block<N> for N = nvec ≤ NV given at run time.
