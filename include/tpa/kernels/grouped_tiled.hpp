@@ -370,10 +370,12 @@ class GroupedTiled {
     sh.acc_t = sh.ni == 1 && sh.gs >= Ops::kLaneRowsMin && sh.d_v >= kPvtMinDims;
     sh.pack_v = !std::is_same<S, float>::value || p.d_v % kW != 0;
     sh.pack_k = sh.gs < Ops::kLaneRowsMin && two_scaled_parts(p);
-    // MLA's latent (V = key part 0) is widened into vp by the score product anyway.
-    sh.k_pairs = kPairsBf16 && p.k_dims[0] % 2 == 0 && p.k_dims[1] % 2 == 0 &&
+    // Only where a pass can score in row lanes (rows_g ≤ ni·gs); MLA's latent (V = key part 0)
+    // is widened into vp by the score product anyway.
+    const bool row_lanes = sh.ni * sh.gs >= Ops::kLaneRowsMin;
+    sh.k_pairs = kPairsBf16 && row_lanes && p.k_dims[0] % 2 == 0 && p.k_dims[1] % 2 == 0 &&
                  !(p.v_factor == p.k_factor[0] && p.k_dims[0] == p.d_v);
-    sh.k_i16 = kDotI && p.k_dims[1] == 0 && p.k_dims[0] % 2 == 0 &&
+    sh.k_i16 = kDotI && row_lanes && p.k_dims[1] == 0 && p.k_dims[0] % 2 == 0 &&
                p.k_dims[0] <= kI16MaxDims && p.v_factor != p.k_factor[0];
     sh.q_i16 = kDotI && sh.gs < Ops::kLaneRowsMin && p.k_dims[1] == 0 &&
                p.k_dims[0] <= kI16MaxDims;
